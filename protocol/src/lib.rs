@@ -1,0 +1,21 @@
+//! Herald's client protocol, sans-I/O: bytes in, typed values out, and back.
+//!
+//! # Layout
+//!
+//! - [`topic`]: topic names (`todo:count`), subscription patterns (`todo:*`,
+//!   `chat:>`), matching, and the mapping to NATS subjects.
+//! - [`ws`]: RFC 6455 frames: a [`ws::Reader`] that assembles client messages
+//!   from a caller-owned buffer, and encoders for unmasked server frames.
+//! - [`message`]: protocol v1 JSON: client requests (`sub`, `unsub`, `pub`)
+//!   and server frames (deliveries, acks, errors, presence notices).
+//!
+//! Nothing here does I/O or depends on a runtime, so every parser can be
+//! fuzzed and benchmarked alone.
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod message;
+pub mod topic;
+pub mod ws;
+
+pub use message::{ErrorCode, Request, RequestError};
+pub use topic::{Pattern, Topic, TopicError};

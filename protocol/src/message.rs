@@ -1,0 +1,521 @@
+//! Protocol v1 JSON messages: client requests in, server frames out.
+//!
+//! Requests are parsed without building a JSON tree: `data` stays the
+//! publisher's bytes ([`RawValue`] checks well-formedness only) and travels
+//! byte for byte to every subscriber. Server frames are written straight into
+//! a WebSocket frame buffer (header included), so one encode serves every
+//! recipient.
+
+use std::borrow::Cow;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use crate::topic::{Pattern, Topic, TopicError};
+use crate::ws::{self, OpCode};
+
+/// Longest request `id` accepted (as JSON text).
+pub const MAX_ID_LEN: usize = 64;
+
+/// Error codes carried in error frames (`{"op":"error","code":...}`) and HTTP
+/// error bodies. Stable: clients switch on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The frame is not well-formed JSON, or a field has the wrong type.
+    BadJson,
+    /// `op` names no known operation.
+    UnknownOp,
+    /// A required field is missing, or the request is otherwise malformed.
+    BadRequest,
+    /// The topic or pattern breaks the topic grammar.
+    BadTopic,
+    /// A binary frame where text is expected.
+    BinaryUnsupported,
+    /// The socket already holds the most subscriptions allowed.
+    SubscriptionLimit,
+    /// The socket publishes faster than allowed.
+    RateLimited,
+    /// `unsub` for a topic the socket is not subscribed to.
+    NotSubscribed,
+    /// A message larger than the limit (HTTP publish).
+    MessageTooBig,
+    /// The node holds the most connections allowed.
+    ConnectionLimit,
+    /// Missing or wrong API key (HTTP publish).
+    Unauthorized,
+    /// The publish could not be handed to the bus.
+    PublishFailed,
+    /// The node is draining.
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    /// Every code, for metrics.
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::BadJson,
+        ErrorCode::UnknownOp,
+        ErrorCode::BadRequest,
+        ErrorCode::BadTopic,
+        ErrorCode::BinaryUnsupported,
+        ErrorCode::SubscriptionLimit,
+        ErrorCode::RateLimited,
+        ErrorCode::NotSubscribed,
+        ErrorCode::MessageTooBig,
+        ErrorCode::ConnectionLimit,
+        ErrorCode::Unauthorized,
+        ErrorCode::PublishFailed,
+        ErrorCode::ShuttingDown,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::BadTopic => "bad_topic",
+            ErrorCode::BinaryUnsupported => "binary_unsupported",
+            ErrorCode::SubscriptionLimit => "subscription_limit",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::MessageTooBig => "message_too_big",
+            ErrorCode::ConnectionLimit => "connection_limit",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::PublishFailed => "publish_failed",
+            ErrorCode::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Index into [`ErrorCode::ALL`].
+    pub fn index(self) -> usize {
+        ErrorCode::ALL.iter().position(|c| *c == self).unwrap_or(0)
+    }
+}
+
+/// A refused request: its code, a human message, and the request's `id` (if
+/// the request got far enough to have one) so the error can be matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError<'a> {
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// What was wrong, for people.
+    pub message: String,
+    /// The request's `id`, as its JSON text.
+    pub id: Option<&'a str>,
+}
+
+/// A parsed client request. Borrows from the frame it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// Subscribe to a topic or pattern.
+    Sub {
+        /// What to subscribe to.
+        topic: Pattern<'a>,
+        /// Echoed in the ack; JSON text (a number or a string).
+        id: Option<&'a str>,
+    },
+    /// Drop a subscription.
+    Unsub {
+        /// The pattern as it was subscribed.
+        topic: Pattern<'a>,
+        /// Echoed in the ack.
+        id: Option<&'a str>,
+    },
+    /// Publish `data` to `topic`.
+    Pub {
+        /// A concrete topic.
+        topic: Topic<'a>,
+        /// The publisher's JSON, byte for byte.
+        data: &'a str,
+        /// Echoed in the ack.
+        id: Option<&'a str>,
+    },
+}
+
+/// A field that may be absent but, when present, keeps even `null` raw.
+#[derive(Default)]
+struct Raw<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Raw<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(d).map(|v| Raw(Some(v)))
+    }
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow, default)]
+    op: Raw<'a>,
+    #[serde(borrow, default)]
+    topic: Raw<'a>,
+    #[serde(borrow, default)]
+    id: Raw<'a>,
+    #[serde(borrow, default)]
+    data: Raw<'a>,
+}
+
+fn err<'a>(code: ErrorCode, message: impl Into<String>, id: Option<&'a str>) -> RequestError<'a> {
+    RequestError {
+        code,
+        message: message.into(),
+        id,
+    }
+}
+
+fn topic_err(e: TopicError, id: Option<&str>) -> RequestError<'_> {
+    err(ErrorCode::BadTopic, e.to_string(), id)
+}
+
+/// The text of a JSON string with no escapes, straight from the frame.
+fn plain_str<'a>(raw: &'a RawValue) -> Option<Result<&'a str, ()>> {
+    let t = raw.get();
+    let inner = t.strip_prefix('"')?.strip_suffix('"')?;
+    Some(if inner.contains('\\') {
+        Err(())
+    } else {
+        Ok(inner)
+    })
+}
+
+fn topic_field<'a>(topic: Raw<'a>, id: Option<&'a str>) -> Result<&'a str, RequestError<'a>> {
+    let raw = topic
+        .0
+        .ok_or_else(|| err(ErrorCode::BadRequest, "missing field `topic`", id))?;
+    match plain_str(raw) {
+        Some(Ok(t)) => Ok(t),
+        Some(Err(())) => Err(err(
+            ErrorCode::BadTopic,
+            "topic must not contain JSON escapes",
+            id,
+        )),
+        None => Err(err(ErrorCode::BadRequest, "`topic` must be a string", id)),
+    }
+}
+
+/// Parses one text frame as a request.
+///
+/// Topics must be plain JSON strings without escapes (the grammar has no
+/// character that needs one), so a topic borrows from the frame.
+pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
+    let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| {
+        let code = if e.is_data() {
+            ErrorCode::BadRequest
+        } else {
+            ErrorCode::BadJson
+        };
+        err(code, e.to_string(), None)
+    })?;
+    let id = match wire.id.0 {
+        None => None,
+        Some(raw) => {
+            let t = raw.get();
+            let ok_kind =
+                t.starts_with('"') || t.starts_with('-') || t.as_bytes()[0].is_ascii_digit();
+            if !ok_kind || t.len() > MAX_ID_LEN {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!("id must be a number or a string of at most {MAX_ID_LEN} bytes"),
+                    None,
+                ));
+            }
+            Some(t)
+        }
+    };
+    let op_raw = wire
+        .op
+        .0
+        .ok_or_else(|| err(ErrorCode::BadRequest, "missing field `op`", id))?;
+    let op = match plain_str(op_raw) {
+        Some(Ok(op)) => op,
+        _ => {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "`op` must be a plain string",
+                id,
+            ))
+        }
+    };
+    match op {
+        "sub" | "unsub" => {
+            let t = topic_field(wire.topic, id)?;
+            let topic = Pattern::parse(t).map_err(|e| topic_err(e, id))?;
+            if op == "sub" {
+                Ok(Request::Sub { topic, id })
+            } else {
+                Ok(Request::Unsub { topic, id })
+            }
+        }
+        "pub" => {
+            let t = topic_field(wire.topic, id)?;
+            let topic = Topic::parse(t).map_err(|e| topic_err(e, id))?;
+            let data = wire
+                .data
+                .0
+                .ok_or_else(|| err(ErrorCode::BadRequest, "missing field `data`", id))?;
+            Ok(Request::Pub {
+                topic,
+                data: data.get(),
+                id,
+            })
+        }
+        other => {
+            let mut shown: String = other.chars().take(32).collect();
+            if shown.len() < other.len() {
+                shown.push('…');
+            }
+            Err(err(
+                ErrorCode::UnknownOp,
+                format!("unknown op {shown:?}; expected sub, unsub or pub"),
+                id,
+            ))
+        }
+    }
+}
+
+/// A whole text frame built by appending JSON pieces; the header is filled in
+/// by [`FrameBuilder::finish`] without copying the body twice.
+struct FrameBuilder {
+    buf: BytesMut,
+}
+
+impl FrameBuilder {
+    fn with_body_capacity(n: usize) -> Self {
+        let mut buf = BytesMut::with_capacity(10 + n);
+        buf.put_bytes(0, 10);
+        FrameBuilder { buf }
+    }
+
+    fn push(&mut self, s: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(s);
+        self
+    }
+
+    fn push_json_str(&mut self, s: &str) -> &mut Self {
+        // Writing to a BytesMut cannot fail.
+        let _ = serde_json::to_writer((&mut self.buf).writer(), s);
+        self
+    }
+
+    fn finish(mut self) -> Bytes {
+        let len = self.buf.len() - 10;
+        let hl = ws::header_len(len);
+        let mut head = [0u8; 10];
+        ws::put_header(&mut &mut head[..], OpCode::Text, len);
+        self.buf[10 - hl..10].copy_from_slice(&head[..hl]);
+        let mut b = self.buf.freeze();
+        let _ = bytes::Buf::advance(&mut b, 10 - hl);
+        b
+    }
+}
+
+/// `{"topic":T,"data":D}` as a whole text frame. `data` must be valid JSON.
+pub fn encode_delivery(topic: &str, data: &[u8]) -> Bytes {
+    let mut f = FrameBuilder::with_body_capacity(22 + topic.len() + data.len());
+    f.push(b"{\"topic\":\"")
+        .push(topic.as_bytes())
+        .push(b"\",\"data\":")
+        .push(data)
+        .push(b"}");
+    f.finish()
+}
+
+/// A join or leave notice as a whole text frame:
+/// `{"topic":T,"event":"join","client":C}` (with `"name":N` when known).
+pub fn encode_presence(topic: &str, event: &str, client: &str, name: Option<&str>) -> Bytes {
+    let mut f = FrameBuilder::with_body_capacity(64 + topic.len());
+    f.push(b"{\"topic\":\"")
+        .push(topic.as_bytes())
+        .push(b"\",\"event\":")
+        .push_json_str(event)
+        .push(b",\"client\":")
+        .push_json_str(client);
+    if let Some(n) = name {
+        f.push(b",\"name\":").push_json_str(n);
+    }
+    f.push(b"}");
+    f.finish()
+}
+
+/// The bare data as a raw-mode text frame: a JSON string becomes its text,
+/// anything else stays its JSON text.
+pub fn encode_raw(data: &[u8]) -> Bytes {
+    if data.first() == Some(&b'"') {
+        if let Ok(s) = serde_json::from_slice::<Cow<'_, str>>(data) {
+            return ws::encode_frame(OpCode::Text, s.as_bytes());
+        }
+    }
+    ws::encode_frame(OpCode::Text, data)
+}
+
+/// `{"op":"ack","id":ID}` as a whole text frame.
+pub fn encode_ack(id: &str) -> Bytes {
+    let mut f = FrameBuilder::with_body_capacity(20 + id.len());
+    f.push(b"{\"op\":\"ack\",\"id\":")
+        .push(id.as_bytes())
+        .push(b"}");
+    f.finish()
+}
+
+/// `{"op":"error","code":C,"message":M}` (with `"id"` when known) as a whole
+/// text frame.
+pub fn encode_error(code: ErrorCode, message: &str, id: Option<&str>) -> Bytes {
+    let mut f = FrameBuilder::with_body_capacity(48 + message.len());
+    f.push(b"{\"op\":\"error\",");
+    if let Some(id) = id {
+        f.push(b"\"id\":").push(id.as_bytes()).push(b",");
+    }
+    f.push(b"\"code\":\"")
+        .push(code.as_str().as_bytes())
+        .push(b"\",\"message\":")
+        .push_json_str(message)
+        .push(b"}");
+    f.finish()
+}
+
+/// The JSON body (no frame header) of an error, for HTTP responses:
+/// `{"error":{"code":C,"message":M}}`.
+pub fn error_body(code: ErrorCode, message: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(48 + message.len());
+    v.extend_from_slice(b"{\"error\":{\"code\":\"");
+    v.extend_from_slice(code.as_str().as_bytes());
+    v.extend_from_slice(b"\",\"message\":");
+    let _ = serde_json::to_writer(&mut v, message);
+    v.extend_from_slice(b"}}");
+    v
+}
+
+/// A JSON string for `text`, as a publish would carry it (`herald pub --lines`,
+/// raw-mode publishes).
+pub fn json_string(text: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(text.len() + 2);
+    let _ = serde_json::to_writer(&mut v, text);
+    v
+}
+
+/// Checks that `data` is one well-formed JSON value, without building a tree.
+pub fn validate_json(data: &[u8]) -> Result<(), String> {
+    serde_json::from_slice::<&RawValue>(data)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::{Message, Reader};
+
+    fn body(frame: &Bytes) -> String {
+        let mut buf = BytesMut::from(&frame[..]);
+        // Server frames are unmasked; re-mask by hand so the client reader
+        // (which insists on masks) can check the header is well formed.
+        let b1 = buf[1];
+        let hl = ws::header_len(
+            frame.len()
+                - if b1 < 126 {
+                    2
+                } else if b1 == 126 {
+                    4
+                } else {
+                    10
+                },
+        );
+        let payload = buf.split_off(hl);
+        let f = ws::encode_client_frame(true, OpCode::Text, [9, 9, 9, 9], &payload);
+        match Reader::new()
+            .read(&mut BytesMut::from(&f[..]), 1 << 20)
+            .unwrap()
+        {
+            Some(Message::Text(t)) => String::from_utf8(t.to_vec()).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_each_op() {
+        assert_eq!(
+            parse_request(r#"{"op":"sub","topic":"todo:*","id":1}"#).unwrap(),
+            Request::Sub {
+                topic: Pattern::parse("todo:*").unwrap(),
+                id: Some("1")
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"unsub","topic":"a","id":"x"}"#).unwrap(),
+            Request::Unsub {
+                topic: Pattern::parse("a").unwrap(),
+                id: Some("\"x\"")
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"pub","topic":"a:b","data": {"n" : [1, 2]} }"#).unwrap(),
+            Request::Pub {
+                topic: Topic::parse("a:b").unwrap(),
+                data: r#"{"n" : [1, 2]}"#,
+                id: None
+            }
+        );
+        assert!(matches!(
+            parse_request(r#"{"op":"pub","topic":"a","data":null}"#).unwrap(),
+            Request::Pub { data: "null", .. }
+        ));
+    }
+
+    #[test]
+    fn refuses_with_codes() {
+        let code = |s: &str| parse_request(s).unwrap_err().code;
+        assert_eq!(code("{"), ErrorCode::BadJson);
+        assert_eq!(code("[]"), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"op":1}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"topic":"a"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"op":"nope"}"#), ErrorCode::UnknownOp);
+        assert_eq!(code(r#"{"op":"sub"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"op":"sub","topic":"a..b"}"#), ErrorCode::BadTopic);
+        assert_eq!(
+            code(r#"{"op":"pub","topic":"a:*","data":1}"#),
+            ErrorCode::BadTopic
+        );
+        assert_eq!(code(r#"{"op":"pub","topic":"a"}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"op":"pub","topic":"a","data":}"#),
+            ErrorCode::BadJson
+        );
+        assert_eq!(
+            code(r#"{"op":"sub","topic":"a","id":{}}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"op":"sub","topic":"\u0061"}"#),
+            ErrorCode::BadTopic
+        );
+        assert_eq!(
+            code(r#"{"op":"sub","op":"sub","topic":"a"}"#),
+            ErrorCode::BadRequest
+        );
+        let e = parse_request(r#"{"op":"sub","topic":"a b","id":7}"#).unwrap_err();
+        assert_eq!(e.id, Some("7"));
+    }
+
+    #[test]
+    fn encodes_frames() {
+        let d = encode_delivery("a:b", br#"{"x": 1}"#);
+        assert_eq!(body(&d), r#"{"topic":"a:b","data":{"x": 1}}"#);
+        let big = "y".repeat(70_000);
+        let d = encode_delivery("t", format!("\"{big}\"").as_bytes());
+        assert_eq!(d[1], 127);
+        assert_eq!(body(&encode_ack("3")), r#"{"op":"ack","id":3}"#);
+        assert_eq!(
+            body(&encode_error(ErrorCode::BadTopic, "say \"no\"", Some("1"))),
+            r#"{"op":"error","id":1,"code":"bad_topic","message":"say \"no\""}"#
+        );
+        assert_eq!(
+            body(&encode_presence("chat:lobby", "join", "c1", Some("ann"))),
+            r#"{"topic":"chat:lobby","event":"join","client":"c1","name":"ann"}"#
+        );
+        assert_eq!(&encode_raw(br#""a\"b""#)[2..], b"a\"b");
+        assert_eq!(&encode_raw(b"[1]")[2..], b"[1]");
+        assert_eq!(json_string("a\"b"), br#""a\"b""#);
+        assert!(validate_json(b" [1, 2] ").is_ok());
+        assert!(validate_json(b"[1, 2] x").is_err());
+    }
+}
