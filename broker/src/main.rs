@@ -1,1 +1,103 @@
-fn main() {}
+//! The `herald` binary: flag parsing and process plumbing around the
+//! `herald_broker` library.
+
+use std::io::Write;
+
+use clap::{Parser, Subcommand};
+use herald_broker::client::{self, Target};
+use herald_broker::Config;
+
+/// Herald: a WebSocket pub/sub broker.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (embedded mode: no NATS needed).
+    Serve(Box<Config>),
+    /// Publish to a topic on a running node.
+    Pub {
+        #[command(flatten)]
+        target: Target,
+        /// Publish each line of stdin as a JSON string (stream a program's output).
+        #[arg(long)]
+        lines: bool,
+        /// Topic, e.g. todo:count.
+        topic: String,
+        /// JSON to publish (text that is not JSON is sent as a JSON string).
+        data: Option<String>,
+    },
+    /// Subscribe to topics on a running node and print deliveries, one per line.
+    Sub {
+        #[command(flatten)]
+        target: Target,
+        /// Print only each delivery's data.
+        #[arg(long)]
+        data_only: bool,
+        /// Exit after this many deliveries.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Topics or patterns (todo:*, chat:>).
+        #[arg(required = true)]
+        topics: Vec<String>,
+    },
+}
+
+fn init_logs(config: &Config) {
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(config.log_level)
+        .with_writer(std::io::stderr);
+    if config.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown signal received");
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cli.command {
+            Command::Serve(config) => {
+                init_logs(&config);
+                let listener = herald_broker::bind(config.listen, config.backlog)?;
+                let addr = listener.local_addr()?;
+                tracing::info!(%addr, "listening");
+                // Machine-readable: tests and scripts read the chosen port here.
+                println!("herald listening on {addr}");
+                std::io::stdout().flush()?;
+                herald_broker::run(listener, *config, shutdown_signal()).await;
+                Ok(())
+            }
+            Command::Pub {
+                target,
+                lines,
+                topic,
+                data,
+            } => client::publish(&target, &topic, data.as_deref(), lines).await,
+            Command::Sub {
+                target,
+                data_only,
+                count,
+                topics,
+            } => client::subscribe(&target, &topics, data_only, count).await,
+        }
+    })
+}

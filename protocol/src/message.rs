@@ -273,6 +273,76 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
     }
 }
 
+#[derive(Deserialize)]
+struct WireItem<'a> {
+    #[serde(borrow, default)]
+    topic: Raw<'a>,
+    #[serde(borrow, default)]
+    data: Raw<'a>,
+}
+
+/// One message of an HTTP publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publish<'a> {
+    /// A concrete topic.
+    pub topic: Topic<'a>,
+    /// The JSON to deliver, byte for byte.
+    pub data: &'a str,
+}
+
+/// Parses an HTTP publish body: one `{"topic":T,"data":D}` object, or a JSON
+/// array of them (a batch). All items are validated before any is accepted;
+/// an error names the item. `max_data` bounds each item's `data`.
+pub fn parse_publish(body: &[u8], max_data: usize) -> Result<Vec<Publish<'_>>, RequestError<'_>> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| err(ErrorCode::BadJson, "body is not UTF-8", None))?;
+    // Check well-formedness first so a syntax error is reported as such
+    // rather than as "no variant matched".
+    validate_json(body).map_err(|e| err(ErrorCode::BadJson, e, None))?;
+    let shape = |e: serde_json::Error| {
+        err(
+            ErrorCode::BadRequest,
+            format!("body must be {{\"topic\":..,\"data\":..}} or an array of them: {e}"),
+            None,
+        )
+    };
+    // RawValue fields cannot go through serde's untagged buffering, so the
+    // first byte picks the shape.
+    let batch = text.trim_start().starts_with('[');
+    let items: Vec<WireItem<'_>> = if batch {
+        serde_json::from_str(text).map_err(shape)?
+    } else {
+        vec![serde_json::from_str(text).map_err(shape)?]
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (n, item) in items.into_iter().enumerate() {
+        let at = |m: &str| {
+            if batch {
+                format!("item {n}: {m}")
+            } else {
+                m.to_owned()
+            }
+        };
+        let t = topic_field(item.topic, None).map_err(|e| err(e.code, at(&e.message), None))?;
+        let topic =
+            Topic::parse(t).map_err(|e| err(ErrorCode::BadTopic, at(&e.to_string()), None))?;
+        let data = item
+            .data
+            .0
+            .ok_or_else(|| err(ErrorCode::BadRequest, at("missing field `data`"), None))?
+            .get();
+        if data.len() > max_data {
+            let m = format!(
+                "data of {} bytes exceeds the limit of {max_data} bytes",
+                data.len()
+            );
+            return Err(err(ErrorCode::MessageTooBig, at(&m), None));
+        }
+        out.push(Publish { topic, data });
+    }
+    Ok(out)
+}
+
 /// A whole text frame built by appending JSON pieces; the header is filled in
 /// by [`FrameBuilder::finish`] without copying the body twice.
 struct FrameBuilder {
@@ -494,6 +564,28 @@ mod tests {
         );
         let e = parse_request(r#"{"op":"sub","topic":"a b","id":7}"#).unwrap_err();
         assert_eq!(e.id, Some("7"));
+    }
+
+    #[test]
+    fn parses_http_publish_bodies() {
+        let one = parse_publish(br#"{"topic":"a:b","data":{"x":1}}"#, 100).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].data, r#"{"x":1}"#);
+        let many =
+            parse_publish(br#"[{"topic":"a","data":1},{"topic":"b","data":"s"}]"#, 100).unwrap();
+        assert_eq!(many.len(), 2);
+        fn code(b: &[u8]) -> RequestError<'_> {
+            parse_publish(b, 100).unwrap_err()
+        }
+        assert_eq!(code(b"{").code, ErrorCode::BadJson);
+        assert_eq!(code(b"\xff").code, ErrorCode::BadJson);
+        assert_eq!(code(b"1").code, ErrorCode::BadRequest);
+        assert_eq!(code(br#"{"data":1}"#).code, ErrorCode::BadRequest);
+        let e = code(br#"[{"topic":"a","data":1},{"topic":"a:*","data":1}]"#);
+        assert_eq!(e.code, ErrorCode::BadTopic);
+        assert!(e.message.starts_with("item 1:"), "{}", e.message);
+        let big = format!(r#"{{"topic":"a","data":"{}"}}"#, "x".repeat(200));
+        assert_eq!(code(big.as_bytes()).code, ErrorCode::MessageTooBig);
     }
 
     #[test]

@@ -1,0 +1,218 @@
+//! `herald pub` and `herald sub`: command-line clients of a running node,
+//! speaking protocol v1 over a WebSocket (fastwebsockets' client).
+
+use std::future::Future;
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use clap::Args;
+use fastwebsockets::{handshake, FragmentCollector, Frame, OpCode, Payload};
+use http_body_util::Empty;
+use hyper::header::{CONNECTION, HOST, UPGRADE};
+use hyper::upgrade::Upgraded;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::io::AsyncBufReadExt;
+use tokio::net::TcpStream;
+
+type Socket = FragmentCollector<TokioIo<Upgraded>>;
+
+/// Where the node is.
+#[derive(Debug, Clone, Args)]
+pub struct Target {
+    /// WebSocket URL of a node.
+    #[arg(long, env = "HERALD_URL", default_value = "ws://127.0.0.1:8080/ws")]
+    pub url: String,
+}
+
+struct SpawnExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}
+
+/// Opens a WebSocket to `url` (`ws://host:port/path?query`).
+pub async fn connect(url: &str) -> anyhow::Result<Socket> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| anyhow!("{url:?}: only ws:// URLs are supported"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let stream = TcpStream::connect(authority)
+        .await
+        .with_context(|| format!("connecting to {authority}"))?;
+    stream.set_nodelay(true)?;
+    let req = Request::builder()
+        .method("GET")
+        .uri(path)
+        .header(HOST, authority)
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "upgrade")
+        .header("Sec-WebSocket-Key", handshake::generate_key())
+        .header("Sec-WebSocket-Version", "13")
+        .body(Empty::<Bytes>::new())?;
+    let (ws, _) = handshake::client(&SpawnExecutor, req, stream)
+        .await
+        .with_context(|| format!("WebSocket handshake with {url}"))?;
+    Ok(FragmentCollector::new(ws))
+}
+
+async fn send_text(ws: &mut Socket, text: String) -> anyhow::Result<()> {
+    ws.write_frame(Frame::text(Payload::Owned(text.into_bytes())))
+        .await
+        .context("sending")
+}
+
+/// Reads frames until the answer to request `id`: `Ok(None)` for an ack,
+/// `Ok(Some((code, message)))` for an error.
+async fn answer(ws: &mut Socket, id: u64) -> anyhow::Result<Option<(String, String)>> {
+    loop {
+        let frame = ws.read_frame().await.context("reading")?;
+        match frame.opcode {
+            OpCode::Text => {
+                let v: Value = serde_json::from_slice(&frame.payload)?;
+                if v.get("id").and_then(Value::as_u64) != Some(id) {
+                    continue;
+                }
+                return Ok(match v.get("op").and_then(Value::as_str) {
+                    Some("ack") => None,
+                    _ => Some((
+                        v["code"].as_str().unwrap_or("").to_owned(),
+                        v["message"].as_str().unwrap_or("").to_owned(),
+                    )),
+                });
+            }
+            OpCode::Close => bail!("node closed the socket: {}", close_text(&frame.payload)),
+            _ => {}
+        }
+    }
+}
+
+fn close_text(payload: &[u8]) -> String {
+    if payload.len() < 2 {
+        return "no code".into();
+    }
+    let code = u16::from_be_bytes([payload[0], payload[1]]);
+    format!("{code} {}", String::from_utf8_lossy(&payload[2..]))
+}
+
+/// Publishes `data` (JSON text) to `topic`, waiting for the ack; retries
+/// while the node answers `rate_limited`.
+async fn publish_one(ws: &mut Socket, id: u64, topic: &str, data: &str) -> anyhow::Result<()> {
+    loop {
+        let req = format!(
+            r#"{{"op":"pub","topic":{},"data":{data},"id":{id}}}"#,
+            Value::from(topic)
+        );
+        send_text(ws, req).await?;
+        match answer(ws, id).await? {
+            None => return Ok(()),
+            Some((code, _)) if code == "rate_limited" => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Some((code, msg)) => bail!("{code}: {msg}"),
+        }
+    }
+}
+
+/// `herald pub`: publishes `data` once, or each stdin line as a JSON string.
+/// `data` that is not valid JSON is sent as a JSON string.
+pub async fn publish(
+    target: &Target,
+    topic: &str,
+    data: Option<&str>,
+    lines: bool,
+) -> anyhow::Result<()> {
+    let mut ws = connect(&target.url).await?;
+    if lines {
+        let mut input = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        let mut id = 0;
+        while let Some(line) = input.next_line().await? {
+            id += 1;
+            let data = String::from_utf8(herald_protocol::message::json_string(&line))?;
+            publish_one(&mut ws, id, topic, &data).await?;
+        }
+    } else {
+        let data = data.ok_or_else(|| anyhow!("give DATA, or --lines to publish stdin"))?;
+        let json = if herald_protocol::message::validate_json(data.as_bytes()).is_ok() {
+            data.to_owned()
+        } else {
+            String::from_utf8(herald_protocol::message::json_string(data))?
+        };
+        publish_one(&mut ws, 1, topic, &json).await?;
+    }
+    let _ = ws.write_frame(Frame::close(1000, b"")).await;
+    Ok(())
+}
+
+/// `herald sub`: subscribes to `topics` and prints each delivery on its own
+/// line (the whole frame, or only its `data`), stopping after `count`
+/// deliveries when given.
+pub async fn subscribe(
+    target: &Target,
+    topics: &[String],
+    data_only: bool,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    let mut ws = connect(&target.url).await?;
+    for (i, t) in topics.iter().enumerate() {
+        let id = i as u64 + 1;
+        send_text(
+            &mut ws,
+            format!(
+                r#"{{"op":"sub","topic":{},"id":{id}}}"#,
+                Value::from(t.as_str())
+            ),
+        )
+        .await?;
+        if let Some((code, msg)) = answer(&mut ws, id).await? {
+            bail!("subscribing to {t}: {code}: {msg}");
+        }
+    }
+    eprintln!("subscribed to {}", topics.join(", "));
+    let mut seen = 0;
+    let stdout = std::io::stdout();
+    loop {
+        if count.is_some_and(|c| seen >= c) {
+            let _ = ws.write_frame(Frame::close(1000, b"")).await;
+            return Ok(());
+        }
+        let frame = ws.read_frame().await.context("reading")?;
+        match frame.opcode {
+            OpCode::Text => {
+                let mut out = stdout.lock();
+                if data_only {
+                    let v: Value = serde_json::from_slice(&frame.payload)?;
+                    match v.get("data") {
+                        Some(d) => writeln!(out, "{d}")?,
+                        None => continue,
+                    }
+                } else {
+                    out.write_all(&frame.payload)?;
+                    out.write_all(b"\n")?;
+                }
+                out.flush()?;
+                seen += 1;
+            }
+            OpCode::Close => {
+                let text = close_text(&frame.payload);
+                if text.starts_with("1000") {
+                    return Ok(());
+                }
+                bail!("node closed the socket: {text}");
+            }
+            _ => {}
+        }
+    }
+}

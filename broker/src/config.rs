@@ -1,0 +1,149 @@
+//! Node settings: every one a `herald serve` flag with a `HERALD_*`
+//! environment variable, so a container can be configured without a file.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use herald_protocol::Pattern;
+
+/// Settings of one node. `Config::default()` is the embedded default that
+/// `herald serve` runs with no flags.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on for WebSocket and HTTP (port 0 picks a free port;
+    /// the chosen address is printed on stdout).
+    #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Listen backlog: how many handshakes may wait for accept during a
+    /// connection storm (the kernel caps it at net.core.somaxconn).
+    #[arg(long, env = "HERALD_BACKLOG", default_value_t = 4096)]
+    pub backlog: u32,
+
+    /// Largest WebSocket message or published `data`, in bytes.
+    #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Most subscriptions one socket may hold.
+    #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = 256)]
+    pub max_subscriptions: usize,
+
+    /// Most publishes per second one socket may make (burst of the same size); 0 = no limit.
+    #[arg(long, env = "HERALD_PUBLISH_RATE", default_value_t = 1000)]
+    pub publish_rate: u32,
+
+    /// Most WebSocket connections this node holds at once.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Time a client has to send its HTTP request headers (e.g. 10s, 500ms).
+    #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// How often the node pings each socket; a socket from which nothing (not
+    /// even a pong) arrived during one whole interval is closed with 4002.
+    #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+
+    /// A text frame equal to this word is answered at once with the same word
+    /// (the common browser heartbeat); never published.
+    #[arg(long, env = "HERALD_HEARTBEAT_WORD", default_value = "HeartBeat")]
+    pub heartbeat_word: String,
+
+    /// Bytes that may wait in one socket's outbound queue; past it the socket
+    /// is closed with 4001 slow_consumer so it never delays anyone else.
+    #[arg(long, env = "HERALD_MAX_QUEUE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_queue_bytes: usize,
+
+    /// Topic patterns whose subscribers get join/leave notices (repeat the
+    /// flag or separate with commas), e.g. 'chat:*'.
+    #[arg(long = "presence", env = "HERALD_PRESENCE", value_delimiter = ',', value_parser = parse_pattern)]
+    pub presence: Vec<String>,
+
+    /// Bearer key required by POST /v1/publish (no key: open).
+    #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Largest HTTP publish body (a batch), in bytes.
+    #[arg(long, env = "HERALD_MAX_HTTP_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_http_body_bytes: usize,
+
+    /// On SIGTERM/SIGINT, sockets are closed with 1001 spread over this period
+    /// so clients do not all reconnect at the same instant.
+    #[arg(long, env = "HERALD_DRAIN_PERIOD", default_value = "5s", value_parser = parse_duration)]
+    pub drain_period: Duration,
+
+    /// Log format: text or json.
+    #[arg(long, env = "HERALD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "HERALD_LOG_LEVEL", default_value = "info")]
+    pub log_level: tracing::Level,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: Config,
+        }
+        Wrapper::parse_from(["herald"]).config
+    }
+}
+
+/// Parses `250ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 10s, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}; use ms, s, m or h")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_pattern(s: &str) -> Result<String, String> {
+    Pattern::parse(s)
+        .map(|p| p.as_str().to_owned())
+        .map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn default_is_the_embedded_node() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.max_message_bytes, 65536);
+        assert_eq!(c.heartbeat_word, "HeartBeat");
+        assert!(c.presence.is_empty());
+    }
+}

@@ -1,0 +1,507 @@
+//! One WebSocket session: its shared handle ([`Conn`]), its read loop and its
+//! writer task.
+//!
+//! The read loop owns the read half and a buffer it drops whenever it is
+//! empty, so an idle socket holds no read buffer. It waits on readiness
+//! (cancel-safe) rather than inside a frame read, decodes with the sans-I/O
+//! [`Reader`], and answers requests by pushing frames to the socket's
+//! [`Outbox`]. The writer task owns the write half and writes whatever the
+//! outbox holds in vectored batches.
+
+use std::io::{self, IoSlice};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use herald_protocol::message::{self, ErrorCode, Request};
+use herald_protocol::ws::{self, close, Message, OpCode, Reader};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::hub::Interest;
+use crate::outbox::{CloseRequest, Outbox};
+use crate::server::Node;
+
+/// How long a closing socket waits for the peer's close reply (or for a
+/// stuck write to finish its frame) before the TCP connection is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Read buffer handed to the kernel when a socket becomes readable.
+const READ_CHUNK: usize = 4096;
+
+/// The part of a session others can reach: the hub (to deliver), the
+/// heartbeat (to ping or reap) and shutdown (to close).
+#[derive(Debug)]
+pub struct Conn {
+    /// Node-unique id; also the client id in presence notices (`c{id}`).
+    pub id: u64,
+    /// Raw format: deliveries carry only the data.
+    pub raw: bool,
+    /// Frames waiting for the writer.
+    pub outbox: Outbox,
+    /// Set once the socket holds a wildcard subscription, so fan-out knows
+    /// when it must check for a second match.
+    wildcard: AtomicBool,
+    /// Node clock (ms) when anything last arrived from the client.
+    last_seen: AtomicU64,
+}
+
+impl Conn {
+    /// A handle for socket `id`.
+    pub fn new(id: u64, raw: bool, queue_limit: usize, now_ms: u64) -> Self {
+        Conn {
+            id,
+            raw,
+            outbox: Outbox::new(queue_limit),
+            wildcard: AtomicBool::new(false),
+            last_seen: AtomicU64::new(now_ms),
+        }
+    }
+
+    /// Whether the socket holds (or held) a wildcard subscription.
+    pub fn has_wildcard(&self) -> bool {
+        self.wildcard.load(Relaxed)
+    }
+
+    /// Node clock (ms) of the last frame from the client.
+    pub fn last_seen(&self) -> u64 {
+        self.last_seen.load(Relaxed)
+    }
+}
+
+/// What the URL asked for, validated before the handshake was answered.
+#[derive(Debug, Default, Clone)]
+pub struct SessionParams {
+    /// Subscriptions to hold from the start (`?sub=`).
+    pub subs: Vec<String>,
+    /// Raw mode's topic (`?topic=..&format=raw`).
+    pub raw_topic: Option<String>,
+    /// Display name for presence notices (`?name=`).
+    pub name: Option<String>,
+}
+
+struct Subscription {
+    pattern: Box<str>,
+    wildcard: bool,
+}
+
+/// A token bucket: `rate` publishes per second, bursts of `rate`.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> Self {
+        RateLimit {
+            rate: rate as f64,
+            tokens: rate as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// How the read loop ended.
+enum Exit {
+    /// Close with this request (client close, protocol error).
+    Close(CloseRequest),
+    /// Someone else (hub, heartbeat, shutdown, writer) already asked to close.
+    Closing,
+    /// The peer is gone (EOF or I/O error).
+    Gone,
+}
+
+struct Session {
+    node: Arc<Node>,
+    conn: Arc<Conn>,
+    subs: Vec<Subscription>,
+    rate: RateLimit,
+    client: String,
+    name: Option<String>,
+}
+
+/// Runs a session on an upgraded TCP stream until it closes. `early` holds
+/// bytes the client sent right behind its handshake. The caller reserved a
+/// connection slot in the metrics; this releases it.
+pub async fn run(node: Arc<Node>, stream: TcpStream, early: Bytes, params: SessionParams) {
+    let id = node.next_conn_id();
+    let remote = stream.peer_addr().ok();
+    let span = tracing::info_span!("conn", conn_id = id, remote_addr = ?remote);
+    async move {
+        let conn = Arc::new(Conn::new(
+            id,
+            params.raw_topic.is_some(),
+            node.config.max_queue_bytes,
+            node.now_ms(),
+        ));
+        node.sessions.insert(id, conn.clone());
+        node.metrics.connections_total.fetch_add(1, Relaxed);
+        tracing::debug!("open");
+        let (rd, wr) = stream.into_split();
+        node.tracker
+            .spawn(write_loop(conn.clone(), wr).instrument(tracing::Span::current()));
+        let mut s = Session {
+            rate: RateLimit::new(node.config.publish_rate),
+            client: format!("c{id}"),
+            name: params.name,
+            subs: Vec::new(),
+            conn,
+            node,
+        };
+        for p in params.subs.iter().chain(params.raw_topic.iter()) {
+            s.subscribe(p);
+        }
+        let mut buf = BytesMut::from(&early[..]);
+        let exit = s.read_loop(&rd, &mut buf).await;
+        s.leave_all();
+        let conn = s.conn.clone();
+        let node = s.node.clone();
+        drop(s);
+        node.sessions.remove(&id);
+        node.metrics.connections.fetch_sub(1, Relaxed);
+        match exit {
+            Exit::Gone => {
+                conn.outbox.close(CloseRequest {
+                    code: 1006,
+                    reason: "".into(),
+                    flush: false,
+                });
+            }
+            Exit::Close(req) => {
+                tracing::debug!(code = req.code, reason = %req.reason, "closing");
+                conn.outbox.close(req);
+                drain(&rd).await;
+            }
+            Exit::Closing => drain(&rd).await,
+        }
+        tracing::debug!("closed");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Reads and discards until the peer closes or [`CLOSE_GRACE`] passes, so
+/// our close frame is not lost to a reset while the peer still sends.
+async fn drain(rd: &OwnedReadHalf) {
+    let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+    let mut scratch = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, rd.readable()).await {
+            Err(_) | Ok(Err(_)) => return,
+            Ok(Ok(())) => match rd.try_read(&mut scratch) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            },
+        }
+    }
+}
+
+impl Session {
+    async fn read_loop(&mut self, rd: &OwnedReadHalf, buf: &mut BytesMut) -> Exit {
+        let mut reader = Reader::new();
+        let limit = self.node.config.max_message_bytes;
+        loop {
+            loop {
+                match reader.read(buf, limit) {
+                    Ok(Some(msg)) => {
+                        self.conn.last_seen.store(self.node.now_ms(), Relaxed);
+                        if let Some(req) = self.on_message(msg) {
+                            return Exit::Close(req);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.node.metrics.protocol_errors.fetch_add(1, Relaxed);
+                        return Exit::Close(CloseRequest {
+                            code: e.close_code(),
+                            reason: e.to_string().into(),
+                            flush: true,
+                        });
+                    }
+                }
+            }
+            if buf.is_empty() {
+                // Hold no memory while idle.
+                *buf = BytesMut::new();
+            }
+            tokio::select! {
+                biased;
+                _ = self.conn.outbox.closed() => return Exit::Closing,
+                r = rd.readable() => if r.is_err() { return Exit::Gone },
+            }
+            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                buf.reserve(READ_CHUNK);
+            }
+            match rd.try_read_buf(buf) {
+                Ok(0) => return Exit::Gone,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Exit::Gone,
+            }
+        }
+    }
+
+    fn send(&self, frame: Bytes) {
+        self.conn.outbox.push(frame);
+    }
+
+    fn error(&self, code: ErrorCode, message: &str, id: Option<&str>) {
+        self.node.metrics.error(code);
+        self.send(message::encode_error(code, message, id));
+    }
+
+    fn ack(&self, id: Option<&str>) {
+        if let Some(id) = id {
+            self.send(message::encode_ack(id));
+        }
+    }
+
+    /// Handles one message; `Some` ends the session with that close.
+    fn on_message(&mut self, msg: Message) -> Option<CloseRequest> {
+        match msg {
+            Message::Text(t) => {
+                // The reader validated UTF-8.
+                let text = std::str::from_utf8(&t).unwrap_or_default();
+                if text == self.node.config.heartbeat_word {
+                    self.send(self.node.heartbeat_reply.clone());
+                } else if let Some(topic) = self.raw_topic() {
+                    let topic = topic.to_owned();
+                    self.publish(&topic, &message::json_string(text), None);
+                } else {
+                    self.on_request(text);
+                }
+            }
+            Message::Binary(_) => self.error(
+                ErrorCode::BinaryUnsupported,
+                "binary frames are not supported; send JSON text frames",
+                None,
+            ),
+            Message::Ping(p) => self.send(ws::encode_frame(OpCode::Pong, &p)),
+            Message::Pong => {}
+            Message::Close(code, _) => {
+                return Some(CloseRequest {
+                    code: code.unwrap_or(close::NORMAL),
+                    reason: "".into(),
+                    flush: true,
+                })
+            }
+        }
+        None
+    }
+
+    fn raw_topic(&self) -> Option<&str> {
+        if self.conn.raw {
+            self.subs.first().map(|s| &*s.pattern)
+        } else {
+            None
+        }
+    }
+
+    fn on_request(&mut self, text: &str) {
+        match message::parse_request(text) {
+            Err(e) => self.error(e.code, &e.message, e.id),
+            Ok(Request::Sub { topic, id }) => {
+                if self.subs.iter().any(|s| &*s.pattern == topic.as_str()) {
+                    return self.ack(id);
+                }
+                let max = self.node.config.max_subscriptions;
+                if self.subs.len() >= max {
+                    let msg = format!("at most {max} subscriptions per socket");
+                    return self.error(ErrorCode::SubscriptionLimit, &msg, id);
+                }
+                self.ack(id);
+                self.subscribe(topic.as_str());
+            }
+            Ok(Request::Unsub { topic, id }) => {
+                match self.subs.iter().position(|s| &*s.pattern == topic.as_str()) {
+                    Some(i) => {
+                        let sub = self.subs.swap_remove(i);
+                        self.ack(id);
+                        self.leave(&sub);
+                    }
+                    None => {
+                        let msg = format!("not subscribed to {:?}", topic.as_str());
+                        self.error(ErrorCode::NotSubscribed, &msg, id);
+                    }
+                }
+            }
+            Ok(Request::Pub { topic, data, id }) => {
+                self.publish(topic.as_str(), data.as_bytes(), id)
+            }
+        }
+    }
+
+    fn publish(&mut self, topic: &str, data: &[u8], id: Option<&str>) {
+        if !self.rate.allow() {
+            let msg = format!(
+                "publish_rate: at most {} publishes per second per socket",
+                self.node.config.publish_rate
+            );
+            return self.error(ErrorCode::RateLimited, &msg, id);
+        }
+        match self.node.bus.publish(topic, data) {
+            Ok(_) => self.ack(id),
+            Err(e) => self.error(ErrorCode::PublishFailed, &e.to_string(), id),
+        }
+    }
+
+    /// Adds a subscription (already validated and under the limit).
+    fn subscribe(&mut self, pattern: &str) {
+        let wildcard = pattern.contains(['*', '>']);
+        if wildcard {
+            self.conn.wildcard.store(true, Relaxed);
+        }
+        let bus = &self.node.bus;
+        let interest = bus.hub().subscribe(pattern, wildcard, &self.conn);
+        bus.interest(pattern, interest);
+        self.node.metrics.subscriptions.fetch_add(1, Relaxed);
+        self.subs.push(Subscription {
+            pattern: pattern.into(),
+            wildcard,
+        });
+        if !wildcard && bus.hub().has_presence(pattern) {
+            bus.presence(pattern, "join", &self.client, self.name.as_deref());
+        }
+    }
+
+    fn leave(&self, sub: &Subscription) {
+        let bus = &self.node.bus;
+        let interest = bus
+            .hub()
+            .unsubscribe(&sub.pattern, sub.wildcard, self.conn.id);
+        if interest == Interest::Lost {
+            bus.interest(&sub.pattern, interest);
+        }
+        self.node.metrics.subscriptions.fetch_sub(1, Relaxed);
+        if !sub.wildcard && bus.hub().has_presence(&sub.pattern) {
+            bus.presence(&sub.pattern, "leave", &self.client, self.name.as_deref());
+        }
+    }
+
+    fn leave_all(&mut self) {
+        for sub in std::mem::take(&mut self.subs) {
+            self.leave(&sub);
+        }
+    }
+}
+
+/// Where a batch write stopped: frame index and offset inside it.
+#[derive(Default)]
+struct Cursor {
+    frame: usize,
+    offset: usize,
+}
+
+async fn write_frames(
+    wr: &mut OwnedWriteHalf,
+    frames: &[Bytes],
+    at: &mut Cursor,
+) -> io::Result<()> {
+    const MAX_IOV: usize = 64;
+    while at.frame < frames.len() {
+        let mut slices = [IoSlice::new(&[]); MAX_IOV];
+        let mut n = 0;
+        for (k, f) in frames[at.frame..].iter().take(MAX_IOV).enumerate() {
+            let start = if k == 0 { at.offset } else { 0 };
+            slices[n] = IoSlice::new(&f[start..]);
+            n += 1;
+        }
+        let mut written = wr.write_vectored(&slices[..n]).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let left = frames[at.frame].len() - at.offset;
+            if written >= left {
+                written -= left;
+                at.frame += 1;
+                at.offset = 0;
+            } else {
+                at.offset += written;
+                written = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The writer task: drains the outbox until a close is requested, then sends
+/// the close frame and shuts the write half.
+async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
+    let mut spare = Vec::new();
+    loop {
+        let mut batch = conn.outbox.take(spare).await;
+        let mut at = Cursor::default();
+        if !batch.frames.is_empty() {
+            let res = tokio::select! {
+                r = write_frames(&mut wr, &batch.frames, &mut at) => r,
+                _ = conn.outbox.aborted() => Err(io::ErrorKind::Interrupted.into()),
+            };
+            match res {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    // Aborted mid-batch: finish the frame on the wire so the
+                    // close frame that follows is readable, then close.
+                    let req = conn.outbox.take(Vec::new()).await.close;
+                    let partial =
+                        (at.offset > 0).then(|| batch.frames[at.frame].slice(at.offset..));
+                    return finish(&mut wr, partial, req).await;
+                }
+                Err(_) => {
+                    conn.outbox.close(CloseRequest {
+                        code: 1006,
+                        reason: "".into(),
+                        flush: false,
+                    });
+                    return;
+                }
+            }
+        }
+        if let Some(req) = batch.close.take() {
+            return finish(&mut wr, None, Some(req)).await;
+        }
+        batch.frames.clear();
+        spare = batch.frames;
+        if spare.capacity() > 256 {
+            spare = Vec::new();
+        }
+    }
+}
+
+async fn finish(wr: &mut OwnedWriteHalf, partial: Option<Bytes>, req: Option<CloseRequest>) {
+    let send = async {
+        if let Some(p) = partial {
+            wr.write_all(&p).await?;
+        }
+        if let Some(req) = req {
+            if req.code != 1006 {
+                wr.write_all(&ws::encode_close(req.code, &req.reason))
+                    .await?;
+            }
+        }
+        wr.shutdown().await
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, send).await;
+}

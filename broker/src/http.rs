@@ -1,0 +1,298 @@
+//! The plain HTTP endpoints: publish, health, readiness, metrics; and the
+//! parsing of `/ws` URL parameters.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+use herald_protocol::message::{self, ErrorCode};
+use herald_protocol::{Pattern, Topic};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::connection::SessionParams;
+use crate::server::Node;
+
+/// Response body type for every route.
+pub type Body = Full<Bytes>;
+
+/// An empty body.
+pub fn empty() -> Body {
+    Full::new(Bytes::new())
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// A JSON error response: `{"error":{"code":..,"message":..}}`.
+pub fn error(status: StatusCode, code: ErrorCode, msg: &str) -> Response<Body> {
+    respond(status, "application/json", message::error_body(code, msg))
+}
+
+/// Serves every path but `/ws`.
+pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
+    let get = req.method() == Method::GET || req.method() == Method::HEAD;
+    match req.uri().path() {
+        "/healthz" if get => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" if get => {
+            if node.ready.load(Relaxed) {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            }
+        }
+        "/metrics" if get => {
+            let (topics, patterns) = node.bus.hub().counts();
+            let text = node
+                .metrics
+                .render(topics, patterns, node.ready.load(Relaxed));
+            respond(StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
+        "/v1/publish" if req.method() == Method::POST => publish(node, req).await,
+        "/healthz" | "/readyz" | "/metrics" | "/v1/publish" => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::BadRequest,
+            &format!("method {} not allowed here", req.method()),
+        ),
+        other => error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::BadRequest,
+            &format!("no route {other:?}; try /ws, /v1/publish, /healthz, /readyz, /metrics"),
+        ),
+    }
+}
+
+fn authorized(node: &Node, req: &Request<Incoming>) -> bool {
+    let Some(key) = &node.config.api_key else {
+        return true;
+    };
+    let Some(given) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(token) = given.strip_prefix("Bearer ") else {
+        return false;
+    };
+    constant_time_eq(token.trim().as_bytes(), key.as_bytes())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {
+    let fail = |status, code, msg: &str| {
+        node.metrics.error(code);
+        error(status, code, msg)
+    };
+    if !authorized(node, &req) {
+        return fail(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "missing or wrong API key (Authorization: Bearer KEY)",
+        );
+    }
+    let limit = node.config.max_http_body_bytes;
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            let msg = format!("max_http_body_bytes: body exceeds {limit} bytes");
+            return fail(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::MessageTooBig,
+                &msg,
+            );
+        }
+        Err(e) => {
+            return fail(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                &e.to_string(),
+            )
+        }
+    };
+    let items = match message::parse_publish(&body, node.config.max_message_bytes) {
+        Ok(items) => items,
+        Err(e) => {
+            let status = if e.code == ErrorCode::MessageTooBig {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return fail(status, e.code, &e.message);
+        }
+    };
+    let mut deliveries = 0;
+    for (n, item) in items.iter().enumerate() {
+        match node.bus.publish(item.topic.as_str(), item.data.as_bytes()) {
+            Ok(d) => deliveries += d,
+            Err(e) => {
+                let msg = format!("published {n} of {}; then: {e}", items.len());
+                return fail(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::PublishFailed,
+                    &msg,
+                );
+            }
+        }
+    }
+    let body = format!(
+        "{{\"published\":{},\"deliveries\":{deliveries}}}",
+        items.len()
+    );
+    respond(StatusCode::OK, "application/json", body)
+}
+
+/// Decodes `%XX` escapes (browsers escape `>` in URLs) and `+` as space.
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("bad percent-escape in {s:?}"))?;
+                out.push(hex);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+/// Longest `name` a socket may give for presence notices.
+const MAX_NAME_LEN: usize = 64;
+
+/// Parses `/ws` query parameters: `sub` (repeated), `topic` + `format=raw`,
+/// `name`. Unknown parameters are ignored (cache busters, tokens for proxies).
+pub fn session_params(query: &str, max_subs: usize) -> Result<SessionParams, (ErrorCode, String)> {
+    let mut p = SessionParams::default();
+    let mut format = None;
+    for pair in query.split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v).map_err(|e| (ErrorCode::BadRequest, e))?;
+        match k {
+            "sub" => {
+                Pattern::parse(&v).map_err(|e| (ErrorCode::BadTopic, format!("sub={v:?}: {e}")))?;
+                if !p.subs.contains(&v) {
+                    p.subs.push(v);
+                }
+            }
+            "topic" => {
+                Topic::parse(&v).map_err(|e| (ErrorCode::BadTopic, format!("topic={v:?}: {e}")))?;
+                p.raw_topic = Some(v);
+            }
+            "format" => format = Some(v),
+            "name" => {
+                if v.is_empty() || v.len() > MAX_NAME_LEN || v.chars().any(char::is_control) {
+                    let m = format!(
+                        "name must be 1 to {MAX_NAME_LEN} bytes without control characters"
+                    );
+                    return Err((ErrorCode::BadRequest, m));
+                }
+                p.name = Some(v);
+            }
+            _ => {}
+        }
+    }
+    match format.as_deref() {
+        None | Some("json") => {
+            if p.raw_topic.is_some() {
+                let m = "topic= is for format=raw; JSON clients subscribe with sub=";
+                return Err((ErrorCode::BadRequest, m.into()));
+            }
+        }
+        Some("raw") => {
+            if p.raw_topic.is_none() {
+                return Err((ErrorCode::BadRequest, "format=raw needs topic=".into()));
+            }
+            if !p.subs.is_empty() {
+                return Err((
+                    ErrorCode::BadRequest,
+                    "format=raw takes topic=, not sub=".into(),
+                ));
+            }
+        }
+        Some(other) => {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("format={other:?}; expected json or raw"),
+            ));
+        }
+    }
+    let n = p.subs.len() + usize::from(p.raw_topic.is_some());
+    if n > max_subs {
+        return Err((
+            ErrorCode::SubscriptionLimit,
+            format!("at most {max_subs} subscriptions per socket"),
+        ));
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parameters() {
+        let p = session_params("sub=todo:*&sub=chat%3Alobby&sub=a:%3E&x=1", 10).unwrap();
+        assert_eq!(p.subs, vec!["todo:*", "chat:lobby", "a:>"]);
+        let p = session_params("topic=chat:lobby&format=raw&name=ann+b", 10).unwrap();
+        assert_eq!(p.raw_topic.as_deref(), Some("chat:lobby"));
+        assert_eq!(p.name.as_deref(), Some("ann b"));
+        assert_eq!(
+            session_params("sub=a..b", 10).unwrap_err().0,
+            ErrorCode::BadTopic
+        );
+        assert_eq!(
+            session_params("format=raw", 10).unwrap_err().0,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            session_params("topic=a", 10).unwrap_err().0,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            session_params("format=xml", 10).unwrap_err().0,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            session_params("sub=%zz", 10).unwrap_err().0,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            session_params("sub=a&sub=b", 1).unwrap_err().0,
+            ErrorCode::SubscriptionLimit
+        );
+        assert_eq!(
+            session_params("topic=a:*&format=raw", 1).unwrap_err().0,
+            ErrorCode::BadTopic
+        );
+    }
+}

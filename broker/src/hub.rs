@@ -1,0 +1,320 @@
+//! Local routing: which sockets on this node receive a message.
+//!
+//! Concrete topics live in a sharded map from topic to an immutable snapshot
+//! of its subscribers (`Arc<[Subscriber]>`, replaced copy-on-write), so
+//! fan-out clones one `Arc` under a brief shard read lock and then walks the
+//! snapshot with no lock held. Wildcard patterns live in one copy-on-write
+//! list read without locks (`ArcSwap`). A message is encoded once per format
+//! and the same `Bytes` is pushed to every recipient's queue.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use herald_protocol::{message, topic};
+
+use crate::connection::Conn;
+use crate::metrics::Metrics;
+use crate::outbox::Pushed;
+
+/// A subscribed socket.
+pub type Subscriber = Arc<Conn>;
+
+/// What a message carries.
+#[derive(Debug, Clone, Copy)]
+pub enum Body<'a> {
+    /// Published JSON, delivered byte for byte.
+    Data(&'a [u8]),
+    /// A join or leave notice.
+    Presence {
+        /// `join` or `leave`.
+        event: &'a str,
+        /// The socket that joined or left.
+        client: &'a str,
+        /// Its display name, if it gave one.
+        name: Option<&'a str>,
+    },
+}
+
+struct PatternSubs {
+    pattern: Box<str>,
+    subs: Arc<[Subscriber]>,
+}
+
+/// Whether a subscribe or unsubscribe changed the node's interest in a key:
+/// the first subscriber arrived or the last one left. The bus uses this to
+/// subscribe to and drop NATS subjects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interest {
+    /// The first local subscriber for this topic or pattern.
+    Gained,
+    /// The last local subscriber left.
+    Lost,
+    /// Others remain (or the call changed nothing).
+    Unchanged,
+}
+
+/// The routing table. Cloning is a refcount.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    exact: DashMap<Box<str>, Arc<[Subscriber]>>,
+    patterns: ArcSwap<Vec<PatternSubs>>,
+    /// Serialises pattern list writers; readers never take it.
+    pattern_writer: Mutex<()>,
+    presence: Vec<String>,
+    metrics: Arc<Metrics>,
+}
+
+fn with(list: &[Subscriber], s: &Subscriber) -> Option<Arc<[Subscriber]>> {
+    if list.iter().any(|c| c.id == s.id) {
+        return None;
+    }
+    let mut v = Vec::with_capacity(list.len() + 1);
+    v.extend_from_slice(list);
+    v.push(s.clone());
+    Some(v.into())
+}
+
+fn without(list: &[Subscriber], id: u64) -> Option<Vec<Subscriber>> {
+    let pos = list.iter().position(|c| c.id == id)?;
+    let mut v = Vec::with_capacity(list.len() - 1);
+    v.extend_from_slice(&list[..pos]);
+    v.extend_from_slice(&list[pos + 1..]);
+    Some(v)
+}
+
+impl Hub {
+    /// An empty hub. `presence` lists the patterns whose topics announce
+    /// joins and leaves.
+    pub fn new(metrics: Arc<Metrics>, presence: Vec<String>) -> Self {
+        Hub {
+            inner: Arc::new(Inner {
+                exact: DashMap::new(),
+                patterns: ArcSwap::from_pointee(Vec::new()),
+                pattern_writer: Mutex::new(()),
+                presence,
+                metrics,
+            }),
+        }
+    }
+
+    /// Whether `topic` announces joins and leaves.
+    pub fn has_presence(&self, topic: &str) -> bool {
+        self.inner.presence.iter().any(|p| topic::matches(p, topic))
+    }
+
+    /// Adds `sub` under `pattern` (concrete or wildcard). Idempotent.
+    pub fn subscribe(&self, pattern: &str, wildcard: bool, sub: &Subscriber) -> Interest {
+        if wildcard {
+            let _w = self
+                .inner
+                .pattern_writer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let cur = self.inner.patterns.load();
+            let mut next: Vec<PatternSubs> = Vec::with_capacity(cur.len() + 1);
+            let mut interest = Interest::Gained;
+            for p in cur.iter() {
+                let subs = if &*p.pattern == pattern {
+                    interest = Interest::Unchanged;
+                    with(&p.subs, sub).unwrap_or_else(|| p.subs.clone())
+                } else {
+                    p.subs.clone()
+                };
+                next.push(PatternSubs {
+                    pattern: p.pattern.clone(),
+                    subs,
+                });
+            }
+            if interest == Interest::Gained {
+                next.push(PatternSubs {
+                    pattern: pattern.into(),
+                    subs: Arc::from([sub.clone()]),
+                });
+            }
+            self.inner.patterns.store(Arc::new(next));
+            return interest;
+        }
+        match self.inner.exact.entry(pattern.into()) {
+            Entry::Occupied(mut e) => {
+                if let Some(next) = with(e.get(), sub) {
+                    e.insert(next);
+                }
+                Interest::Unchanged
+            }
+            Entry::Vacant(e) => {
+                e.insert(Arc::from([sub.clone()]));
+                Interest::Gained
+            }
+        }
+    }
+
+    /// Removes socket `id` from `pattern`.
+    pub fn unsubscribe(&self, pattern: &str, wildcard: bool, id: u64) -> Interest {
+        if wildcard {
+            let _w = self
+                .inner
+                .pattern_writer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let cur = self.inner.patterns.load();
+            let mut interest = Interest::Unchanged;
+            let mut next: Vec<PatternSubs> = Vec::with_capacity(cur.len());
+            for p in cur.iter() {
+                if &*p.pattern == pattern {
+                    if let Some(rest) = without(&p.subs, id) {
+                        if rest.is_empty() {
+                            interest = Interest::Lost;
+                            continue;
+                        }
+                        next.push(PatternSubs {
+                            pattern: p.pattern.clone(),
+                            subs: rest.into(),
+                        });
+                        continue;
+                    }
+                }
+                next.push(PatternSubs {
+                    pattern: p.pattern.clone(),
+                    subs: p.subs.clone(),
+                });
+            }
+            self.inner.patterns.store(Arc::new(next));
+            return interest;
+        }
+        match self.inner.exact.entry(pattern.into()) {
+            Entry::Occupied(mut e) => match without(e.get(), id) {
+                Some(rest) if rest.is_empty() => {
+                    e.remove();
+                    Interest::Lost
+                }
+                Some(rest) => {
+                    e.insert(rest.into());
+                    Interest::Unchanged
+                }
+                None => Interest::Unchanged,
+            },
+            Entry::Vacant(_) => Interest::Unchanged,
+        }
+    }
+
+    /// Distinct concrete topics and wildcard patterns with local subscribers.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.inner.exact.len(), self.inner.patterns.load().len())
+    }
+
+    /// Delivers a message on concrete `topic` to every local subscriber, once
+    /// each even when several of its subscriptions match. Returns how many
+    /// sockets it was queued to.
+    pub fn deliver(&self, topic: &str, body: Body<'_>) -> usize {
+        let exact = self.inner.exact.get(topic).map(|r| r.value().clone());
+        let patterns = self.inner.patterns.load();
+        let matched: Vec<&Arc<[Subscriber]>> = patterns
+            .iter()
+            .filter(|p| topic::matches(&p.pattern, topic))
+            .map(|p| &p.subs)
+            .collect();
+        if exact.is_none() && matched.is_empty() {
+            return 0;
+        }
+        let frames = Frames::new(topic, body);
+        let mut sent = Sent::default();
+        if let Some(list) = &exact {
+            for s in list.iter() {
+                sent.push(s, &frames, &self.inner.metrics);
+            }
+        }
+        if !matched.is_empty() {
+            // Only sockets holding a wildcard can be in more than one list.
+            let mut seen: HashSet<u64> = exact
+                .iter()
+                .flat_map(|l| l.iter())
+                .filter(|c| c.has_wildcard())
+                .map(|c| c.id)
+                .collect();
+            for list in matched {
+                for s in list.iter() {
+                    if seen.insert(s.id) {
+                        sent.push(s, &frames, &self.inner.metrics);
+                    }
+                }
+            }
+        }
+        let m = &self.inner.metrics;
+        m.deliveries.fetch_add(sent.count as u64, Relaxed);
+        m.bytes_out.fetch_add(sent.bytes as u64, Relaxed);
+        sent.count
+    }
+}
+
+/// The frames for one message, each encoded at most once.
+struct Frames<'a> {
+    json: Bytes,
+    body: Body<'a>,
+    raw: std::cell::OnceCell<Option<Bytes>>,
+}
+
+impl<'a> Frames<'a> {
+    fn new(topic: &str, body: Body<'a>) -> Self {
+        let json = match body {
+            Body::Data(d) => message::encode_delivery(topic, d),
+            Body::Presence {
+                event,
+                client,
+                name,
+            } => message::encode_presence(topic, event, client, name),
+        };
+        Frames {
+            json,
+            body,
+            raw: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The frame for a socket in `raw` format, or `None` when the message
+    /// has no raw form (presence notices).
+    fn for_format(&self, raw: bool) -> Option<&Bytes> {
+        if !raw {
+            return Some(&self.json);
+        }
+        self.raw
+            .get_or_init(|| match self.body {
+                Body::Data(d) => Some(message::encode_raw(d)),
+                Body::Presence { .. } => None,
+            })
+            .as_ref()
+    }
+}
+
+#[derive(Default)]
+struct Sent {
+    count: usize,
+    bytes: usize,
+}
+
+impl Sent {
+    fn push(&mut self, s: &Subscriber, frames: &Frames<'_>, metrics: &Metrics) {
+        let Some(f) = frames.for_format(s.raw) else {
+            return;
+        };
+        match s.outbox.push(f.clone()) {
+            Pushed::Queued => {
+                self.count += 1;
+                self.bytes += f.len();
+            }
+            Pushed::Overflowed => {
+                metrics.slow_consumers.fetch_add(1, Relaxed);
+                tracing::info!(conn_id = s.id, "closing slow consumer");
+            }
+            Pushed::Closing => {}
+        }
+    }
+}

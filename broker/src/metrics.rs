@@ -1,0 +1,155 @@
+//! Counters and gauges, rendered in the Prometheus text format at `/metrics`.
+//!
+//! Plain atomics: the fan-out path adds once per message (a count of
+//! deliveries), never once per recipient, so no cache line bounces per
+//! delivery.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use herald_protocol::ErrorCode;
+
+/// The node's metrics. One per node, shared by reference.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open WebSocket connections.
+    pub connections: AtomicI64,
+    /// WebSocket connections accepted since start.
+    pub connections_total: AtomicU64,
+    /// Subscriptions held by all sockets.
+    pub subscriptions: AtomicI64,
+    /// Messages published into this node (WebSocket and HTTP).
+    pub messages_in: AtomicU64,
+    /// Bytes of `data` published into this node.
+    pub bytes_in: AtomicU64,
+    /// Messages this node delivered (one per recipient socket).
+    pub deliveries: AtomicU64,
+    /// Bytes of WebSocket frames queued for delivery.
+    pub bytes_out: AtomicU64,
+    /// Sockets closed because their outbound queue overflowed.
+    pub slow_consumers: AtomicU64,
+    /// Sockets closed because they stopped answering pings.
+    pub heartbeat_timeouts: AtomicU64,
+    /// HTTP connections closed for not sending headers in time.
+    pub handshake_timeouts: AtomicU64,
+    /// WebSocket connections closed for a protocol violation.
+    pub protocol_errors: AtomicU64,
+    /// Error frames and HTTP errors sent, by code.
+    pub errors: [AtomicU64; ErrorCode::ALL.len()],
+}
+
+impl Metrics {
+    /// Counts one error answered with `code`.
+    pub fn error(&self, code: ErrorCode) {
+        self.errors[code.index()].fetch_add(1, Relaxed);
+    }
+
+    /// The Prometheus text exposition. `topics` and `draining` come from the
+    /// hub and the server, which own them.
+    pub fn render(&self, topics: usize, patterns: usize, ready: bool) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut put = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        put(
+            "herald_connections",
+            "gauge",
+            "Open WebSocket connections.",
+            self.connections.load(Relaxed).to_string(),
+        );
+        put(
+            "herald_connections_accepted_total",
+            "counter",
+            "WebSocket connections accepted since start.",
+            self.connections_total.load(Relaxed).to_string(),
+        );
+        put(
+            "herald_subscriptions",
+            "gauge",
+            "Subscriptions held by all sockets.",
+            self.subscriptions.load(Relaxed).to_string(),
+        );
+        put(
+            "herald_topics",
+            "gauge",
+            "Distinct concrete topics with at least one local subscriber.",
+            topics.to_string(),
+        );
+        put(
+            "herald_patterns",
+            "gauge",
+            "Distinct wildcard patterns with at least one local subscriber.",
+            patterns.to_string(),
+        );
+        put(
+            "herald_messages_in_total",
+            "counter",
+            "Messages published into this node.",
+            self.messages_in.load(Relaxed).to_string(),
+        );
+        put(
+            "herald_bytes_in_total",
+            "counter",
+            "Bytes of published data received by this node.",
+            self.bytes_in.load(Relaxed).to_string(),
+        );
+        put(
+            "herald_deliveries_total",
+            "counter",
+            "Messages queued to local subscriber sockets.",
+            self.deliveries.load(Relaxed).to_string(),
+        );
+        put(
+            "herald_bytes_out_total",
+            "counter",
+            "Bytes of delivery frames queued to local sockets.",
+            self.bytes_out.load(Relaxed).to_string(),
+        );
+        put(
+            "herald_slow_consumer_disconnects_total",
+            "counter",
+            "Sockets closed because their outbound queue overflowed.",
+            self.slow_consumers.load(Relaxed).to_string(),
+        );
+        put(
+            "herald_heartbeat_timeouts_total",
+            "counter",
+            "Sockets closed because nothing arrived within a ping interval.",
+            self.heartbeat_timeouts.load(Relaxed).to_string(),
+        );
+        put(
+            "herald_handshake_timeouts_total",
+            "counter",
+            "HTTP connections closed for not sending request headers in time.",
+            self.handshake_timeouts.load(Relaxed).to_string(),
+        );
+        put(
+            "herald_protocol_errors_total",
+            "counter",
+            "WebSocket connections closed for a protocol violation.",
+            self.protocol_errors.load(Relaxed).to_string(),
+        );
+        put(
+            "herald_ready",
+            "gauge",
+            "1 while the node accepts new sockets, 0 while draining.",
+            u8::from(ready).to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP herald_errors_total Errors answered to clients, by code.\n# TYPE herald_errors_total counter"
+        );
+        for code in ErrorCode::ALL {
+            let _ = writeln!(
+                out,
+                "herald_errors_total{{code=\"{}\"}} {}",
+                code.as_str(),
+                self.errors[code.index()].load(Relaxed)
+            );
+        }
+        out
+    }
+}

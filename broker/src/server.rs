@@ -1,0 +1,309 @@
+//! Accepting connections, routing requests, the heartbeat, and shutdown.
+//!
+//! [`run`] takes a bound listener, a [`Config`] and a shutdown future, so
+//! tests and the binary start the same server. Each TCP connection is served
+//! as HTTP/1 with upgrades; `/ws` is checked (limits, URL parameters) before
+//! the 101 is sent, and the upgraded socket becomes a session tracked by the
+//! node so shutdown can drain it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use herald_protocol::ws::{self, close, OpCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::connection::{self, Conn};
+use crate::http::{self, Body};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::outbox::CloseRequest;
+
+/// State shared by everything in one node.
+pub struct Node {
+    /// Settings.
+    pub config: Config,
+    /// Where publishes go.
+    pub bus: Bus,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Open sessions, for the heartbeat and shutdown.
+    pub sessions: DashMap<u64, Arc<Conn>>,
+    /// Session tasks (read loops and writers), so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// False once shutdown began: `/readyz` fails and `/ws` refuses.
+    pub ready: AtomicBool,
+    /// The heartbeat word as a ready frame, shared by every reply.
+    pub heartbeat_reply: Bytes,
+    next_id: AtomicU64,
+    epoch: Instant,
+}
+
+impl Node {
+    /// A node with an embedded (in-process) bus.
+    pub fn new(config: Config) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::default());
+        let hub = Hub::new(metrics.clone(), config.presence.clone());
+        let bus = Bus::embedded(hub, metrics.clone());
+        Arc::new(Node {
+            heartbeat_reply: ws::encode_frame(OpCode::Text, config.heartbeat_word.as_bytes()),
+            config,
+            bus,
+            metrics,
+            sessions: DashMap::new(),
+            tracker: TaskTracker::new(),
+            ready: AtomicBool::new(true),
+            next_id: AtomicU64::new(1),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// A fresh session id.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Relaxed)
+    }
+
+    /// Milliseconds since the node started: a cheap clock for heartbeats.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Reserves a connection slot; false when the node is full.
+    pub fn reserve_connection(&self) -> bool {
+        let max = self.config.max_connections as i64;
+        if self.metrics.connections.fetch_add(1, Relaxed) >= max {
+            self.metrics.connections.fetch_sub(1, Relaxed);
+            return false;
+        }
+        true
+    }
+}
+
+/// Binds `addr` with a deep listen backlog (tokio's `bind` uses 128, which
+/// drops handshakes during connection storms).
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains: readiness
+/// turns false, the listener closes, every socket gets 1001 spread over the
+/// drain period, queued frames are flushed, and the function returns.
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
+    let node = Node::new(config);
+    serve(node, listener, shutdown).await
+}
+
+/// [`run`] with a node built by the caller (so it can inspect it).
+pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let heartbeat = tokio::spawn(heartbeat(node.clone()));
+    let http_conns = TaskTracker::new();
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, remote)) => {
+                    backoff = Duration::from_millis(5);
+                    http_conns.spawn(serve_http(node.clone(), stream, remote));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+    drop(listener);
+    heartbeat.abort();
+    drain(&node).await;
+}
+
+async fn drain(node: &Arc<Node>) {
+    node.ready.store(false, Relaxed);
+    let conns: Vec<Arc<Conn>> = node.sessions.iter().map(|e| e.value().clone()).collect();
+    tracing::info!(sockets = conns.len(), period = ?node.config.drain_period, "draining");
+    if !conns.is_empty() {
+        let steps = conns.len().min(50);
+        let per_step = conns.len().div_ceil(steps);
+        let pause = node.config.drain_period / steps as u32;
+        for (i, chunk) in conns.chunks(per_step).enumerate() {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            for c in chunk {
+                c.outbox.close(CloseRequest {
+                    code: close::GOING_AWAY,
+                    reason: "going_away: node shutting down, reconnect".into(),
+                    flush: true,
+                });
+            }
+        }
+    }
+    drop(conns);
+    node.tracker.close();
+    let grace = Duration::from_secs(5);
+    if tokio::time::timeout(grace, node.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("sessions still open after the drain grace period; exiting anyway");
+    }
+    tracing::info!("drained");
+}
+
+/// Pings every socket each interval and reaps those from which nothing
+/// arrived since the previous round. One task for the node: no timer per
+/// socket, and the ping frame is encoded once.
+async fn heartbeat(node: Arc<Node>) {
+    let interval = node.config.ping_interval;
+    if interval.is_zero() {
+        return;
+    }
+    let ping = ws::encode_frame(OpCode::Ping, b"");
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut previous = node.now_ms();
+    loop {
+        tick.tick().await;
+        let now = node.now_ms();
+        for entry in node.sessions.iter() {
+            let c = entry.value();
+            if c.last_seen() < previous {
+                if c.outbox.close(CloseRequest {
+                    code: close::HEARTBEAT_TIMEOUT,
+                    reason: "heartbeat_timeout: no answer to ping".into(),
+                    flush: false,
+                }) {
+                    node.metrics.heartbeat_timeouts.fetch_add(1, Relaxed);
+                }
+            } else {
+                c.outbox.push(ping.clone());
+            }
+        }
+        previous = now;
+    }
+}
+
+async fn serve_http(node: Arc<Node>, stream: TcpStream, remote: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let svc_node = node.clone();
+    let svc = service_fn(move |req| route(svc_node.clone(), req));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(node.config.handshake_timeout)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        if e.is_timeout() {
+            node.metrics.handshake_timeouts.fetch_add(1, Relaxed);
+            tracing::debug!(%remote, "handshake_timeout: request headers not received in time");
+        } else {
+            tracing::trace!(%remote, error = %e, "http connection error");
+        }
+    }
+}
+
+async fn route(
+    node: Arc<Node>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    let path = req.uri().path();
+    Ok(match path {
+        "/ws" => upgrade(node, req),
+        _ => http::handle(&node, req).await,
+    })
+}
+
+fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
+    use herald_protocol::ErrorCode;
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return http::error(
+            hyper::StatusCode::UPGRADE_REQUIRED,
+            ErrorCode::BadRequest,
+            "/ws takes WebSocket connections (Upgrade: websocket)",
+        );
+    }
+    if !node.ready.load(Relaxed) {
+        return http::error(
+            hyper::StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ShuttingDown,
+            "node is draining; connect to another node",
+        );
+    }
+    let params = match http::session_params(
+        req.uri().query().unwrap_or(""),
+        node.config.max_subscriptions,
+    ) {
+        Ok(p) => p,
+        Err((code, msg)) => {
+            node.metrics.error(code);
+            return http::error(hyper::StatusCode::BAD_REQUEST, code, &msg);
+        }
+    };
+    if !node.reserve_connection() {
+        node.metrics.error(ErrorCode::ConnectionLimit);
+        let msg = format!(
+            "max_connections: node holds {} connections",
+            node.config.max_connections
+        );
+        return http::error(
+            hyper::StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ConnectionLimit,
+            &msg,
+        );
+    }
+    let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(x) => x,
+        Err(e) => {
+            node.metrics.connections.fetch_sub(1, Relaxed);
+            return http::error(
+                hyper::StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                &e.to_string(),
+            );
+        }
+    };
+    let tracker = node.tracker.clone();
+    tracker.spawn(async move {
+        let upgraded = match fut.await {
+            Ok(ws) => ws.into_inner().into_inner(),
+            Err(e) => {
+                node.metrics.connections.fetch_sub(1, Relaxed);
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => connection::run(node, parts.io.into_inner(), parts.read_buf, params).await,
+            Err(_) => {
+                node.metrics.connections.fetch_sub(1, Relaxed);
+                tracing::error!("upgraded connection is not a TCP stream");
+            }
+        }
+    });
+    let (parts, _) = response.into_parts();
+    Response::from_parts(parts, http::empty())
+}
