@@ -48,14 +48,7 @@ impl Bus {
 
     /// Announces that `client` joined or left `topic`.
     pub fn presence(&self, topic: &str, event: &str, client: &str, name: Option<&str>) {
-        self.hub.deliver(
-            topic,
-            Body::Presence {
-                event,
-                client,
-                name,
-            },
-        );
+        self.hub.deliver(topic, Body::Presence { event, client, name });
     }
 
     /// Called when the hub gains or loses all local interest in a pattern.

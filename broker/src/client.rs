@@ -128,12 +128,7 @@ async fn publish_one(ws: &mut Socket, id: u64, topic: &str, data: &str) -> anyho
 
 /// `herald pub`: publishes `data` once, or each stdin line as a JSON string.
 /// `data` that is not valid JSON is sent as a JSON string.
-pub async fn publish(
-    target: &Target,
-    topic: &str,
-    data: Option<&str>,
-    lines: bool,
-) -> anyhow::Result<()> {
+pub async fn publish(target: &Target, topic: &str, data: Option<&str>, lines: bool) -> anyhow::Result<()> {
     let mut ws = connect(&target.url).await?;
     if lines {
         let mut input = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -170,10 +165,7 @@ pub async fn subscribe(
         let id = i as u64 + 1;
         send_text(
             &mut ws,
-            format!(
-                r#"{{"op":"sub","topic":{},"id":{id}}}"#,
-                Value::from(t.as_str())
-            ),
+            format!(r#"{{"op":"sub","topic":{},"id":{id}}}"#, Value::from(t.as_str())),
         )
         .await?;
         if let Some((code, msg)) = answer(&mut ws, id).await? {

@@ -42,7 +42,7 @@ pub struct Config {
     pub handshake_timeout: Duration,
 
     /// How often the node pings each socket; a socket from which nothing (not
-    /// even a pong) arrived during one whole interval is closed with 4002.
+    /// even a pong) arrived for two whole intervals is closed with 4002.
     #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]
     pub ping_interval: Duration,
 

@@ -347,9 +347,7 @@ impl Session {
                     }
                 }
             }
-            Ok(Request::Pub { topic, data, id }) => {
-                self.publish(topic.as_str(), data.as_bytes(), id)
-            }
+            Ok(Request::Pub { topic, data, id }) => self.publish(topic.as_str(), data.as_bytes(), id),
         }
     }
 
@@ -388,9 +386,7 @@ impl Session {
 
     fn leave(&self, sub: &Subscription) {
         let bus = &self.node.bus;
-        let interest = bus
-            .hub()
-            .unsubscribe(&sub.pattern, sub.wildcard, self.conn.id);
+        let interest = bus.hub().unsubscribe(&sub.pattern, sub.wildcard, self.conn.id);
         if interest == Interest::Lost {
             bus.interest(&sub.pattern, interest);
         }
@@ -414,11 +410,7 @@ struct Cursor {
     offset: usize,
 }
 
-async fn write_frames(
-    wr: &mut OwnedWriteHalf,
-    frames: &[Bytes],
-    at: &mut Cursor,
-) -> io::Result<()> {
+async fn write_frames(wr: &mut OwnedWriteHalf, frames: &[Bytes], at: &mut Cursor) -> io::Result<()> {
     const MAX_IOV: usize = 64;
     while at.frame < frames.len() {
         let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -465,8 +457,7 @@ async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
                     // Aborted mid-batch: finish the frame on the wire so the
                     // close frame that follows is readable, then close.
                     let req = conn.outbox.take(Vec::new()).await.close;
-                    let partial =
-                        (at.offset > 0).then(|| batch.frames[at.frame].slice(at.offset..));
+                    let partial = (at.offset > 0).then(|| batch.frames[at.frame].slice(at.offset..));
                     return finish(&mut wr, partial, req).await;
                 }
                 Err(_) => {
@@ -497,8 +488,7 @@ async fn finish(wr: &mut OwnedWriteHalf, partial: Option<Bytes>, req: Option<Clo
         }
         if let Some(req) = req {
             if req.code != 1006 {
-                wr.write_all(&ws::encode_close(req.code, &req.reason))
-                    .await?;
+                wr.write_all(&ws::encode_close(req.code, &req.reason)).await?;
             }
         }
         wr.shutdown().await

@@ -22,11 +22,7 @@ pub fn empty() -> Body {
     Full::new(Bytes::new())
 }
 
-fn respond(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut()
@@ -53,9 +49,7 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
         }
         "/metrics" if get => {
             let (topics, patterns) = node.bus.hub().counts();
-            let text = node
-                .metrics
-                .render(topics, patterns, node.ready.load(Relaxed));
+            let text = node.metrics.render(topics, patterns, node.ready.load(Relaxed));
             respond(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         "/v1/publish" if req.method() == Method::POST => publish(node, req).await,
@@ -76,11 +70,7 @@ fn authorized(node: &Node, req: &Request<Incoming>) -> bool {
     let Some(key) = &node.config.api_key else {
         return true;
     };
-    let Some(given) = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(given) = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
     };
     let Some(token) = given.strip_prefix("Bearer ") else {
@@ -110,19 +100,9 @@ async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             let msg = format!("max_http_body_bytes: body exceeds {limit} bytes");
-            return fail(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::MessageTooBig,
-                &msg,
-            );
+            return fail(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::MessageTooBig, &msg);
         }
-        Err(e) => {
-            return fail(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                &e.to_string(),
-            )
-        }
+        Err(e) => return fail(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &e.to_string()),
     };
     let items = match message::parse_publish(&body, node.config.max_message_bytes) {
         Ok(items) => items,
@@ -141,18 +121,11 @@ async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {
             Ok(d) => deliveries += d,
             Err(e) => {
                 let msg = format!("published {n} of {}; then: {e}", items.len());
-                return fail(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ErrorCode::PublishFailed,
-                    &msg,
-                );
+                return fail(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::PublishFailed, &msg);
             }
         }
     }
-    let body = format!(
-        "{{\"published\":{},\"deliveries\":{deliveries}}}",
-        items.len()
-    );
+    let body = format!("{{\"published\":{},\"deliveries\":{deliveries}}}", items.len());
     respond(StatusCode::OK, "application/json", body)
 }
 
@@ -210,9 +183,7 @@ pub fn session_params(query: &str, max_subs: usize) -> Result<SessionParams, (Er
             "format" => format = Some(v),
             "name" => {
                 if v.is_empty() || v.len() > MAX_NAME_LEN || v.chars().any(char::is_control) {
-                    let m = format!(
-                        "name must be 1 to {MAX_NAME_LEN} bytes without control characters"
-                    );
+                    let m = format!("name must be 1 to {MAX_NAME_LEN} bytes without control characters");
                     return Err((ErrorCode::BadRequest, m));
                 }
                 p.name = Some(v);
@@ -232,10 +203,7 @@ pub fn session_params(query: &str, max_subs: usize) -> Result<SessionParams, (Er
                 return Err((ErrorCode::BadRequest, "format=raw needs topic=".into()));
             }
             if !p.subs.is_empty() {
-                return Err((
-                    ErrorCode::BadRequest,
-                    "format=raw takes topic=, not sub=".into(),
-                ));
+                return Err((ErrorCode::BadRequest, "format=raw takes topic=, not sub=".into()));
             }
         }
         Some(other) => {
@@ -266,10 +234,7 @@ mod tests {
         let p = session_params("topic=chat:lobby&format=raw&name=ann+b", 10).unwrap();
         assert_eq!(p.raw_topic.as_deref(), Some("chat:lobby"));
         assert_eq!(p.name.as_deref(), Some("ann b"));
-        assert_eq!(
-            session_params("sub=a..b", 10).unwrap_err().0,
-            ErrorCode::BadTopic
-        );
+        assert_eq!(session_params("sub=a..b", 10).unwrap_err().0, ErrorCode::BadTopic);
         assert_eq!(
             session_params("format=raw", 10).unwrap_err().0,
             ErrorCode::BadRequest

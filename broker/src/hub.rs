@@ -266,11 +266,7 @@ impl<'a> Frames<'a> {
     fn new(topic: &str, body: Body<'a>) -> Self {
         let json = match body {
             Body::Data(d) => message::encode_delivery(topic, d),
-            Body::Presence {
-                event,
-                client,
-                name,
-            } => message::encode_presence(topic, event, client, name),
+            Body::Presence { event, client, name } => message::encode_presence(topic, event, client, name),
         };
         Frames {
             json,

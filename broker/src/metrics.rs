@@ -49,10 +49,7 @@ impl Metrics {
     pub fn render(&self, topics: usize, patterns: usize, ready: bool) -> String {
         let mut out = String::with_capacity(4096);
         let mut put = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         };
         put(
             "herald_connections",

@@ -194,10 +194,7 @@ mod tests {
         o.push(Bytes::from_static(b"a"));
         o.push(Bytes::from_static(b"b"));
         let b = o.take(Vec::new()).await;
-        assert_eq!(
-            b.frames,
-            vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]
-        );
+        assert_eq!(b.frames, vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
         assert!(b.close.is_none());
         assert_eq!(o.push(Bytes::from_static(b"0123456789")), Pushed::Queued);
     }

@@ -22,6 +22,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
@@ -31,6 +32,9 @@ use crate::http::{self, Body};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbox::CloseRequest;
+
+/// Largest HTTP request head (request line and headers) a client may send.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// State shared by everything in one node.
 pub struct Node {
@@ -113,18 +117,31 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
 }
 
 /// [`run`] with a node built by the caller (so it can inspect it).
+///
+/// On shutdown the listener stays open through the drain period, answering
+/// `/readyz` with 503 and `/ws` with 503 `shutting_down`, so a load balancer
+/// sees the node leave before its port closes.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let heartbeat = tokio::spawn(heartbeat(node.clone()));
-    let http_conns = TaskTracker::new();
-    tokio::pin!(shutdown);
+    let stop = CancellationToken::new();
+    let accept = tokio::spawn(accept_loop(node.clone(), listener, stop.clone()));
+    shutdown.await;
+    node.ready.store(false, Relaxed);
+    drain(&node).await;
+    stop.cancel();
+    let _ = accept.await;
+    heartbeat.abort();
+}
+
+async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(5);
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     backoff = Duration::from_millis(5);
-                    http_conns.spawn(serve_http(node.clone(), stream, remote));
+                    tokio::spawn(serve_http(node.clone(), stream, remote));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -135,13 +152,9 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
             }
         }
     }
-    drop(listener);
-    heartbeat.abort();
-    drain(&node).await;
 }
 
 async fn drain(node: &Arc<Node>) {
-    node.ready.store(false, Relaxed);
     let conns: Vec<Arc<Conn>> = node.sessions.iter().map(|e| e.value().clone()).collect();
     tracing::info!(sockets = conns.len(), period = ?node.config.drain_period, "draining");
     if !conns.is_empty() {
@@ -164,18 +177,16 @@ async fn drain(node: &Arc<Node>) {
     drop(conns);
     node.tracker.close();
     let grace = Duration::from_secs(5);
-    if tokio::time::timeout(grace, node.tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, node.tracker.wait()).await.is_err() {
         tracing::warn!("sessions still open after the drain grace period; exiting anyway");
     }
     tracing::info!("drained");
 }
 
 /// Pings every socket each interval and reaps those from which nothing
-/// arrived since the previous round. One task for the node: no timer per
-/// socket, and the ping frame is encoded once.
+/// (not even a pong) arrived for two whole intervals, so one late pong on a
+/// busy machine is forgiven. One task for the node: no timer per socket, and
+/// the ping frame is encoded once.
 async fn heartbeat(node: Arc<Node>) {
     let interval = node.config.ping_interval;
     if interval.is_zero() {
@@ -185,13 +196,17 @@ async fn heartbeat(node: Arc<Node>) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    let mut previous = node.now_ms();
+    // Node clock at the previous two rounds: a socket silent since the
+    // older one missed a ping and a whole interval after it. Zero at first,
+    // so sockets accepted while this task starts are never reaped early.
+    let mut rounds = [0u64; 2];
     loop {
         tick.tick().await;
         let now = node.now_ms();
+        let deadline = rounds[0];
         for entry in node.sessions.iter() {
             let c = entry.value();
-            if c.last_seen() < previous {
+            if c.last_seen() < deadline {
                 if c.outbox.close(CloseRequest {
                     code: close::HEARTBEAT_TIMEOUT,
                     reason: "heartbeat_timeout: no answer to ping".into(),
@@ -203,7 +218,7 @@ async fn heartbeat(node: Arc<Node>) {
                 c.outbox.push(ping.clone());
             }
         }
-        previous = now;
+        rounds = [rounds[1], now];
     }
 }
 
@@ -214,6 +229,8 @@ async fn serve_http(node: Arc<Node>, stream: TcpStream, remote: SocketAddr) {
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(node.config.handshake_timeout)
+        // Request heads past this are refused with 431: a handshake needs ~1 KiB.
+        .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     if let Err(e) = conn.await {
@@ -226,10 +243,7 @@ async fn serve_http(node: Arc<Node>, stream: TcpStream, remote: SocketAddr) {
     }
 }
 
-async fn route(
-    node: Arc<Node>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, std::convert::Infallible> {
+async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, std::convert::Infallible> {
     let path = req.uri().path();
     Ok(match path {
         "/ws" => upgrade(node, req),
@@ -253,10 +267,7 @@ fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
             "node is draining; connect to another node",
         );
     }
-    let params = match http::session_params(
-        req.uri().query().unwrap_or(""),
-        node.config.max_subscriptions,
-    ) {
+    let params = match http::session_params(req.uri().query().unwrap_or(""), node.config.max_subscriptions) {
         Ok(p) => p,
         Err((code, msg)) => {
             node.metrics.error(code);

@@ -168,14 +168,10 @@ fn topic_err(e: TopicError, id: Option<&str>) -> RequestError<'_> {
 }
 
 /// The text of a JSON string with no escapes, straight from the frame.
-fn plain_str<'a>(raw: &'a RawValue) -> Option<Result<&'a str, ()>> {
+fn plain_str(raw: &RawValue) -> Option<Result<&str, ()>> {
     let t = raw.get();
     let inner = t.strip_prefix('"')?.strip_suffix('"')?;
-    Some(if inner.contains('\\') {
-        Err(())
-    } else {
-        Ok(inner)
-    })
+    Some(if inner.contains('\\') { Err(()) } else { Ok(inner) })
 }
 
 fn topic_field<'a>(topic: Raw<'a>, id: Option<&'a str>) -> Result<&'a str, RequestError<'a>> {
@@ -210,8 +206,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
         None => None,
         Some(raw) => {
             let t = raw.get();
-            let ok_kind =
-                t.starts_with('"') || t.starts_with('-') || t.as_bytes()[0].is_ascii_digit();
+            let ok_kind = t.starts_with('"') || t.starts_with('-') || t.as_bytes()[0].is_ascii_digit();
             if !ok_kind || t.len() > MAX_ID_LEN {
                 return Err(err(
                     ErrorCode::BadRequest,
@@ -228,13 +223,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
         .ok_or_else(|| err(ErrorCode::BadRequest, "missing field `op`", id))?;
     let op = match plain_str(op_raw) {
         Some(Ok(op)) => op,
-        _ => {
-            return Err(err(
-                ErrorCode::BadRequest,
-                "`op` must be a plain string",
-                id,
-            ))
-        }
+        _ => return Err(err(ErrorCode::BadRequest, "`op` must be a plain string", id)),
     };
     match op {
         "sub" | "unsub" => {
@@ -294,8 +283,7 @@ pub struct Publish<'a> {
 /// array of them (a batch). All items are validated before any is accepted;
 /// an error names the item. `max_data` bounds each item's `data`.
 pub fn parse_publish(body: &[u8], max_data: usize) -> Result<Vec<Publish<'_>>, RequestError<'_>> {
-    let text = std::str::from_utf8(body)
-        .map_err(|_| err(ErrorCode::BadJson, "body is not UTF-8", None))?;
+    let text = std::str::from_utf8(body).map_err(|_| err(ErrorCode::BadJson, "body is not UTF-8", None))?;
     // Check well-formedness first so a syntax error is reported as such
     // rather than as "no variant matched".
     validate_json(body).map_err(|e| err(ErrorCode::BadJson, e, None))?;
@@ -324,8 +312,7 @@ pub fn parse_publish(body: &[u8], max_data: usize) -> Result<Vec<Publish<'_>>, R
             }
         };
         let t = topic_field(item.topic, None).map_err(|e| err(e.code, at(&e.message), None))?;
-        let topic =
-            Topic::parse(t).map_err(|e| err(ErrorCode::BadTopic, at(&e.to_string()), None))?;
+        let topic = Topic::parse(t).map_err(|e| err(ErrorCode::BadTopic, at(&e.to_string()), None))?;
         let data = item
             .data
             .0
@@ -374,7 +361,7 @@ impl FrameBuilder {
         ws::put_header(&mut &mut head[..], OpCode::Text, len);
         self.buf[10 - hl..10].copy_from_slice(&head[..hl]);
         let mut b = self.buf.freeze();
-        let _ = bytes::Buf::advance(&mut b, 10 - hl);
+        bytes::Buf::advance(&mut b, 10 - hl);
         b
     }
 }
@@ -421,9 +408,7 @@ pub fn encode_raw(data: &[u8]) -> Bytes {
 /// `{"op":"ack","id":ID}` as a whole text frame.
 pub fn encode_ack(id: &str) -> Bytes {
     let mut f = FrameBuilder::with_body_capacity(20 + id.len());
-    f.push(b"{\"op\":\"ack\",\"id\":")
-        .push(id.as_bytes())
-        .push(b"}");
+    f.push(b"{\"op\":\"ack\",\"id\":").push(id.as_bytes()).push(b"}");
     f.finish()
 }
 
@@ -492,10 +477,7 @@ mod tests {
         );
         let payload = buf.split_off(hl);
         let f = ws::encode_client_frame(true, OpCode::Text, [9, 9, 9, 9], &payload);
-        match Reader::new()
-            .read(&mut BytesMut::from(&f[..]), 1 << 20)
-            .unwrap()
-        {
+        match Reader::new().read(&mut BytesMut::from(&f[..]), 1 << 20).unwrap() {
             Some(Message::Text(t)) => String::from_utf8(t.to_vec()).unwrap(),
             other => panic!("{other:?}"),
         }
@@ -546,18 +528,9 @@ mod tests {
             ErrorCode::BadTopic
         );
         assert_eq!(code(r#"{"op":"pub","topic":"a"}"#), ErrorCode::BadRequest);
-        assert_eq!(
-            code(r#"{"op":"pub","topic":"a","data":}"#),
-            ErrorCode::BadJson
-        );
-        assert_eq!(
-            code(r#"{"op":"sub","topic":"a","id":{}}"#),
-            ErrorCode::BadRequest
-        );
-        assert_eq!(
-            code(r#"{"op":"sub","topic":"\u0061"}"#),
-            ErrorCode::BadTopic
-        );
+        assert_eq!(code(r#"{"op":"pub","topic":"a","data":}"#), ErrorCode::BadJson);
+        assert_eq!(code(r#"{"op":"sub","topic":"a","id":{}}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"op":"sub","topic":"\u0061"}"#), ErrorCode::BadTopic);
         assert_eq!(
             code(r#"{"op":"sub","op":"sub","topic":"a"}"#),
             ErrorCode::BadRequest
@@ -571,8 +544,7 @@ mod tests {
         let one = parse_publish(br#"{"topic":"a:b","data":{"x":1}}"#, 100).unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].data, r#"{"x":1}"#);
-        let many =
-            parse_publish(br#"[{"topic":"a","data":1},{"topic":"b","data":"s"}]"#, 100).unwrap();
+        let many = parse_publish(br#"[{"topic":"a","data":1},{"topic":"b","data":"s"}]"#, 100).unwrap();
         assert_eq!(many.len(), 2);
         fn code(b: &[u8]) -> RequestError<'_> {
             parse_publish(b, 100).unwrap_err()

@@ -187,10 +187,7 @@ pub fn from_subject(prefix: &str, subject: &str) -> Option<String> {
     } else {
         subject.strip_prefix(prefix)?.strip_prefix('.')?
     };
-    let topic: String = rest
-        .chars()
-        .map(|c| if c == '.' { ':' } else { c })
-        .collect();
+    let topic: String = rest.chars().map(|c| if c == '.' { ':' } else { c }).collect();
     Topic::parse(&topic).ok()?;
     Some(topic)
 }
@@ -214,10 +211,7 @@ mod tests {
         assert_eq!(Topic::parse("a:"), Err(TopicError::EmptySegment));
         assert_eq!(Topic::parse("a.b"), Err(TopicError::BadChar('.')));
         assert_eq!(Topic::parse("a b"), Err(TopicError::BadChar(' ')));
-        assert_eq!(
-            Topic::parse("caf\u{e9}"),
-            Err(TopicError::BadChar('\u{e9}'))
-        );
+        assert_eq!(Topic::parse("caf\u{e9}"), Err(TopicError::BadChar('\u{e9}')));
         assert_eq!(Topic::parse("a:*"), Err(TopicError::WildcardInTopic));
         assert_eq!(Topic::parse("a:>"), Err(TopicError::WildcardInTopic));
         assert_eq!(Topic::parse("a*"), Err(TopicError::WildcardInTopic));

@@ -80,10 +80,7 @@ pub mod close {
 
     /// Whether a client that receives `code` should reconnect.
     pub fn should_reconnect(code: u16) -> bool {
-        matches!(
-            code,
-            1001 | 1005 | 1006 | 1011 | 1012 | 1013 | 1014 | 4000..=4499
-        )
+        matches!(code, 1001 | 1005 | 1006 | 1011 | 1012 | 1013 | 1014 | 4000..=4499)
     }
 }
 
@@ -250,8 +247,7 @@ fn parse_close(payload: &[u8]) -> Result<Message, FrameError> {
             if !valid {
                 return Err(FrameError::BadClose);
             }
-            let reason =
-                simdutf8::basic::from_utf8(&payload[2..]).map_err(|_| FrameError::InvalidUtf8)?;
+            let reason = simdutf8::basic::from_utf8(&payload[2..]).map_err(|_| FrameError::InvalidUtf8)?;
             Ok(Message::Close(Some(code), reason.to_owned()))
         }
     }
@@ -271,11 +267,7 @@ impl Reader {
     /// Takes the next whole message from the front of `buf`, consuming the
     /// bytes it used. `Ok(None)`: more bytes are needed (whatever was consumed
     /// is kept inside the reader). `limit` bounds a message's payload size.
-    pub fn read(
-        &mut self,
-        buf: &mut BytesMut,
-        limit: usize,
-    ) -> Result<Option<Message>, FrameError> {
+    pub fn read(&mut self, buf: &mut BytesMut, limit: usize) -> Result<Option<Message>, FrameError> {
         loop {
             let so_far = self.partial.as_ref().map_or(0, |(_, p)| p.len());
             let Some(h) = parse_header(buf, limit, so_far)? else {
@@ -468,10 +460,7 @@ mod tests {
         assert_eq!(read_all(&bad_utf8, 10), Err(FrameError::InvalidUtf8));
         let mut interleaved = encode_client_frame(false, OpCode::Text, M, b"a");
         interleaved.extend(encode_client_frame(true, OpCode::Text, M, b"b"));
-        assert_eq!(
-            read_all(&interleaved, 10),
-            Err(FrameError::BadFragmentation)
-        );
+        assert_eq!(read_all(&interleaved, 10), Err(FrameError::BadFragmentation));
         let close1 = encode_client_frame(true, OpCode::Close, M, &[3]);
         assert_eq!(read_all(&close1, 10), Err(FrameError::BadClose));
         let close_bad_code = encode_client_frame(true, OpCode::Close, M, &[0x03, 0xEE]);
@@ -488,12 +477,7 @@ mod tests {
         assert!(matches!(e, FrameError::TooBig { limit: 65536, .. }));
         assert_eq!(e.close_code(), close::MESSAGE_TOO_BIG);
         let mut frags = encode_client_frame(false, OpCode::Text, M, &[b'a'; 8]);
-        frags.extend(encode_client_frame(
-            true,
-            OpCode::Continuation,
-            M,
-            &[b'a'; 8],
-        ));
+        frags.extend(encode_client_frame(true, OpCode::Continuation, M, &[b'a'; 8]));
         assert!(matches!(
             read_all(&frags, 10),
             Err(FrameError::TooBig { size: 16, .. })
@@ -516,10 +500,7 @@ mod tests {
 
     #[test]
     fn encodes_server_frames_unmasked() {
-        assert_eq!(
-            &encode_frame(OpCode::Text, b"hi")[..],
-            &[0x81, 2, b'h', b'i']
-        );
+        assert_eq!(&encode_frame(OpCode::Text, b"hi")[..], &[0x81, 2, b'h', b'i']);
         let f = encode_frame(OpCode::Text, &[0; 300]);
         assert_eq!(&f[..4], &[0x81, 126, 1, 44]);
         let f = encode_frame(OpCode::Binary, &[0; 70000]);

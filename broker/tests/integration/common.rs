@@ -1,0 +1,355 @@
+//! The harness: a real `herald` process on a free port, real WebSocket
+//! clients (tokio-tungstenite, independent of the broker's own codec), a
+//! byte-level client for hostile frames, and a minimal HTTP/1.1 client.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expected event may take before the test fails. Not a
+/// performance threshold: a generous bound so a broken build fails instead
+/// of hanging.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn herald_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_herald")
+}
+
+/// A running `herald serve`, killed on drop.
+pub struct Herald {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Herald {
+    pub fn start(args: &[&str]) -> Herald {
+        let mut child = Command::new(herald_bin())
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn herald");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listen line");
+        let addr = line
+            .trim()
+            .strip_prefix("herald listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("address");
+        Herald { child, addr }
+    }
+
+    pub fn url(&self, query: &str) -> String {
+        if query.is_empty() {
+            format!("ws://{}/ws", self.addr)
+        } else {
+            format!("ws://{}/ws?{query}", self.addr)
+        }
+    }
+
+    pub async fn connect(&self, query: &str) -> Client {
+        Client::connect(&self.url(query)).await
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM to this process (by PID).
+    pub fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "herald did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    pub async fn http(&self, raw_request: &str) -> (u16, String) {
+        http(self.addr, raw_request.as_bytes()).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        self.http(&format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        ))
+        .await
+    }
+
+    pub async fn post(&self, path: &str, headers: &str, body: &str) -> (u16, String) {
+        self.http(&format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n{headers}\r\n{body}",
+            body.len()
+        ))
+        .await
+    }
+
+    pub async fn publish(&self, topic: &str, data: &str) {
+        let body = format!(r#"{{"topic":"{topic}","data":{data}}}"#);
+        let (status, text) = self.post("/v1/publish", "", &body).await;
+        assert_eq!(status, 200, "{text}");
+    }
+
+    /// The value of an unlabelled metric (or `name{label}` as written).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (status, text) = self.get("/metrics").await;
+        assert_eq!(status, 200);
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+            .trim()
+            .parse()
+            .expect("number")
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends one HTTP request on a fresh connection; returns status and body.
+pub async fn http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("http response");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timed out")
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        Client { ws }
+    }
+
+    pub async fn send(&mut self, text: impl Into<String>) {
+        self.ws.send(Message::Text(text.into())).await.expect("send");
+    }
+
+    /// Next text frame, skipping pings and pongs.
+    pub async fn recv_text(&mut self) -> String {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for a message")
+                .expect("stream ended")
+                .expect("websocket error");
+            match m {
+                Message::Text(t) => return t,
+                Message::Close(c) => panic!("closed while waiting for a message: {c:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Value {
+        let t = self.recv_text().await;
+        serde_json::from_str(&t).unwrap_or_else(|e| panic!("not JSON: {t:?}: {e}"))
+    }
+
+    /// Sends a request with `id` and returns the answer for it.
+    pub async fn request(&mut self, req: Value) -> Value {
+        let id = req["id"].clone();
+        self.send(req.to_string()).await;
+        loop {
+            let v = self.recv().await;
+            if v["id"] == id && v.get("op").is_some() {
+                return v;
+            }
+        }
+    }
+
+    pub async fn sub(&mut self, topic: &str) {
+        let v = self
+            .request(serde_json::json!({"op":"sub","topic":topic,"id":topic}))
+            .await;
+        assert_eq!(v["op"], "ack", "sub {topic}: {v}");
+    }
+
+    pub async fn publish(&mut self, topic: &str, data: Value) {
+        let v = self
+            .request(serde_json::json!({"op":"pub","topic":topic,"data":data,"id":"p"}))
+            .await;
+        assert_eq!(v["op"], "ack", "pub {topic}: {v}");
+    }
+
+    /// Waits for the close frame; returns its code and reason.
+    pub async fn recv_close(&mut self) -> (u16, String) {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for close");
+            match m {
+                Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.into_owned()),
+                Some(Ok(Message::Close(None))) => return (1005, String::new()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("error before close frame: {e}"),
+                None => panic!("stream ended without a close frame"),
+            }
+        }
+    }
+}
+
+/// A byte-level WebSocket client: sends arbitrary frames, reads server frames.
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+pub const MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
+
+impl RawWs {
+    pub async fn connect(addr: SocketAddr, path: &str) -> RawWs {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        Self::handshake(stream, addr, path).await
+    }
+
+    pub async fn handshake(mut stream: TcpStream, addr: SocketAddr, path: &str) -> RawWs {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let end = loop {
+            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+                .await
+                .expect("handshake timed out")
+                .expect("read");
+            assert!(n > 0, "closed during handshake");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "no upgrade: {head}");
+        assert!(
+            head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "bad accept key: {head}"
+        );
+        buf.drain(..end);
+        RawWs { stream, buf }
+    }
+
+    pub async fn send_bytes(&mut self, b: &[u8]) {
+        self.stream.write_all(b).await.expect("write");
+    }
+
+    /// Next server frame: (opcode byte, payload); `None` at EOF.
+    pub async fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 2 {
+                let len7 = (self.buf[1] & 0x7f) as usize;
+                assert_eq!(self.buf[1] & 0x80, 0, "server frames are unmasked");
+                let (len, hl) = match len7 {
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
+                    127 if self.buf.len() >= 10 => (
+                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    126 | 127 => (usize::MAX, 0),
+                    n => (n, 2),
+                };
+                if len != usize::MAX && self.buf.len() >= hl + len {
+                    let op = self.buf[0] & 0x0f;
+                    let payload = self.buf[hl..hl + len].to_vec();
+                    self.buf.drain(..hl + len);
+                    return Some((op, payload));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => 0,
+                Err(_) => panic!("timed out reading a frame"),
+            };
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads until a close frame; returns its code and reason.
+    pub async fn expect_close(&mut self) -> (u16, String) {
+        while let Some((op, payload)) = self.read_frame().await {
+            if op == 0x8 {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                return (code, String::from_utf8_lossy(&payload[2..]).into_owned());
+            }
+        }
+        panic!("connection ended without a close frame");
+    }
+}
+
+/// Polls `f` until it returns true or [`WAIT`] passes.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,259 @@
+//! Malformed and hostile input at every layer: JSON requests, WebSocket
+//! frames at the byte level, and HTTP. Each gets a clear answer (an error
+//! frame, a close code with a reason, an HTTP status with a message); after
+//! all of them the node still serves the clients it had and new ones.
+
+use herald_protocol::ws::{encode_client_frame, OpCode};
+use serde_json::json;
+
+use crate::common::*;
+
+/// Requests answered with an error frame of the given code; the socket stays.
+fn bad_requests() -> Vec<(String, &'static str)> {
+    let mut v: Vec<(String, &str)> = vec![
+        ("{".into(), "bad_json"),
+        ("".into(), "bad_json"),
+        ("   ".into(), "bad_json"),
+        ("nul".into(), "bad_json"),
+        ("[]".into(), "bad_request"),
+        ("null".into(), "bad_request"),
+        ("\"sub\"".into(), "bad_request"),
+        ("123".into(), "bad_request"),
+        (r#"{"op":1}"#.into(), "bad_request"),
+        (r#"{"op":null,"topic":"a"}"#.into(), "bad_request"),
+        (r#"{"op":"\u0073ub","topic":"a"}"#.into(), "bad_request"),
+        (r#"{"topic":"a"}"#.into(), "bad_request"),
+        (r#"{"op":"nope"}"#.into(), "unknown_op"),
+        (r#"{"op":"SUB","topic":"a"}"#.into(), "unknown_op"),
+        (r#"{"op":"sub"}"#.into(), "bad_request"),
+        (r#"{"op":"sub","topic":5}"#.into(), "bad_request"),
+        (r#"{"op":"sub","topic":""}"#.into(), "bad_topic"),
+        (r#"{"op":"sub","topic":"a..b"}"#.into(), "bad_topic"),
+        (r#"{"op":"sub","topic":"a::b"}"#.into(), "bad_topic"),
+        (r#"{"op":"sub","topic":":a"}"#.into(), "bad_topic"),
+        (r#"{"op":"sub","topic":"a b"}"#.into(), "bad_topic"),
+        (r#"{"op":"sub","topic":"a.b"}"#.into(), "bad_topic"),
+        (r#"{"op":"sub","topic":">:a"}"#.into(), "bad_topic"),
+        (r#"{"op":"sub","topic":"a*"}"#.into(), "bad_topic"),
+        (r#"{"op":"sub","topic":"caf\u00e9"}"#.into(), "bad_topic"),
+        (r#"{"op":"sub","topic":"café"}"#.into(), "bad_topic"),
+        (r#"{"op":"sub","topic":"a\nb"}"#.into(), "bad_topic"),
+        (r#"{"op":"pub","topic":"a:*","data":1}"#.into(), "bad_topic"),
+        (r#"{"op":"pub","topic":"a:>","data":1}"#.into(), "bad_topic"),
+        (r#"{"op":"pub","topic":"a"}"#.into(), "bad_request"),
+        (r#"{"op":"pub","topic":"a","data":}"#.into(), "bad_json"),
+        (r#"{"op":"pub","topic":"a","data":1,}"#.into(), "bad_json"),
+        (r#"{"op":"pub","topic":"a","data":NaN}"#.into(), "bad_json"),
+        (r#"{"op":"pub","topic":"a","data":'x'}"#.into(), "bad_json"),
+        (r#"{"op":"pub","topic":"a","data":1} trailing"#.into(), "bad_json"),
+        (r#"{"op":"sub","topic":"a","id":{}}"#.into(), "bad_request"),
+        (r#"{"op":"sub","topic":"a","id":[1]}"#.into(), "bad_request"),
+        (r#"{"op":"sub","topic":"a","id":true}"#.into(), "bad_request"),
+        (
+            format!(r#"{{"op":"sub","topic":"a","id":"{}"}}"#, "i".repeat(100)),
+            "bad_request",
+        ),
+        (r#"{"op":"sub","op":"pub","topic":"a"}"#.into(), "bad_request"),
+        (r#"{"op":"unsub","topic":"never"}"#.into(), "not_subscribed"),
+        (
+            format!(r#"{{"op":"sub","topic":"{}"}}"#, "a".repeat(300)),
+            "bad_topic",
+        ),
+        (
+            format!(r#"{{"op":"sub","topic":"{}"}}"#, ["s"; 17].join(":")),
+            "bad_topic",
+        ),
+    ];
+    // Deep nesting that never closes: refused without recursion trouble.
+    let deep = format!(r#"{{"op":"pub","topic":"a","data":{}1}}"#, "[".repeat(400));
+    v.push((deep, "bad_json"));
+    v
+}
+
+/// Byte-level frames after a good handshake, each on its own socket, and the
+/// close code each must get.
+fn bad_frames() -> Vec<(&'static str, Vec<u8>, u16)> {
+    let m = MASK;
+    let mut interleaved = encode_client_frame(false, OpCode::Text, m, b"a");
+    interleaved.extend(encode_client_frame(true, OpCode::Text, m, b"b"));
+    let mut too_big_frags = encode_client_frame(false, OpCode::Text, m, &[b'a'; 800]);
+    too_big_frags.extend(encode_client_frame(true, OpCode::Continuation, m, &[b'a'; 800]));
+    let mut split_utf8 = encode_client_frame(false, OpCode::Text, m, &[0xE2, 0x82]);
+    split_utf8.extend(encode_client_frame(true, OpCode::Continuation, m, &[0x28]));
+    vec![
+        ("unmasked text", vec![0x81, 0x02, b'h', b'i'], 1002),
+        ("rsv1 set", vec![0xC1, 0x80, 0, 0, 0, 0], 1002),
+        ("rsv3 set", vec![0x91, 0x80, 0, 0, 0, 0], 1002),
+        ("opcode 3", vec![0x83, 0x80, 0, 0, 0, 0], 1002),
+        ("opcode 0xB", vec![0x8B, 0x80, 0, 0, 0, 0], 1002),
+        (
+            "orphan continuation",
+            encode_client_frame(true, OpCode::Continuation, m, b"x"),
+            1002,
+        ),
+        (
+            "fragmented ping",
+            encode_client_frame(false, OpCode::Ping, m, b""),
+            1002,
+        ),
+        (
+            "ping over 125 bytes",
+            encode_client_frame(true, OpCode::Ping, m, &[0; 126]),
+            1002,
+        ),
+        ("interleaved messages", interleaved, 1002),
+        (
+            "close with 1 byte",
+            encode_client_frame(true, OpCode::Close, m, &[3]),
+            1002,
+        ),
+        (
+            "close code 999",
+            encode_client_frame(true, OpCode::Close, m, &[0x03, 0xE7]),
+            1002,
+        ),
+        (
+            "close code 1005",
+            encode_client_frame(true, OpCode::Close, m, &[0x03, 0xED]),
+            1002,
+        ),
+        (
+            "close reason not utf-8",
+            encode_client_frame(true, OpCode::Close, m, &[0x03, 0xE8, 0xFF]),
+            1007,
+        ),
+        (
+            "text not utf-8",
+            encode_client_frame(true, OpCode::Text, m, &[0xC3, 0x28]),
+            1007,
+        ),
+        ("utf-8 split across fragments, invalid", split_utf8, 1007),
+        (
+            "64-bit length top bit",
+            vec![0x81, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4],
+            1002,
+        ),
+        (
+            "length over the limit",
+            vec![0x81, 0xFF, 0, 0, 0, 1, 0, 0, 0, 0, 1, 2, 3, 4],
+            1009,
+        ),
+        ("fragments over the limit", too_big_frags, 1009),
+    ]
+}
+
+const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Version: 13\r\n";
+
+/// HTTP requests and the status each must get.
+fn bad_http() -> Vec<(String, u16)> {
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let get = |path: &str, extra: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n")
+    };
+    let up = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n{UPGRADE}{key}\r\n");
+    let post = |body: &str| {
+        format!(
+            "POST /v1/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    vec![
+        (get("/ws", ""), 426),
+        (format!("GET /ws HTTP/1.1\r\nHost: x\r\n{UPGRADE}\r\n"), 400),
+        (
+            format!("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Version: 8\r\n{key}\r\n"),
+            400,
+        ),
+        (up("/ws?sub=a..b"), 400),
+        (up("/ws?sub=%zz"), 400),
+        (up("/ws?sub=%FF"), 400),
+        (up("/ws?format=raw"), 400),
+        (up("/ws?topic=a"), 400),
+        (up("/ws?topic=a:*&format=raw"), 400),
+        (up("/ws?format=xml"), 400),
+        (up("/ws?name="), 400),
+        (get("/nope", ""), 404),
+        (get("/v1/publish", ""), 405),
+        (post("{"), 400),
+        (post(""), 400),
+        (post("[1,2]"), 400),
+        (post(r#"{"topic":"a"}"#), 400),
+        (post(r#"{"topic":"a b","data":1}"#), 400),
+        (post(r#"[{"topic":"a","data":1},{"topic":"*","data":1}]"#), 400),
+        ("HELLO\r\n\r\n".into(), 400),
+        (format!("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: {}\r\n\r\n", "a".repeat(100_000)), 431),
+    ]
+}
+
+#[tokio::test]
+async fn hostile_inputs_get_clear_answers_and_harm_no_one() {
+    let mut h = Herald::start(&["--max-message-bytes", "1024"]);
+    let mut old = h.connect("sub=keep").await;
+    let mut total = 0;
+
+    let mut c = h.connect("").await;
+    for (req, code) in bad_requests() {
+        c.send(req.clone()).await;
+        let v = c.recv().await;
+        assert_eq!(v["op"], "error", "{req:?} -> {v}");
+        assert_eq!(v["code"], code, "{req:?} -> {v}");
+        assert!(!v["message"].as_str().unwrap().is_empty());
+        total += 1;
+    }
+    c.ws.send(tokio_tungstenite::tungstenite::Message::Binary(vec![1, 2, 3]))
+        .await
+        .unwrap();
+    assert_eq!(c.recv().await["code"], "binary_unsupported");
+    total += 1;
+    // The same socket still works after all of that.
+    c.sub("keep").await;
+
+    for (what, bytes, code) in bad_frames() {
+        let mut raw = RawWs::connect(h.addr, "/ws").await;
+        raw.send_bytes(&bytes).await;
+        let (got, reason) = raw.expect_close().await;
+        assert_eq!(got, code, "{what}: {reason}");
+        assert!(!reason.is_empty(), "{what}: close without a reason");
+        total += 1;
+    }
+
+    for (req, status) in bad_http() {
+        let (got, body) = h.http(&req).await;
+        assert_eq!(got, status, "{:?} -> {body}", &req[..req.len().min(60)]);
+        total += 1;
+    }
+
+    let not_utf8 =
+        b"POST /v1/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 3\r\n\r\n\xff\xfe\x00";
+    let (got, body) = http(h.addr, not_utf8).await;
+    assert_eq!(got, 400, "{body}");
+    assert!(body.contains("bad_json"), "{body}");
+    total += 1;
+
+    // A handshake followed by garbage bytes, and a client that vanishes
+    // mid-frame.
+    let mut raw = RawWs::connect(h.addr, "/ws").await;
+    raw.send_bytes(&[0xFF; 64]).await;
+    assert_eq!(raw.expect_close().await.0, 1002);
+    let mut raw = RawWs::connect(h.addr, "/ws").await;
+    raw.send_bytes(&encode_client_frame(true, OpCode::Text, MASK, b"{\"op\":\"pub\"")[..8])
+        .await;
+    drop(raw);
+    total += 2;
+
+    assert!(total >= 50, "only {total} hostile inputs");
+    assert!(h.is_running(), "the node died");
+    assert!(h.metric("herald_protocol_errors_total").await >= 18.0);
+
+    // Old and new clients are served.
+    let mut new = h.connect("sub=keep").await;
+    h.publish("keep", r#"{"still":"serving"}"#).await;
+    for client in [&mut old, &mut c, &mut new] {
+        assert_eq!(
+            client.recv().await,
+            json!({"topic":"keep","data":{"still":"serving"}})
+        );
+    }
+}
+
+use futures_util::SinkExt;

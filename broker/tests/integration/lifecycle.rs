@@ -1,0 +1,80 @@
+//! Heartbeat reaping and graceful shutdown.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn silent_socket_is_reaped_by_ping_timeout() {
+    let h = Herald::start(&["--ping-interval", "300ms"]);
+    // Answers nothing: it never reads, so it never sends a pong.
+    let mut silent = RawWs::connect(h.addr, "/ws?sub=t").await;
+    // A live client whose library answers pings while it reads.
+    let mut live = h.connect("sub=t").await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(m)) = live.ws.next().await {
+            if m.is_text() && tx.send(m.into_text().unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    eventually("silent socket reaped", || async {
+        h.metric("herald_heartbeat_timeouts_total").await >= 1.0
+    })
+    .await;
+    // The live client stayed through several ping rounds.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(h.metric("herald_heartbeat_timeouts_total").await, 1.0);
+    assert_eq!(h.metric("herald_connections").await, 1.0);
+    h.publish("t", "\"still here\"").await;
+    let got = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(got, r#"{"topic":"t","data":"still here"}"#);
+    reader.abort();
+    // The silent socket received pings, then close 4002.
+    let mut pings = 0;
+    let code = loop {
+        match silent.read_frame().await {
+            Some((0x9, _)) => pings += 1,
+            Some((0x8, p)) => break u16::from_be_bytes([p[0], p[1]]),
+            Some(_) => {}
+            None => panic!("ended without close"),
+        }
+    };
+    assert!(pings >= 1);
+    assert_eq!(code, 4002);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_sends_1001_and_exits_zero() {
+    let mut h = Herald::start(&["--drain-period", "1500ms"]);
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(h.connect("sub=t").await);
+    }
+    h.publish("t", "\"before\"").await;
+    h.sigterm();
+    // While draining: not ready, new sockets refused, old ones still served
+    // until their turn.
+    eventually("readyz turns 503", || async { h.get("/readyz").await.0 == 503 }).await;
+    let (status, body) = h
+        .http(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await;
+    assert_eq!(status, 503);
+    assert!(body.contains("shutting_down"), "{body}");
+    for c in clients.iter_mut() {
+        // Queued frames are flushed before the close.
+        assert_eq!(c.recv().await, json!({"topic":"t","data":"before"}));
+        let (code, reason) = c.recv_close().await;
+        assert_eq!(code, 1001);
+        assert!(reason.contains("going_away"), "{reason}");
+    }
+    let status = h.wait_exit().await;
+    assert!(status.success(), "{status:?}");
+}

@@ -1,0 +1,9 @@
+//! Integration tests against real `herald` processes. One test binary with
+//! modules, so linking stays fast.
+
+mod common;
+mod hostile;
+mod lifecycle;
+mod limits;
+mod pubsub;
+mod raw;

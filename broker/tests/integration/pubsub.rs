@@ -1,0 +1,184 @@
+//! Subscribe, unsubscribe, publish, wildcards, URL subscriptions, HTTP
+//! publish, presence notices.
+
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn sub_unsub_pub_with_acks() {
+    let h = Herald::start(&[]);
+    let mut a = h.connect("").await;
+    let mut b = h.connect("").await;
+    let ack = a.request(json!({"op":"sub","topic":"todo:count","id":1})).await;
+    assert_eq!(ack, json!({"op":"ack","id":1}));
+    a.sub("other").await;
+    // Data travels byte for byte, odd whitespace included.
+    b.send(r#"{"op":"pub","topic":"todo:count","data":{ "n" : 1,"s":"é\u00e9" },"id":"x"}"#)
+        .await;
+    assert_eq!(b.recv_text().await, r#"{"op":"ack","id":"x"}"#);
+    assert_eq!(
+        a.recv_text().await,
+        r#"{"topic":"todo:count","data":{ "n" : 1,"s":"é\u00e9" }}"#
+    );
+    // A publish without an id gets no ack but is delivered.
+    b.send(r#"{"op":"pub","topic":"todo:count","data":2}"#).await;
+    assert_eq!(a.recv().await, json!({"topic":"todo:count","data":2}));
+    let ack = a
+        .request(json!({"op":"unsub","topic":"todo:count","id":"u"}))
+        .await;
+    assert_eq!(ack, json!({"op":"ack","id":"u"}));
+    b.publish("todo:count", json!(3)).await;
+    b.publish("other", json!("sentinel")).await;
+    // The first thing `a` sees after unsubscribing is the sentinel.
+    assert_eq!(a.recv().await, json!({"topic":"other","data":"sentinel"}));
+    // Unsubscribing twice is an error that names the topic.
+    let e = a.request(json!({"op":"unsub","topic":"todo:count","id":9})).await;
+    assert_eq!(e["code"], "not_subscribed");
+    assert_eq!(e["id"], 9);
+    // Subscribing twice is idempotent: still one delivery per message.
+    a.sub("other").await;
+    b.publish("other", json!(1)).await;
+    b.publish("other", json!(2)).await;
+    assert_eq!(a.recv().await["data"], 1);
+    assert_eq!(a.recv().await["data"], 2);
+}
+
+/// Topics received until the `end` sentinel.
+async fn got(c: &mut Client) -> Vec<String> {
+    let mut v = vec![];
+    loop {
+        let m = c.recv().await;
+        if m["topic"] == "end" {
+            return v;
+        }
+        v.push(m["topic"].as_str().unwrap().to_owned());
+    }
+}
+
+#[tokio::test]
+async fn wildcards_star_and_tail() {
+    let h = Herald::start(&[]);
+    let mut star = h.connect("").await;
+    let mut tail = h.connect("").await;
+    let mut both = h.connect("").await;
+    star.sub("todo:*").await;
+    star.sub("end").await;
+    tail.sub("chat:>").await;
+    tail.sub("end").await;
+    both.sub("todo:count").await;
+    both.sub("todo:*").await;
+    both.sub(">").await;
+    let mut p = h.connect("").await;
+    for t in ["todo:count", "todo:a:b", "chat:lobby", "chat:x:y", "chat", "todo"] {
+        p.publish(t, json!(t)).await;
+    }
+    p.publish("end", json!("end")).await;
+    assert_eq!(got(&mut star).await, vec!["todo:count"]);
+    assert_eq!(got(&mut tail).await, vec!["chat:lobby", "chat:x:y"]);
+    // Three subscriptions match todo:count, and `>` matches everything: each
+    // message still arrives once.
+    assert_eq!(
+        got(&mut both).await,
+        vec!["todo:count", "todo:a:b", "chat:lobby", "chat:x:y", "chat", "todo"]
+    );
+    assert_eq!(h.metric("herald_patterns").await, 3.0);
+}
+
+#[tokio::test]
+async fn url_subscriptions_for_read_only_clients() {
+    let h = Herald::start(&[]);
+    // `>` as a browser escapes it.
+    let mut c = h.connect("sub=todo:*&sub=chat%3Alobby&sub=feed:%3E").await;
+    let mut p = h.connect("").await;
+    h.publish("todo:count", "1").await;
+    p.publish("chat:lobby", json!("hi")).await;
+    p.publish("feed:a:b", json!(true)).await;
+    assert_eq!(c.recv().await, json!({"topic":"todo:count","data":1}));
+    assert_eq!(c.recv().await, json!({"topic":"chat:lobby","data":"hi"}));
+    assert_eq!(c.recv().await, json!({"topic":"feed:a:b","data":true}));
+    let (status, body) = h.get("/ws?sub=a..b").await;
+    assert_eq!(status, 426, "{body}");
+}
+
+#[tokio::test]
+async fn http_publish_reaches_websocket_subscribers() {
+    let h = Herald::start(&["--api-key", "s3cret"]);
+    let mut c = h.connect("sub=todo:*").await;
+    let auth = "Authorization: Bearer s3cret\r\n";
+    let (status, body) = h
+        .post("/v1/publish", auth, r#"{"topic":"todo:count","data":{"n":41}}"#)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, r#"{"published":1,"deliveries":1}"#);
+    assert_eq!(c.recv().await, json!({"topic":"todo:count","data":{"n":41}}));
+    let batch = r#"[{"topic":"todo:a","data":1},{"topic":"nobody","data":2},{"topic":"todo:b","data":"x"}]"#;
+    let (status, body) = h.post("/v1/publish", auth, batch).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, r#"{"published":3,"deliveries":2}"#);
+    assert_eq!(c.recv().await, json!({"topic":"todo:a","data":1}));
+    assert_eq!(c.recv().await, json!({"topic":"todo:b","data":"x"}));
+    let (status, body) = h.post("/v1/publish", "", r#"{"topic":"a","data":1}"#).await;
+    assert_eq!(status, 401);
+    assert!(body.contains("unauthorized"), "{body}");
+    let wrong = "Authorization: Bearer nope\r\n";
+    let (status, _) = h.post("/v1/publish", wrong, r#"{"topic":"a","data":1}"#).await;
+    assert_eq!(status, 401);
+    // A bad item refuses the whole batch: nothing from it is delivered.
+    let bad = r#"[{"topic":"todo:c","data":1},{"topic":"todo:*","data":2}]"#;
+    let (status, body) = h.post("/v1/publish", auth, bad).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("bad_topic") && body.contains("item 1"), "{body}");
+    h.post("/v1/publish", auth, r#"{"topic":"todo:end","data":0}"#)
+        .await;
+    assert_eq!(c.recv().await["topic"], "todo:end");
+    assert_eq!(h.metric("herald_errors_total{code=\"unauthorized\"}").await, 2.0);
+}
+
+#[tokio::test]
+async fn join_and_leave_notices() {
+    let h = Herald::start(&["--presence", "chat:*"]);
+    let mut ann = h.connect("sub=chat:lobby&name=ann").await;
+    // Ann sees her own join first.
+    let j = ann.recv().await;
+    assert_eq!(j["event"], "join");
+    assert_eq!(j["name"], "ann");
+    let mut bob = h.connect("").await;
+    bob.sub("chat:lobby").await;
+    let j = ann.recv().await;
+    assert_eq!(j["topic"], "chat:lobby");
+    assert_eq!(j["event"], "join");
+    let bob_id = j["client"].as_str().unwrap().to_owned();
+    assert!(j.get("name").is_none());
+    assert_eq!(bob.recv().await["event"], "join");
+    bob.ws.close(None).await.unwrap();
+    let l = ann.recv().await;
+    assert_eq!(l, json!({"topic":"chat:lobby","event":"leave","client":bob_id}));
+    // Unsubscribing is leaving too; topics outside the pattern are silent.
+    let mut cy = h.connect("sub=chat:lobby&sub=news").await;
+    assert_eq!(ann.recv().await["event"], "join");
+    let ack = cy
+        .request(json!({"op":"unsub","topic":"chat:lobby","id":1}))
+        .await;
+    assert_eq!(ack["op"], "ack");
+    assert_eq!(ann.recv().await["event"], "leave");
+    cy.ws.close(None).await.unwrap();
+    h.publish("chat:lobby", "\"after\"").await;
+    // Cy's close left only `news`, which has no presence: next is the data.
+    assert_eq!(ann.recv().await, json!({"topic":"chat:lobby","data":"after"}));
+}
+
+#[tokio::test]
+async fn heartbeat_word_is_answered_and_never_published() {
+    let h = Herald::start(&[]);
+    let mut c = h.connect("").await;
+    c.send("HeartBeat").await;
+    assert_eq!(c.recv_text().await, "HeartBeat");
+    let h2 = Herald::start(&["--heartbeat-word", "ping"]);
+    let mut raw = h2.connect("topic=room&format=raw").await;
+    raw.send("ping").await;
+    assert_eq!(raw.recv_text().await, "ping");
+    raw.send("hello").await;
+    // The word was answered, not published: the next delivery is "hello".
+    assert_eq!(raw.recv_text().await, "hello");
+}

@@ -1,0 +1,101 @@
+//! Raw mode: pages written for a plain WebSocket server, and streaming a
+//! program's output with `herald pub --lines`.
+
+use std::process::{Command, Stdio};
+
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn two_raw_clients_chat() {
+    let h = Herald::start(&[]);
+    let mut a = h.connect("topic=chat:lobby&format=raw").await;
+    let mut b = h.connect("topic=chat:lobby&format=raw").await;
+    let mut watcher = h.connect("sub=chat:lobby").await;
+    a.send("hello from a").await;
+    assert_eq!(b.recv_text().await, "hello from a");
+    assert_eq!(a.recv_text().await, "hello from a");
+    b.send(r#"{"not":"parsed"}"#).await;
+    // What a raw client sends arrives byte for byte at raw clients...
+    assert_eq!(a.recv_text().await, r#"{"not":"parsed"}"#);
+    // ...and as a JSON string at protocol clients.
+    assert_eq!(
+        watcher.recv().await,
+        json!({"topic":"chat:lobby","data":"hello from a"})
+    );
+    assert_eq!(
+        watcher.recv().await,
+        json!({"topic":"chat:lobby","data":r#"{"not":"parsed"}"#})
+    );
+    // A protocol publish of a non-string reaches raw clients as JSON text.
+    watcher.publish("chat:lobby", json!({"n":[1,2]})).await;
+    assert_eq!(b.recv_text().await, r#"{"not":"parsed"}"#);
+    assert_eq!(b.recv_text().await, r#"{"n":[1,2]}"#);
+}
+
+#[tokio::test]
+async fn raw_subscriber_receives_pub_lines_output() {
+    let h = Herald::start(&[]);
+    let mut page = h.connect("topic=count&format=raw").await;
+    let mut child = Command::new(herald_bin())
+        .args(["pub", "--url", &h.url(""), "--lines", "count"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn herald pub");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        for i in 1..=10 {
+            writeln!(stdin, "{i}").unwrap();
+        }
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    for i in 1..=10 {
+        assert_eq!(page.recv_text().await, i.to_string());
+    }
+}
+
+#[tokio::test]
+async fn cli_sub_prints_deliveries() {
+    let h = Herald::start(&[]);
+    let url = h.url("");
+    let sub = tokio::task::spawn_blocking(move || {
+        Command::new(herald_bin())
+            .args(["sub", "--url", &url, "--count", "2", "todo:*"])
+            .stderr(Stdio::piped())
+            .output()
+            .expect("herald sub")
+    });
+    eventually("cli subscriber is subscribed", || async {
+        h.metric("herald_subscriptions").await == 1.0
+    })
+    .await;
+    let publish = |data: &'static str| {
+        let url = h.url("");
+        tokio::task::spawn_blocking(move || {
+            Command::new(herald_bin())
+                .args(["pub", "--url", &url, "todo:count", data])
+                .status()
+                .expect("herald pub")
+        })
+    };
+    assert!(publish("{\"n\":1}").await.unwrap().success());
+    assert!(publish("not json").await.unwrap().success());
+    let out = sub.await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "{\"topic\":\"todo:count\",\"data\":{\"n\":1}}\n{\"topic\":\"todo:count\",\"data\":\"not json\"}\n"
+    );
+    let bad = Command::new(herald_bin())
+        .args(["pub", "--url", &h.url(""), "todo:*", "1"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad_topic"));
+}

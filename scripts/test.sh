@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Herald's whole test suite. Installs what it needs on a fresh machine, then
+# checks formatting and lints and runs every test against real processes.
+# Builds once, in the `ci` profile, for the tests and the processes they start.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo is required (https://rustup.rs)" >&2
+    exit 1
+fi
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+
+export CARGO_TERM_COLOR=never
+
+log "format"
+cargo fmt --all -- --check
+
+log "lint"
+cargo clippy --workspace --all-targets --profile ci -- -D warnings
+
+log "tests (unit and integration, against real herald processes)"
+cargo test --workspace --profile ci
