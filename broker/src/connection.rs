@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use herald_protocol::message::{self, ErrorCode, Request};
 use herald_protocol::ws::{self, close, Message, OpCode, Reader};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tracing::Instrument;
@@ -140,44 +140,72 @@ struct Session {
     name: Option<String>,
 }
 
-/// Runs a session on an upgraded TCP stream until it closes. `early` holds
-/// bytes the client sent right behind its handshake. The caller reserved a
-/// connection slot in the metrics; this releases it.
-pub async fn run(node: Arc<Node>, stream: TcpStream, early: Bytes, params: SessionParams) {
+/// Starts a session on an upgraded TCP stream: its writer task and its read
+/// task, both tracked by the node. `early` holds bytes the client sent right
+/// behind its handshake. The caller reserved a connection slot in the
+/// metrics; the session releases it when it ends.
+///
+/// Setup happens here, outside any future, so the read task's state holds
+/// only what the read loop needs: an idle socket stays small.
+pub fn start(node: &Arc<Node>, stream: TcpStream, early: &[u8], params: SessionParams) {
     let id = node.next_conn_id();
     let remote = stream.peer_addr().ok();
     let span = tracing::info_span!("conn", conn_id = id, remote_addr = ?remote);
-    async move {
-        let conn = Arc::new(Conn::new(
-            id,
-            params.raw_topic.is_some(),
-            node.config.max_queue_bytes,
-            node.now_ms(),
-        ));
-        node.sessions.insert(id, conn.clone());
-        node.metrics.connections_total.fetch_add(1, Relaxed);
-        tracing::debug!("open");
-        let (rd, wr) = stream.into_split();
-        node.tracker
-            .spawn(write_loop(conn.clone(), wr).instrument(tracing::Span::current()));
-        let mut s = Session {
-            rate: RateLimit::new(node.config.publish_rate),
-            client: format!("c{id}"),
-            name: params.name,
-            subs: Vec::new(),
-            conn,
-            node,
-        };
-        for p in params.subs.iter().chain(params.raw_topic.iter()) {
-            s.subscribe(p);
+    let _entered = span.enter();
+    let conn = Arc::new(Conn::new(
+        id,
+        params.raw_topic.is_some(),
+        node.config.max_queue_bytes,
+        node.now_ms(),
+    ));
+    node.sessions.insert(id, conn.clone());
+    node.metrics.connections_total.fetch_add(1, Relaxed);
+    tracing::debug!("open");
+    let (rd, wr) = stream.into_split();
+    node.tracker
+        .spawn(write_loop(conn.clone(), wr).instrument(span.clone()));
+    let mut s = Session {
+        rate: RateLimit::new(node.config.publish_rate),
+        client: format!("c{id}"),
+        name: params.name,
+        subs: Vec::new(),
+        conn,
+        node: node.clone(),
+    };
+    for p in params.subs.iter().chain(params.raw_topic.iter()) {
+        s.subscribe(p);
+    }
+    let buf = BytesMut::from(early);
+    node.tracker.spawn(s.run(rd, buf).instrument(span.clone()));
+}
+
+/// Reads and discards until the peer closes or [`CLOSE_GRACE`] passes, so
+/// our close frame is not lost to a reset while the peer still sends.
+async fn drain(rd: &OwnedReadHalf, mut scratch: BytesMut) {
+    let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+    loop {
+        scratch.clear();
+        scratch.reserve(READ_CHUNK);
+        match tokio::time::timeout_at(deadline, rd.readable()).await {
+            Err(_) | Ok(Err(_)) => return,
+            Ok(Ok(())) => match rd.try_read_buf(&mut scratch) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            },
         }
-        let mut buf = BytesMut::from(&early[..]);
-        let exit = s.read_loop(&rd, &mut buf).await;
-        s.leave_all();
-        let conn = s.conn.clone();
-        let node = s.node.clone();
-        drop(s);
-        node.sessions.remove(&id);
+    }
+}
+
+impl Session {
+    /// The read task: reads until the session ends, then leaves every topic,
+    /// releases the connection slot and closes.
+    async fn run(mut self, rd: OwnedReadHalf, mut buf: BytesMut) {
+        let exit = self.read_loop(&rd, &mut buf).await;
+        self.leave_all();
+        let Session { node, conn, .. } = self;
+        node.sessions.remove(&conn.id);
         node.metrics.connections.fetch_sub(1, Relaxed);
         match exit {
             Exit::Gone => {
@@ -190,35 +218,15 @@ pub async fn run(node: Arc<Node>, stream: TcpStream, early: Bytes, params: Sessi
             Exit::Close(req) => {
                 tracing::debug!(code = req.code, reason = %req.reason, "closing");
                 conn.outbox.close(req);
-                drain(&rd).await;
+                // Boxed: the closing path's timer stays out of every idle
+                // session's future.
+                Box::pin(drain(&rd, buf)).await;
             }
-            Exit::Closing => drain(&rd).await,
+            Exit::Closing => Box::pin(drain(&rd, buf)).await,
         }
         tracing::debug!("closed");
     }
-    .instrument(span)
-    .await
-}
 
-/// Reads and discards until the peer closes or [`CLOSE_GRACE`] passes, so
-/// our close frame is not lost to a reset while the peer still sends.
-async fn drain(rd: &OwnedReadHalf) {
-    let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
-    let mut scratch = [0u8; 1024];
-    loop {
-        match tokio::time::timeout_at(deadline, rd.readable()).await {
-            Err(_) | Ok(Err(_)) => return,
-            Ok(Ok(())) => match rd.try_read(&mut scratch) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            },
-        }
-    }
-}
-
-impl Session {
     async fn read_loop(&mut self, rd: &OwnedReadHalf, buf: &mut BytesMut) -> Exit {
         let mut reader = Reader::new();
         let limit = self.node.config.max_message_bytes;
@@ -413,14 +421,19 @@ struct Cursor {
 async fn write_frames(wr: &mut OwnedWriteHalf, frames: &[Bytes], at: &mut Cursor) -> io::Result<()> {
     const MAX_IOV: usize = 64;
     while at.frame < frames.len() {
-        let mut slices = [IoSlice::new(&[]); MAX_IOV];
-        let mut n = 0;
-        for (k, f) in frames[at.frame..].iter().take(MAX_IOV).enumerate() {
-            let start = if k == 0 { at.offset } else { 0 };
-            slices[n] = IoSlice::new(&f[start..]);
-            n += 1;
-        }
-        let mut written = wr.write_vectored(&slices[..n]).await?;
+        // The slices are built inside the poll so they never live in the
+        // task's state: an idle writer stays small.
+        let mut written = std::future::poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for (k, f) in frames[at.frame..].iter().take(MAX_IOV).enumerate() {
+                let start = if k == 0 { at.offset } else { 0 };
+                slices[n] = IoSlice::new(&f[start..]);
+                n += 1;
+            }
+            std::pin::Pin::new(&mut *wr).poll_write_vectored(cx, &slices[..n])
+        })
+        .await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -458,7 +471,7 @@ async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
                     // close frame that follows is readable, then close.
                     let req = conn.outbox.take(Vec::new()).await.close;
                     let partial = (at.offset > 0).then(|| batch.frames[at.frame].slice(at.offset..));
-                    return finish(&mut wr, partial, req).await;
+                    return Box::pin(finish(&mut wr, partial, req)).await;
                 }
                 Err(_) => {
                     conn.outbox.close(CloseRequest {
@@ -471,7 +484,7 @@ async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
             }
         }
         if let Some(req) = batch.close.take() {
-            return finish(&mut wr, None, Some(req)).await;
+            return Box::pin(finish(&mut wr, None, Some(req))).await;
         }
         batch.frames.clear();
         spare = batch.frames;

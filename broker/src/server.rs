@@ -308,7 +308,9 @@ fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
             }
         };
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => connection::run(node, parts.io.into_inner(), parts.read_buf, params).await,
+            // The session gets a task of its own, so the long-lived task
+            // holds none of the handshake's state.
+            Ok(parts) => connection::start(&node, parts.io.into_inner(), &parts.read_buf, params),
             Err(_) => {
                 node.metrics.connections.fetch_sub(1, Relaxed);
                 tracing::error!("upgraded connection is not a TCP stream");
