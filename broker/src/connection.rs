@@ -140,18 +140,18 @@ struct Session {
     name: Option<String>,
 }
 
-/// Starts a session on an upgraded TCP stream: its writer task and its read
-/// task, both tracked by the node. `early` holds bytes the client sent right
-/// behind its handshake. The caller reserved a connection slot in the
-/// metrics; the session releases it when it ends.
-///
-/// Setup happens here, outside any future, so the read task's state holds
-/// only what the read loop needs: an idle socket stays small.
-pub fn start(node: &Arc<Node>, stream: TcpStream, early: &[u8], params: SessionParams) {
+/// A session accepted but not yet upgraded: registered and subscribed, so
+/// that by the time the client sees its socket open, its URL subscriptions
+/// are in effect. Frames delivered meanwhile wait in the outbox.
+pub struct Accepted {
+    session: Session,
+}
+
+/// Registers a session for a handshake about to be answered with 101. The
+/// caller reserved a connection slot in the metrics; the session releases
+/// it when it ends (or [`Accepted::abandon`] does).
+pub fn accept(node: &Arc<Node>, params: SessionParams) -> Accepted {
     let id = node.next_conn_id();
-    let remote = stream.peer_addr().ok();
-    let span = tracing::info_span!("conn", conn_id = id, remote_addr = ?remote);
-    let _entered = span.enter();
     let conn = Arc::new(Conn::new(
         id,
         params.raw_topic.is_some(),
@@ -160,11 +160,7 @@ pub fn start(node: &Arc<Node>, stream: TcpStream, early: &[u8], params: SessionP
     ));
     node.sessions.insert(id, conn.clone());
     node.metrics.connections_total.fetch_add(1, Relaxed);
-    tracing::debug!("open");
-    let (rd, wr) = stream.into_split();
-    node.tracker
-        .spawn(write_loop(conn.clone(), wr).instrument(span.clone()));
-    let mut s = Session {
+    let mut session = Session {
         rate: RateLimit::new(node.config.publish_rate),
         client: format!("c{id}"),
         name: params.name,
@@ -173,10 +169,38 @@ pub fn start(node: &Arc<Node>, stream: TcpStream, early: &[u8], params: SessionP
         node: node.clone(),
     };
     for p in params.subs.iter().chain(params.raw_topic.iter()) {
-        s.subscribe(p);
+        session.subscribe(p, None);
     }
-    let buf = BytesMut::from(early);
-    node.tracker.spawn(s.run(rd, buf).instrument(span.clone()));
+    Accepted { session }
+}
+
+impl Accepted {
+    /// Starts the session on the upgraded TCP stream: its writer task and
+    /// its read task, both tracked by the node. `early` holds bytes the
+    /// client sent right behind its handshake.
+    ///
+    /// Setup happens here, outside any future, so the read task's state
+    /// holds only what the read loop needs: an idle socket stays small.
+    pub fn start(self, stream: TcpStream, early: &[u8]) {
+        let s = self.session;
+        let remote = stream.peer_addr().ok();
+        let span = tracing::info_span!("conn", conn_id = s.conn.id, remote_addr = ?remote);
+        let _entered = span.enter();
+        tracing::debug!("open");
+        let (rd, wr) = stream.into_split();
+        let tracker = s.node.tracker.clone();
+        tracker.spawn(write_loop(s.conn.clone(), wr).instrument(span.clone()));
+        let buf = BytesMut::from(early);
+        tracker.spawn(s.run(rd, buf).instrument(span.clone()));
+    }
+
+    /// The upgrade failed: leave every topic and release the slot.
+    pub fn abandon(self) {
+        let mut s = self.session;
+        s.leave_all();
+        s.node.sessions.remove(&s.conn.id);
+        s.node.metrics.connections.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Reads and discards until the peer closes or [`CLOSE_GRACE`] passes, so
@@ -339,8 +363,7 @@ impl Session {
                     let msg = format!("at most {max} subscriptions per socket");
                     return self.error(ErrorCode::SubscriptionLimit, &msg, id);
                 }
-                self.ack(id);
-                self.subscribe(topic.as_str());
+                self.subscribe(topic.as_str(), id);
             }
             Ok(Request::Unsub { topic, id }) => {
                 match self.subs.iter().position(|s| &*s.pattern == topic.as_str()) {
@@ -373,8 +396,10 @@ impl Session {
         }
     }
 
-    /// Adds a subscription (already validated and under the limit).
-    fn subscribe(&mut self, pattern: &str) {
+    /// Adds a subscription (already validated and under the limit), then
+    /// acks it (when `ack` is given): a client that has the ack receives
+    /// every message published after it.
+    fn subscribe(&mut self, pattern: &str, ack: Option<&str>) {
         let wildcard = pattern.contains(['*', '>']);
         if wildcard {
             self.conn.wildcard.store(true, Relaxed);
@@ -387,6 +412,7 @@ impl Session {
             pattern: pattern.into(),
             wildcard,
         });
+        self.ack(ack);
         if !wildcard && bus.hub().has_presence(pattern) {
             bus.presence(pattern, "join", &self.client, self.name.as_deref());
         }

@@ -297,23 +297,24 @@ fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
             );
         }
     };
-    let tracker = node.tracker.clone();
-    tracker.spawn(async move {
+    // Subscribed before the 101 goes out: once the client sees its socket
+    // open, its URL subscriptions are in effect.
+    let accepted = connection::accept(&node, params);
+    node.tracker.spawn(async move {
         let upgraded = match fut.await {
             Ok(ws) => ws.into_inner().into_inner(),
             Err(e) => {
-                node.metrics.connections.fetch_sub(1, Relaxed);
                 tracing::debug!(error = %e, "upgrade failed");
-                return;
+                return accepted.abandon();
             }
         };
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            // The session gets a task of its own, so the long-lived task
-            // holds none of the handshake's state.
-            Ok(parts) => connection::start(&node, parts.io.into_inner(), &parts.read_buf, params),
+            // The session gets tasks of its own, so the long-lived tasks hold
+            // none of the handshake's state.
+            Ok(parts) => accepted.start(parts.io.into_inner(), &parts.read_buf),
             Err(_) => {
-                node.metrics.connections.fetch_sub(1, Relaxed);
                 tracing::error!("upgraded connection is not a TCP stream");
+                accepted.abandon();
             }
         }
     });

@@ -135,9 +135,6 @@ impl Herald {
 
 impl Drop for Herald {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.child.id().to_string()])
-            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
