@@ -1,23 +1,63 @@
 //! How a message reaches every node that has subscribers for it.
 //!
 //! Embedded mode (the default) is in-process: a publish goes straight to the
-//! local hub. Every publisher in the node — WebSocket `pub`, HTTP publish,
-//! presence notices — goes through [`Bus`], so a cluster link can be added
-//! here without touching them; the hub reports interest changes
-//! ([`crate::hub::Interest`]) for a link that subscribes per subject.
+//! local hub. Cluster mode (`--nats URL`) adds a NATS link:
+//!
+//! - A publish is delivered to local subscribers at once, then published on
+//!   the topic's subject (`herald.chat.lobby`). The link connects with
+//!   `no_echo`, so NATS never hands a node its own messages back: local
+//!   subscribers get each message once, and the link's loss never stops local
+//!   delivery. A publish that cannot reach NATS is counted and reported.
+//! - Interest: the node holds one subject subscription per topic or pattern
+//!   that has a local subscriber, taken when the first one arrives and
+//!   dropped when the last leaves, so a topic's traffic reaches only the
+//!   nodes that need it. A message arriving through key K is delivered by
+//!   [`Hub::deliver_via`], which gives each socket the message once.
+//! - Anything on a subject under the prefix is delivered, whoever published
+//!   it: a backend can push with any NATS client. JSON payloads travel byte
+//!   for byte; other UTF-8 payloads are delivered as a JSON string.
+//! - Presence notices travel as empty messages with `Herald-Event`,
+//!   `Herald-Client` and `Herald-Name` headers.
+//!
+//! async-nats reconnects by itself and re-sends the subscriptions it holds.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{HeaderMap, Subscriber};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use herald_protocol::{message, topic};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::hub::{Body, Hub, Interest};
 use crate::metrics::Metrics;
-use std::sync::Arc;
 
-/// Why a publish could not be handed on.
+const HEADER_EVENT: &str = "Herald-Event";
+const HEADER_CLIENT: &str = "Herald-Client";
+const HEADER_NAME: &str = "Herald-Name";
+/// Publishes waiting for the link's sender task; past it a publish fails
+/// rather than queueing without bound.
+const OUTBOUND_CAPACITY: usize = 65_536;
+
+/// Why a publish did not reach every node.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     /// The cluster link is down; the message reached local subscribers only.
-    #[error("cluster link unavailable: {0}")]
-    LinkDown(String),
+    #[error("cluster link down: delivered to {local} subscriber(s) on this node only")]
+    LinkDown {
+        /// Local deliveries made.
+        local: usize,
+    },
+    /// The link's outbound queue is full.
+    #[error("cluster link backlog full: delivered to {local} subscriber(s) on this node only")]
+    Backlog {
+        /// Local deliveries made.
+        local: usize,
+    },
 }
 
 /// The node's bus. Cloning is a refcount.
@@ -25,12 +65,95 @@ pub enum BusError {
 pub struct Bus {
     hub: Hub,
     metrics: Arc<Metrics>,
+    link: Option<Arc<Link>>,
+}
+
+struct Outbound {
+    subject: String,
+    headers: Option<HeaderMap>,
+    payload: Bytes,
+}
+
+struct Link {
+    client: async_nats::Client,
+    prefix: String,
+    outbound: mpsc::Sender<Outbound>,
+    /// Keys whose subject subscription may need taking or dropping.
+    reconcile: mpsc::UnboundedSender<(Box<str>, bool)>,
 }
 
 impl Bus {
     /// The in-process bus of an embedded node.
     pub fn embedded(hub: Hub, metrics: Arc<Metrics>) -> Self {
-        Bus { hub, metrics }
+        Bus {
+            hub,
+            metrics,
+            link: None,
+        }
+    }
+
+    /// A bus linked through NATS at `urls`. Returns at once: the link
+    /// connects (and reconnects) in the background, and the node serves its
+    /// local subscribers meanwhile.
+    pub async fn cluster(
+        hub: Hub,
+        metrics: Arc<Metrics>,
+        urls: &[String],
+        prefix: &str,
+        max_message_bytes: usize,
+    ) -> anyhow::Result<Self> {
+        let addrs = urls
+            .iter()
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("--nats: {e}"))?;
+        let events = metrics.clone();
+        let client = async_nats::ConnectOptions::new()
+            .name("herald")
+            .no_echo()
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempts| Duration::from_millis((100 * attempts as u64).min(1000)))
+            .event_callback(move |event| {
+                let m = events.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            m.nats_connected.store(1, Relaxed);
+                            m.nats_connects.fetch_add(1, Relaxed);
+                            tracing::info!("NATS link connected");
+                        }
+                        async_nats::Event::Disconnected => {
+                            m.nats_connected.store(0, Relaxed);
+                            tracing::warn!("NATS link lost; serving local subscribers, reconnecting");
+                        }
+                        other => tracing::info!(event = %other, "NATS link event"),
+                    }
+                }
+            })
+            .connect(addrs)
+            .await?;
+        let (outbound, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        let (reconcile, rec_rx) = mpsc::unbounded_channel();
+        let link = Arc::new(Link {
+            client,
+            prefix: prefix.to_owned(),
+            outbound,
+            reconcile,
+        });
+        tokio::spawn(send_loop(link.client.clone(), out_rx, metrics.clone()));
+        let receiver = Receiver {
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            prefix: prefix.to_owned(),
+            max_message_bytes,
+        };
+        tokio::spawn(interest_loop(link.client.clone(), receiver, rec_rx));
+        Ok(Bus {
+            hub,
+            metrics,
+            link: Some(link),
+        })
     }
 
     /// The hub this bus delivers into.
@@ -38,20 +161,193 @@ impl Bus {
         &self.hub
     }
 
-    /// Publishes `data` (well-formed JSON) on concrete `topic`. Returns the
-    /// number of local deliveries.
+    /// Whether this node is linked to others, and if so whether the link is
+    /// up.
+    pub fn link_state(&self) -> Option<bool> {
+        self.link
+            .as_ref()
+            .map(|l| l.client.connection_state() == async_nats::connection::State::Connected)
+    }
+
+    /// Publishes `data` (well-formed JSON) on concrete `topic`: to local
+    /// subscribers at once, then to the other nodes. Returns the number of
+    /// local deliveries.
     pub fn publish(&self, topic: &str, data: &[u8]) -> Result<usize, BusError> {
         self.metrics.messages_in.fetch_add(1, Relaxed);
         self.metrics.bytes_in.fetch_add(data.len() as u64, Relaxed);
-        Ok(self.hub.deliver(topic, Body::Data(data)))
+        let local = self.hub.deliver(topic, Body::Data(data));
+        self.forward(topic, None, Bytes::copy_from_slice(data), local)?;
+        Ok(local)
     }
 
-    /// Announces that `client` joined or left `topic`.
+    fn forward(
+        &self,
+        topic: &str,
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+        local: usize,
+    ) -> Result<(), BusError> {
+        let Some(link) = &self.link else {
+            return Ok(());
+        };
+        let fail = |e: BusError| {
+            self.metrics.nats_publish_failures.fetch_add(1, Relaxed);
+            Err(e)
+        };
+        if link.client.connection_state() != async_nats::connection::State::Connected {
+            return fail(BusError::LinkDown { local });
+        }
+        let out = Outbound {
+            subject: topic::to_subject(&link.prefix, topic),
+            headers,
+            payload,
+        };
+        match link.outbound.try_send(out) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => fail(BusError::Backlog { local }),
+            Err(mpsc::error::TrySendError::Closed(_)) => fail(BusError::LinkDown { local }),
+        }
+    }
+
+    /// Announces that `client` joined or left `topic`, on every node.
     pub fn presence(&self, topic: &str, event: &str, client: &str, name: Option<&str>) {
         self.hub.deliver(topic, Body::Presence { event, client, name });
+        if self.link.is_some() {
+            let mut h = HeaderMap::new();
+            h.insert(HEADER_EVENT, event);
+            h.insert(HEADER_CLIENT, client);
+            if let Some(n) = name {
+                h.insert(HEADER_NAME, n);
+            }
+            // A lost notice is logged, not fatal: presence is advisory.
+            if let Err(e) = self.forward(topic, Some(h), Bytes::new(), 0) {
+                tracing::debug!(error = %e, topic, event, "presence notice not forwarded");
+            }
+        }
     }
 
-    /// Called when the hub gains or loses all local interest in a pattern.
-    /// The embedded bus has nothing to do.
-    pub fn interest(&self, _pattern: &str, _change: Interest) {}
+    /// Tells the link that the hub gained or lost all local interest in a
+    /// topic or pattern.
+    pub fn interest(&self, key: &str, change: Interest) {
+        if change == Interest::Unchanged {
+            return;
+        }
+        if let Some(link) = &self.link {
+            let wildcard = key.contains(['*', '>']);
+            let _ = link.reconcile.send((key.into(), wildcard));
+        }
+    }
+}
+
+/// Hands publishes to the NATS client in order.
+async fn send_loop(client: async_nats::Client, mut rx: mpsc::Receiver<Outbound>, metrics: Arc<Metrics>) {
+    while let Some(o) = rx.recv().await {
+        let r = match o.headers {
+            Some(h) => client.publish_with_headers(o.subject, h, o.payload).await,
+            None => client.publish(o.subject, o.payload).await,
+        };
+        match r {
+            Ok(()) => {
+                metrics.nats_messages_out.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                metrics.nats_publish_failures.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "publish onto NATS failed");
+            }
+        }
+    }
+}
+
+/// Turns messages from NATS into deliveries.
+#[derive(Clone)]
+struct Receiver {
+    hub: Hub,
+    metrics: Arc<Metrics>,
+    prefix: String,
+    max_message_bytes: usize,
+}
+
+impl Receiver {
+    fn on_message(&self, key: &str, wildcard: bool, msg: async_nats::Message) {
+        let m = &self.metrics;
+        m.nats_messages_in.fetch_add(1, Relaxed);
+        let Some(topic) = topic::from_subject(&self.prefix, msg.subject.as_str()) else {
+            m.nats_dropped.fetch_add(1, Relaxed);
+            tracing::debug!(subject = %msg.subject, "dropped: subject is not a topic");
+            return;
+        };
+        let header = |name: &str| {
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        if let (Some(event), Some(client)) = (header(HEADER_EVENT), header(HEADER_CLIENT)) {
+            let name = header(HEADER_NAME);
+            let body = Body::Presence {
+                event: &event,
+                client: &client,
+                name: name.as_deref(),
+            };
+            self.hub.deliver_via(key, wildcard, &topic, body);
+            return;
+        }
+        if msg.payload.len() > self.max_message_bytes {
+            m.nats_dropped.fetch_add(1, Relaxed);
+            tracing::debug!(subject = %msg.subject, "dropped: over --max-message-bytes");
+            return;
+        }
+        if message::validate_json(&msg.payload).is_ok() {
+            self.hub
+                .deliver_via(key, wildcard, &topic, Body::Data(&msg.payload));
+        } else if let Ok(text) = std::str::from_utf8(&msg.payload) {
+            // A plain NATS publisher sent text: deliver it as a JSON string.
+            let data = message::json_string(text);
+            self.hub.deliver_via(key, wildcard, &topic, Body::Data(&data));
+        } else {
+            m.nats_dropped.fetch_add(1, Relaxed);
+            tracing::debug!(subject = %msg.subject, "dropped: payload is not UTF-8");
+        }
+    }
+}
+
+/// Keeps one subject subscription per key with local interest. Requests are
+/// reconciled against the hub's current state, so their order does not
+/// matter.
+async fn interest_loop(
+    client: async_nats::Client,
+    receiver: Receiver,
+    mut rx: mpsc::UnboundedReceiver<(Box<str>, bool)>,
+) {
+    let mut held: HashMap<Box<str>, JoinHandle<()>> = HashMap::new();
+    while let Some((key, wildcard)) = rx.recv().await {
+        let want = receiver.hub.has_key(&key, wildcard);
+        match (want, held.contains_key(&key)) {
+            (true, false) => {
+                let subject = topic::to_subject(&receiver.prefix, &key);
+                match client.subscribe(subject).await {
+                    Ok(sub) => {
+                        receiver.metrics.nats_subscriptions.fetch_add(1, Relaxed);
+                        let task = tokio::spawn(read_subject(sub, key.clone(), wildcard, receiver.clone()));
+                        held.insert(key, task);
+                    }
+                    Err(e) => tracing::warn!(error = %e, %key, "NATS subscribe failed"),
+                }
+            }
+            (false, true) => {
+                if let Some(task) = held.remove(&key) {
+                    // Dropping the subscriber unsubscribes on NATS.
+                    task.abort();
+                    receiver.metrics.nats_subscriptions.fetch_sub(1, Relaxed);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn read_subject(mut sub: Subscriber, key: Box<str>, wildcard: bool, receiver: Receiver) {
+    while let Some(msg) = sub.next().await {
+        receiver.on_message(&key, wildcard, msg);
+    }
 }

@@ -61,6 +61,15 @@ pub struct Config {
     #[arg(long = "presence", env = "HERALD_PRESENCE", value_delimiter = ',', value_parser = parse_pattern)]
     pub presence: Vec<String>,
 
+    /// NATS server URL(s), comma-separated, linking this node to the others
+    /// (cluster mode). Without it the node runs embedded, on its own.
+    #[arg(long = "nats", env = "HERALD_NATS_URL", value_delimiter = ',')]
+    pub nats: Vec<String>,
+
+    /// Subject prefix on NATS: topic `chat:lobby` is subject `herald.chat.lobby`.
+    #[arg(long, env = "HERALD_NATS_PREFIX", default_value = "herald", value_parser = parse_prefix)]
+    pub nats_prefix: String,
+
     /// Bearer key required by POST /v1/publish (no key: open).
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -116,6 +125,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.split('.').all(|seg| {
+            !seg.is_empty()
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?}: a prefix is dot-separated tokens of A-Z a-z 0-9 _ -"
+        ))
+    }
 }
 
 fn parse_pattern(s: &str) -> Result<String, String> {

@@ -11,7 +11,7 @@
 use std::io::{self, IoSlice};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -22,7 +22,6 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::hub::Interest;
 use crate::outbox::{CloseRequest, Outbox};
 use crate::server::Node;
 
@@ -47,6 +46,9 @@ pub struct Conn {
     wildcard: AtomicBool,
     /// Node clock (ms) when anything last arrived from the client.
     last_seen: AtomicU64,
+    /// The socket's subscriptions. Written by its read loop; read by fan-out
+    /// from the cluster link only for sockets holding a wildcard.
+    subs: Mutex<Vec<Subscription>>,
 }
 
 impl Conn {
@@ -58,7 +60,25 @@ impl Conn {
             outbox: Outbox::new(queue_limit),
             wildcard: AtomicBool::new(false),
             last_seen: AtomicU64::new(now_ms),
+            subs: Mutex::new(Vec::new()),
         }
+    }
+
+    fn subs(&self) -> std::sync::MutexGuard<'_, Vec<Subscription>> {
+        self.subs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether, of this socket's subscriptions matching `topic`, `key` is the
+    /// first (in byte order). A message that reaches the node once per
+    /// matching subject subscription is delivered to the socket only through
+    /// this one, so it arrives once.
+    pub fn is_first_match(&self, key: &str, topic: &str) -> bool {
+        self.subs()
+            .iter()
+            .filter(|s| herald_protocol::topic::matches(&s.pattern, topic))
+            .map(|s| &*s.pattern)
+            .min()
+            .is_none_or(|first| first == key)
     }
 
     /// Whether the socket holds (or held) a wildcard subscription.
@@ -83,6 +103,7 @@ pub struct SessionParams {
     pub name: Option<String>,
 }
 
+#[derive(Debug)]
 struct Subscription {
     pattern: Box<str>,
     wildcard: bool,
@@ -134,7 +155,6 @@ enum Exit {
 struct Session {
     node: Arc<Node>,
     conn: Arc<Conn>,
-    subs: Vec<Subscription>,
     rate: RateLimit,
     client: String,
     name: Option<String>,
@@ -162,9 +182,8 @@ pub fn accept(node: &Arc<Node>, params: SessionParams) -> Accepted {
     node.metrics.connections_total.fetch_add(1, Relaxed);
     let mut session = Session {
         rate: RateLimit::new(node.config.publish_rate),
-        client: format!("c{id}"),
+        client: format!("c{id}{}", node.client_suffix),
         name: params.name,
-        subs: Vec::new(),
         conn,
         node: node.clone(),
     };
@@ -319,7 +338,6 @@ impl Session {
                 if text == self.node.config.heartbeat_word {
                     self.send(self.node.heartbeat_reply.clone());
                 } else if let Some(topic) = self.raw_topic() {
-                    let topic = topic.to_owned();
                     self.publish(&topic, &message::json_string(text), None);
                 } else {
                     self.on_request(text);
@@ -343,9 +361,9 @@ impl Session {
         None
     }
 
-    fn raw_topic(&self) -> Option<&str> {
+    fn raw_topic(&self) -> Option<String> {
         if self.conn.raw {
-            self.subs.first().map(|s| &*s.pattern)
+            self.conn.subs().first().map(|s| s.pattern.to_string())
         } else {
             None
         }
@@ -355,20 +373,28 @@ impl Session {
         match message::parse_request(text) {
             Err(e) => self.error(e.code, &e.message, e.id),
             Ok(Request::Sub { topic, id }) => {
-                if self.subs.iter().any(|s| &*s.pattern == topic.as_str()) {
+                let held = {
+                    let subs = self.conn.subs();
+                    (subs.iter().any(|s| &*s.pattern == topic.as_str()), subs.len())
+                };
+                if held.0 {
                     return self.ack(id);
                 }
                 let max = self.node.config.max_subscriptions;
-                if self.subs.len() >= max {
+                if held.1 >= max {
                     let msg = format!("at most {max} subscriptions per socket");
                     return self.error(ErrorCode::SubscriptionLimit, &msg, id);
                 }
                 self.subscribe(topic.as_str(), id);
             }
             Ok(Request::Unsub { topic, id }) => {
-                match self.subs.iter().position(|s| &*s.pattern == topic.as_str()) {
-                    Some(i) => {
-                        let sub = self.subs.swap_remove(i);
+                let removed = {
+                    let mut subs = self.conn.subs();
+                    let at = subs.iter().position(|s| &*s.pattern == topic.as_str());
+                    at.map(|i| subs.swap_remove(i))
+                };
+                match removed {
+                    Some(sub) => {
                         self.ack(id);
                         self.leave(&sub);
                     }
@@ -405,13 +431,13 @@ impl Session {
             self.conn.wildcard.store(true, Relaxed);
         }
         let bus = &self.node.bus;
-        let interest = bus.hub().subscribe(pattern, wildcard, &self.conn);
-        bus.interest(pattern, interest);
-        self.node.metrics.subscriptions.fetch_add(1, Relaxed);
-        self.subs.push(Subscription {
+        self.conn.subs().push(Subscription {
             pattern: pattern.into(),
             wildcard,
         });
+        let interest = bus.hub().subscribe(pattern, wildcard, &self.conn);
+        bus.interest(pattern, interest);
+        self.node.metrics.subscriptions.fetch_add(1, Relaxed);
         self.ack(ack);
         if !wildcard && bus.hub().has_presence(pattern) {
             bus.presence(pattern, "join", &self.client, self.name.as_deref());
@@ -421,9 +447,7 @@ impl Session {
     fn leave(&self, sub: &Subscription) {
         let bus = &self.node.bus;
         let interest = bus.hub().unsubscribe(&sub.pattern, sub.wildcard, self.conn.id);
-        if interest == Interest::Lost {
-            bus.interest(&sub.pattern, interest);
-        }
+        bus.interest(&sub.pattern, interest);
         self.node.metrics.subscriptions.fetch_sub(1, Relaxed);
         if !sub.wildcard && bus.hub().has_presence(&sub.pattern) {
             bus.presence(&sub.pattern, "leave", &self.client, self.name.as_deref());
@@ -431,7 +455,8 @@ impl Session {
     }
 
     fn leave_all(&mut self) {
-        for sub in std::mem::take(&mut self.subs) {
+        let subs = std::mem::take(&mut *self.conn.subs());
+        for sub in subs {
             self.leave(&sub);
         }
     }

@@ -41,15 +41,29 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
     match req.uri().path() {
         "/healthz" if get => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" if get => {
+            // The NATS link's state is shown but does not fail readiness: a
+            // node without its link still serves its own sockets.
+            let link = match node.bus.link_state() {
+                None => "",
+                Some(true) => "nats: connected\n",
+                Some(false) => "nats: disconnected\n",
+            };
             if node.ready.load(Relaxed) {
-                respond(StatusCode::OK, "text/plain", "ready\n")
+                respond(StatusCode::OK, "text/plain", format!("ready\n{link}"))
             } else {
-                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("draining\n{link}"),
+                )
             }
         }
         "/metrics" if get => {
             let (topics, patterns) = node.bus.hub().counts();
-            let text = node.metrics.render(topics, patterns, node.ready.load(Relaxed));
+            let cluster = node.bus.link_state().is_some();
+            let text = node
+                .metrics
+                .render(topics, patterns, node.ready.load(Relaxed), cluster);
             respond(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
         "/v1/publish" if req.method() == Method::POST => publish(node, req).await,

@@ -206,6 +206,50 @@ impl Hub {
         }
     }
 
+    /// Whether any local socket holds `key` (a topic or pattern).
+    pub fn has_key(&self, key: &str, wildcard: bool) -> bool {
+        if wildcard {
+            self.inner.patterns.load().iter().any(|p| &*p.pattern == key)
+        } else {
+            self.inner.exact.contains_key(key)
+        }
+    }
+
+    /// Delivers a message that reached the node through its subscription to
+    /// `key` (the cluster link holds one subject subscription per key, so a
+    /// message arrives once per matching key). Each socket takes it only
+    /// through the first of its own subscriptions that match, so it
+    /// receives the message once.
+    pub fn deliver_via(&self, key: &str, wildcard: bool, topic: &str, body: Body<'_>) -> usize {
+        let list = if wildcard {
+            let patterns = self.inner.patterns.load();
+            patterns
+                .iter()
+                .find(|p| &*p.pattern == key)
+                .map(|p| p.subs.clone())
+        } else {
+            self.inner.exact.get(key).map(|r| r.value().clone())
+        };
+        let Some(list) = list else {
+            return 0;
+        };
+        let frames = Frames::new(topic, body);
+        let mut sent = Sent::default();
+        for s in list.iter() {
+            if !s.has_wildcard() || s.is_first_match(key, topic) {
+                sent.push(s, &frames, &self.inner.metrics);
+            }
+        }
+        self.count(&sent);
+        sent.count
+    }
+
+    fn count(&self, sent: &Sent) {
+        let m = &self.inner.metrics;
+        m.deliveries.fetch_add(sent.count as u64, Relaxed);
+        m.bytes_out.fetch_add(sent.bytes as u64, Relaxed);
+    }
+
     /// Distinct concrete topics and wildcard patterns with local subscribers.
     pub fn counts(&self) -> (usize, usize) {
         (self.inner.exact.len(), self.inner.patterns.load().len())
@@ -248,9 +292,7 @@ impl Hub {
                 }
             }
         }
-        let m = &self.inner.metrics;
-        m.deliveries.fetch_add(sent.count as u64, Relaxed);
-        m.bytes_out.fetch_add(sent.bytes as u64, Relaxed);
+        self.count(&sent);
         sent.count
     }
 }

@@ -81,8 +81,7 @@ fn main() -> anyhow::Result<()> {
                 // Machine-readable: tests and scripts read the chosen port here.
                 println!("herald listening on {addr}");
                 std::io::stdout().flush()?;
-                herald_broker::run(listener, *config, shutdown_signal()).await;
-                Ok(())
+                herald_broker::run(listener, *config, shutdown_signal()).await
             }
             Command::Pub {
                 target,

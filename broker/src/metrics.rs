@@ -34,6 +34,20 @@ pub struct Metrics {
     pub handshake_timeouts: AtomicU64,
     /// WebSocket connections closed for a protocol violation.
     pub protocol_errors: AtomicU64,
+    /// 1 while the cluster link is connected (cluster mode only).
+    pub nats_connected: AtomicI64,
+    /// Times the cluster link (re)connected.
+    pub nats_connects: AtomicU64,
+    /// Subject subscriptions the node holds on NATS.
+    pub nats_subscriptions: AtomicI64,
+    /// Messages received from NATS.
+    pub nats_messages_in: AtomicU64,
+    /// Messages published onto NATS.
+    pub nats_messages_out: AtomicU64,
+    /// Publishes that reached local subscribers but not NATS.
+    pub nats_publish_failures: AtomicU64,
+    /// Messages from NATS dropped as unusable (bad subject, not UTF-8, too big).
+    pub nats_dropped: AtomicU64,
     /// Error frames and HTTP errors sent, by code.
     pub errors: [AtomicU64; ErrorCode::ALL.len()],
 }
@@ -46,7 +60,7 @@ impl Metrics {
 
     /// The Prometheus text exposition. `topics` and `draining` come from the
     /// hub and the server, which own them.
-    pub fn render(&self, topics: usize, patterns: usize, ready: bool) -> String {
+    pub fn render(&self, topics: usize, patterns: usize, ready: bool, cluster: bool) -> String {
         let mut out = String::with_capacity(4096);
         let mut put = |name: &str, kind: &str, help: &str, value: String| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
@@ -135,6 +149,55 @@ impl Metrics {
             "1 while the node accepts new sockets, 0 while draining.",
             u8::from(ready).to_string(),
         );
+        if cluster {
+            let nats: [(&str, &str, &str, u64); 7] = [
+                (
+                    "herald_nats_connected",
+                    "gauge",
+                    "1 while the NATS link is connected.",
+                    self.nats_connected.load(Relaxed) as u64,
+                ),
+                (
+                    "herald_nats_connects_total",
+                    "counter",
+                    "Times the NATS link connected or reconnected.",
+                    self.nats_connects.load(Relaxed),
+                ),
+                (
+                    "herald_nats_subscriptions",
+                    "gauge",
+                    "Subject subscriptions held on NATS (one per locally subscribed topic or pattern).",
+                    self.nats_subscriptions.load(Relaxed) as u64,
+                ),
+                (
+                    "herald_nats_messages_in_total",
+                    "counter",
+                    "Messages received from NATS.",
+                    self.nats_messages_in.load(Relaxed),
+                ),
+                (
+                    "herald_nats_messages_out_total",
+                    "counter",
+                    "Messages published onto NATS.",
+                    self.nats_messages_out.load(Relaxed),
+                ),
+                (
+                    "herald_nats_publish_failures_total",
+                    "counter",
+                    "Publishes delivered locally that could not reach NATS.",
+                    self.nats_publish_failures.load(Relaxed),
+                ),
+                (
+                    "herald_nats_dropped_total",
+                    "counter",
+                    "Messages from NATS dropped as unusable (subject, encoding, size).",
+                    self.nats_dropped.load(Relaxed),
+                ),
+            ];
+            for (name, kind, help, value) in nats {
+                put(name, kind, help, value.to_string());
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP herald_errors_total Errors answered to clients, by code.\n# TYPE herald_errors_total counter"

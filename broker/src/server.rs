@@ -52,17 +52,34 @@ pub struct Node {
     pub ready: AtomicBool,
     /// The heartbeat word as a ready frame, shared by every reply.
     pub heartbeat_reply: Bytes,
+    /// Appended to socket ids in presence notices so they are unique across
+    /// a cluster (empty on an embedded node).
+    pub client_suffix: String,
     next_id: AtomicU64,
     epoch: Instant,
 }
 
 impl Node {
-    /// A node with an embedded (in-process) bus.
-    pub fn new(config: Config) -> Arc<Self> {
+    /// A node: embedded, or linked to others through NATS when
+    /// `config.nats` names servers (the link connects in the background).
+    pub async fn new(config: Config) -> anyhow::Result<Arc<Self>> {
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(metrics.clone(), config.presence.clone());
-        let bus = Bus::embedded(hub, metrics.clone());
-        Arc::new(Node {
+        let (bus, client_suffix) = if config.nats.is_empty() {
+            (Bus::embedded(hub, metrics.clone()), String::new())
+        } else {
+            let bus = Bus::cluster(
+                hub,
+                metrics.clone(),
+                &config.nats,
+                &config.nats_prefix,
+                config.max_message_bytes,
+            )
+            .await?;
+            (bus, format!("-{}", node_tag()))
+        };
+        Ok(Arc::new(Node {
+            client_suffix,
             heartbeat_reply: ws::encode_frame(OpCode::Text, config.heartbeat_word.as_bytes()),
             config,
             bus,
@@ -72,7 +89,7 @@ impl Node {
             ready: AtomicBool::new(true),
             next_id: AtomicU64::new(1),
             epoch: Instant::now(),
-        })
+        }))
     }
 
     /// A fresh session id.
@@ -96,6 +113,21 @@ impl Node {
     }
 }
 
+/// A short tag that tells this node's sockets from other nodes' in a
+/// cluster: process id and start time, hashed.
+fn node_tag() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    format!("{:06x}", h.finish() & 0xff_ffff)
+}
+
 /// Binds `addr` with a deep listen backlog (tokio's `bind` uses 128, which
 /// drops handshakes during connection storms).
 pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
@@ -111,9 +143,14 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 /// Serves on `listener` until `shutdown` resolves, then drains: readiness
 /// turns false, the listener closes, every socket gets 1001 spread over the
 /// drain period, queued frames are flushed, and the function returns.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
-    let node = Node::new(config);
-    serve(node, listener, shutdown).await
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let node = Node::new(config).await?;
+    serve(node, listener, shutdown).await;
+    Ok(())
 }
 
 /// [`run`] with a node built by the caller (so it can inspect it).
