@@ -163,6 +163,8 @@ pub async fn http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
 
 pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Frames read while waiting for an answer, handed out by `recv` first.
+    pending: std::collections::VecDeque<String>,
 }
 
 impl Client {
@@ -171,7 +173,10 @@ impl Client {
             .await
             .expect("connect timed out")
             .unwrap_or_else(|e| panic!("connect {url}: {e}"));
-        Client { ws }
+        Client {
+            ws,
+            pending: Default::default(),
+        }
     }
 
     pub async fn send(&mut self, text: impl Into<String>) {
@@ -180,6 +185,13 @@ impl Client {
 
     /// Next text frame, skipping pings and pongs.
     pub async fn recv_text(&mut self) -> String {
+        if let Some(t) = self.pending.pop_front() {
+            return t;
+        }
+        self.next_text().await
+    }
+
+    async fn next_text(&mut self) -> String {
         loop {
             let m = tokio::time::timeout(WAIT, self.ws.next())
                 .await
@@ -199,15 +211,18 @@ impl Client {
         serde_json::from_str(&t).unwrap_or_else(|e| panic!("not JSON: {t:?}: {e}"))
     }
 
-    /// Sends a request with `id` and returns the answer for it.
+    /// Sends a request with `id` and returns the answer for it; frames that
+    /// arrive first (deliveries) stay queued for `recv`.
     pub async fn request(&mut self, req: Value) -> Value {
         let id = req["id"].clone();
         self.send(req.to_string()).await;
         loop {
-            let v = self.recv().await;
+            let t = self.next_text().await;
+            let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
             if v["id"] == id && v.get("op").is_some() {
                 return v;
             }
+            self.pending.push_back(t);
         }
     }
 

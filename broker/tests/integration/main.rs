@@ -1,7 +1,9 @@
 //! Integration tests against real `herald` processes. One test binary with
 //! modules, so linking stays fast.
 
+mod cluster;
 mod common;
+mod external;
 mod hostile;
 mod lifecycle;
 mod limits;

@@ -1,0 +1,294 @@
+//! NATS-linked nodes behind a real HAProxy, with real `nats-server`s.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+use crate::external::*;
+
+fn nodes(n: usize, nats: &str, extra: &[&str]) -> Vec<Herald> {
+    (0..n)
+        .map(|_| {
+            let mut args = vec!["--nats", nats];
+            args.extend_from_slice(extra);
+            Herald::start(&args)
+        })
+        .collect()
+}
+
+async fn wait_linked(nodes: &[Herald]) {
+    for n in nodes {
+        eventually("node linked to NATS", || async {
+            n.metric("herald_nats_connected").await == 1.0
+        })
+        .await;
+    }
+}
+
+/// Waits until a message published on `via` reaches `client`: publishes
+/// probes on `probe` (which the client must hold) until one arrives.
+async fn until_routed(via: &Herald, client: &mut Client) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        // While a link fails over a publish may be refused: keep probing.
+        via.post("/v1/publish", "", r#"{"topic":"probe","data":"probe"}"#)
+            .await;
+        let got = tokio::time::timeout(Duration::from_millis(200), client.recv()).await;
+        if let Ok(v) = got {
+            if v["topic"] == "probe" {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "messages never crossed nodes"
+        );
+    }
+}
+
+/// Reads deliveries on `room` until every value in `expected` arrived,
+/// returning how often each did (probes are skipped).
+async fn collect(client: &mut Client, expected: &[Value]) -> HashMap<String, usize> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    while !expected.iter().all(|e| seen.contains_key(&e.to_string())) {
+        let v = client.recv().await;
+        if v["topic"] == "room" {
+            *seen.entry(v["data"].to_string()).or_default() += 1;
+        }
+    }
+    seen
+}
+
+async fn total(nodes: &[Herald], metric: &str) -> f64 {
+    let mut sum = 0.0;
+    for n in nodes {
+        sum += n.metric(metric).await;
+    }
+    sum
+}
+
+#[tokio::test]
+async fn three_nodes_behind_haproxy_deliver_exactly_once() {
+    let nats = NatsServer::start().await;
+    let nodes = nodes(3, &nats.url(), &[]);
+    wait_linked(&nodes).await;
+    let lb = Haproxy::start(&nodes.iter().map(|n| n.addr).collect::<Vec<_>>()).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(Client::connect(&lb.url("sub=room&sub=probe")).await);
+    }
+    // Round robin put one client on each node.
+    for n in &nodes {
+        assert_eq!(n.metric("herald_connections").await, 1.0);
+    }
+    // Each node holds two subjects: NATS has all six subscriptions.
+    eventually("subscriptions on NATS", || async {
+        nats.monitor("/subsz").await["num_subscriptions"].as_u64() >= Some(6)
+    })
+    .await;
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.publish("room", json!(i)).await;
+    }
+    nodes[1].publish("room", "\"http\"").await;
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+    nc.publish("herald.room", "{\"from\":\"nats\"}".into())
+        .await
+        .unwrap();
+    nc.publish("herald.room", "plain text".into()).await.unwrap();
+    nc.flush().await.unwrap();
+    let expected = [
+        json!(0),
+        json!(1),
+        json!(2),
+        json!("http"),
+        json!({"from":"nats"}),
+        json!("plain text"),
+    ];
+    for c in clients.iter_mut() {
+        let seen = collect(c, &expected).await;
+        for e in &expected {
+            assert_eq!(seen.get(&e.to_string()), Some(&1), "{e} in {seen:?}");
+        }
+    }
+    // Every socket got every message exactly once: 3 sockets x 6 messages.
+    eventually("deliveries settle", || async {
+        total(&nodes, "herald_deliveries_total").await >= 18.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(total(&nodes, "herald_deliveries_total").await, 18.0);
+    // What clients publish is visible to plain NATS subscribers.
+    let mut watch = nc.subscribe("herald.room").await.unwrap();
+    nc.flush().await.unwrap();
+    eventually("watcher registered", || async {
+        nats.monitor("/subsz").await["num_subscriptions"].as_u64() >= Some(7)
+    })
+    .await;
+    clients[0].publish("room", json!({"seen":"by nats"})).await;
+    let m = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut watch))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&m.payload[..], br#"{"seen":"by nats"}"#);
+}
+
+#[tokio::test]
+async fn join_and_leave_reach_every_node() {
+    let nats = NatsServer::start().await;
+    let nodes = nodes(2, &nats.url(), &["--presence", "chat:*"]);
+    wait_linked(&nodes).await;
+    let mut ann = nodes[0].connect("sub=chat:lobby&sub=probe&name=ann").await;
+    assert_eq!(ann.recv().await["event"], "join");
+    until_routed(&nodes[1], &mut ann).await;
+    let bob = nodes[1].connect("sub=chat:lobby&name=bob").await;
+    let j = ann.recv().await;
+    assert_eq!(
+        (j["event"].as_str(), j["name"].as_str()),
+        (Some("join"), Some("bob"))
+    );
+    let bob_id = j["client"].as_str().unwrap().to_owned();
+    drop(bob);
+    let l = ann.recv().await;
+    assert_eq!(l["event"], "leave");
+    assert_eq!(l["client"], bob_id.as_str());
+}
+
+#[tokio::test]
+async fn losing_one_server_of_a_nats_cluster_keeps_nodes_linked() {
+    let cluster = nats_cluster().await;
+    let urls: Vec<String> = cluster.iter().map(|s| s.url()).collect();
+    let urls = urls.join(",");
+    let mut nodes = nodes(2, &urls, &[]);
+    wait_linked(&nodes).await;
+    let mut b = nodes[1].connect("sub=room&sub=probe").await;
+    until_routed(&nodes[0], &mut b).await;
+    // Kill a NATS server that holds at least one node's link.
+    let mut victim = None;
+    for (i, s) in cluster.iter().enumerate() {
+        if s.connections().await > 0 {
+            victim = Some(i);
+            break;
+        }
+    }
+    let mut cluster = cluster;
+    cluster[victim.expect("a server with connections")].kill();
+    // Cross-node delivery resumes by itself once the link fails over.
+    until_routed(&nodes[0], &mut b).await;
+    nodes[0].publish("room", "\"after failover\"").await;
+    let seen = collect(&mut b, &[json!("after failover")]).await;
+    assert_eq!(seen.get("\"after failover\""), Some(&1));
+    for n in nodes.iter_mut() {
+        assert!(n.is_running());
+    }
+}
+
+#[tokio::test]
+async fn nats_down_keeps_local_delivery_and_recovers_without_restarts() {
+    let mut nats = NatsServer::start().await;
+    let nodes = nodes(2, &nats.url(), &[]);
+    wait_linked(&nodes).await;
+    let mut a = nodes[0].connect("sub=room&sub=probe").await;
+    let mut b = nodes[1].connect("sub=room&sub=probe").await;
+    until_routed(&nodes[0], &mut b).await;
+    nats.kill();
+    eventually("link seen down", || async {
+        nodes[0].get("/readyz").await.1.contains("nats: disconnected")
+    })
+    .await;
+    assert_eq!(nodes[0].metric("herald_nats_connected").await, 0.0);
+    // Local delivery continues; the publisher is told the cluster missed it.
+    let (status, body) = nodes[0]
+        .post("/v1/publish", "", r#"{"topic":"room","data":"local"}"#)
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("publish_failed") && body.contains("this node only"),
+        "{body}"
+    );
+    let v = a
+        .request(json!({"op":"pub","topic":"room","data":"ws local","id":7}))
+        .await;
+    assert_eq!(v["code"], "publish_failed", "{v}");
+    let seen = collect(&mut a, &[json!("local"), json!("ws local")]).await;
+    assert_eq!(seen.len(), 2);
+    assert!(nodes[0].metric("herald_nats_publish_failures_total").await >= 2.0);
+    // NATS returns on the same port: the nodes reconnect and re-subscribe.
+    nats.restart().await;
+    wait_linked(&nodes).await;
+    until_routed(&nodes[0], &mut b).await;
+    until_routed(&nodes[1], &mut a).await;
+    nodes[0].publish("room", "\"back\"").await;
+    assert_eq!(collect(&mut b, &[json!("back")]).await.get("\"back\""), Some(&1));
+    assert!(nodes[0].metric("herald_nats_connects_total").await >= 2.0);
+}
+
+#[tokio::test]
+async fn sigterm_moves_clients_to_the_other_nodes() {
+    let nats = NatsServer::start().await;
+    let mut nodes = nodes(3, &nats.url(), &["--drain-period", "300ms"]);
+    wait_linked(&nodes).await;
+    let lb = Haproxy::start(&nodes.iter().map(|n| n.addr).collect::<Vec<_>>()).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(Client::connect(&lb.url("sub=room")).await);
+    }
+    assert_eq!(nodes[0].metric("herald_connections").await, 1.0);
+    nodes[0].sigterm();
+    // Exactly one client (the one on node 0) is told to go away.
+    let mut moved = None;
+    for (i, c) in clients.iter_mut().enumerate() {
+        if let Ok((code, reason)) = tokio::time::timeout(Duration::from_secs(3), c.recv_close()).await {
+            assert_eq!(code, 1001, "{reason}");
+            assert!(moved.replace(i).is_none(), "two clients closed");
+        }
+    }
+    let moved = moved.expect("no client received 1001");
+    assert!(nodes[0].wait_exit().await.success());
+    // It reconnects through the load balancer and lands on a live node.
+    clients[moved] = Client::connect(&lb.url("sub=room&sub=probe")).await;
+    until_routed(&nodes[1], &mut clients[moved]).await;
+    until_routed(&nodes[2], &mut clients[moved]).await;
+    nodes[2].publish("room", "\"welcome back\"").await;
+    let seen = collect(&mut clients[moved], &[json!("welcome back")]).await;
+    assert_eq!(seen.get("\"welcome back\""), Some(&1));
+}
+
+#[tokio::test]
+async fn a_node_without_subscribers_gets_no_traffic_for_a_topic() {
+    let nats = NatsServer::start().await;
+    let nodes = nodes(3, &nats.url(), &[]);
+    wait_linked(&nodes).await;
+    let mut b = nodes[1].connect("sub=room&sub=probe").await;
+    let _c = nodes[2].connect("sub=elsewhere").await;
+    until_routed(&nodes[0], &mut b).await;
+    let before = nodes[2].metric("herald_nats_messages_in_total").await;
+    for i in 0..20 {
+        nodes[0].publish("room", &i.to_string()).await;
+    }
+    let expected: Vec<Value> = (0..20).map(|i| json!(i)).collect();
+    collect(&mut b, &expected).await;
+    // Node 2 holds only `elsewhere`: it received none of it.
+    assert_eq!(nodes[2].metric("herald_nats_messages_in_total").await, before);
+    assert_eq!(nodes[2].metric("herald_nats_subscriptions").await, 1.0);
+    // And NATS agrees: only node 1 holds herald.room.
+    let connz = nats.monitor("/connz?subs=1").await;
+    let holders = connz["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| {
+            c["subscriptions_list"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|s| s == "herald.room"))
+        })
+        .count();
+    assert_eq!(holders, 1);
+    // When the last subscriber leaves, the subject is dropped.
+    drop(b);
+    eventually("subject dropped", || async {
+        nodes[1].metric("herald_nats_subscriptions").await == 0.0
+    })
+    .await;
+}
