@@ -37,3 +37,6 @@ cargo clippy --workspace --all-targets --profile ci -- -D warnings
 
 log "tests (unit and integration, against real herald processes)"
 cargo test --workspace --profile ci
+
+log "benchmarks compile"
+cargo bench --workspace --profile ci --no-run

@@ -271,19 +271,22 @@ impl Hub {
         }
         let frames = Frames::new(topic, body);
         let mut sent = Sent::default();
-        if let Some(list) = &exact {
+        let lists = usize::from(exact.is_some()) + matched.len();
+        if lists == 1 {
+            // One list: nobody can be in it twice.
+            let list = exact.as_ref().or(matched.first().copied()).expect("one list");
             for s in list.iter() {
                 sent.push(s, &frames, &self.inner.metrics);
             }
-        }
-        if !matched.is_empty() {
+        } else {
             // Only sockets holding a wildcard can be in more than one list.
-            let mut seen: HashSet<u64> = exact
-                .iter()
-                .flat_map(|l| l.iter())
-                .filter(|c| c.has_wildcard())
-                .map(|c| c.id)
-                .collect();
+            let mut seen: HashSet<u64> = HashSet::new();
+            for s in exact.iter().flat_map(|l| l.iter()) {
+                if s.has_wildcard() {
+                    seen.insert(s.id);
+                }
+                sent.push(s, &frames, &self.inner.metrics);
+            }
             for list in matched {
                 for s in list.iter() {
                     if seen.insert(s.id) {

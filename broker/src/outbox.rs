@@ -143,22 +143,30 @@ impl Outbox {
     /// Takes everything queued (swapping in `spare`, an empty vector whose
     /// capacity is reused), or waits until there is something.
     pub async fn take(&self, spare: Vec<Bytes>) -> Batch {
-        let mut spare = Some(spare);
+        let mut spare = spare;
         loop {
             let notified = self.ready.notified();
-            {
-                let mut s = self.lock();
-                if !s.frames.is_empty() || s.close.is_some() {
-                    let frames = std::mem::replace(&mut s.frames, spare.take().unwrap_or_default());
-                    s.bytes = 0;
-                    return Batch {
-                        frames,
-                        close: s.close.clone(),
-                    };
-                }
+            match self.try_take(spare) {
+                Ok(batch) => return batch,
+                Err(back) => spare = back,
             }
             notified.await;
         }
+    }
+
+    /// Takes everything queued, swapping in `spare`; gives `spare` back when
+    /// there is nothing to take.
+    pub fn try_take(&self, spare: Vec<Bytes>) -> Result<Batch, Vec<Bytes>> {
+        let mut s = self.lock();
+        if s.frames.is_empty() && s.close.is_none() {
+            return Err(spare);
+        }
+        let frames = std::mem::replace(&mut s.frames, spare);
+        s.bytes = 0;
+        Ok(Batch {
+            frames,
+            close: s.close.clone(),
+        })
     }
 
     /// Resolves once a close was requested (by anyone).

@@ -1,0 +1,1 @@
+//! Benchmarks live in `benches/`; the peer comparison runner is `compare.py`.
