@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""Herald against its peers, side by side, on this machine, in one run.
+
+Installs what is missing (nats-server from Debian, the npm `ws` package),
+builds Herald's release binaries, then for every scenario starts each
+system fresh on loopback, drives it with herald-loadgen (--json), stops it,
+and writes docs/benchmarks.md with each system's figures and Herald's ratio
+to each peer.
+
+    python3 benches/compare.py            # full run (a few minutes)
+    python3 benches/compare.py --quick    # small shapes, for a smoke check
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(ROOT, "benches", "peers")
+REL = os.path.join(ROOT, "target", "release")
+HERALD = os.path.join(REL, "herald")
+LOADGEN = os.path.join(REL, "herald-loadgen")
+
+
+def sh(*cmd, **kw):
+    print("+", " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def install():
+    if not shutil.which("nats-server") and not os.path.exists("/usr/sbin/nats-server"):
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        sh(*sudo, "apt-get", "update", "-qq")
+        sh(*sudo, "apt-get", "install", "-y", "-qq", "nats-server")
+    if not os.path.isdir(os.path.join(PEERS, "node_modules", "ws")):
+        sh("npm", "install", "--no-audit", "--no-fund", "--prefix", PEERS)
+    sh("cargo", "build", "--release", "-p", "herald-broker", "-p", "herald-loadgen", cwd=ROOT)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, what):
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port}")
+
+
+class System:
+    """One server process (or a few, for a cluster) under test."""
+
+    def __init__(self, name, target):
+        self.name, self.target, self.procs, self.urls = name, target, [], []
+
+    def pids(self):
+        return [p.pid for p in self.procs]
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs = []
+
+
+def nats_path():
+    return shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+def start_herald(nodes=1):
+    s = System("herald" if nodes == 1 else f"herald x{nodes}", "herald")
+    nats_url = None
+    if nodes > 1:
+        port = free_port()
+        p = subprocess.Popen([nats_path(), "-a", "127.0.0.1", "-p", str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port, p, "nats-server")
+        s.procs.append(p)
+        s.link = p
+        nats_url = f"nats://127.0.0.1:{port}"
+    for _ in range(nodes):
+        port = free_port()
+        cmd = [HERALD, "serve", "--listen", f"127.0.0.1:{port}", "--publish-rate", "0",
+               "--max-connections", "200000", "--log-level", "warn"]
+        if nats_url:
+            cmd += ["--nats", nats_url]
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        wait_port(port, p, "herald")
+        s.procs.append(p)
+        s.urls.append(f"ws://127.0.0.1:{port}/ws")
+    if nodes > 1:
+        time.sleep(1.0)  # let the links connect
+    return s
+
+
+def start_nats():
+    s = System("nats-server", "nats-ws")
+    port, ws = free_port(), free_port()
+    conf = os.path.join("/tmp", f"herald-bench-nats-{ws}.conf")
+    with open(conf, "w") as f:
+        f.write(f'listen: "127.0.0.1:{port}"\nmax_connections: 200000\n'
+                f'websocket {{\n  listen: "127.0.0.1:{ws}"\n  no_tls: true\n  compression: false\n}}\n')
+    p = subprocess.Popen([nats_path(), "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(ws, p, "nats-server websocket")
+    s.procs.append(p)
+    s.urls.append(f"ws://127.0.0.1:{ws}/")
+    return s
+
+
+def start_ws():
+    s = System("node ws", "ws-broadcast")
+    port = free_port()
+    p = subprocess.Popen(["node", os.path.join(PEERS, "ws-broadcast.js"), str(port)],
+                         stdout=subprocess.DEVNULL, env={**os.environ, "NODE_PATH": os.path.join(PEERS, "node_modules")})
+    wait_port(port, p, "node ws")
+    s.procs.append(p)
+    s.urls.append(f"ws://127.0.0.1:{port}/")
+    return s
+
+
+def run(system, args, measure_pids=None):
+    cmd = [LOADGEN, "--target", system.target, "--json"]
+    for u in system.urls:
+        cmd += ["--url", u]
+    for pid in (measure_pids or system.pids()):
+        cmd += ["--server-pid", str(pid)]
+    cmd += args
+    print("+", " ".join(cmd), file=sys.stderr)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    return json.loads(out.stdout)
+
+
+def fmt_rate(x):
+    return f"{x / 1e6:.2f} M/s" if x >= 1e6 else f"{x / 1e3:.0f} k/s"
+
+
+def lat(r, q):
+    v = r["latency_us"][q]
+    return f"{v / 1000:.1f} ms" if v >= 1000 else f"{v} µs"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small shapes for a smoke check")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    a = ap.parse_args()
+    install()
+    q = a.quick
+    dur = "3s" if q else "10s"
+    subs = "500" if q else "5000"
+    idle = "1000" if q else "19000"
+    systems = [("herald", start_herald), ("nats-server", start_nats), ("node ws", start_ws)]
+    scenarios = [
+        ("fanout, flat out", f"{subs} subscribers on one topic, 1 publisher as fast as the target takes, 64 B",
+         ["--workers", "2", "--duration", dur, "fanout", "--subscribers", subs, "--publishers", "1", "--rate", "0", "--size", "64"]),
+        ("fanout, 200 msg/s", f"{subs} subscribers x 200 msg/s (1 M deliveries/s offered at full size), 64 B",
+         ["--workers", "2", "--duration", dur, "fanout", "--subscribers", subs, "--publishers", "1", "--rate", "200", "--size", "64"]),
+        ("rooms", "100 topics x 20 subscribers, 4 publishers at 500 msg/s each, 64 B",
+         ["--duration", dur, "rooms", "--topics", "100", "--subscribers-per-topic", "20", "--publishers", "4", "--rate", "500"]),
+        ("connect", "64 concurrent loops of open, subscribe, close",
+         ["--duration", dur, "connect", "--concurrency", "64"]),
+        ("idle", f"{idle} idle subscribed sockets, server RSS per socket",
+         ["--workers", "2", "idle", "--sockets", idle, "--hold", "0s"]),
+    ]
+    results = {}
+    for title, _, args in scenarios:
+        for name, start in systems:
+            if title == "rooms" and name == "node ws":
+                continue  # no topics: a broadcast server has one room
+            s = start()
+            try:
+                results[(title, name)] = run(s, args)
+            except subprocess.CalledProcessError as e:
+                print(e.stderr, file=sys.stderr)
+                results[(title, name)] = None
+            finally:
+                s.stop()
+    # Cluster: 3 nodes linked by NATS vs 1 node, same load.
+    cluster = {}
+    for nodes in (1, 3):
+        s = start_herald(nodes)
+        try:
+            if nodes == 1:
+                s.urls = s.urls * 2  # publishers and subscribers on the one node
+            args = ["--workers", "2", "--duration", dur, "cluster", "--subscribers", "1000" if q else "3000",
+                    "--publishers", "1", "--rate", "200", "--size", "64"]
+            cluster[nodes] = run(s, args)
+        finally:
+            s.stop()
+    write(a.out, scenarios, results, cluster, q)
+
+
+def machine():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({model}), {mem:.0f} GiB, {platform.system()} {platform.release()}"
+
+
+def ratio(a, b, higher_better=True):
+    if not a or not b:
+        return "—"
+    r = a / b if higher_better else b / a
+    return f"{r:.2f}×"
+
+
+def write(path, scenarios, results, cluster, quick):
+    L = []
+    L.append("# Herald benchmarks\n")
+    L.append("Produced by `python3 benches/compare.py" + (" --quick" if quick else "") + "` on "
+             f"{datetime.date.today()}: every system started fresh on loopback for each scenario, "
+             "driven by `herald-loadgen` (client and servers share the machine's cores, so a flat-out "
+             "run saturates the box and servers are best compared by server CPU per delivery). "
+             "Ratios are Herald's figure over the peer's (higher is better for Herald; for CPU per "
+             "delivery and memory, the peer's over Herald's).\n")
+    L.append(f"Machine: {machine()}.\n")
+    L.append("Peers: nats-server (Debian) through its WebSocket listener, speaking the NATS protocol; "
+             "the classic Node `ws` broadcast server (`benches/peers/ws-broadcast.js`), which has no "
+             "topics and sends every message to every client.\n")
+    names = ["herald", "nats-server", "node ws"]
+    for title, shape, args in scenarios:
+        L.append(f"## {title}\n")
+        L.append(f"{shape}. Command: `herald-loadgen --target T --url URL --server-pid PID {' '.join(args)}`\n")
+        rows = [(n, results.get((title, n))) for n in names]
+        h = results.get((title, "herald"))
+        if title == "connect":
+            L.append("| system | handshakes/s | p50 | p99 | errors | Herald ratio |")
+            L.append("|---|---|---|---|---|---|")
+            for n, r in rows:
+                if not r:
+                    continue
+                c = r["connect_latency_us"]
+                L.append(f"| {n} | {r['handshakes_per_sec']:.0f} | {c['p50'] / 1000:.1f} ms | {c['p99'] / 1000:.1f} ms "
+                         f"| {r['errors']} | {ratio(h and h['handshakes_per_sec'], r['handshakes_per_sec']) if n != 'herald' else ''} |")
+        elif title == "idle":
+            L.append("| system | sockets | server RSS | bytes per socket | Herald ratio |")
+            L.append("|---|---|---|---|---|")
+            for n, r in rows:
+                if not r:
+                    continue
+                b = r["server"]["bytes_per_socket"]
+                hb = h and h["server"]["bytes_per_socket"]
+                L.append(f"| {n} | {r['connected']} | {r['server']['rss_after_kb'] / 1024:.1f} MiB | "
+                         f"{(b or 0) / 1024:.2f} KiB | {ratio(hb, b, higher_better=False) if n != 'herald' else ''} |")
+        else:
+            L.append("| system | delivered / expected | deliveries/s | p50 | p99 | p99.9 | server CPU per delivery | deliveries/s ratio | CPU ratio |")
+            L.append("|---|---|---|---|---|---|---|---|---|")
+            for n, r in rows:
+                if not r:
+                    continue
+                cpu = r["server"]["cpu_us_per_delivery"]
+                hc = h and h["server"]["cpu_us_per_delivery"]
+                L.append(f"| {n} | {r['delivered']} / {r['expected']} | {fmt_rate(r['deliveries_per_sec'])} | "
+                         f"{lat(r, 'p50')} | {lat(r, 'p99')} | {lat(r, 'p999')} | "
+                         f"{cpu:.3f} µs | " if cpu else f"| {n} | — | — | — | — | — | — | ")
+                if n != "herald" and h:
+                    L[-1] += f"{ratio(h['deliveries_per_sec'], r['deliveries_per_sec'])} | {ratio(hc, cpu, higher_better=False)} |"
+                else:
+                    L[-1] += " | |"
+        L.append("")
+    L.append("## cluster: 3 nodes vs 1 node\n")
+    L.append("Subscribers on the 2nd..last URL, the publisher on the first, 200 msg/s, 64 B; with 3 nodes "
+             "every delivery crossed NATS. CPU is the sum over the Herald processes and nats-server.\n")
+    L.append("| layout | delivered / expected | deliveries/s | p50 | p99 | deliveries per CPU-second |")
+    L.append("|---|---|---|---|---|---|")
+    for nodes, r in sorted(cluster.items()):
+        d = r["server"]["deliveries_per_cpu_second"] or 0
+        L.append(f"| {nodes} node{'s' if nodes > 1 else ''} | {r['delivered']} / {r['expected']} | "
+                 f"{fmt_rate(r['deliveries_per_sec'])} | {lat(r, 'p50')} | {lat(r, 'p99')} | {d:.0f} |")
+    L.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n" + NOTES)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+NOTES = """## Reading these numbers
+
+- Client and servers share the same cores. In flat-out runs the load generator
+  and the server compete for CPU, so absolute deliveries/s depend on the
+  client as much as the server; server CPU per delivery is the fairer figure.
+- Latency is measured from a timestamp in each payload; at fixed rates it is
+  the intended send time, so a server that falls behind is charged for the
+  wait (no coordinated omission).
+- "delivered / expected" below 100% means the server dropped subscribers
+  (slow-consumer protection) or fell behind past the end of the run.
+"""
+
+if __name__ == "__main__":
+    main()
