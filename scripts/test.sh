@@ -14,9 +14,12 @@ fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
 
 # Real servers the cluster tests start: nats-server and haproxy (Debian).
+# Real Chromium for the browser client's tests; Node.js for its test runner.
 missing=()
-command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
-command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     sudo=""
@@ -37,6 +40,10 @@ cargo clippy --workspace --all-targets --profile ci -- -D warnings
 
 log "tests (unit and integration, against real herald processes)"
 cargo test --workspace --profile ci
+
+log "browser client: Node tests and real Chromium"
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error)
+HERALD_BIN="$PWD/target/ci/herald" node --test clients/js/test/*.test.js
 
 log "benchmarks compile"
 cargo bench --workspace --profile ci --no-run

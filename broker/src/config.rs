@@ -83,6 +83,10 @@ pub struct Config {
     #[arg(long, env = "HERALD_DRAIN_PERIOD", default_value = "5s", value_parser = parse_duration)]
     pub drain_period: Duration,
 
+    /// Serve the demo page at / and the browser client at /herald.js.
+    #[arg(long, env = "HERALD_DEMO", default_value_t = true, action = clap::ArgAction::Set)]
+    pub demo: bool,
+
     /// Log format: text or json.
     #[arg(long, env = "HERALD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -35,10 +35,18 @@ pub fn error(status: StatusCode, code: ErrorCode, msg: &str) -> Response<Body> {
     respond(status, "application/json", message::error_body(code, msg))
 }
 
+/// The demo page and the browser client it uses, built into the binary.
+const DEMO_PAGE: &str = include_str!("demo.html");
+const BROWSER_CLIENT: &str = include_str!("../../clients/js/herald.js");
+
 /// Serves every path but `/ws`.
 pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
     match req.uri().path() {
+        "/" if get && node.config.demo => respond(StatusCode::OK, "text/html; charset=utf-8", DEMO_PAGE),
+        "/herald.js" if get && node.config.demo => {
+            respond(StatusCode::OK, "text/javascript; charset=utf-8", BROWSER_CLIENT)
+        }
         "/healthz" if get => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" if get => {
             // The NATS link's state is shown but does not fail readiness: a

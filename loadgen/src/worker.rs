@@ -199,8 +199,7 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
             let mut readers = Vec::new();
             for c in subs {
                 let (shared, target) = (shared.clone(), spec.target);
-                let quiet_after = deadline + Duration::from_secs(2);
-                readers.push(tokio::spawn(read_deliveries(c, target, shared, quiet_after)));
+                readers.push(tokio::spawn(read_deliveries(c, target, shared, deadline)));
             }
             let mut pubs = Vec::new();
             for k in 0..spec.pub_count {
@@ -241,14 +240,12 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A subscriber: counts deliveries and records their latency until the
-/// stream has been quiet past `quiet_after`.
-async fn read_deliveries(
-    mut c: wire::Conn,
-    target: Target,
-    shared: Arc<Shared>,
-    quiet_after: tokio::time::Instant,
-) {
+/// A subscriber: counts deliveries and records their latency until
+/// `stop_at` (the end of publishing plus a drain allowance), or earlier once
+/// publishing has ended and the stream has gone quiet. A target that is
+/// still flooding its backlog past `stop_at` is not waited for.
+async fn read_deliveries(mut c: wire::Conn, target: Target, shared: Arc<Shared>, end: tokio::time::Instant) {
+    let stop_at = end + Duration::from_secs(3);
     let mut local: Vec<u64> = Vec::with_capacity(256);
     let mut nats = NatsStream::default();
     let flush = |local: &mut Vec<u64>| {
@@ -263,8 +260,18 @@ async fn read_deliveries(
         local.clear();
     };
     loop {
-        let wait = quiet_after.saturating_duration_since(tokio::time::Instant::now());
-        let next = match tokio::time::timeout(wait.max(Duration::from_millis(1)), c.rd.next()).await {
+        let now = tokio::time::Instant::now();
+        if now >= stop_at {
+            break;
+        }
+        // Before the end, wait as long as it takes; after it, a quiet second
+        // means the backlog is drained.
+        let wait = if now < end {
+            stop_at - now
+        } else {
+            Duration::from_secs(1).min(stop_at - now)
+        };
+        let next = match tokio::time::timeout(wait, c.rd.next()).await {
             Ok(Ok(Some(f))) => f,
             _ => break,
         };

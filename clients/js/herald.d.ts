@@ -1,0 +1,59 @@
+/** Connection states, in the order a connection goes through them. */
+export type HeraldState = 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed';
+
+export interface HeraldOptions {
+  /** WebSocket implementation; defaults to the global one (pass `ws` on Node 20). */
+  WebSocket?: unknown;
+  /** Text frame the node answers with itself (must match its --heartbeat-word). Default 'HeartBeat'. */
+  heartbeatWord?: string;
+  /** How often to send the heartbeat word, ms. Default 10000. */
+  heartbeatInterval?: number;
+  /** Nothing received for this long (ms) means the node is gone: close and reconnect. Default 25000. */
+  heartbeatTimeout?: number;
+  /** Reconnect backoff bounds, ms (full jitter, doubling per attempt). Defaults 500 and 15000. */
+  minReconnectDelay?: number;
+  maxReconnectDelay?: number;
+  /** Publishes kept while disconnected; past it publish() rejects with code 'queue_full'. Default 1000. */
+  maxQueue?: number;
+  /** How long a publish or subscription waits for the node's answer, ms. Default 10000. */
+  requestTimeout?: number;
+}
+
+export interface StateDetail {
+  state: HeraldState;
+  /** Close code that caused the change, if any. */
+  code?: number;
+  reason?: string;
+}
+
+export interface PresenceNotice {
+  event: 'join' | 'leave';
+  client: string;
+  name?: string;
+}
+
+export class HeraldError extends Error {
+  /** The node's error code (bad_topic, rate_limited, ...) or the client's (queue_full, closed, connection_lost, timeout). */
+  code: string;
+}
+
+export class Herald extends EventTarget {
+  constructor(url: string, options?: HeraldOptions);
+  readonly url: string;
+  readonly state: HeraldState;
+  /** Calls handler for every message on topics matching pattern; returns an unsubscribe function. */
+  subscribe(pattern: string, handler: (data: unknown, topic: string) => void): () => void;
+  /** Calls handler for join/leave notices on topics matching pattern; returns an unsubscribe function. */
+  presence(pattern: string, handler: (notice: PresenceNotice, topic: string) => void): () => void;
+  /** Publishes data (any JSON value); settles with the node's ack or error. */
+  publish(topic: string, data: unknown): Promise<void>;
+  /** Closes for good: no reconnect. */
+  close(): void;
+}
+
+/** Whether a close code means "do not reconnect". */
+export function isTerminal(code: number): boolean;
+/** Whether a concrete topic falls under a pattern. */
+export function matches(pattern: string, topic: string): boolean;
+
+export default Herald;

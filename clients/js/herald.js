@@ -1,0 +1,308 @@
+// Herald client: one WebSocket per page, many topics on it, a heartbeat that
+// notices a dead server, and a reconnect that resubscribes and loses nothing
+// it promised to send. No runtime dependencies; an ES module for browsers
+// (<script type="module">) and Node (pass `WebSocket` from the `ws` package
+// on Node 20).
+
+const TERMINAL = new Set([1002, 1003, 1007, 1008, 1009, 1010]);
+
+/** Whether a close code means "do not reconnect" (see docs/protocol.md). */
+export function isTerminal(code) {
+  return TERMINAL.has(code) || (code >= 4500 && code <= 4999);
+}
+
+/** Whether concrete `topic` falls under `pattern` (`*` one segment, `>` the rest). */
+export function matches(pattern, topic) {
+  const p = pattern.split(':');
+  const t = topic.split(':');
+  for (let i = 0; i < p.length; i++) {
+    if (p[i] === '>') return t.length > i;
+    if (i >= t.length) return false;
+    if (p[i] !== '*' && p[i] !== t[i]) return false;
+  }
+  return p.length === t.length;
+}
+
+/** An error the node answered with, or one the client raised. */
+export class HeraldError extends Error {
+  constructor(code, message) {
+    super(`${code}: ${message}`);
+    this.name = 'HeraldError';
+    this.code = code;
+  }
+}
+
+const DEFAULTS = {
+  WebSocket: globalThis.WebSocket,
+  heartbeatWord: 'HeartBeat',
+  heartbeatInterval: 10_000,
+  heartbeatTimeout: 25_000,
+  minReconnectDelay: 500,
+  maxReconnectDelay: 15_000,
+  maxQueue: 1000,
+  requestTimeout: 10_000,
+};
+
+/**
+ * A connection to a Herald node.
+ *
+ * Events (EventTarget): `state` (detail: {state, code, reason}), and one
+ * event per state: `connecting`, `open`, `reconnecting`, `closed`.
+ */
+export class Herald extends EventTarget {
+  constructor(url, options = {}) {
+    super();
+    this.url = url;
+    this.options = { ...DEFAULTS, ...options };
+    if (!this.options.WebSocket) {
+      throw new HeraldError('no_websocket', 'no WebSocket implementation: pass options.WebSocket');
+    }
+    this.state = 'idle';
+    this._subs = new Map(); // pattern -> { data: Set<fn>, presence: Set<fn> }
+    this._pending = new Map(); // id -> { resolve, reject, timer }
+    this._queue = []; // publishes waiting for a connection
+    this._nextId = 1;
+    this._attempt = 0;
+    this._ws = null;
+    this._timers = {};
+    this._closedByUser = false;
+    this._connect();
+  }
+
+  /**
+   * Calls `handler(data, topic)` for every message on topics matching
+   * `pattern`. Returns a function that removes this handler (and the
+   * subscription, when it was the last one).
+   */
+  subscribe(pattern, handler) {
+    return this._add(pattern, 'data', handler);
+  }
+
+  /**
+   * Calls `handler({event, client, name}, topic)` for join and leave notices
+   * on topics matching `pattern` (the node must announce them: --presence).
+   */
+  presence(pattern, handler) {
+    return this._add(pattern, 'presence', handler);
+  }
+
+  /**
+   * Publishes `data` (any JSON value) to `topic`. Resolves when the node
+   * acknowledges it; rejects with a HeraldError when the node refuses it,
+   * when the queue for publishes made while disconnected is full, or when
+   * the connection is lost after sending and before the ack.
+   */
+  publish(topic, data) {
+    return new Promise((resolve, reject) => {
+      if (this.state === 'closed') {
+        reject(new HeraldError('closed', 'the client is closed'));
+        return;
+      }
+      const item = { topic, data, resolve, reject };
+      if (this.state === 'open') {
+        this._sendPublish(item);
+      } else if (this._queue.length >= this.options.maxQueue) {
+        reject(new HeraldError('queue_full', `at most ${this.options.maxQueue} publishes wait for a connection`));
+      } else {
+        this._queue.push(item);
+      }
+    });
+  }
+
+  /** Closes for good: no reconnect; queued publishes are rejected. */
+  close() {
+    this._closedByUser = true;
+    this._teardown();
+    this._failQueued(new HeraldError('closed', 'the client was closed'));
+    this._setState('closed', 1000, 'closed by the client');
+  }
+
+  // --- internals ---
+
+  _add(pattern, kind, handler) {
+    let entry = this._subs.get(pattern);
+    if (!entry) {
+      entry = { data: new Set(), presence: new Set() };
+      this._subs.set(pattern, entry);
+      if (this.state === 'open') this._request({ op: 'sub', topic: pattern }).catch((e) => this._report(e));
+    }
+    entry[kind].add(handler);
+    return () => {
+      const e = this._subs.get(pattern);
+      if (!e || !e[kind].delete(handler)) return;
+      if (e.data.size === 0 && e.presence.size === 0) {
+        this._subs.delete(pattern);
+        if (this.state === 'open') this._request({ op: 'unsub', topic: pattern }).catch((err) => this._report(err));
+      }
+    };
+  }
+
+  _report(error) {
+    this.dispatchEvent(Object.assign(new Event('error'), { error }));
+  }
+
+  _setState(state, code, reason) {
+    this.state = state;
+    const detail = { state, code, reason };
+    this.dispatchEvent(Object.assign(new Event('state'), { detail }));
+    this.dispatchEvent(Object.assign(new Event(state), { detail }));
+  }
+
+  _connect() {
+    if (this.state !== 'reconnecting') this._setState('connecting');
+    let ws;
+    try {
+      ws = new this.options.WebSocket(this.url);
+    } catch (e) {
+      this._scheduleReconnect(1006, String(e));
+      return;
+    }
+    this._ws = ws;
+    ws.onopen = () => {
+      this._attempt = 0;
+      this._lastSeen = Date.now();
+      this._startHeartbeat();
+      this._setState('open');
+      for (const pattern of this._subs.keys()) {
+        this._request({ op: 'sub', topic: pattern }).catch((e) => this._report(e));
+      }
+      const queued = this._queue;
+      this._queue = [];
+      for (const item of queued) this._sendPublish(item);
+    };
+    ws.onmessage = (ev) => this._onMessage(ev.data);
+    ws.onclose = (ev) => {
+      if (ws !== this._ws) return;
+      this._lost(ev.code, ev.reason);
+    };
+    ws.onerror = () => {};
+  }
+
+  _lost(code, reason) {
+    this._teardown();
+    this._failPending(new HeraldError('connection_lost', `connection lost (${code}) before the answer`));
+    if (this._closedByUser) return;
+    if (isTerminal(code)) {
+      this._failQueued(new HeraldError('closed', `node closed the connection: ${code} ${reason}`));
+      this._setState('closed', code, reason);
+      return;
+    }
+    this._scheduleReconnect(code, reason);
+  }
+
+  _scheduleReconnect(code, reason) {
+    const { minReconnectDelay: min, maxReconnectDelay: max } = this.options;
+    const cap = Math.min(max, min * 2 ** this._attempt);
+    const delay = min / 2 + Math.random() * Math.max(0, cap - min / 2); // full jitter above a floor
+    this._attempt++;
+    this._setState('reconnecting', code, reason);
+    this._timers.reconnect = setTimeout(() => this._connect(), delay);
+  }
+
+  _teardown() {
+    clearInterval(this._timers.heartbeat);
+    clearTimeout(this._timers.reconnect);
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = null;
+      try {
+        ws.close();
+      } catch {
+        // already closed
+      }
+    }
+  }
+
+  _startHeartbeat() {
+    const { heartbeatInterval, heartbeatTimeout, heartbeatWord } = this.options;
+    const tick = Math.min(heartbeatInterval, 1000);
+    let lastSent = 0;
+    this._timers.heartbeat = setInterval(() => {
+      const now = Date.now();
+      if (now - this._lastSeen > heartbeatTimeout) {
+        // Nothing, not even the heartbeat's answer: the node is gone.
+        this._lost(4002, 'heartbeat_timeout: no answer from the node');
+        return;
+      }
+      if (now - lastSent >= heartbeatInterval && this._ws && this._ws.readyState === 1) {
+        lastSent = now;
+        this._ws.send(heartbeatWord);
+      }
+    }, tick);
+  }
+
+  _onMessage(raw) {
+    this._lastSeen = Date.now();
+    const text = typeof raw === 'string' ? raw : String(raw);
+    if (text === this.options.heartbeatWord) return;
+    let msg;
+    try {
+      msg = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (msg.op === 'ack' || msg.op === 'error') {
+      const p = this._pending.get(msg.id);
+      if (p) {
+        this._pending.delete(msg.id);
+        clearTimeout(p.timer);
+        if (msg.op === 'ack') p.resolve();
+        else p.reject(new HeraldError(msg.code, msg.message));
+      } else if (msg.op === 'error') {
+        this._report(new HeraldError(msg.code, msg.message));
+      }
+      return;
+    }
+    if (typeof msg.topic !== 'string') return;
+    const kind = msg.event ? 'presence' : 'data';
+    for (const [pattern, entry] of this._subs) {
+      if (!matches(pattern, msg.topic)) continue;
+      for (const fn of entry[kind]) {
+        try {
+          if (kind === 'data') fn(msg.data, msg.topic);
+          else fn({ event: msg.event, client: msg.client, name: msg.name }, msg.topic);
+        } catch (e) {
+          this._report(e);
+        }
+      }
+    }
+  }
+
+  _request(body) {
+    return new Promise((resolve, reject) => {
+      const ws = this._ws;
+      if (!ws || ws.readyState !== 1) {
+        reject(new HeraldError('not_connected', 'not connected'));
+        return;
+      }
+      const id = this._nextId++;
+      const timer = setTimeout(() => {
+        this._pending.delete(id);
+        reject(new HeraldError('timeout', `no answer within ${this.options.requestTimeout} ms`));
+      }, this.options.requestTimeout);
+      this._pending.set(id, { resolve, reject, timer });
+      ws.send(JSON.stringify({ ...body, id }));
+    });
+  }
+
+  _sendPublish(item) {
+    this._request({ op: 'pub', topic: item.topic, data: item.data }).then(item.resolve, item.reject);
+  }
+
+  _failPending(error) {
+    for (const p of this._pending.values()) {
+      clearTimeout(p.timer);
+      p.reject(error);
+    }
+    this._pending.clear();
+  }
+
+  _failQueued(error) {
+    const queued = this._queue;
+    this._queue = [];
+    for (const item of queued) item.reject(error);
+  }
+}
+
+export default Herald;

@@ -1,0 +1,97 @@
+// The demo page in real headless Chromium (Debian's /usr/bin/chromium,
+// driven by playwright-core) against a real herald process.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+import { Node } from './harness.js';
+
+// Keep every lookup and connection on this machine.
+const CHROMIUM_FLAGS = [
+  '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--disable-extensions',
+  '--disable-default-apps',
+  '--no-pings',
+  '--disable-domain-reliability',
+  '--no-first-run',
+  '--no-sandbox',
+  '--headless',
+];
+const SCREENSHOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../docs/demo.png');
+
+let browser;
+let node;
+before(async () => {
+  node = await Node.start(['--presence', 'chat:*']);
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: CHROMIUM_FLAGS,
+    headless: true,
+  });
+});
+after(async () => {
+  await browser?.close();
+  node?.cont();
+  await node?.kill();
+});
+
+async function openDemo() {
+  const page = await browser.newPage({ viewport: { width: 960, height: 640 } });
+  await page.goto(`${node.http}/?hb=250&hbTimeout=1500`);
+  await page.waitForFunction(() => document.getElementById('state').textContent === 'open');
+  return page;
+}
+
+const messages = (page) => page.$$eval('#messages li', (lis) => lis.map((li) => li.textContent));
+
+test('the demo page subscribes and shows what is published over HTTP', async () => {
+  const page = await openDemo();
+  await node.publish('demo:count', 42);
+  await page.waitForFunction(() => document.getElementById('count').textContent === '42');
+  const other = await openDemo(); // a second visitor: a join notice
+  await page.waitForFunction(() => [...document.querySelectorAll('#messages li.notice')].some((li) => li.textContent.includes('joined')));
+  await node.publish('chat:lobby', { from: 'ops', text: 'deploy finished' });
+  await page.fill('#name', 'ann');
+  await page.fill('#text', 'hello from the browser');
+  await page.click('#chat button');
+  await page.waitForFunction(() => document.getElementById('messages').textContent.includes('ann: hello from the browser'));
+  assert.ok((await messages(other)).some((m) => m === 'ops: deploy finished'));
+  await node.publish('demo:count', 43);
+  await page.waitForFunction(() => document.getElementById('count').textContent === '43');
+  await page.screenshot({ path: SCREENSHOT });
+  await other.close();
+  await page.close();
+});
+
+test('after the node restarts, the page receives again without a reload, including what it sent while down', async () => {
+  const page = await openDemo();
+  await page.evaluate(() => { window.notReloaded = true; });
+  await node.kill();
+  await page.waitForFunction(() => document.getElementById('state').textContent === 'reconnecting');
+  await page.fill('#name', 'bob');
+  await page.fill('#text', 'sent while the node was down');
+  await page.click('#chat button');
+  await node.restart();
+  await page.waitForFunction(() => document.getElementById('state').textContent === 'open', null, { timeout: 15000 });
+  await page.waitForFunction(() => document.getElementById('messages').textContent.includes('bob: sent while the node was down'));
+  await node.publish('demo:count', 7);
+  await page.waitForFunction(() => document.getElementById('count').textContent === '7');
+  assert.equal(await page.evaluate(() => window.notReloaded), true);
+  await page.close();
+});
+
+test('a node that stops answering is detected by the heartbeat, and the page recovers', async () => {
+  const page = await openDemo();
+  node.stop(); // SIGSTOP: the socket stays open but nothing answers
+  await page.waitForFunction(() => document.getElementById('state').textContent === 'reconnecting', null, { timeout: 15000 });
+  node.cont();
+  await page.waitForFunction(() => document.getElementById('state').textContent === 'open', null, { timeout: 15000 });
+  await node.publish('demo:count', 99);
+  await page.waitForFunction(() => document.getElementById('count').textContent === '99');
+  await page.close();
+});

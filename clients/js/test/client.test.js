@@ -1,0 +1,144 @@
+// The SDK against a real herald process, with the `ws` package as the
+// WebSocket implementation (Node 20 has none built in).
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import WebSocket from 'ws';
+
+import { Herald, HeraldError, matches, isTerminal } from '../herald.js';
+import { Node, until, next, sleep } from './harness.js';
+
+const nodes = [];
+const clients = [];
+after(async () => {
+  for (const c of clients) c.close();
+  for (const n of nodes) {
+    n.cont();
+    await n.kill();
+  }
+});
+
+async function node(args) {
+  const n = await Node.start(args);
+  nodes.push(n);
+  return n;
+}
+
+function client(url, options = {}) {
+  const h = new Herald(url, { WebSocket, minReconnectDelay: 50, maxReconnectDelay: 300, ...options });
+  clients.push(h);
+  return h;
+}
+
+function collector() {
+  const got = [];
+  const fn = (data, topic) => got.push({ data, topic });
+  return { got, fn };
+}
+
+test('topic matching and terminal codes', () => {
+  assert.ok(matches('todo:*', 'todo:count'));
+  assert.ok(!matches('todo:*', 'todo:a:b'));
+  assert.ok(matches('chat:>', 'chat:a:b'));
+  assert.ok(!matches('chat:>', 'chat'));
+  assert.ok(matches('a', 'a'));
+  assert.ok(!matches('a', 'a:b'));
+  assert.ok(isTerminal(1009) && isTerminal(4500) && isTerminal(1002));
+  assert.ok(!isTerminal(1001) && !isTerminal(1006) && !isTerminal(4001));
+});
+
+test('subscribe, publish with ack, several handlers, unsubscribe', async () => {
+  const n = await node([]);
+  const h = client(n.url);
+  await next(h, 'open');
+  const a = collector();
+  const b = collector();
+  const offA = h.subscribe('todo:*', a.fn);
+  h.subscribe('todo:count', b.fn);
+  await sleep(100);
+  await h.publish('todo:count', { n: 1 });
+  await n.publish('todo:other', 'x');
+  await until('deliveries', () => a.got.length === 2 && b.got.length === 1);
+  assert.deepEqual(a.got[0], { data: { n: 1 }, topic: 'todo:count' });
+  assert.deepEqual(b.got[0], { data: { n: 1 }, topic: 'todo:count' });
+  offA();
+  await sleep(100);
+  await h.publish('todo:count', 2);
+  await until('b gets 2', () => b.got.length === 2);
+  assert.equal(a.got.length, 2);
+  await assert.rejects(h.publish('todo:*', 1), (e) => e instanceof HeraldError && e.code === 'bad_topic');
+});
+
+test('reconnects, resubscribes, and sends what was published while down', async () => {
+  const n = await node([]);
+  const h = client(n.url);
+  const c = collector();
+  h.subscribe('room', c.fn);
+  await next(h, 'open');
+  await sleep(100);
+  await n.kill();
+  await until('reconnecting', () => h.state === 'reconnecting');
+  const queued = h.publish('room', 'sent while down');
+  await n.restart();
+  await until('open again', () => h.state === 'open');
+  await queued;
+  await until('queued publish delivered', () => c.got.some((m) => m.data === 'sent while down'));
+  await n.publish('room', 'after');
+  await until('resubscribed', () => c.got.some((m) => m.data === 'after'));
+});
+
+test('the queue for publishes while down is bounded: rejected, not dropped', async () => {
+  const n = await node([]);
+  const h = client(n.url, { maxQueue: 2 });
+  await next(h, 'open');
+  await n.kill();
+  await until('reconnecting', () => h.state === 'reconnecting');
+  const ok1 = h.publish('t', 1);
+  const ok2 = h.publish('t', 2);
+  await assert.rejects(h.publish('t', 3), (e) => e.code === 'queue_full');
+  await n.restart();
+  await Promise.all([ok1, ok2]);
+});
+
+test('a terminal close code stops reconnecting', async () => {
+  const n = await node(['--max-message-bytes', '1024']);
+  const h = client(n.url);
+  await next(h, 'open');
+  const closed = next(h, 'closed');
+  h.publish('t', 'x'.repeat(5000)).catch(() => {});
+  const e = await closed;
+  assert.equal(e.detail.code, 1009);
+  await sleep(500);
+  assert.equal(h.state, 'closed');
+  await assert.rejects(h.publish('t', 1), (err) => err.code === 'closed');
+});
+
+test('the heartbeat notices a node that stops answering, and recovers', async () => {
+  const n = await node([]);
+  const h = client(n.url, { heartbeatInterval: 100, heartbeatTimeout: 600 });
+  const c = collector();
+  h.subscribe('hb', c.fn);
+  await next(h, 'open');
+  n.stop();
+  const lost = await next(h, 'reconnecting');
+  assert.equal(lost.detail.code, 4002);
+  n.cont();
+  await until('open again', () => h.state === 'open');
+  await sleep(100);
+  await n.publish('hb', 'alive');
+  await until('delivered after recovery', () => c.got.some((m) => m.data === 'alive'));
+});
+
+test('presence notices reach presence handlers', async () => {
+  const n = await node(['--presence', 'chat:*']);
+  const a = client(n.url);
+  const seen = [];
+  a.presence('chat:lobby', (p, topic) => seen.push({ ...p, topic }));
+  await next(a, 'open');
+  await sleep(100);
+  const b = client(`${n.url}?name=bob`);
+  b.subscribe('chat:lobby', () => {});
+  await until('join seen', () => seen.some((p) => p.event === 'join' && p.name === 'bob'));
+  b.close();
+  await until('leave seen', () => seen.some((p) => p.event === 'leave' && p.name === 'bob'));
+  assert.equal(seen.at(-1).topic, 'chat:lobby');
+});
