@@ -19,6 +19,8 @@ missing=()
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v umoci >/dev/null 2>&1 || missing+=(umoci)
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
@@ -44,6 +46,14 @@ cargo test --workspace --profile ci
 log "browser client: Node tests and real Chromium"
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error)
 HERALD_BIN="$PWD/target/ci/herald" node --test clients/js/test/*.test.js
+
+log "Helm chart (Helm's library, Kubernetes schemas), promtool, container image"
+if [ ! -x .venv/bin/pytest ]; then
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check \
+        helm-python-sdk kubernetes-validate pyyaml pytest
+fi
+HERALD_BIN="$PWD/target/ci/herald" .venv/bin/pytest -q helm/tests
 
 log "benchmarks compile"
 cargo bench --workspace --profile ci --no-run

@@ -208,3 +208,59 @@ pub async fn subscribe(
         }
     }
 }
+
+/// `herald check`: an end-to-end probe of a running node (or a Service in
+/// front of several): subscribes over a WebSocket, publishes over HTTP, and
+/// succeeds once the delivery arrives. Used by the Helm chart's test pod.
+pub async fn check(target: &Target, api_key: Option<&str>, timeout: Duration) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let topic = format!("herald:check:n{nonce}");
+    let sep = if target.url.contains('?') { '&' } else { '?' };
+    let mut ws = connect(&format!("{}{sep}sub={topic}", target.url)).await?;
+    let authority = target
+        .url
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .ok_or_else(|| anyhow!("{}: expected ws://host:port/ws", target.url))?;
+    let body = format!(r#"{{"topic":"{topic}","data":{{"check":"{nonce}"}}}}"#);
+    let auth = api_key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "POST /v1/publish HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut http = TcpStream::connect(authority)
+        .await
+        .with_context(|| format!("connecting to {authority}"))?;
+    http.write_all(req.as_bytes()).await?;
+    let mut resp = String::new();
+    http.read_to_string(&mut resp).await?;
+    if !resp.starts_with("HTTP/1.1 200") {
+        bail!(
+            "HTTP publish refused: {}",
+            resp.lines().next().unwrap_or("no response")
+        );
+    }
+    let wait = async {
+        loop {
+            let frame = ws.read_frame().await.context("reading")?;
+            match frame.opcode {
+                OpCode::Text if String::from_utf8_lossy(&frame.payload).contains(&nonce.to_string()) => {
+                    return anyhow::Ok(());
+                }
+                OpCode::Close => bail!("node closed the socket: {}", close_text(&frame.payload)),
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .map_err(|_| anyhow!("published over HTTP but nothing arrived within {timeout:?}"))??;
+    println!("ok: subscribed over WebSocket, published over HTTP, delivery received");
+    Ok(())
+}

@@ -9,7 +9,7 @@ use herald_broker::Config;
 
 /// Herald: a WebSocket pub/sub broker.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(name = "herald", version, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,6 +30,23 @@ enum Command {
         topic: String,
         /// JSON to publish (text that is not JSON is sent as a JSON string).
         data: Option<String>,
+    },
+    /// Check a running node end to end: subscribe, publish over HTTP, await the delivery.
+    Check {
+        #[command(flatten)]
+        target: Target,
+        /// Bearer key for the HTTP publish.
+        #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// How long to wait for the delivery.
+        #[arg(long, default_value = "10s", value_parser = herald_broker::config::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Wait, then exit (a preStop hook for images without a shell).
+    #[command(hide = true)]
+    Sleep {
+        #[arg(value_parser = herald_broker::config::parse_duration)]
+        duration: std::time::Duration,
     },
     /// Subscribe to topics on a running node and print deliveries, one per line.
     Sub {
@@ -89,6 +106,15 @@ fn main() -> anyhow::Result<()> {
                 topic,
                 data,
             } => client::publish(&target, &topic, data.as_deref(), lines).await,
+            Command::Check {
+                target,
+                api_key,
+                timeout,
+            } => client::check(&target, api_key.as_deref(), timeout).await,
+            Command::Sleep { duration } => {
+                tokio::time::sleep(duration).await;
+                Ok(())
+            }
             Command::Sub {
                 target,
                 data_only,

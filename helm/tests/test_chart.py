@@ -1,0 +1,227 @@
+"""The Helm chart, rendered with Helm's own library (helm-python-sdk, no helm
+binary), linted in strict mode, validated against the Kubernetes schemas of
+two versions (kubernetes-validate, strict), and checked against the broker's
+real flags. Also: a real node's /metrics passes `promtool check metrics`."""
+
+import glob
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.request
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHART = os.path.join(ROOT, "helm", "herald")
+HERALD = os.environ.get("HERALD_BIN", os.path.join(ROOT, "target", "ci", "herald"))
+KUBE_VERSIONS = ["1.29.0", "1.33.0"]
+CRDS = {"ServiceMonitor"}  # not in the Kubernetes schemas; checked by assertions below
+VALUES_FILES = sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml")))
+
+
+def values_of(path):
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def render(values):
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(values)
+        out = chart.render(values, name="live", namespace="herald")
+    docs = []
+    for path, text in out.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        for d in yaml.safe_load_all(text):
+            if d:
+                d["__template"] = path
+                docs.append(d)
+    return docs
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs, kind, suffix=None):
+    found = [d for d in by_kind(docs, kind) if suffix is None or d["metadata"]["name"].endswith(suffix)]
+    assert len(found) == 1, f"expected one {kind}, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def herald_flags():
+    """The environment variables `herald serve` accepts, from its --help."""
+    help_text = subprocess.run([HERALD, "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"env: (HERALD_[A-Z_]+)", help_text))
+
+
+def seconds(d):
+    m = re.fullmatch(r"([0-9.]+)(ms|s|m|h)?", d)
+    n = float(m.group(1))
+    return {"ms": n / 1000, "s": n, None: n, "m": n * 60, "h": n * 3600}[m.group(2)]
+
+
+@pytest.fixture(scope="module", params=VALUES_FILES, ids=lambda p: os.path.basename(p))
+def case(request):
+    values = values_of(request.param)
+    return request.param, values, render(values)
+
+
+def test_ci_values_cover_the_required_combinations():
+    names = {os.path.basename(p) for p in VALUES_FILES}
+    assert {"default-values.yaml", "external-nats-values.yaml", "autoscaling-values.yaml",
+            "ingress-monitoring-values.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", [None] + VALUES_FILES, ids=lambda p: "chart-defaults" if p is None else os.path.basename(p))
+def test_lint_is_clean_in_strict_mode(path):
+    report = helm.lint(CHART, values_of(path) if path else None, strict=True)
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report.get("errors", [])
+    assert not problems, problems
+
+
+def test_every_object_is_valid_kubernetes(case):
+    _, _, docs = case
+    for version in KUBE_VERSIONS:
+        for d in docs:
+            if d["kind"] in CRDS:
+                continue
+            obj = {k: v for k, v in d.items() if k != "__template"}
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_probes_ports_and_env_match_the_broker(case):
+    _, values, docs = case
+    dep = one(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    port = values.get("config", {}).get("port", 8080)
+    assert c["ports"][0] == {"name": "http", "containerPort": port, "protocol": "TCP"}
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    cm = one(docs, "ConfigMap", suffix="live-herald")
+    assert cm["data"]["HERALD_LISTEN"] == f"0.0.0.0:{port}"
+    # Every variable the chart sets is one the broker reads.
+    flags = herald_flags()
+    assert set(cm["data"]) <= flags, set(cm["data"]) - flags
+    assert c["env"][0]["name"] in flags
+    # Non-root, read-only, no capabilities.
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    # A config change rolls the pods.
+    assert re.fullmatch(r"[0-9a-f]{64}", dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"])
+    svc = one(docs, "Service", suffix="live-herald")
+    assert {p["name"] for p in svc["spec"]["ports"]} == {"http", "metrics"}
+    assert all(p["targetPort"] == "http" for p in svc["spec"]["ports"])
+
+
+def test_drain_fits_in_the_grace_period(case):
+    _, values, docs = case
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    cm = one(docs, "ConfigMap", suffix="live-herald")
+    drain = seconds(cm["data"]["HERALD_DRAIN_PERIOD"])
+    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[:2] == ["/usr/local/bin/herald", "sleep"]
+    wait = seconds(pre_stop[2])
+    assert drain + wait < pod["terminationGracePeriodSeconds"]
+
+
+def test_nats_url_is_wired_in_both_modes(case):
+    _, values, docs = case
+    cm = one(docs, "ConfigMap", suffix="live-herald")
+    nats = values.get("nats", {})
+    if nats.get("enabled", True):
+        sts = one(docs, "StatefulSet")
+        svc = one(docs, "Service", suffix="-nats")
+        assert cm["data"]["HERALD_NATS_URL"] == f"nats://{svc['metadata']['name']}:4222"
+        replicas = nats.get("replicas", 3)
+        assert sts["spec"]["replicas"] == replicas
+        conf = one(docs, "ConfigMap", suffix="-nats-config")["data"]["nats.conf"]
+        routes = re.findall(r"nats://live-herald-nats-(\d+)\.live-herald-nats-headless:6222", conf)
+        assert routes == [str(i) for i in range(replicas)]
+        assert sts["spec"]["serviceName"] == "live-herald-nats-headless"
+    else:
+        assert cm["data"]["HERALD_NATS_URL"] == nats["url"]
+        assert not by_kind(docs, "StatefulSet")
+
+
+def test_optional_objects_appear_when_enabled(case):
+    _, values, docs = case
+    auto = values.get("autoscaling", {}).get("enabled", False)
+    assert len(by_kind(docs, "HorizontalPodAutoscaler")) == int(auto)
+    dep = one(docs, "Deployment")
+    assert ("replicas" in dep["spec"]) == (not auto)
+    assert len(by_kind(docs, "PodDisruptionBudget")) == int(values.get("podDisruptionBudget", {}).get("enabled", True))
+    assert len(by_kind(docs, "Ingress")) == int(values.get("ingress", {}).get("enabled", False))
+    assert len(by_kind(docs, "ServiceMonitor")) == int(values.get("serviceMonitor", {}).get("enabled", False))
+    assert len(by_kind(docs, "NetworkPolicy")) == int(values.get("networkPolicy", {}).get("enabled", False))
+    for sm in by_kind(docs, "ServiceMonitor"):
+        assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+        assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    for ing in by_kind(docs, "Ingress"):
+        assert int(ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+    dash = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert len(dash) == int(values.get("grafanaDashboard", {}).get("enabled", False))
+    for d in dash:
+        assert json.loads(d["data"]["herald.json"])["uid"] == "herald"
+        assert d["metadata"]["labels"]["grafana_dashboard"] == "1"
+    secret_created = not values.get("auth", {}).get("existingSecret")
+    assert len(by_kind(docs, "Secret")) == int(secret_created)
+    test_pod = [d for d in by_kind(docs, "Pod") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    assert len(test_pod) == 1 and test_pod[0]["spec"]["containers"][0]["args"][0] == "check"
+
+
+def test_a_grace_period_too_short_for_the_drain_is_refused():
+    with pytest.raises(Exception, match="terminationGracePeriodSeconds"):
+        render({"config": {"drainSeconds": 30}, "terminationGracePeriodSeconds": 20})
+
+
+def test_external_nats_requires_a_url():
+    with pytest.raises(Exception, match="nats.url is required"):
+        render({"nats": {"enabled": False}})
+
+
+def test_dashboard_json_queries_real_metrics():
+    with open(os.path.join(CHART, "dashboards", "herald.json")) as f:
+        dash = json.load(f)
+    names = set(re.findall(r"herald_[a-z_]+", json.dumps(dash)))
+    text = live_metrics()
+    exposed = set(re.findall(r"^(herald_[a-z_]+)", text, re.M))
+    assert names <= exposed, names - exposed
+
+
+def live_metrics():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nats_port = s.getsockname()[1]
+    nats = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(nats_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node = subprocess.Popen([HERALD, "serve", "--listen", "127.0.0.1:0", "--log-level", "warn",
+                             "--nats", f"nats://127.0.0.1:{nats_port}"], stdout=subprocess.PIPE, text=True)
+    try:
+        addr = node.stdout.readline().strip().rsplit(" ", 1)[1]
+        deadline = time.time() + 10
+        while True:
+            text = urllib.request.urlopen(f"http://{addr}/metrics").read().decode()
+            if "herald_nats_connected 1" in text or time.time() > deadline:
+                return text
+            time.sleep(0.05)
+    finally:
+        node.kill()
+        node.wait()
+        nats.kill()
+        nats.wait()
+
+
+def test_metrics_pass_promtool():
+    text = live_metrics()
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
