@@ -209,6 +209,24 @@ impl Bus {
         }
     }
 
+    /// Publishes several messages in a row on one topic (each well-formed
+    /// JSON): fanned out locally as one buffer per recipient, forwarded to
+    /// the other nodes one by one. Returns the number of local deliveries.
+    pub fn publish_batch(&self, topic: &str, datas: &[Bytes]) -> Result<usize, BusError> {
+        let m = &self.metrics;
+        m.messages_in.fetch_add(datas.len() as u64, Relaxed);
+        m.bytes_in
+            .fetch_add(datas.iter().map(|d| d.len() as u64).sum(), Relaxed);
+        let local = self.hub.deliver(topic, Body::Batch(datas));
+        let mut result = Ok(local);
+        for d in datas {
+            if let Err(e) = self.forward(topic, None, d.clone(), local) {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
     /// Announces that `client` joined or left `topic`, on every node.
     pub fn presence(&self, topic: &str, event: &str, client: &str, name: Option<&str>) {
         self.hub.deliver(topic, Body::Presence { event, client, name });

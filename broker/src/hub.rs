@@ -29,6 +29,10 @@ pub type Subscriber = Arc<Conn>;
 pub enum Body<'a> {
     /// Published JSON, delivered byte for byte.
     Data(&'a [u8]),
+    /// Several messages published in a row on the same topic (from one read
+    /// of one publisher's socket): delivered as one buffer of frames, so
+    /// each recipient costs one queue push and its writer one write for all.
+    Batch(&'a [Bytes]),
     /// A join or leave notice.
     Presence {
         /// `join` or `leave`.
@@ -305,18 +309,37 @@ struct Frames<'a> {
     json: Bytes,
     body: Body<'a>,
     raw: std::cell::OnceCell<Option<Bytes>>,
+    /// Messages in `json` (one, or a batch's length).
+    messages: usize,
+}
+
+fn concat(parts: impl Iterator<Item = Bytes>) -> Bytes {
+    let parts: Vec<Bytes> = parts.collect();
+    let mut out = bytes::BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+    for p in &parts {
+        out.extend_from_slice(p);
+    }
+    out.freeze()
 }
 
 impl<'a> Frames<'a> {
     fn new(topic: &str, body: Body<'a>) -> Self {
-        let json = match body {
-            Body::Data(d) => message::encode_delivery(topic, d),
-            Body::Presence { event, client, name } => message::encode_presence(topic, event, client, name),
+        let (json, messages) = match body {
+            Body::Data(d) => (message::encode_delivery(topic, d), 1),
+            Body::Batch(ds) if ds.len() == 1 => (message::encode_delivery(topic, &ds[0]), 1),
+            Body::Batch(ds) => (
+                concat(ds.iter().map(|d| message::encode_delivery(topic, d))),
+                ds.len(),
+            ),
+            Body::Presence { event, client, name } => {
+                (message::encode_presence(topic, event, client, name), 1)
+            }
         };
         Frames {
             json,
             body,
             raw: std::cell::OnceCell::new(),
+            messages,
         }
     }
 
@@ -329,6 +352,7 @@ impl<'a> Frames<'a> {
         self.raw
             .get_or_init(|| match self.body {
                 Body::Data(d) => Some(message::encode_raw(d)),
+                Body::Batch(ds) => Some(concat(ds.iter().map(|d| message::encode_raw(d)))),
                 Body::Presence { .. } => None,
             })
             .as_ref()
@@ -348,7 +372,7 @@ impl Sent {
         };
         match s.outbox.push(f.clone()) {
             Pushed::Queued => {
-                self.count += 1;
+                self.count += frames.messages;
                 self.bytes += f.len();
             }
             Pushed::Overflowed => {

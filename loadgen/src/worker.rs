@@ -248,14 +248,16 @@ async fn read_deliveries(mut c: wire::Conn, target: Target, shared: Arc<Shared>,
     let stop_at = end + Duration::from_secs(3);
     let mut local: Vec<u64> = Vec::with_capacity(256);
     let mut nats = NatsStream::default();
-    let flush = |local: &mut Vec<u64>| {
+    // When the last delivery arrived (not when it was counted).
+    let mut last_ns = 0u64;
+    let flush = |local: &mut Vec<u64>, last_ns: u64| {
         let mut h = shared.latency.lock().unwrap();
         for &us in local.iter() {
             let _ = h.record(us.max(1));
         }
         if !local.is_empty() {
             shared.delivered.fetch_add(local.len() as u64, Relaxed);
-            shared.last_delivery_ns.fetch_max(wire::now_ns(), Relaxed);
+            shared.last_delivery_ns.fetch_max(last_ns, Relaxed);
         }
         local.clear();
     };
@@ -276,6 +278,7 @@ async fn read_deliveries(mut c: wire::Conn, target: Target, shared: Arc<Shared>,
             _ => break,
         };
         let now = wire::now_ns();
+        let before = local.len();
         let payload = c.rd.payload(&next);
         match target {
             Target::NatsWs => {
@@ -298,14 +301,17 @@ async fn read_deliveries(mut c: wire::Conn, target: Target, shared: Arc<Shared>,
                 }
             }
         }
+        if local.len() > before {
+            last_ns = now;
+        }
         if c.wr.pending() > 0 {
             let _ = c.wr.flush().await;
         }
         if local.len() >= 256 {
-            flush(&mut local);
+            flush(&mut local, last_ns);
         }
     }
-    flush(&mut local);
+    flush(&mut local, last_ns);
 }
 
 /// Reassembles the NATS protocol from WebSocket frames: counts `MSG`s (with

@@ -26,8 +26,8 @@ async fn two_raw_clients_chat() {
     assert_eq!(
         seen,
         vec![
-            json!({"topic":"chat:lobby","data":r#"{"not":"parsed"}"#}),
             json!({"topic":"chat:lobby","data":"hello from a"}),
+            json!({"topic":"chat:lobby","data":r#"{"not":"parsed"}"#}),
         ]
     );
     // A protocol publish of a non-string reaches raw clients as JSON text.
