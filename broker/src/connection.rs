@@ -156,7 +156,6 @@ struct Session {
     node: Arc<Node>,
     conn: Arc<Conn>,
     rate: RateLimit,
-    client: String,
     name: Option<String>,
     /// Publishes without an id, in a row, on one topic, from the read buffer
     /// being processed: fanned out together when the buffer is done (or
@@ -188,7 +187,6 @@ pub fn accept(node: &Arc<Node>, params: SessionParams) -> Accepted {
     node.metrics.connections_total.fetch_add(1, Relaxed);
     let mut session = Session {
         rate: RateLimit::new(node.config.publish_rate),
-        client: format!("c{id}{}", node.client_suffix),
         name: params.name,
         pending: None,
         conn,
@@ -477,17 +475,27 @@ impl Session {
         }
         let node = self.node.clone();
         let bus = &node.bus;
-        self.conn.subs().push(Subscription {
-            pattern: pattern.into(),
-            wildcard,
-        });
+        {
+            let mut subs = self.conn.subs();
+            // Most sockets hold one or two subscriptions: grow one at a time.
+            subs.reserve_exact(1);
+            subs.push(Subscription {
+                pattern: pattern.into(),
+                wildcard,
+            });
+        }
         let interest = bus.hub().subscribe(pattern, wildcard, &self.conn);
         bus.interest(pattern, interest);
         self.node.metrics.subscriptions.fetch_add(1, Relaxed);
         self.ack(ack);
         if !wildcard && bus.hub().has_presence(pattern) {
-            bus.presence(pattern, "join", &self.client, self.name.as_deref());
+            bus.presence(pattern, "join", &self.client(), self.name.as_deref());
         }
+    }
+
+    /// The socket's id in presence notices: unique across a cluster.
+    fn client(&self) -> String {
+        format!("c{}{}", self.conn.id, self.node.client_suffix)
     }
 
     fn leave(&self, sub: &Subscription) {
@@ -496,7 +504,7 @@ impl Session {
         bus.interest(&sub.pattern, interest);
         self.node.metrics.subscriptions.fetch_sub(1, Relaxed);
         if !sub.wildcard && bus.hub().has_presence(&sub.pattern) {
-            bus.presence(&sub.pattern, "leave", &self.client, self.name.as_deref());
+            bus.presence(&sub.pattern, "leave", &self.client(), self.name.as_deref());
         }
     }
 
