@@ -19,7 +19,7 @@ fn main() {
 fn hub_with(n: usize) -> (Hub, Vec<Arc<Conn>>) {
     let hub = Hub::new(Arc::new(Metrics::default()), Vec::new());
     let conns: Vec<Arc<Conn>> = (0..n as u64)
-        .map(|id| Arc::new(Conn::new(id, false, usize::MAX, 0)))
+        .map(|id| Arc::new(Conn::new(id, false, usize::MAX, 0, Default::default())))
         .collect();
     for c in &conns {
         hub.subscribe("chat:lobby", false, c);
@@ -50,7 +50,7 @@ fn deliver(bencher: Bencher, n: usize) {
 fn deliver_wildcard(bencher: Bencher, n: usize) {
     let hub = Hub::new(Arc::new(Metrics::default()), Vec::new());
     let conns: Vec<Arc<Conn>> = (0..n as u64)
-        .map(|id| Arc::new(Conn::new(id, false, usize::MAX, 0)))
+        .map(|id| Arc::new(Conn::new(id, false, usize::MAX, 0, Default::default())))
         .collect();
     for c in &conns {
         hub.subscribe("chat:*", true, c);

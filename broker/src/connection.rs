@@ -20,9 +20,10 @@ use herald_protocol::ws::{self, close, Message, OpCode, Reader};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::outbox::{CloseRequest, Outbox};
+use crate::outbox::{CloseRequest, Outbox, Pushed};
 use crate::server::Node;
 
 /// How long a closing socket waits for the peer's close reply (or for a
@@ -49,11 +50,13 @@ pub struct Conn {
     /// The socket's subscriptions. Written by its read loop; read by fan-out
     /// from the cluster link only for sockets holding a wildcard.
     subs: Mutex<Vec<Subscription>>,
+    /// Where a writer task is started when frames arrive for an idle socket.
+    tracker: TaskTracker,
 }
 
 impl Conn {
-    /// A handle for socket `id`.
-    pub fn new(id: u64, raw: bool, queue_limit: usize, now_ms: u64) -> Self {
+    /// A handle for socket `id`; writer tasks start under `tracker`.
+    pub fn new(id: u64, raw: bool, queue_limit: usize, now_ms: u64, tracker: TaskTracker) -> Self {
         Conn {
             id,
             raw,
@@ -61,6 +64,28 @@ impl Conn {
             wildcard: AtomicBool::new(false),
             last_seen: AtomicU64::new(now_ms),
             subs: Mutex::new(Vec::new()),
+            tracker,
+        }
+    }
+
+    /// Queues a frame for the socket, starting its writer if none runs.
+    pub fn push(self: &Arc<Self>, frame: Bytes) -> Pushed {
+        let (pushed, start) = self.outbox.push(frame);
+        self.start_writer(start);
+        pushed
+    }
+
+    /// Asks for the socket to be closed (see [`Outbox::close`]); returns
+    /// whether this request was the one taken.
+    pub fn close(self: &Arc<Self>, req: CloseRequest) -> bool {
+        let (taken, start) = self.outbox.close(req);
+        self.start_writer(start);
+        taken
+    }
+
+    fn start_writer(self: &Arc<Self>, wr: Option<OwnedWriteHalf>) {
+        if let Some(wr) = wr {
+            self.tracker.spawn(write_loop(self.clone(), wr));
         }
     }
 
@@ -182,6 +207,7 @@ pub fn accept(node: &Arc<Node>, params: SessionParams) -> Accepted {
         params.raw_topic.is_some(),
         node.config.max_queue_bytes,
         node.now_ms(),
+        node.tracker.clone(),
     ));
     node.sessions.insert(id, conn.clone());
     node.metrics.connections_total.fetch_add(1, Relaxed);
@@ -212,9 +238,11 @@ impl Accepted {
         let _entered = span.enter();
         tracing::debug!("open");
         let (rd, wr) = stream.into_split();
-        let tracker = s.node.tracker.clone();
-        tracker.spawn(write_loop(s.conn.clone(), wr).instrument(span.clone()));
+        // The writer runs only while there is something to write.
+        let start = s.conn.outbox.install(wr);
+        s.conn.start_writer(start);
         let buf = BytesMut::from(early);
+        let tracker = s.node.tracker.clone();
         tracker.spawn(s.run(rd, buf).instrument(span.clone()));
     }
 
@@ -257,7 +285,7 @@ impl Session {
         node.metrics.connections.fetch_sub(1, Relaxed);
         match exit {
             Exit::Gone => {
-                conn.outbox.close(CloseRequest {
+                conn.close(CloseRequest {
                     code: 1006,
                     reason: "".into(),
                     flush: false,
@@ -265,7 +293,7 @@ impl Session {
             }
             Exit::Close(req) => {
                 tracing::debug!(code = req.code, reason = %req.reason, "closing");
-                conn.outbox.close(req);
+                conn.close(req);
                 // Boxed: the closing path's timer stays out of every idle
                 // session's future.
                 Box::pin(drain(&rd, buf)).await;
@@ -327,7 +355,7 @@ impl Session {
     /// before the ack or error that follows it).
     fn send(&mut self, frame: Bytes) {
         self.flush();
-        self.conn.outbox.push(frame);
+        self.conn.push(frame);
     }
 
     fn error(&mut self, code: ErrorCode, message: &str, id: Option<&str>) {
@@ -557,12 +585,30 @@ async fn write_frames(wr: &mut OwnedWriteHalf, frames: &[Bytes], at: &mut Cursor
     Ok(())
 }
 
-/// The writer task: drains the outbox until a close is requested, then sends
-/// the close frame and shuts the write half.
+/// How long a writer with nothing to write waits before it hands the write
+/// half back and ends (an idle socket then holds no writer task).
+const WRITER_IDLE: Duration = Duration::from_secs(2);
+
+/// The writer task: drains the outbox until a close is requested (then
+/// sends the close frame and shuts the write half), or until it has been
+/// idle for [`WRITER_IDLE`] (then parks the write half in the outbox).
 async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
     let mut spare = Vec::new();
     loop {
-        let mut batch = conn.outbox.take(spare).await;
+        let ready = conn.outbox.ready();
+        let mut batch = match conn.outbox.try_take(spare) {
+            Ok(batch) => batch,
+            Err(back) => {
+                spare = back;
+                if tokio::time::timeout(WRITER_IDLE, ready).await.is_err() {
+                    match conn.outbox.park(wr) {
+                        Ok(()) => return,
+                        Err(back) => wr = back,
+                    }
+                }
+                continue;
+            }
+        };
         let mut at = Cursor::default();
         if !batch.frames.is_empty() {
             let res = tokio::select! {
@@ -579,7 +625,7 @@ async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
                     return Box::pin(finish(&mut wr, partial, req)).await;
                 }
                 Err(_) => {
-                    conn.outbox.close(CloseRequest {
+                    conn.close(CloseRequest {
                         code: 1006,
                         reason: "".into(),
                         flush: false,

@@ -370,7 +370,7 @@ impl Sent {
         let Some(f) = frames.for_format(s.raw) else {
             return;
         };
-        match s.outbox.push(f.clone()) {
+        match s.push(f.clone()) {
             Pushed::Queued => {
                 self.count += frames.messages;
                 self.bytes += f.len();

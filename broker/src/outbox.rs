@@ -10,6 +10,7 @@ use std::borrow::Cow;
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 /// How a socket is to be closed.
@@ -41,6 +42,24 @@ struct State {
     frames: Vec<Bytes>,
     bytes: usize,
     close: Option<CloseRequest>,
+    /// The socket's write half while no writer task runs (an idle socket
+    /// holds no writer task at all).
+    parked: Option<OwnedWriteHalf>,
+    /// A writer task owns the write half.
+    running: bool,
+}
+
+impl State {
+    /// Hands out the parked write half when there is work and no writer:
+    /// the caller must start a writer task with it.
+    fn wake(&mut self) -> Option<OwnedWriteHalf> {
+        if self.running || (self.frames.is_empty() && self.close.is_none()) {
+            return None;
+        }
+        let wr = self.parked.take()?;
+        self.running = true;
+        Some(wr)
+    }
 }
 
 /// The queue. Lives in the socket's shared [`crate::connection::Conn`].
@@ -83,11 +102,12 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues one frame. Never waits.
-    pub fn push(&self, frame: Bytes) -> Pushed {
+    /// Queues one frame. Never waits. When it returns a write half, no
+    /// writer is running and the caller must start one with it.
+    pub fn push(&self, frame: Bytes) -> (Pushed, Option<OwnedWriteHalf>) {
         let mut s = self.lock();
         if s.close.is_some() {
-            return Pushed::Closing;
+            return (Pushed::Closing, None);
         }
         if s.bytes + frame.len() > self.limit {
             s.frames = Vec::new();
@@ -97,28 +117,31 @@ impl Outbox {
                 reason: Cow::Borrowed("slow_consumer: outbound queue limit exceeded"),
                 flush: false,
             });
+            let start = s.wake();
             drop(s);
             self.abort.notify_one();
             self.closed.notify_one();
             self.ready.notify_one();
-            return Pushed::Overflowed;
+            return (Pushed::Overflowed, start);
         }
         s.bytes += frame.len();
         s.frames.push(frame);
         let first = s.frames.len() == 1;
+        let start = s.wake();
         drop(s);
         if first {
             self.ready.notify_one();
         }
-        Pushed::Queued
+        (Pushed::Queued, start)
     }
 
     /// Asks the writer to close the socket. The first request wins; later
-    /// ones are ignored. Returns whether this request was the one taken.
-    pub fn close(&self, req: CloseRequest) -> bool {
+    /// ones are ignored. Returns whether this request was the one taken,
+    /// and (like [`Outbox::push`]) a write half when a writer must start.
+    pub fn close(&self, req: CloseRequest) -> (bool, Option<OwnedWriteHalf>) {
         let mut s = self.lock();
         if s.close.is_some() {
-            return false;
+            return (false, None);
         }
         let flush = req.flush;
         if !flush {
@@ -126,13 +149,40 @@ impl Outbox {
             s.bytes = 0;
         }
         s.close = Some(req);
+        let start = s.wake();
         drop(s);
         if !flush {
             self.abort.notify_one();
         }
         self.closed.notify_one();
         self.ready.notify_one();
-        true
+        (true, start)
+    }
+
+    /// Gives the outbox its socket's write half once the handshake is done.
+    /// Returns it back when work is already waiting (start a writer).
+    pub fn install(&self, wr: OwnedWriteHalf) -> Option<OwnedWriteHalf> {
+        let mut s = self.lock();
+        s.parked = Some(wr);
+        s.wake()
+    }
+
+    /// A writer with nothing to do hands the write half back and ends;
+    /// `Err` returns it when work arrived meanwhile (keep writing).
+    pub fn park(&self, wr: OwnedWriteHalf) -> Result<(), OwnedWriteHalf> {
+        let mut s = self.lock();
+        if !s.frames.is_empty() || s.close.is_some() {
+            return Err(wr);
+        }
+        s.parked = Some(wr);
+        s.running = false;
+        Ok(())
+    }
+
+    /// Waits until frames or a close may be waiting (a wakeup may be stale:
+    /// check with [`Outbox::try_take`]).
+    pub async fn ready(&self) {
+        self.ready.notified().await
     }
 
     /// Whether a close was requested.
@@ -187,10 +237,10 @@ mod tests {
     #[tokio::test]
     async fn overflows_once_then_refuses() {
         let o = Outbox::new(10);
-        assert_eq!(o.push(Bytes::from_static(b"12345")), Pushed::Queued);
-        assert_eq!(o.push(Bytes::from_static(b"12345")), Pushed::Queued);
-        assert_eq!(o.push(Bytes::from_static(b"1")), Pushed::Overflowed);
-        assert_eq!(o.push(Bytes::from_static(b"1")), Pushed::Closing);
+        assert_eq!(o.push(Bytes::from_static(b"12345")).0, Pushed::Queued);
+        assert_eq!(o.push(Bytes::from_static(b"12345")).0, Pushed::Queued);
+        assert_eq!(o.push(Bytes::from_static(b"1")).0, Pushed::Overflowed);
+        assert_eq!(o.push(Bytes::from_static(b"1")).0, Pushed::Closing);
         let b = o.take(Vec::new()).await;
         assert!(b.frames.is_empty());
         assert_eq!(b.close.unwrap().code, 4001);
@@ -204,23 +254,29 @@ mod tests {
         let b = o.take(Vec::new()).await;
         assert_eq!(b.frames, vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
         assert!(b.close.is_none());
-        assert_eq!(o.push(Bytes::from_static(b"0123456789")), Pushed::Queued);
+        assert_eq!(o.push(Bytes::from_static(b"0123456789")).0, Pushed::Queued);
     }
 
     #[tokio::test]
     async fn flushing_close_keeps_queued_frames() {
         let o = Outbox::new(10);
         o.push(Bytes::from_static(b"a"));
-        assert!(o.close(CloseRequest {
-            code: 1001,
-            reason: "bye".into(),
-            flush: true
-        }));
-        assert!(!o.close(CloseRequest {
-            code: 1000,
-            reason: "".into(),
-            flush: false
-        }));
+        assert!(
+            o.close(CloseRequest {
+                code: 1001,
+                reason: "bye".into(),
+                flush: true
+            })
+            .0
+        );
+        assert!(
+            !o.close(CloseRequest {
+                code: 1000,
+                reason: "".into(),
+                flush: false
+            })
+            .0
+        );
         let b = o.take(Vec::new()).await;
         assert_eq!(b.frames.len(), 1);
         assert_eq!(b.close.unwrap().code, 1001);

@@ -203,7 +203,7 @@ async fn drain(node: &Arc<Node>) {
                 tokio::time::sleep(pause).await;
             }
             for c in chunk {
-                c.outbox.close(CloseRequest {
+                c.close(CloseRequest {
                     code: close::GOING_AWAY,
                     reason: "going_away: node shutting down, reconnect".into(),
                     flush: true,
@@ -244,7 +244,7 @@ async fn heartbeat(node: Arc<Node>) {
         for entry in node.sessions.iter() {
             let c = entry.value();
             if c.last_seen() < deadline {
-                if c.outbox.close(CloseRequest {
+                if c.close(CloseRequest {
                     code: close::HEARTBEAT_TIMEOUT,
                     reason: "heartbeat_timeout: no answer to ping".into(),
                     flush: false,
@@ -252,7 +252,7 @@ async fn heartbeat(node: Arc<Node>) {
                     node.metrics.heartbeat_timeouts.fetch_add(1, Relaxed);
                 }
             } else {
-                c.outbox.push(ping.clone());
+                c.push(ping.clone());
             }
         }
         rounds = [rounds[1], now];
