@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::{Buf, BytesMut};
+use herald_protocol::ws::{put_client_frame, OpCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
@@ -184,27 +185,15 @@ fn parse_header(b: &[u8]) -> Option<(usize, usize, u8)> {
 impl Writer {
     /// Appends one masked frame to the pending output.
     pub fn frame(&mut self, opcode: u8, payload: &[u8]) {
-        let o = &mut self.out;
-        o.push(0x80 | opcode);
-        match payload.len() {
-            n @ 0..=125 => o.push(0x80 | n as u8),
-            n @ 126..=65535 => {
-                o.push(0x80 | 126);
-                o.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                o.push(0x80 | 127);
-                o.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
+        let op = match opcode {
+            0x1 => OpCode::Text,
+            0x2 => OpCode::Binary,
+            0x8 => OpCode::Close,
+            0x9 => OpCode::Ping,
+            _ => OpCode::Pong,
+        };
         self.mask = self.mask.rotate_left(7) ^ 0x9e37_79b9;
-        let m = self.mask.to_ne_bytes();
-        o.extend_from_slice(&m);
-        let start = o.len();
-        o.extend_from_slice(payload);
-        for (i, b) in o[start..].iter_mut().enumerate() {
-            *b ^= m[i & 3];
-        }
+        put_client_frame(&mut self.out, true, op, self.mask.to_ne_bytes(), payload);
     }
 
     pub fn text(&mut self, payload: &[u8]) {

@@ -402,7 +402,10 @@ async fn publish(
                 send(&mut wr, start_ns + seq * period_ns, seq, &mut per_topic);
                 seq += 1;
             }
-            wr.flush().await?;
+            if wr.flush().await.is_err() {
+                shared.errors.fetch_add(1, Relaxed);
+                break;
+            }
             shared.published.fetch_add(seq - before, Relaxed);
         }
     } else {
@@ -412,7 +415,11 @@ async fn publish(
                 send(&mut wr, ts, seq, &mut per_topic);
                 seq += 1;
             }
-            wr.flush().await?;
+            if wr.flush().await.is_err() {
+                // The target dropped the publisher: what was sent counts.
+                shared.errors.fetch_add(1, Relaxed);
+                break;
+            }
             shared.published.fetch_add(32, Relaxed);
         }
     }

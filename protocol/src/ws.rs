@@ -367,6 +367,12 @@ pub fn encode_close(code: u16, reason: &str) -> Bytes {
 /// Masks and frames `payload` as a client would (for tests and tools).
 pub fn encode_client_frame(fin: bool, opcode: OpCode, mask: [u8; 4], payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(14 + payload.len());
+    put_client_frame(&mut out, fin, opcode, mask, payload);
+    out
+}
+
+/// Appends one masked client frame to `out` (a load generator reuses `out`).
+pub fn put_client_frame(out: &mut Vec<u8>, fin: bool, opcode: OpCode, mask: [u8; 4], payload: &[u8]) {
     out.push(if fin { 0x80 } else { 0 } | opcode.as_u8());
     match payload.len() {
         n @ 0..=125 => out.push(0x80 | n as u8),
@@ -383,7 +389,6 @@ pub fn encode_client_frame(fin: bool, opcode: OpCode, mask: [u8; 4], payload: &[
     let start = out.len();
     out.extend_from_slice(payload);
     unmask(&mut out[start..], mask);
-    out
 }
 
 #[cfg(test)]
