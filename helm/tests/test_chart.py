@@ -58,7 +58,8 @@ def one(docs, kind, suffix=None):
 def herald_flags():
     """The environment variables `herald serve` accepts, from its --help."""
     help_text = subprocess.run([HERALD, "serve", "--help"], capture_output=True, text=True, check=True).stdout
-    return set(re.findall(r"env: (HERALD_[A-Z_]+)", help_text))
+    # Help wraps to the terminal width: an "env:" and its name may be split over lines.
+    return set(re.findall(r"env:\s+(HERALD_[A-Z_]+)", help_text))
 
 
 def seconds(d):
