@@ -7,6 +7,7 @@
 //!   and graceful shutdown.
 //! - [`connection`]: one WebSocket session: its read loop and writer task.
 //! - [`outbox`]: a socket's bounded outbound queue of ready frames.
+//! - [`preread`]: the first request head, read under the handshake timeout.
 //! - [`hub`]: local routing: sharded topic map, wildcard patterns, fan-out.
 //! - [`bus`]: how a publish reaches every node (embedded: in-process).
 //! - [`http`]: HTTP publish, health, readiness, metrics; `/ws` URL parameters.
@@ -23,6 +24,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod outbox;
+pub mod preread;
 pub mod server;
 
 pub use config::Config;

@@ -32,6 +32,7 @@ use crate::http::{self, Body};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbox::CloseRequest;
+use crate::preread::{self, Head, Prefixed};
 
 /// Largest HTTP request head (request line and headers) a client may send.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -259,16 +260,32 @@ async fn heartbeat(node: Arc<Node>) {
     }
 }
 
-async fn serve_http(node: Arc<Node>, stream: TcpStream, remote: SocketAddr) {
+async fn serve_http(node: Arc<Node>, mut stream: TcpStream, remote: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    let timeout = node.config.handshake_timeout;
+    let prefix = match preread::first_head(&mut stream, timeout, MAX_HEAD_BYTES, &node.metrics).await {
+        Head::Arrived(prefix) => prefix,
+        Head::Gone => return,
+        Head::TimedOut => {
+            tracing::debug!(%remote, "handshake_timeout: request head not received in time");
+            return;
+        }
+    };
     let svc_node = node.clone();
     let svc = service_fn(move |req| route(svc_node.clone(), req));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
+        // Later requests on a kept-alive connection get the same bound.
         .header_read_timeout(node.config.handshake_timeout)
         // Request heads past this are refused with 431: a handshake needs ~1 KiB.
         .max_buf_size(MAX_HEAD_BYTES)
-        .serve_connection(TokioIo::new(stream), svc)
+        .serve_connection(
+            TokioIo::new(Prefixed {
+                prefix,
+                inner: stream,
+            }),
+            svc,
+        )
         .with_upgrades();
     if let Err(e) = conn.await {
         if e.is_timeout() {
@@ -345,10 +362,17 @@ fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
                 return accepted.abandon();
             }
         };
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        match upgraded.downcast::<TokioIo<Prefixed>>() {
             // The session gets tasks of its own, so the long-lived tasks hold
             // none of the handshake's state.
-            Ok(parts) => accepted.start(parts.io.into_inner(), &parts.read_buf),
+            Ok(parts) => {
+                let Prefixed { prefix, inner } = parts.io.into_inner();
+                if prefix.is_empty() {
+                    accepted.start(inner, &parts.read_buf)
+                } else {
+                    accepted.start(inner, &[&prefix[..], &parts.read_buf[..]].concat())
+                }
+            }
             Err(_) => {
                 tracing::error!("upgraded connection is not a TCP stream");
                 accepted.abandon();

@@ -48,11 +48,13 @@ pub enum ErrorCode {
     PublishFailed,
     /// The node is draining.
     ShuttingDown,
+    /// The client did not send its request head within the handshake timeout.
+    HandshakeTimeout,
 }
 
 impl ErrorCode {
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownOp,
         ErrorCode::BadRequest,
@@ -66,6 +68,7 @@ impl ErrorCode {
         ErrorCode::Unauthorized,
         ErrorCode::PublishFailed,
         ErrorCode::ShuttingDown,
+        ErrorCode::HandshakeTimeout,
     ];
 
     /// The wire name.
@@ -84,6 +87,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::PublishFailed => "publish_failed",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::HandshakeTimeout => "handshake_timeout",
         }
     }
 
