@@ -44,7 +44,7 @@ pub struct Conn {
     pub outbox: Outbox,
     /// Set once the socket holds a wildcard subscription, so fan-out knows
     /// when it must check for a second match.
-    wildcard: AtomicBool,
+    pub(crate) wildcard: AtomicBool,
     /// Node clock (ms) when anything last arrived from the client.
     last_seen: AtomicU64,
     /// The socket's subscriptions. Written by its read loop; read by fan-out

@@ -115,37 +115,55 @@ impl Hub {
         self.inner.presence.iter().any(|p| topic::matches(p, topic))
     }
 
+    /// Replaces the subscriber list of wildcard `pattern` with what `change`
+    /// makes of the current one (`None`: no list), copy-on-write under the
+    /// writer lock, and says how the node's interest changed.
+    fn change_pattern(
+        &self,
+        pattern: &str,
+        change: impl FnOnce(Option<&Arc<[Subscriber]>>) -> Option<Arc<[Subscriber]>>,
+    ) -> Interest {
+        let _w = self
+            .inner
+            .pattern_writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let cur = self.inner.patterns.load();
+        let existing = cur.iter().find(|p| &*p.pattern == pattern).map(|p| &p.subs);
+        let had = existing.is_some();
+        let new = change(existing);
+        let has = new.is_some();
+        let mut next: Vec<PatternSubs> = cur
+            .iter()
+            .filter(|p| &*p.pattern != pattern)
+            .map(|p| PatternSubs {
+                pattern: p.pattern.clone(),
+                subs: p.subs.clone(),
+            })
+            .collect();
+        if let Some(subs) = new {
+            next.push(PatternSubs {
+                pattern: pattern.into(),
+                subs,
+            });
+        }
+        self.inner.patterns.store(Arc::new(next));
+        match (had, has) {
+            (false, true) => Interest::Gained,
+            (true, false) => Interest::Lost,
+            _ => Interest::Unchanged,
+        }
+    }
+
     /// Adds `sub` under `pattern` (concrete or wildcard). Idempotent.
     pub fn subscribe(&self, pattern: &str, wildcard: bool, sub: &Subscriber) -> Interest {
         if wildcard {
-            let _w = self
-                .inner
-                .pattern_writer
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let cur = self.inner.patterns.load();
-            let mut next: Vec<PatternSubs> = Vec::with_capacity(cur.len() + 1);
-            let mut interest = Interest::Gained;
-            for p in cur.iter() {
-                let subs = if &*p.pattern == pattern {
-                    interest = Interest::Unchanged;
-                    with(&p.subs, sub).unwrap_or_else(|| p.subs.clone())
-                } else {
-                    p.subs.clone()
-                };
-                next.push(PatternSubs {
-                    pattern: p.pattern.clone(),
-                    subs,
-                });
-            }
-            if interest == Interest::Gained {
-                next.push(PatternSubs {
-                    pattern: pattern.into(),
-                    subs: Arc::from([sub.clone()]),
-                });
-            }
-            self.inner.patterns.store(Arc::new(next));
-            return interest;
+            return self.change_pattern(pattern, |cur| {
+                Some(match cur {
+                    Some(list) => with(list, sub).unwrap_or_else(|| list.clone()),
+                    None => Arc::from([sub.clone()]),
+                })
+            });
         }
         match self.inner.exact.entry(pattern.into()) {
             Entry::Occupied(mut e) => {
@@ -164,35 +182,14 @@ impl Hub {
     /// Removes socket `id` from `pattern`.
     pub fn unsubscribe(&self, pattern: &str, wildcard: bool, id: u64) -> Interest {
         if wildcard {
-            let _w = self
-                .inner
-                .pattern_writer
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let cur = self.inner.patterns.load();
-            let mut interest = Interest::Unchanged;
-            let mut next: Vec<PatternSubs> = Vec::with_capacity(cur.len());
-            for p in cur.iter() {
-                if &*p.pattern == pattern {
-                    if let Some(rest) = without(&p.subs, id) {
-                        if rest.is_empty() {
-                            interest = Interest::Lost;
-                            continue;
-                        }
-                        next.push(PatternSubs {
-                            pattern: p.pattern.clone(),
-                            subs: rest.into(),
-                        });
-                        continue;
-                    }
+            return self.change_pattern(pattern, |cur| {
+                let list = cur?;
+                match without(list, id) {
+                    Some(rest) if rest.is_empty() => None,
+                    Some(rest) => Some(rest.into()),
+                    None => Some(list.clone()),
                 }
-                next.push(PatternSubs {
-                    pattern: p.pattern.clone(),
-                    subs: p.subs.clone(),
-                });
-            }
-            self.inner.patterns.store(Arc::new(next));
-            return interest;
+            });
         }
         match self.inner.exact.entry(pattern.into()) {
             Entry::Occupied(mut e) => match without(e.get(), id) {
@@ -381,5 +378,48 @@ impl Sent {
             }
             Pushed::Closing => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: u64) -> Subscriber {
+        Arc::new(Conn::new(id, false, 1 << 20, 0, Default::default()))
+    }
+
+    #[test]
+    fn interest_is_gained_by_the_first_and_lost_with_the_last() {
+        let hub = Hub::new(Arc::new(Metrics::default()), Vec::new());
+        let (a, b) = (conn(1), conn(2));
+        for (key, wild) in [("chat:lobby", false), ("chat:*", true)] {
+            assert_eq!(hub.subscribe(key, wild, &a), Interest::Gained);
+            assert_eq!(hub.subscribe(key, wild, &b), Interest::Unchanged);
+            assert_eq!(hub.subscribe(key, wild, &b), Interest::Unchanged);
+            assert!(hub.has_key(key, wild));
+            assert_eq!(hub.unsubscribe(key, wild, 1), Interest::Unchanged);
+            assert_eq!(hub.unsubscribe(key, wild, 1), Interest::Unchanged);
+            assert_eq!(hub.unsubscribe(key, wild, 2), Interest::Lost);
+            assert!(!hub.has_key(key, wild));
+        }
+        assert_eq!(hub.counts(), (0, 0));
+    }
+
+    #[test]
+    fn a_socket_matching_several_ways_gets_a_message_once() {
+        let hub = Hub::new(Arc::new(Metrics::default()), Vec::new());
+        let (a, b) = (conn(1), conn(2));
+        a.wildcard.store(true, Relaxed);
+        hub.subscribe("chat:lobby", false, &a);
+        hub.subscribe("chat:*", true, &a);
+        hub.subscribe(">", true, &a);
+        hub.subscribe("chat:lobby", false, &b);
+        assert_eq!(hub.deliver("chat:lobby", Body::Data(b"1")), 2);
+        assert_eq!(hub.deliver("chat:other", Body::Data(b"2")), 1);
+        let batch = [Bytes::from_static(b"3"), Bytes::from_static(b"4")];
+        assert_eq!(hub.deliver("chat:lobby", Body::Batch(&batch)), 4);
+        let frames = a.outbox.try_take(Vec::new()).unwrap().frames;
+        assert_eq!(frames.len(), 3, "one push per message or batch");
     }
 }

@@ -58,6 +58,20 @@ pub struct Percentiles {
     pub max: u64,
 }
 
+impl Percentiles {
+    /// `p50 .. p90 .. p99 .. p99.9 .. max ..` for the human table.
+    fn line(&self) -> String {
+        format!(
+            "p50 {} p90 {} p99 {} p99.9 {} max {}",
+            ms(self.p50),
+            ms(self.p90),
+            ms(self.p99),
+            ms(self.p999),
+            ms(self.max)
+        )
+    }
+}
+
 impl From<&Histogram<u64>> for Percentiles {
     fn from(h: &Histogram<u64>) -> Self {
         Percentiles {
@@ -141,17 +155,7 @@ impl Report {
                 format!("{} ({:.0}/s)", self.handshakes, self.handshakes_per_sec),
             );
             let l = &self.connect_latency_us;
-            add(
-                "open+subscribe+close",
-                format!(
-                    "p50 {} p90 {} p99 {} p99.9 {} max {}",
-                    ms(l.p50),
-                    ms(l.p90),
-                    ms(l.p99),
-                    ms(l.p999),
-                    ms(l.max)
-                ),
-            );
+            add("open+subscribe+close", l.line());
             add("errors", self.errors.to_string());
         } else if self.scenario == "idle" {
             add(
@@ -198,17 +202,7 @@ impl Report {
             );
             add("deliveries/s", format!("{:.0}", self.deliveries_per_sec));
             let l = &self.latency_us;
-            add(
-                "latency",
-                format!(
-                    "p50 {} p90 {} p99 {} p99.9 {} max {}",
-                    ms(l.p50),
-                    ms(l.p90),
-                    ms(l.p99),
-                    ms(l.p999),
-                    ms(l.max)
-                ),
-            );
+            add("latency", l.line());
             if !self.server.pids.is_empty() {
                 add("server CPU", format!("{:.2} s", self.server.cpu_seconds));
                 if let Some(d) = self.server.deliveries_per_cpu_second {
