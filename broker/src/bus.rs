@@ -60,6 +60,15 @@ pub enum BusError {
     },
 }
 
+impl BusError {
+    /// Deliveries made on this node despite the error.
+    pub fn local(&self) -> usize {
+        match self {
+            BusError::LinkDown { local } | BusError::Backlog { local } => *local,
+        }
+    }
+}
+
 /// The node's bus. Cloning is a refcount.
 #[derive(Clone)]
 pub struct Bus {
@@ -172,12 +181,8 @@ impl Bus {
     /// Publishes `data` (well-formed JSON) on concrete `topic`: to local
     /// subscribers at once, then to the other nodes. Returns the number of
     /// local deliveries.
-    pub fn publish(&self, topic: &str, data: &[u8]) -> Result<usize, BusError> {
-        self.metrics.messages_in.fetch_add(1, Relaxed);
-        self.metrics.bytes_in.fetch_add(data.len() as u64, Relaxed);
-        let local = self.hub.deliver(topic, Body::Data(data));
-        self.forward(topic, None, Bytes::copy_from_slice(data), local)?;
-        Ok(local)
+    pub fn publish(&self, topic: &str, data: Bytes) -> Result<usize, BusError> {
+        self.publish_batch(topic, std::slice::from_ref(&data))
     }
 
     fn forward(

@@ -479,7 +479,7 @@ impl Session {
         if id.is_some() {
             // Answered one by one: the ack follows the delivery.
             self.flush();
-            return match self.node.bus.publish(topic, &data) {
+            return match self.node.bus.publish(topic, data) {
                 Ok(_) => self.ack(id),
                 Err(e) => self.error(ErrorCode::PublishFailed, &e.to_string(), id),
             };

@@ -310,11 +310,12 @@ struct Frames<'a> {
     messages: usize,
 }
 
-fn concat(parts: impl Iterator<Item = Bytes>) -> Bytes {
-    let parts: Vec<Bytes> = parts.collect();
-    let mut out = bytes::BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
-    for p in &parts {
-        out.extend_from_slice(p);
+/// A burst's frames, encoded one after another into one buffer.
+fn encode_burst(datas: &[Bytes], put: impl Fn(&mut bytes::BytesMut, &[u8])) -> Bytes {
+    let estimate = datas.iter().map(|d| d.len() + 64).sum();
+    let mut out = bytes::BytesMut::with_capacity(estimate);
+    for d in datas {
+        put(&mut out, d);
     }
     out.freeze()
 }
@@ -323,9 +324,8 @@ impl<'a> Frames<'a> {
     fn new(topic: &str, body: Body<'a>) -> Self {
         let (json, messages) = match body {
             Body::Data(d) => (message::encode_delivery(topic, d), 1),
-            Body::Batch(ds) if ds.len() == 1 => (message::encode_delivery(topic, &ds[0]), 1),
             Body::Batch(ds) => (
-                concat(ds.iter().map(|d| message::encode_delivery(topic, d))),
+                encode_burst(ds, |out, d| message::put_delivery(out, topic, d)),
                 ds.len(),
             ),
             Body::Presence { event, client, name } => {
@@ -349,7 +349,7 @@ impl<'a> Frames<'a> {
         self.raw
             .get_or_init(|| match self.body {
                 Body::Data(d) => Some(message::encode_raw(d)),
-                Body::Batch(ds) => Some(concat(ds.iter().map(|d| message::encode_raw(d)))),
+                Body::Batch(ds) => Some(encode_burst(ds, message::put_raw)),
                 Body::Presence { .. } => None,
             })
             .as_ref()

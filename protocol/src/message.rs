@@ -372,13 +372,24 @@ impl FrameBuilder {
 
 /// `{"topic":T,"data":D}` as a whole text frame. `data` must be valid JSON.
 pub fn encode_delivery(topic: &str, data: &[u8]) -> Bytes {
-    let mut f = FrameBuilder::with_body_capacity(22 + topic.len() + data.len());
-    f.push(b"{\"topic\":\"")
-        .push(topic.as_bytes())
-        .push(b"\",\"data\":")
-        .push(data)
-        .push(b"}");
-    f.finish()
+    let mut out = BytesMut::new();
+    put_delivery(&mut out, topic, data);
+    out.freeze()
+}
+
+/// Appends `{"topic":T,"data":D}` as a whole text frame to `out`, so a burst
+/// of deliveries is encoded straight into one buffer.
+pub fn put_delivery(out: &mut BytesMut, topic: &str, data: &[u8]) {
+    const OPEN: &[u8] = b"{\"topic\":\"";
+    const MIDDLE: &[u8] = b"\",\"data\":";
+    let len = OPEN.len() + topic.len() + MIDDLE.len() + data.len() + 1;
+    out.reserve(ws::header_len(len) + len);
+    ws::put_header(out, OpCode::Text, len);
+    out.extend_from_slice(OPEN);
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(MIDDLE);
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"}");
 }
 
 /// A join or leave notice as a whole text frame:
@@ -401,12 +412,24 @@ pub fn encode_presence(topic: &str, event: &str, client: &str, name: Option<&str
 /// The bare data as a raw-mode text frame: a JSON string becomes its text,
 /// anything else stays its JSON text.
 pub fn encode_raw(data: &[u8]) -> Bytes {
-    if data.first() == Some(&b'"') {
-        if let Ok(s) = serde_json::from_slice::<Cow<'_, str>>(data) {
-            return ws::encode_frame(OpCode::Text, s.as_bytes());
-        }
-    }
-    ws::encode_frame(OpCode::Text, data)
+    let mut out = BytesMut::new();
+    put_raw(&mut out, data);
+    out.freeze()
+}
+
+/// Appends [`encode_raw`]'s frame to `out`.
+pub fn put_raw(out: &mut BytesMut, data: &[u8]) {
+    let text: Cow<'_, [u8]> = match data.first() {
+        Some(b'"') => match serde_json::from_slice::<Cow<'_, str>>(data) {
+            Ok(Cow::Borrowed(s)) => Cow::Borrowed(s.as_bytes()),
+            Ok(Cow::Owned(s)) => Cow::Owned(s.into_bytes()),
+            Err(_) => Cow::Borrowed(data),
+        },
+        _ => Cow::Borrowed(data),
+    };
+    out.reserve(ws::header_len(text.len()) + text.len());
+    ws::put_header(out, OpCode::Text, text.len());
+    out.extend_from_slice(&text);
 }
 
 /// `{"op":"ack","id":ID}` as a whole text frame.
