@@ -58,145 +58,147 @@ impl Metrics {
         self.errors[code.index()].fetch_add(1, Relaxed);
     }
 
-    /// The Prometheus text exposition. `topics` and `draining` come from the
-    /// hub and the server, which own them.
+    /// The Prometheus text exposition. `topics`, `patterns` and `ready` come
+    /// from the hub and the server, which own them; the `herald_nats_*`
+    /// series appear on linked (cluster) nodes only.
     pub fn render(&self, topics: usize, patterns: usize, ready: bool, cluster: bool) -> String {
-        let mut out = String::with_capacity(4096);
-        let mut put = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-        };
-        put(
-            "herald_connections",
-            "gauge",
-            "Open WebSocket connections.",
-            self.connections.load(Relaxed).to_string(),
-        );
-        put(
-            "herald_connections_accepted_total",
-            "counter",
-            "WebSocket connections accepted since start.",
-            self.connections_total.load(Relaxed).to_string(),
-        );
-        put(
-            "herald_subscriptions",
-            "gauge",
-            "Subscriptions held by all sockets.",
-            self.subscriptions.load(Relaxed).to_string(),
-        );
-        put(
-            "herald_topics",
-            "gauge",
-            "Distinct concrete topics with at least one local subscriber.",
-            topics.to_string(),
-        );
-        put(
-            "herald_patterns",
-            "gauge",
-            "Distinct wildcard patterns with at least one local subscriber.",
-            patterns.to_string(),
-        );
-        put(
-            "herald_messages_in_total",
-            "counter",
-            "Messages published into this node.",
-            self.messages_in.load(Relaxed).to_string(),
-        );
-        put(
-            "herald_bytes_in_total",
-            "counter",
-            "Bytes of published data received by this node.",
-            self.bytes_in.load(Relaxed).to_string(),
-        );
-        put(
-            "herald_deliveries_total",
-            "counter",
-            "Messages queued to local subscriber sockets.",
-            self.deliveries.load(Relaxed).to_string(),
-        );
-        put(
-            "herald_bytes_out_total",
-            "counter",
-            "Bytes of delivery frames queued to local sockets.",
-            self.bytes_out.load(Relaxed).to_string(),
-        );
-        put(
-            "herald_slow_consumer_disconnects_total",
-            "counter",
-            "Sockets closed because their outbound queue overflowed.",
-            self.slow_consumers.load(Relaxed).to_string(),
-        );
-        put(
-            "herald_heartbeat_timeouts_total",
-            "counter",
-            "Sockets closed because nothing arrived within a ping interval.",
-            self.heartbeat_timeouts.load(Relaxed).to_string(),
-        );
-        put(
-            "herald_handshake_timeouts_total",
-            "counter",
-            "HTTP connections closed for not sending request headers in time.",
-            self.handshake_timeouts.load(Relaxed).to_string(),
-        );
-        put(
-            "herald_protocol_errors_total",
-            "counter",
-            "WebSocket connections closed for a protocol violation.",
-            self.protocol_errors.load(Relaxed).to_string(),
-        );
-        put(
-            "herald_ready",
-            "gauge",
-            "1 while the node accepts new sockets, 0 while draining.",
-            u8::from(ready).to_string(),
-        );
+        let get = |a: &AtomicU64| a.load(Relaxed) as i64;
+        let gauge = |a: &AtomicI64| a.load(Relaxed);
+        let mut series: Vec<(&str, &str, &str, i64)> = vec![
+            (
+                "herald_connections",
+                "gauge",
+                "Open WebSocket connections.",
+                gauge(&self.connections),
+            ),
+            (
+                "herald_connections_accepted_total",
+                "counter",
+                "WebSocket connections accepted since start.",
+                get(&self.connections_total),
+            ),
+            (
+                "herald_subscriptions",
+                "gauge",
+                "Subscriptions held by all sockets.",
+                gauge(&self.subscriptions),
+            ),
+            (
+                "herald_topics",
+                "gauge",
+                "Distinct concrete topics with at least one local subscriber.",
+                topics as i64,
+            ),
+            (
+                "herald_patterns",
+                "gauge",
+                "Distinct wildcard patterns with at least one local subscriber.",
+                patterns as i64,
+            ),
+            (
+                "herald_messages_in_total",
+                "counter",
+                "Messages published into this node.",
+                get(&self.messages_in),
+            ),
+            (
+                "herald_bytes_in_total",
+                "counter",
+                "Bytes of published data received by this node.",
+                get(&self.bytes_in),
+            ),
+            (
+                "herald_deliveries_total",
+                "counter",
+                "Messages queued to local subscriber sockets.",
+                get(&self.deliveries),
+            ),
+            (
+                "herald_bytes_out_total",
+                "counter",
+                "Bytes of delivery frames queued to local sockets.",
+                get(&self.bytes_out),
+            ),
+            (
+                "herald_slow_consumer_disconnects_total",
+                "counter",
+                "Sockets closed because their outbound queue overflowed.",
+                get(&self.slow_consumers),
+            ),
+            (
+                "herald_heartbeat_timeouts_total",
+                "counter",
+                "Sockets closed because nothing arrived within a ping interval.",
+                get(&self.heartbeat_timeouts),
+            ),
+            (
+                "herald_handshake_timeouts_total",
+                "counter",
+                "HTTP connections closed for not sending request headers in time.",
+                get(&self.handshake_timeouts),
+            ),
+            (
+                "herald_protocol_errors_total",
+                "counter",
+                "WebSocket connections closed for a protocol violation.",
+                get(&self.protocol_errors),
+            ),
+            (
+                "herald_ready",
+                "gauge",
+                "1 while the node accepts new sockets, 0 while draining.",
+                i64::from(ready),
+            ),
+        ];
         if cluster {
-            let nats: [(&str, &str, &str, u64); 7] = [
+            series.extend([
                 (
                     "herald_nats_connected",
                     "gauge",
                     "1 while the NATS link is connected.",
-                    self.nats_connected.load(Relaxed) as u64,
+                    gauge(&self.nats_connected),
                 ),
                 (
                     "herald_nats_connects_total",
                     "counter",
                     "Times the NATS link connected or reconnected.",
-                    self.nats_connects.load(Relaxed),
+                    get(&self.nats_connects),
                 ),
                 (
                     "herald_nats_subscriptions",
                     "gauge",
                     "Subject subscriptions held on NATS (one per locally subscribed topic or pattern).",
-                    self.nats_subscriptions.load(Relaxed) as u64,
+                    gauge(&self.nats_subscriptions),
                 ),
                 (
                     "herald_nats_messages_in_total",
                     "counter",
                     "Messages received from NATS.",
-                    self.nats_messages_in.load(Relaxed),
+                    get(&self.nats_messages_in),
                 ),
                 (
                     "herald_nats_messages_out_total",
                     "counter",
                     "Messages published onto NATS.",
-                    self.nats_messages_out.load(Relaxed),
+                    get(&self.nats_messages_out),
                 ),
                 (
                     "herald_nats_publish_failures_total",
                     "counter",
                     "Publishes delivered locally that could not reach NATS.",
-                    self.nats_publish_failures.load(Relaxed),
+                    get(&self.nats_publish_failures),
                 ),
                 (
                     "herald_nats_dropped_total",
                     "counter",
                     "Messages from NATS dropped as unusable (subject, encoding, size).",
-                    self.nats_dropped.load(Relaxed),
+                    get(&self.nats_dropped),
                 ),
-            ];
-            for (name, kind, help, value) in nats {
-                put(name, kind, help, value.to_string());
-            }
+            ]);
+        }
+        let mut out = String::with_capacity(4096);
+        for (name, kind, help, value) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
         let _ = writeln!(
             out,

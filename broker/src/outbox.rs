@@ -185,11 +185,6 @@ impl Outbox {
         self.ready.notified().await
     }
 
-    /// Whether a close was requested.
-    pub fn is_closing(&self) -> bool {
-        self.lock().close.is_some()
-    }
-
     /// Takes everything queued (swapping in `spare`, an empty vector whose
     /// capacity is reused), or waits until there is something.
     pub async fn take(&self, spare: Vec<Bytes>) -> Batch {

@@ -184,20 +184,13 @@ fn parse_header(b: &[u8]) -> Option<(usize, usize, u8)> {
 
 impl Writer {
     /// Appends one masked frame to the pending output.
-    pub fn frame(&mut self, opcode: u8, payload: &[u8]) {
-        let op = match opcode {
-            0x1 => OpCode::Text,
-            0x2 => OpCode::Binary,
-            0x8 => OpCode::Close,
-            0x9 => OpCode::Ping,
-            _ => OpCode::Pong,
-        };
+    pub fn frame(&mut self, op: OpCode, payload: &[u8]) {
         self.mask = self.mask.rotate_left(7) ^ 0x9e37_79b9;
         put_client_frame(&mut self.out, true, op, self.mask.to_ne_bytes(), payload);
     }
 
     pub fn text(&mut self, payload: &[u8]) {
-        self.frame(0x1, payload)
+        self.frame(OpCode::Text, payload)
     }
 
     /// Writes everything pending in one system call (or as few as it takes).
@@ -214,7 +207,7 @@ impl Writer {
     }
 
     pub async fn close(&mut self) {
-        self.frame(0x8, &1000u16.to_be_bytes());
+        self.frame(OpCode::Close, &1000u16.to_be_bytes());
         let _ = self.flush().await;
         let _ = self.half.shutdown().await;
     }
@@ -296,7 +289,7 @@ impl Target {
                 let cmd = format!(
                     "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"headers\":false}}\r\nSUB {subject} 1\r\nPING\r\n"
                 );
-                c.wr.frame(0x2, cmd.as_bytes());
+                c.wr.frame(OpCode::Binary, cmd.as_bytes());
                 c.wr.flush().await?;
                 let mut acc = Vec::new();
                 loop {
@@ -318,7 +311,7 @@ impl Target {
     pub fn hello(self, w: &mut Writer) {
         if self == Target::NatsWs {
             w.frame(
-                0x2,
+                OpCode::Binary,
                 b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"headers\":false}\r\n",
             );
         }
@@ -334,16 +327,16 @@ impl Target {
                 scratch.extend_from_slice(br#"","data":""#);
                 scratch.extend_from_slice(body);
                 scratch.extend_from_slice(br#""}"#);
-                w.frame(0x1, scratch);
+                w.frame(OpCode::Text, scratch);
             }
             Target::NatsWs => {
                 use std::io::Write;
                 let _ = write!(scratch, "PUB {} {}\r\n", topic.replace(':', "."), body.len());
                 scratch.extend_from_slice(body);
                 scratch.extend_from_slice(b"\r\n");
-                w.frame(0x2, scratch);
+                w.frame(OpCode::Binary, scratch);
             }
-            Target::WsBroadcast => w.frame(0x1, body),
+            Target::WsBroadcast => w.frame(OpCode::Text, body),
         }
     }
 }

@@ -16,6 +16,7 @@ use tokio::io::AsyncBufReadExt;
 
 use crate::report::{new_histogram, Hist, WorkerReport};
 use crate::wire::{self, Target, Url};
+use herald_protocol::ws::OpCode;
 
 /// What a worker runs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -287,13 +288,13 @@ async fn read_deliveries(mut c: wire::Conn, target: Target, shared: Arc<Shared>,
                     local.push(now.saturating_sub(ts) / 1000);
                 }
                 for _ in 0..pings {
-                    c.wr.frame(0x2, b"PONG\r\n");
+                    c.wr.frame(OpCode::Binary, b"PONG\r\n");
                 }
             }
             _ => {
                 if next.opcode == 0x9 {
                     let p = payload.to_vec();
-                    c.wr.frame(0xA, &p);
+                    c.wr.frame(OpCode::Pong, &p);
                 } else if next.opcode == 0x1 {
                     if let Some(ts) = wire::timestamp(payload) {
                         local.push(now.saturating_sub(ts) / 1000);
