@@ -69,6 +69,22 @@ impl BusError {
     }
 }
 
+/// Why the cluster link could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// A `--nats` URL that is not a server address.
+    #[error("--nats {url:?}: {reason}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The NATS client refused its options.
+    #[error("NATS link: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+}
+
 /// The node's bus. Cloning is a refcount.
 #[derive(Clone)]
 pub struct Bus {
@@ -110,12 +126,18 @@ impl Bus {
         urls: &[String],
         prefix: &str,
         max_message_bytes: usize,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, LinkError> {
         let addrs = urls
             .iter()
-            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow::anyhow!("--nats: {e}"))?;
+            .map(|u| {
+                u.trim()
+                    .parse::<async_nats::ServerAddr>()
+                    .map_err(|e| LinkError::Url {
+                        url: u.clone(),
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let events = metrics.clone();
         let client = async_nats::ConnectOptions::new()
             .name("herald")

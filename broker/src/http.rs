@@ -5,14 +5,12 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 use herald_protocol::message::{self, ErrorCode};
-use herald_protocol::{Pattern, Topic};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::connection::SessionParams;
-use crate::server::Node;
+use crate::node::Node;
 
 /// Response body type for every route.
 pub type Body = Full<Bytes>;
@@ -51,7 +49,7 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
         "/readyz" if get => {
             // The NATS link's state is shown but does not fail readiness: a
             // node without its link still serves its own sockets.
-            let link = match node.bus.link_state() {
+            let link = match node.router.bus().link_state() {
                 None => "",
                 Some(true) => "nats: connected\n",
                 Some(false) => "nats: disconnected\n",
@@ -67,8 +65,8 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
             }
         }
         "/metrics" if get => {
-            let (topics, patterns) = node.bus.hub().counts();
-            let cluster = node.bus.link_state().is_some();
+            let (topics, patterns) = node.router.hub().counts();
+            let cluster = node.router.bus().link_state().is_some();
             let text = node
                 .metrics
                 .render(topics, patterns, node.ready.load(Relaxed), cluster);
@@ -145,7 +143,7 @@ async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {
     let mut link_error = None;
     for run in items.chunk_by(|a, b| a.topic == b.topic) {
         let datas: Vec<Bytes> = run.iter().map(|i| body.slice_ref(i.data.as_bytes())).collect();
-        match node.bus.publish_batch(run[0].topic.as_str(), &datas) {
+        match node.router.publish_batch(run[0].topic.as_str(), &datas) {
             Ok(d) => deliveries += d,
             Err(e) => {
                 deliveries += e.local();
@@ -162,124 +160,4 @@ async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {
     }
     let body = format!("{{\"published\":{},\"deliveries\":{deliveries}}}", items.len());
     respond(StatusCode::OK, "application/json", body)
-}
-
-/// Decodes `%XX` escapes (browsers escape `>` in URLs) and `+` as space.
-fn percent_decode(s: &str) -> Result<String, String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = b
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| format!("bad percent-escape in {s:?}"))?;
-                out.push(hex);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
-}
-
-/// Longest `name` a socket may give for presence notices.
-const MAX_NAME_LEN: usize = 64;
-
-/// Parses `/ws` query parameters: `sub` (repeated), `topic` + `format=raw`,
-/// `name`. Unknown parameters are ignored (cache busters, tokens for proxies).
-pub fn session_params(query: &str, max_subs: usize) -> Result<SessionParams, (ErrorCode, String)> {
-    let mut p = SessionParams::default();
-    let mut format = None;
-    for pair in query.split('&').filter(|s| !s.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v).map_err(|e| (ErrorCode::BadRequest, e))?;
-        match k {
-            "sub" => {
-                Pattern::parse(&v).map_err(|e| (ErrorCode::BadTopic, format!("sub={v:?}: {e}")))?;
-                if !p.subs.contains(&v) {
-                    p.subs.push(v);
-                }
-            }
-            "topic" => {
-                Topic::parse(&v).map_err(|e| (ErrorCode::BadTopic, format!("topic={v:?}: {e}")))?;
-                p.raw_topic = Some(v);
-            }
-            "format" => format = Some(v),
-            "name" => {
-                if v.is_empty() || v.len() > MAX_NAME_LEN || v.chars().any(char::is_control) {
-                    let m = format!("name must be 1 to {MAX_NAME_LEN} bytes without control characters");
-                    return Err((ErrorCode::BadRequest, m));
-                }
-                p.name = Some(v);
-            }
-            _ => {}
-        }
-    }
-    match format.as_deref() {
-        None | Some("json") => {
-            if p.raw_topic.is_some() {
-                let m = "topic= is for format=raw; JSON clients subscribe with sub=";
-                return Err((ErrorCode::BadRequest, m.into()));
-            }
-        }
-        Some("raw") => {
-            if p.raw_topic.is_none() {
-                return Err((ErrorCode::BadRequest, "format=raw needs topic=".into()));
-            }
-            if !p.subs.is_empty() {
-                return Err((ErrorCode::BadRequest, "format=raw takes topic=, not sub=".into()));
-            }
-        }
-        Some(other) => {
-            return Err((
-                ErrorCode::BadRequest,
-                format!("format={other:?}; expected json or raw"),
-            ));
-        }
-    }
-    let n = p.subs.len() + usize::from(p.raw_topic.is_some());
-    if n > max_subs {
-        return Err((
-            ErrorCode::SubscriptionLimit,
-            format!("at most {max_subs} subscriptions per socket"),
-        ));
-    }
-    Ok(p)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn url_parameters() {
-        let p = session_params("sub=todo:*&sub=chat%3Alobby&sub=a:%3E&x=1", 10).unwrap();
-        assert_eq!(p.subs, vec!["todo:*", "chat:lobby", "a:>"]);
-        let p = session_params("topic=chat:lobby&format=raw&name=ann+b", 10).unwrap();
-        assert_eq!(p.raw_topic.as_deref(), Some("chat:lobby"));
-        assert_eq!(p.name.as_deref(), Some("ann b"));
-        let refused = [
-            ("sub=a..b", 10, ErrorCode::BadTopic),
-            ("format=raw", 10, ErrorCode::BadRequest),
-            ("topic=a", 10, ErrorCode::BadRequest),
-            ("format=xml", 10, ErrorCode::BadRequest),
-            ("sub=%zz", 10, ErrorCode::BadRequest),
-            ("sub=a&sub=b", 1, ErrorCode::SubscriptionLimit),
-            ("topic=a:*&format=raw", 1, ErrorCode::BadTopic),
-        ];
-        for (query, max, code) in refused {
-            assert_eq!(session_params(query, max).unwrap_err().0, code, "{query}");
-        }
-    }
 }

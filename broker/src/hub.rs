@@ -1,7 +1,7 @@
-//! Local routing: which sockets on this node receive a message.
+//! The node's fan-out table: which local sockets receive a message.
 //!
 //! Concrete topics live in a sharded map from topic to an immutable snapshot
-//! of its subscribers (`Arc<[Subscriber]>`, replaced copy-on-write), so
+//! of its subscribers (`Arc<[Arc<Subscriber>]>`, replaced copy-on-write), so
 //! fan-out clones one `Arc` under a brief shard read lock and then walks the
 //! snapshot with no lock held. Wildcard patterns live in one copy-on-write
 //! list read without locks (`ArcSwap`). A message is encoded once per format
@@ -17,12 +17,12 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use herald_protocol::{message, topic};
 
-use crate::connection::Conn;
 use crate::metrics::Metrics;
-use crate::outbox::Pushed;
+use crate::subscriber::Subscriber;
+use crate::writer::Pushed;
 
-/// A subscribed socket.
-pub type Subscriber = Arc<Conn>;
+/// A subscribed socket, as the hub holds it.
+type Sub = Arc<Subscriber>;
 
 /// What a message carries.
 #[derive(Debug, Clone, Copy)]
@@ -46,7 +46,7 @@ pub enum Body<'a> {
 
 struct PatternSubs {
     pattern: Box<str>,
-    subs: Arc<[Subscriber]>,
+    subs: Arc<[Sub]>,
 }
 
 /// Whether a subscribe or unsubscribe changed the node's interest in a key:
@@ -69,7 +69,7 @@ pub struct Hub {
 }
 
 struct Inner {
-    exact: DashMap<Box<str>, Arc<[Subscriber]>>,
+    exact: DashMap<Box<str>, Arc<[Sub]>>,
     patterns: ArcSwap<Vec<PatternSubs>>,
     /// Serialises pattern list writers; readers never take it.
     pattern_writer: Mutex<()>,
@@ -77,7 +77,7 @@ struct Inner {
     metrics: Arc<Metrics>,
 }
 
-fn with(list: &[Subscriber], s: &Subscriber) -> Option<Arc<[Subscriber]>> {
+fn with(list: &[Sub], s: &Sub) -> Option<Arc<[Sub]>> {
     if list.iter().any(|c| c.id == s.id) {
         return None;
     }
@@ -87,7 +87,7 @@ fn with(list: &[Subscriber], s: &Subscriber) -> Option<Arc<[Subscriber]>> {
     Some(v.into())
 }
 
-fn without(list: &[Subscriber], id: u64) -> Option<Vec<Subscriber>> {
+fn without(list: &[Sub], id: u64) -> Option<Vec<Sub>> {
     let pos = list.iter().position(|c| c.id == id)?;
     let mut v = Vec::with_capacity(list.len() - 1);
     v.extend_from_slice(&list[..pos]);
@@ -121,7 +121,7 @@ impl Hub {
     fn change_pattern(
         &self,
         pattern: &str,
-        change: impl FnOnce(Option<&Arc<[Subscriber]>>) -> Option<Arc<[Subscriber]>>,
+        change: impl FnOnce(Option<&Arc<[Sub]>>) -> Option<Arc<[Sub]>>,
     ) -> Interest {
         let _w = self
             .inner
@@ -156,7 +156,7 @@ impl Hub {
     }
 
     /// Adds `sub` under `pattern` (concrete or wildcard). Idempotent.
-    pub fn subscribe(&self, pattern: &str, wildcard: bool, sub: &Subscriber) -> Interest {
+    pub fn subscribe(&self, pattern: &str, wildcard: bool, sub: &Sub) -> Interest {
         if wildcard {
             return self.change_pattern(pattern, |cur| {
                 Some(match cur {
@@ -262,7 +262,7 @@ impl Hub {
     pub fn deliver(&self, topic: &str, body: Body<'_>) -> usize {
         let exact = self.inner.exact.get(topic).map(|r| r.value().clone());
         let patterns = self.inner.patterns.load();
-        let matched: Vec<&Arc<[Subscriber]>> = patterns
+        let matched: Vec<&Arc<[Sub]>> = patterns
             .iter()
             .filter(|p| topic::matches(&p.pattern, topic))
             .map(|p| &p.subs)
@@ -363,7 +363,7 @@ struct Sent {
 }
 
 impl Sent {
-    fn push(&mut self, s: &Subscriber, frames: &Frames<'_>, metrics: &Metrics) {
+    fn push(&mut self, s: &Sub, frames: &Frames<'_>, metrics: &Metrics) {
         let Some(f) = frames.for_format(s.raw) else {
             return;
         };
@@ -385,8 +385,8 @@ impl Sent {
 mod tests {
     use super::*;
 
-    fn conn(id: u64) -> Subscriber {
-        Arc::new(Conn::new(id, false, 1 << 20, 0, Default::default()))
+    fn conn(id: u64) -> Sub {
+        Arc::new(Subscriber::new(id, false, 1 << 20, 0, Default::default()))
     }
 
     #[test]
@@ -410,10 +410,10 @@ mod tests {
     fn a_socket_matching_several_ways_gets_a_message_once() {
         let hub = Hub::new(Arc::new(Metrics::default()), Vec::new());
         let (a, b) = (conn(1), conn(2));
-        a.wildcard.store(true, Relaxed);
-        hub.subscribe("chat:lobby", false, &a);
-        hub.subscribe("chat:*", true, &a);
-        hub.subscribe(">", true, &a);
+        for p in ["chat:lobby", "chat:*", ">"] {
+            a.add(crate::subscriber::Subscription::new(p));
+            hub.subscribe(p, p != "chat:lobby", &a);
+        }
         hub.subscribe("chat:lobby", false, &b);
         assert_eq!(hub.deliver("chat:lobby", Body::Data(b"1")), 2);
         assert_eq!(hub.deliver("chat:other", Body::Data(b"2")), 1);

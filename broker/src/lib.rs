@@ -2,30 +2,51 @@
 //!
 //! # Layout
 //!
-//! - [`server`]: the node's shared state ([`server::Node`]), accept loop with
-//!   a deep backlog, HTTP/1 routing and the `/ws` upgrade, the heartbeat,
-//!   and graceful shutdown.
-//! - [`connection`]: one WebSocket session: its read loop and writer task.
-//! - [`outbox`]: a socket's bounded outbound queue of ready frames.
-//! - [`preread`]: the first request head, read under the handshake timeout.
-//! - [`hub`]: local routing: sharded topic map, wildcard patterns, fan-out.
-//! - [`bus`]: how a publish reaches every node (embedded: in-process).
-//! - [`http`]: HTTP publish, health, readiness, metrics; `/ws` URL parameters.
-//! - [`metrics`]: counters rendered in the Prometheus text format.
+//! Bottom to top; a module uses only modules listed above it (a test,
+//! `tests/layering.rs`, holds every `use crate::` to this order):
+//!
 //! - [`config`]: every setting, as flags and `HERALD_*` variables.
-//! - [`client`]: the `herald pub` and `herald sub` command-line clients.
+//! - [`metrics`]: counters rendered in the Prometheus text format.
+//! - [`rate`]: the token bucket behind every rate limit.
+//! - [`writer`]: a socket's writing side, its whole life: the bounded queue
+//!   of ready frames, the writer task, and the close that ends it.
+//! - [`subscriber`]: the handle of one socket that the hub, the heartbeat
+//!   and shutdown hold, knowing nothing of its session.
+//! - [`hub`]: the node's fan-out table: sharded topics, wildcard patterns.
+//! - [`bus`]: how a publish reaches every node (embedded: in-process;
+//!   cluster: NATS), and the link's interest in subjects.
+//! - [`router`]: the one owner of a subscription's life (socket list, hub,
+//!   cluster interest, presence, metrics) and of a publish's way in, for
+//!   WebSocket sessions and HTTP alike.
+//! - [`params`]: the `/ws` URL parameters, validated before the 101.
+//! - [`session`]: each socket's read loop and request handling, and the set
+//!   of live sessions with the heartbeat and the drain.
+//! - [`node`]: the state one process shares, built once.
+//! - [`preread`]: the first request head, read under the handshake timeout.
+//! - [`http`]: HTTP publish, health, readiness, metrics.
+//! - [`server`]: accept, route, upgrade, shutdown.
+//!
+//! Why a session ended, with its close code and whether the client should
+//! reconnect, is [`herald_protocol::Disconnect`]: the one place close codes
+//! are chosen. The `herald` binary (`main.rs`, with the `pub`/`sub`/`check`
+//! clients in `cli.rs`) sits on top and is the only code that uses `anyhow`.
 #![warn(missing_docs)]
 
 pub mod bus;
-pub mod client;
 pub mod config;
-pub mod connection;
 pub mod http;
 pub mod hub;
 pub mod metrics;
-pub mod outbox;
+pub mod node;
+pub mod params;
 pub mod preread;
+pub mod rate;
+pub mod router;
 pub mod server;
+pub mod session;
+pub mod subscriber;
+pub mod writer;
 
 pub use config::Config;
-pub use server::{bind, run, serve, Node};
+pub use node::Node;
+pub use server::{bind, run, serve};

@@ -1,11 +1,13 @@
 //! The `herald` binary: flag parsing and process plumbing around the
-//! `herald_broker` library.
+//! `herald_broker` library, and the command-line clients (`cli`).
 
 use std::io::Write;
 
 use clap::{Parser, Subcommand};
-use herald_broker::client::{self, Target};
 use herald_broker::Config;
+
+mod cli;
+use cli::Target;
 
 /// Herald: a WebSocket pub/sub broker.
 #[derive(Parser)]
@@ -98,19 +100,19 @@ fn main() -> anyhow::Result<()> {
                 // Machine-readable: tests and scripts read the chosen port here.
                 println!("herald listening on {addr}");
                 std::io::stdout().flush()?;
-                herald_broker::run(listener, *config, shutdown_signal()).await
+                Ok(herald_broker::run(listener, *config, shutdown_signal()).await?)
             }
             Command::Pub {
                 target,
                 lines,
                 topic,
                 data,
-            } => client::publish(&target, &topic, data.as_deref(), lines).await,
+            } => cli::publish(&target, &topic, data.as_deref(), lines).await,
             Command::Check {
                 target,
                 api_key,
                 timeout,
-            } => client::check(&target, api_key.as_deref(), timeout).await,
+            } => cli::check(&target, api_key.as_deref(), timeout).await,
             Command::Sleep { duration } => {
                 tokio::time::sleep(duration).await;
                 Ok(())
@@ -120,7 +122,7 @@ fn main() -> anyhow::Result<()> {
                 data_only,
                 count,
                 topics,
-            } => client::subscribe(&target, &topics, data_only, count).await,
+            } => cli::subscribe(&target, &topics, data_only, count).await,
         }
     })
 }

@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::{Buf, BytesMut};
+use herald_protocol::url::WsUrl;
 use herald_protocol::ws::{put_client_frame, OpCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -35,24 +36,21 @@ pub struct Url {
 
 impl Url {
     pub fn parse(s: &str) -> anyhow::Result<Url> {
-        let rest = s
-            .strip_prefix("ws://")
-            .ok_or_else(|| anyhow!("{s}: only ws:// URLs"))?;
-        let (host, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
+        let url = WsUrl::parse(s)?;
+        let ip: IpAddr = match url.host.as_str() {
+            "localhost" => IpAddr::from([127, 0, 0, 1]),
+            h => h
+                .parse()
+                .with_context(|| format!("{s}: host must be an IP address"))?,
         };
-        let addr: SocketAddr = host
-            .replace("localhost", "127.0.0.1")
-            .parse()
-            .with_context(|| format!("{s}: host must be an IP:port"))?;
+        let addr = SocketAddr::new(ip, url.port);
         if !addr.ip().is_loopback() {
             bail!("{s}: load goes to loopback targets only");
         }
         Ok(Url {
             addr,
-            host: host.to_owned(),
-            path: path.to_owned(),
+            host: url.authority.clone(),
+            path: url.target,
         })
     }
 }

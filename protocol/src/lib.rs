@@ -8,14 +8,21 @@
 //!   from a caller-owned buffer, and encoders for unmasked server frames.
 //! - [`message`]: protocol v1 JSON: client requests (`sub`, `unsub`, `pub`)
 //!   and server frames (deliveries, acks, errors, presence notices).
+//! - [`disconnect`]: every way a node ends a session: close code, reason,
+//!   and whether the client should reconnect.
+//! - [`url`]: `ws://` URLs as command-line clients take them.
 //!
 //! Nothing here does I/O or depends on a runtime, so every parser can be
 //! fuzzed and benchmarked alone.
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod disconnect;
 pub mod message;
 pub mod topic;
+pub mod url;
 pub mod ws;
+
+pub use disconnect::Disconnect;
 
 pub use message::{ErrorCode, Request, RequestError};
 pub use topic::{Pattern, Topic, TopicError};

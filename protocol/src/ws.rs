@@ -58,7 +58,8 @@ impl OpCode {
     }
 }
 
-/// Close codes Herald sends. Codes 1000-1015 are RFC 6455's; 4000-4499 mean
+/// Close code numbers. Which one a session ends with is chosen in one place,
+/// [`crate::Disconnect`]. Codes 1000-1015 are RFC 6455's; 4000-4499 mean
 /// "reconnect"; 4500-4999 mean "do not reconnect" (see docs/protocol.md).
 pub mod close {
     /// Normal closure.
@@ -71,8 +72,9 @@ pub mod close {
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// A message larger than the node's limit: terminal.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
-    /// The node failed internally: reconnect.
-    pub const INTERNAL_ERROR: u16 = 1011;
+    /// The connection was lost without a close frame (never sent; the
+    /// code a client sees for a dropped connection).
+    pub const ABNORMAL: u16 = 1006;
     /// The client did not read fast enough and its queue overflowed: reconnect.
     pub const SLOW_CONSUMER: u16 = 4001;
     /// Nothing arrived (not even a pong) within the heartbeat window: reconnect.

@@ -5,6 +5,7 @@ mod cluster;
 mod common;
 mod external;
 mod hostile;
+mod layering;
 mod lifecycle;
 mod limits;
 mod pubsub;

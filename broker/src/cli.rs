@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use clap::Args;
 use fastwebsockets::{handshake, FragmentCollector, Frame, OpCode, Payload};
+use herald_protocol::url::WsUrl;
 use http_body_util::Empty;
 use hyper::header::{CONNECTION, HOST, UPGRADE};
 use hyper::upgrade::Upgraded;
@@ -40,22 +41,19 @@ where
     }
 }
 
-/// Opens a WebSocket to `url` (`ws://host:port/path?query`).
-pub async fn connect(url: &str) -> anyhow::Result<Socket> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| anyhow!("{url:?}: only ws:// URLs are supported"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let stream = TcpStream::connect(authority)
+/// Opens a WebSocket to `url` (`ws://host:port/path?query`), adding
+/// `query` to the URL's own.
+async fn connect(url: &str, query: &str) -> anyhow::Result<Socket> {
+    let parsed = WsUrl::parse(url)?;
+    let authority = parsed.authority.as_str();
+    let path = parsed.target_with(query);
+    let stream = TcpStream::connect((parsed.host.as_str(), parsed.port))
         .await
         .with_context(|| format!("connecting to {authority}"))?;
     stream.set_nodelay(true)?;
     let req = Request::builder()
         .method("GET")
-        .uri(path)
+        .uri(path.as_str())
         .header(HOST, authority)
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "upgrade")
@@ -129,7 +127,7 @@ async fn publish_one(ws: &mut Socket, id: u64, topic: &str, data: &str) -> anyho
 /// `herald pub`: publishes `data` once, or each stdin line as a JSON string.
 /// `data` that is not valid JSON is sent as a JSON string.
 pub async fn publish(target: &Target, topic: &str, data: Option<&str>, lines: bool) -> anyhow::Result<()> {
-    let mut ws = connect(&target.url).await?;
+    let mut ws = connect(&target.url, "").await?;
     if lines {
         let mut input = tokio::io::BufReader::new(tokio::io::stdin()).lines();
         let mut id = 0;
@@ -160,7 +158,7 @@ pub async fn subscribe(
     data_only: bool,
     count: Option<u64>,
 ) -> anyhow::Result<()> {
-    let mut ws = connect(&target.url).await?;
+    let mut ws = connect(&target.url, "").await?;
     for (i, t) in topics.iter().enumerate() {
         let id = i as u64 + 1;
         send_text(
@@ -219,13 +217,9 @@ pub async fn check(target: &Target, api_key: Option<&str>, timeout: Duration) ->
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     let topic = format!("herald:check:n{nonce}");
-    let sep = if target.url.contains('?') { '&' } else { '?' };
-    let mut ws = connect(&format!("{}{sep}sub={topic}", target.url)).await?;
-    let authority = target
-        .url
-        .strip_prefix("ws://")
-        .and_then(|r| r.split('/').next())
-        .ok_or_else(|| anyhow!("{}: expected ws://host:port/ws", target.url))?;
+    let mut ws = connect(&target.url, &format!("sub={topic}")).await?;
+    let url = WsUrl::parse(&target.url)?;
+    let authority = url.authority.as_str();
     let body = format!(r#"{{"topic":"{topic}","data":{{"check":"{nonce}"}}}}"#);
     let auth = api_key
         .map(|k| format!("Authorization: Bearer {k}\r\n"))
@@ -234,7 +228,7 @@ pub async fn check(target: &Target, api_key: Option<&str>, timeout: Duration) ->
         "POST /v1/publish HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    let mut http = TcpStream::connect(authority)
+    let mut http = TcpStream::connect((url.host.as_str(), url.port))
         .await
         .with_context(|| format!("connecting to {authority}"))?;
     http.write_all(req.as_bytes()).await?;

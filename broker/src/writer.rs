@@ -1,29 +1,33 @@
-//! One socket's outbound queue: ready-to-send frames, bounded in bytes.
+//! A socket's writing side, its whole life: the bounded queue of ready
+//! frames ([`Outbox`]), the writer task that drains it ([`run`]), and the
+//! close that ends it.
 //!
 //! Producers (the hub's fan-out, the socket's own read loop, the heartbeat)
-//! push shared `Bytes` and never wait. The socket's writer task takes the
-//! whole queue at once and writes it with vectored writes, many frames per
-//! system call. Past its byte bound the queue refuses further frames and asks
-//! the writer to abort: a slow consumer never delays anyone else.
+//! push shared `Bytes` and never wait. The writer task takes the whole queue
+//! at once and writes it with vectored writes, many frames per system call.
+//! Past its byte bound the queue refuses further frames and asks the writer
+//! to abort: a slow consumer never delays anyone else.
+//!
+//! An idle socket holds no writer task: the write half is parked in the
+//! outbox and a push that finds it parked hands it back to be started.
 
-use std::borrow::Cow;
-use std::sync::Mutex;
+use std::io::{self, IoSlice};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
+use herald_protocol::Disconnect;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
-/// How a socket is to be closed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloseRequest {
-    /// Close code sent to the client.
-    pub code: u16,
-    /// Close reason sent to the client.
-    pub reason: Cow<'static, str>,
-    /// Send what is already queued first (shutdown, client-initiated close),
-    /// or drop it (slow consumer, dead peer).
-    pub flush: bool,
-}
+/// How long a closing socket may take to send what it owes (the rest of a
+/// frame, the close frame) before the TCP connection is dropped.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a writer with nothing to write waits before it hands the write
+/// half back and ends (an idle socket then holds no writer task).
+const WRITER_IDLE: Duration = Duration::from_secs(2);
 
 /// What [`Outbox::push`] did with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,9 +45,8 @@ pub enum Pushed {
 struct State {
     frames: Vec<Bytes>,
     bytes: usize,
-    close: Option<CloseRequest>,
-    /// The socket's write half while no writer task runs (an idle socket
-    /// holds no writer task at all).
+    close: Option<Disconnect>,
+    /// The socket's write half while no writer task runs.
     parked: Option<OwnedWriteHalf>,
     /// A writer task owns the write half.
     running: bool,
@@ -62,7 +65,7 @@ impl State {
     }
 }
 
-/// The queue. Lives in the socket's shared [`crate::connection::Conn`].
+/// The queue. Lives inside the socket's shared handle.
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
@@ -81,7 +84,7 @@ pub struct Batch {
     /// Frames in order.
     pub frames: Vec<Bytes>,
     /// Send a close frame after `frames` and stop.
-    pub close: Option<CloseRequest>,
+    pub close: Option<Disconnect>,
 }
 
 impl Outbox {
@@ -110,18 +113,8 @@ impl Outbox {
             return (Pushed::Closing, None);
         }
         if s.bytes + frame.len() > self.limit {
-            s.frames = Vec::new();
-            s.bytes = 0;
-            s.close = Some(CloseRequest {
-                code: herald_protocol::ws::close::SLOW_CONSUMER,
-                reason: Cow::Borrowed("slow_consumer: outbound queue limit exceeded"),
-                flush: false,
-            });
-            let start = s.wake();
             drop(s);
-            self.abort.notify_one();
-            self.closed.notify_one();
-            self.ready.notify_one();
+            let (_, start) = self.close(Disconnect::SlowConsumer);
             return (Pushed::Overflowed, start);
         }
         s.bytes += frame.len();
@@ -138,17 +131,17 @@ impl Outbox {
     /// Asks the writer to close the socket. The first request wins; later
     /// ones are ignored. Returns whether this request was the one taken,
     /// and (like [`Outbox::push`]) a write half when a writer must start.
-    pub fn close(&self, req: CloseRequest) -> (bool, Option<OwnedWriteHalf>) {
+    pub fn close(&self, why: Disconnect) -> (bool, Option<OwnedWriteHalf>) {
         let mut s = self.lock();
         if s.close.is_some() {
             return (false, None);
         }
-        let flush = req.flush;
+        let flush = why.flushes();
         if !flush {
             s.frames = Vec::new();
             s.bytes = 0;
         }
-        s.close = Some(req);
+        s.close = Some(why);
         let start = s.wake();
         drop(s);
         if !flush {
@@ -169,7 +162,7 @@ impl Outbox {
 
     /// A writer with nothing to do hands the write half back and ends;
     /// `Err` returns it when work arrived meanwhile (keep writing).
-    pub fn park(&self, wr: OwnedWriteHalf) -> Result<(), OwnedWriteHalf> {
+    fn park(&self, wr: OwnedWriteHalf) -> Result<(), OwnedWriteHalf> {
         let mut s = self.lock();
         if !s.frames.is_empty() || s.close.is_some() {
             return Err(wr);
@@ -177,12 +170,6 @@ impl Outbox {
         s.parked = Some(wr);
         s.running = false;
         Ok(())
-    }
-
-    /// Waits until frames or a close may be waiting (a wakeup may be stale:
-    /// check with [`Outbox::try_take`]).
-    pub async fn ready(&self) {
-        self.ready.notified().await
     }
 
     /// Takes everything queued (swapping in `spare`, an empty vector whose
@@ -218,11 +205,116 @@ impl Outbox {
     pub async fn closed(&self) {
         self.closed.notified().await
     }
+}
 
-    /// Resolves when a close without flushing was requested.
-    pub async fn aborted(&self) {
-        self.abort.notified().await
+/// Where a batch write stopped: frame index and offset inside it.
+#[derive(Default)]
+struct Cursor {
+    frame: usize,
+    offset: usize,
+}
+
+async fn write_frames(wr: &mut OwnedWriteHalf, frames: &[Bytes], at: &mut Cursor) -> io::Result<()> {
+    const MAX_IOV: usize = 64;
+    while at.frame < frames.len() {
+        // The slices are built inside the poll so they never live in the
+        // task's state: an idle writer stays small.
+        let mut written = std::future::poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for (k, f) in frames[at.frame..].iter().take(MAX_IOV).enumerate() {
+                let start = if k == 0 { at.offset } else { 0 };
+                slices[n] = IoSlice::new(&f[start..]);
+                n += 1;
+            }
+            std::pin::Pin::new(&mut *wr).poll_write_vectored(cx, &slices[..n])
+        })
+        .await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let left = frames[at.frame].len() - at.offset;
+            if written >= left {
+                written -= left;
+                at.frame += 1;
+                at.offset = 0;
+            } else {
+                at.offset += written;
+                written = 0;
+            }
+        }
     }
+    Ok(())
+}
+
+/// The writer task of the socket whose handle `owner` is: drains the
+/// outbox until a close is requested (then sends the close frame and shuts
+/// the write half), or until it has been idle for [`WRITER_IDLE`] (then
+/// parks the write half in the outbox and ends).
+pub async fn run<T: AsRef<Outbox>>(owner: Arc<T>, mut wr: OwnedWriteHalf) {
+    let outbox: &Outbox = (*owner).as_ref();
+    let mut spare = Vec::new();
+    loop {
+        let ready = outbox.ready.notified();
+        let mut batch = match outbox.try_take(spare) {
+            Ok(batch) => batch,
+            Err(back) => {
+                spare = back;
+                if tokio::time::timeout(WRITER_IDLE, ready).await.is_err() {
+                    match outbox.park(wr) {
+                        Ok(()) => return,
+                        Err(back) => wr = back,
+                    }
+                }
+                continue;
+            }
+        };
+        let mut at = Cursor::default();
+        if !batch.frames.is_empty() {
+            let res = tokio::select! {
+                r = write_frames(&mut wr, &batch.frames, &mut at) => r,
+                _ = outbox.abort.notified() => Err(io::ErrorKind::Interrupted.into()),
+            };
+            match res {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    // Aborted mid-batch: finish the frame on the wire so the
+                    // close frame that follows is readable, then close.
+                    let why = outbox.take(Vec::new()).await.close;
+                    let partial = (at.offset > 0).then(|| batch.frames[at.frame].slice(at.offset..));
+                    return Box::pin(finish(&mut wr, partial, why)).await;
+                }
+                Err(_) => {
+                    outbox.close(Disconnect::ConnectionLost);
+                    return;
+                }
+            }
+        }
+        if let Some(why) = batch.close.take() {
+            return Box::pin(finish(&mut wr, None, Some(why))).await;
+        }
+        batch.frames.clear();
+        spare = batch.frames;
+        if spare.capacity() > 256 {
+            spare = Vec::new();
+        }
+    }
+}
+
+/// Sends the rest of a cut frame and the close frame, then shuts the write
+/// half; all within [`CLOSE_GRACE`].
+async fn finish(wr: &mut OwnedWriteHalf, partial: Option<Bytes>, why: Option<Disconnect>) {
+    let send = async {
+        if let Some(p) = partial {
+            wr.write_all(&p).await?;
+        }
+        if let Some(frame) = why.and_then(|w| w.frame()) {
+            wr.write_all(&frame).await?;
+        }
+        wr.shutdown().await
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, send).await;
 }
 
 #[cfg(test)]
@@ -238,7 +330,7 @@ mod tests {
         assert_eq!(o.push(Bytes::from_static(b"1")).0, Pushed::Closing);
         let b = o.take(Vec::new()).await;
         assert!(b.frames.is_empty());
-        assert_eq!(b.close.unwrap().code, 4001);
+        assert_eq!(b.close, Some(Disconnect::SlowConsumer));
     }
 
     #[tokio::test]
@@ -256,24 +348,10 @@ mod tests {
     async fn flushing_close_keeps_queued_frames() {
         let o = Outbox::new(10);
         o.push(Bytes::from_static(b"a"));
-        assert!(
-            o.close(CloseRequest {
-                code: 1001,
-                reason: "bye".into(),
-                flush: true
-            })
-            .0
-        );
-        assert!(
-            !o.close(CloseRequest {
-                code: 1000,
-                reason: "".into(),
-                flush: false
-            })
-            .0
-        );
+        assert!(o.close(Disconnect::GoingAway).0);
+        assert!(!o.close(Disconnect::ConnectionLost).0);
         let b = o.take(Vec::new()).await;
         assert_eq!(b.frames.len(), 1);
-        assert_eq!(b.close.unwrap().code, 1001);
+        assert_eq!(b.close, Some(Disconnect::GoingAway));
     }
 }

@@ -1,0 +1,147 @@
+//! The handle of one socket that others hold: the hub (to deliver), the
+//! heartbeat (to ping or reap) and shutdown (to close). It knows nothing of
+//! the session that reads the socket.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use herald_protocol::Disconnect;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio_util::task::TaskTracker;
+
+use crate::writer::{self, Outbox, Pushed};
+
+/// A subscribed socket, shared as `Arc<Subscriber>`.
+#[derive(Debug)]
+pub struct Subscriber {
+    /// Node-unique id; also the client id in presence notices (`c{id}`).
+    pub id: u64,
+    /// Raw format: deliveries carry only the data.
+    pub raw: bool,
+    /// Frames waiting for the writer.
+    pub outbox: Outbox,
+    /// Set once the socket holds a wildcard subscription, so fan-out knows
+    /// when it must check for a second match.
+    wildcard: AtomicBool,
+    /// Node clock (ms) when anything last arrived from the client.
+    last_seen: AtomicU64,
+    /// The socket's subscriptions. Written by its session; read by fan-out
+    /// from the cluster link only for sockets holding a wildcard.
+    subs: Mutex<Vec<Subscription>>,
+    /// Where a writer task is started when frames arrive for an idle socket.
+    tracker: TaskTracker,
+}
+
+/// One pattern a socket holds.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// The topic or pattern.
+    pub pattern: Box<str>,
+    /// Whether it holds `*` or `>`.
+    pub wildcard: bool,
+}
+
+impl Subscription {
+    /// A subscription to `pattern` (already validated).
+    pub fn new(pattern: &str) -> Self {
+        Subscription {
+            pattern: pattern.into(),
+            wildcard: pattern.contains(['*', '>']),
+        }
+    }
+}
+
+impl AsRef<Outbox> for Subscriber {
+    fn as_ref(&self) -> &Outbox {
+        &self.outbox
+    }
+}
+
+impl Subscriber {
+    /// A handle for socket `id`; writer tasks start under `tracker`.
+    pub fn new(id: u64, raw: bool, queue_limit: usize, now_ms: u64, tracker: TaskTracker) -> Self {
+        Subscriber {
+            id,
+            raw,
+            outbox: Outbox::new(queue_limit),
+            wildcard: AtomicBool::new(false),
+            last_seen: AtomicU64::new(now_ms),
+            subs: Mutex::new(Vec::new()),
+            tracker,
+        }
+    }
+
+    /// Queues a frame for the socket, starting its writer if none runs.
+    pub fn push(self: &Arc<Self>, frame: Bytes) -> Pushed {
+        let (pushed, start) = self.outbox.push(frame);
+        self.start_writer(start);
+        pushed
+    }
+
+    /// Asks for the socket to be closed (see [`Outbox::close`]); returns
+    /// whether this request was the one taken.
+    pub fn close(self: &Arc<Self>, why: Disconnect) -> bool {
+        let (taken, start) = self.outbox.close(why);
+        self.start_writer(start);
+        taken
+    }
+
+    /// Hands the socket's write half to its outbox once the handshake is
+    /// done, starting a writer if frames already wait.
+    pub fn install(self: &Arc<Self>, wr: OwnedWriteHalf) {
+        let start = self.outbox.install(wr);
+        self.start_writer(start);
+    }
+
+    fn start_writer(self: &Arc<Self>, wr: Option<OwnedWriteHalf>) {
+        if let Some(wr) = wr {
+            self.tracker.spawn(writer::run(self.clone(), wr));
+        }
+    }
+
+    /// The socket's subscriptions, locked briefly (never across an await).
+    pub fn subs(&self) -> MutexGuard<'_, Vec<Subscription>> {
+        self.subs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a subscription the socket now holds.
+    pub fn add(&self, sub: Subscription) {
+        if sub.wildcard {
+            self.wildcard.store(true, Relaxed);
+        }
+        let mut subs = self.subs();
+        // Most sockets hold one or two subscriptions: grow one at a time.
+        subs.reserve_exact(1);
+        subs.push(sub);
+    }
+
+    /// Whether, of this socket's subscriptions matching `topic`, `key` is the
+    /// first (in byte order). A message that reaches the node once per
+    /// matching subject subscription is delivered to the socket only through
+    /// this one, so it arrives once.
+    pub fn is_first_match(&self, key: &str, topic: &str) -> bool {
+        self.subs()
+            .iter()
+            .filter(|s| herald_protocol::topic::matches(&s.pattern, topic))
+            .map(|s| &*s.pattern)
+            .min()
+            .is_none_or(|first| first == key)
+    }
+
+    /// Whether the socket holds (or held) a wildcard subscription.
+    pub fn has_wildcard(&self) -> bool {
+        self.wildcard.load(Relaxed)
+    }
+
+    /// Node clock (ms) of the last frame from the client.
+    pub fn last_seen(&self) -> u64 {
+        self.last_seen.load(Relaxed)
+    }
+
+    /// Records that something arrived from the client at `now_ms`.
+    pub fn seen(&self, now_ms: u64) {
+        self.last_seen.store(now_ms, Relaxed);
+    }
+}
