@@ -21,24 +21,18 @@
 //!
 //! async-nats reconnects by itself and re-sends the subscriptions it holds.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{HeaderMap, Subscriber};
+use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures_util::StreamExt;
-use herald_protocol::{message, topic};
+use herald_protocol::topic;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use crate::hub::{Body, Hub, Interest};
 use crate::metrics::Metrics;
-
-const HEADER_EVENT: &str = "Herald-Event";
-const HEADER_CLIENT: &str = "Herald-Client";
-const HEADER_NAME: &str = "Herald-Name";
+use crate::subjects::{Live, Receiver, Subjects, HEADER_CLIENT, HEADER_EVENT, HEADER_NAME};
 /// Publishes waiting for the link's sender task; past it a publish fails
 /// rather than queueing without bound.
 const OUTBOUND_CAPACITY: usize = 65_536;
@@ -103,8 +97,8 @@ struct Link {
     client: async_nats::Client,
     prefix: String,
     outbound: mpsc::Sender<Outbound>,
-    /// Keys whose subject subscription may need taking or dropping.
-    reconcile: mpsc::UnboundedSender<(Box<str>, bool)>,
+    /// The subject subscriptions and their liveness.
+    subjects: Arc<Subjects>,
 }
 
 impl Bus {
@@ -165,12 +159,12 @@ impl Bus {
             .connect(addrs)
             .await?;
         let (outbound, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
-        let (reconcile, rec_rx) = mpsc::unbounded_channel();
+        let subjects = Arc::new(Subjects::default());
         let link = Arc::new(Link {
             client,
             prefix: prefix.to_owned(),
             outbound,
-            reconcile,
+            subjects: subjects.clone(),
         });
         tokio::spawn(send_loop(link.client.clone(), out_rx, metrics.clone()));
         let receiver = Receiver {
@@ -179,7 +173,7 @@ impl Bus {
             prefix: prefix.to_owned(),
             max_message_bytes,
         };
-        tokio::spawn(interest_loop(link.client.clone(), receiver, rec_rx));
+        tokio::spawn(subjects.run(link.client.clone(), receiver));
         Ok(Bus {
             hub,
             metrics,
@@ -274,13 +268,16 @@ impl Bus {
     /// Tells the link that the hub gained or lost all local interest in a
     /// topic or pattern.
     pub fn interest(&self, key: &str, change: Interest) {
-        if change == Interest::Unchanged {
-            return;
-        }
         if let Some(link) = &self.link {
-            let wildcard = key.contains(['*', '>']);
-            let _ = link.reconcile.send((key.into(), wildcard));
+            link.subjects.changed(key, change);
         }
+    }
+
+    /// A future that resolves once messages published on `key` anywhere in
+    /// the cluster reach this node; `None` when they already do (always on
+    /// an embedded node).
+    pub fn until_live(&self, key: &str) -> Option<Live> {
+        self.link.as_ref()?.subjects.until_live(key)
     }
 }
 
@@ -300,99 +297,5 @@ async fn send_loop(client: async_nats::Client, mut rx: mpsc::Receiver<Outbound>,
                 tracing::warn!(error = %e, "publish onto NATS failed");
             }
         }
-    }
-}
-
-/// Turns messages from NATS into deliveries.
-#[derive(Clone)]
-struct Receiver {
-    hub: Hub,
-    metrics: Arc<Metrics>,
-    prefix: String,
-    max_message_bytes: usize,
-}
-
-impl Receiver {
-    fn on_message(&self, key: &str, wildcard: bool, msg: async_nats::Message) {
-        let m = &self.metrics;
-        m.nats_messages_in.fetch_add(1, Relaxed);
-        let Some(topic) = topic::from_subject(&self.prefix, msg.subject.as_str()) else {
-            m.nats_dropped.fetch_add(1, Relaxed);
-            tracing::debug!(subject = %msg.subject, "dropped: subject is not a topic");
-            return;
-        };
-        let header = |name: &str| {
-            msg.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
-        if let (Some(event), Some(client)) = (header(HEADER_EVENT), header(HEADER_CLIENT)) {
-            let name = header(HEADER_NAME);
-            let body = Body::Presence {
-                event: &event,
-                client: &client,
-                name: name.as_deref(),
-            };
-            self.hub.deliver_via(key, wildcard, &topic, body);
-            return;
-        }
-        if msg.payload.len() > self.max_message_bytes {
-            m.nats_dropped.fetch_add(1, Relaxed);
-            tracing::debug!(subject = %msg.subject, "dropped: over --max-message-bytes");
-            return;
-        }
-        if message::validate_json(&msg.payload).is_ok() {
-            self.hub
-                .deliver_via(key, wildcard, &topic, Body::Data(&msg.payload));
-        } else if let Ok(text) = std::str::from_utf8(&msg.payload) {
-            // A plain NATS publisher sent text: deliver it as a JSON string.
-            let data = message::json_string(text);
-            self.hub.deliver_via(key, wildcard, &topic, Body::Data(&data));
-        } else {
-            m.nats_dropped.fetch_add(1, Relaxed);
-            tracing::debug!(subject = %msg.subject, "dropped: payload is not UTF-8");
-        }
-    }
-}
-
-/// Keeps one subject subscription per key with local interest. Requests are
-/// reconciled against the hub's current state, so their order does not
-/// matter.
-async fn interest_loop(
-    client: async_nats::Client,
-    receiver: Receiver,
-    mut rx: mpsc::UnboundedReceiver<(Box<str>, bool)>,
-) {
-    let mut held: HashMap<Box<str>, JoinHandle<()>> = HashMap::new();
-    while let Some((key, wildcard)) = rx.recv().await {
-        let want = receiver.hub.has_key(&key, wildcard);
-        match (want, held.contains_key(&key)) {
-            (true, false) => {
-                let subject = topic::to_subject(&receiver.prefix, &key);
-                match client.subscribe(subject).await {
-                    Ok(sub) => {
-                        receiver.metrics.nats_subscriptions.fetch_add(1, Relaxed);
-                        let task = tokio::spawn(read_subject(sub, key.clone(), wildcard, receiver.clone()));
-                        held.insert(key, task);
-                    }
-                    Err(e) => tracing::warn!(error = %e, %key, "NATS subscribe failed"),
-                }
-            }
-            (false, true) => {
-                if let Some(task) = held.remove(&key) {
-                    // Dropping the subscriber unsubscribes on NATS.
-                    task.abort();
-                    receiver.metrics.nats_subscriptions.fetch_sub(1, Relaxed);
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-async fn read_subject(mut sub: Subscriber, key: Box<str>, wildcard: bool, receiver: Receiver) {
-    while let Some(msg) = sub.next().await {
-        receiver.on_message(&key, wildcard, msg);
     }
 }

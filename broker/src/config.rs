@@ -56,6 +56,17 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_QUEUE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_queue_bytes: usize,
 
+    /// A write to a socket that makes no progress for this long cuts the
+    /// socket (a client that stopped reading holds no memory for longer).
+    #[arg(long, env = "HERALD_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+
+    /// Once a socket is closing, what it still owes (queued frames when the
+    /// close flushes, then the close frame) must be sent within this; then
+    /// the TCP connection is reset.
+    #[arg(long, env = "HERALD_CLOSE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub close_timeout: Duration,
+
     /// Topic patterns whose subscribers get join/leave notices (repeat the
     /// flag or separate with commas), e.g. 'chat:*'.
     #[arg(long = "presence", env = "HERALD_PRESENCE", value_delimiter = ',', value_parser = parse_pattern)]

@@ -386,7 +386,7 @@ mod tests {
     use super::*;
 
     fn conn(id: u64) -> Sub {
-        Arc::new(Subscriber::new(id, false, 1 << 20, 0, Default::default()))
+        Arc::new(Subscriber::new(id, false, 1 << 20, 0, Default::default(), None))
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - [`subscriber`]: the handle of one socket that the hub, the heartbeat
 //!   and shutdown hold, knowing nothing of its session.
 //! - [`hub`]: the node's fan-out table: sharded topics, wildcard patterns.
+//! - [`subjects`]: the cluster link's NATS subscriptions, one per key with
+//!   local interest, when each is live, and what arrives on them.
 //! - [`bus`]: how a publish reaches every node (embedded: in-process;
 //!   cluster: NATS), and the link's interest in subjects.
 //! - [`router`]: the one owner of a subscription's life (socket list, hub,
@@ -20,8 +22,9 @@
 //!   WebSocket sessions and HTTP alike.
 //! - [`params`]: the `/ws` URL parameters, validated before the 101.
 //! - [`session`]: each socket's read loop and request handling, and the set
-//!   of live sessions with the heartbeat and the drain.
-//! - [`node`]: the state one process shares, built once.
+//!   of live sessions.
+//! - [`node`]: the state one process shares, built once; the heartbeat and
+//!   the drain.
 //! - [`preread`]: the first request head, read under the handshake timeout.
 //! - [`http`]: HTTP publish, health, readiness, metrics.
 //! - [`server`]: accept, route, upgrade, shutdown.
@@ -44,6 +47,7 @@ pub mod rate;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod subjects;
 pub mod subscriber;
 pub mod writer;
 

@@ -6,13 +6,15 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use herald_protocol::ErrorCode;
 
 /// The node's metrics. One per node, shared by reference.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Open WebSocket connections.
+    /// WebSocket connections held: from the handshake until the TCP
+    /// connection is gone (see [`ConnectionSlot`]).
     pub connections: AtomicI64,
     /// WebSocket connections accepted since start.
     pub connections_total: AtomicU64,
@@ -30,6 +32,9 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     /// Sockets closed because they stopped answering pings.
     pub heartbeat_timeouts: AtomicU64,
+    /// Sockets cut because a write made no progress for `--write-timeout`,
+    /// or a close did not finish within `--close-timeout`.
+    pub write_timeouts: AtomicU64,
     /// HTTP connections closed for not sending headers in time.
     pub handshake_timeouts: AtomicU64,
     /// WebSocket connections closed for a protocol violation.
@@ -52,7 +57,29 @@ pub struct Metrics {
     pub errors: [AtomicU64; ErrorCode::ALL.len()],
 }
 
+/// One connection counted in `herald_connections` (and against
+/// `--max-connections`) until this guard drops. The socket's handle owns
+/// it, and the handle outlives both halves of the TCP stream, so a socket
+/// counts until its connection is really gone, closing or not.
+#[derive(Debug)]
+pub struct ConnectionSlot(Arc<Metrics>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Relaxed);
+    }
+}
+
 impl Metrics {
+    /// Takes a connection slot, or `None` when `max` are held.
+    pub fn reserve_connection(self: &Arc<Self>, max: usize) -> Option<ConnectionSlot> {
+        if self.connections.fetch_add(1, Relaxed) >= max as i64 {
+            self.connections.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(ConnectionSlot(self.clone()))
+    }
+
     /// Counts one error answered with `code`.
     pub fn error(&self, code: ErrorCode) {
         self.errors[code.index()].fetch_add(1, Relaxed);
@@ -130,6 +157,12 @@ impl Metrics {
                 "counter",
                 "Sockets closed because nothing arrived within a ping interval.",
                 get(&self.heartbeat_timeouts),
+            ),
+            (
+                "herald_write_timeouts_total",
+                "counter",
+                "Sockets cut because a write made no progress, or a close did not finish, in time.",
+                get(&self.write_timeouts),
             ),
             (
                 "herald_handshake_timeouts_total",

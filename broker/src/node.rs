@@ -1,7 +1,14 @@
-//! The node: everything one Herald process shares, built once at start.
+//! The node: everything one Herald process shares, built once at start;
+//! the heartbeat that pings and reaps its sockets, and the drain that
+//! closes them on shutdown.
 
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
+
+use herald_protocol::ws::{self, OpCode};
+use herald_protocol::Disconnect;
 
 use crate::bus::{Bus, LinkError};
 use crate::config::Config;
@@ -64,6 +71,70 @@ impl Node {
             metrics,
             ready: AtomicBool::new(true),
         }))
+    }
+}
+
+impl Node {
+    /// Closes every session with 1001, spread over `--drain-period` so
+    /// clients do not all reconnect at the same instant; then waits (a few
+    /// seconds at most) for their tasks to end.
+    pub async fn drain(&self) {
+        let period = self.config.drain_period;
+        let conns = self.sessions.snapshot();
+        tracing::info!(sockets = conns.len(), ?period, "draining");
+        if !conns.is_empty() {
+            let steps = conns.len().min(50);
+            let per_step = conns.len().div_ceil(steps);
+            let pause = period / steps as u32;
+            for (i, chunk) in conns.chunks(per_step).enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(pause).await;
+                }
+                for c in chunk {
+                    c.close(Disconnect::GoingAway);
+                }
+            }
+        }
+        drop(conns);
+        if !self.sessions.wait(Duration::from_secs(5)).await {
+            tracing::warn!("sessions still open after the drain grace period; exiting anyway");
+        }
+        tracing::info!("drained");
+    }
+
+    /// Pings every socket each `--ping-interval` and reaps those from which
+    /// nothing (not even a pong) arrived for two whole intervals, so one
+    /// late pong on a busy machine is forgiven. One task for the node: no
+    /// timer per socket, and the ping frame is encoded once.
+    pub async fn heartbeat(self: Arc<Self>) {
+        let interval = self.config.ping_interval;
+        if interval.is_zero() {
+            return;
+        }
+        let ping = ws::encode_frame(OpCode::Ping, b"");
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        // Node clock at the previous two rounds: a socket silent since the
+        // older one missed a ping and a whole interval after it. Zero at
+        // first, so sockets accepted while this task starts are never reaped
+        // early.
+        let mut rounds = [0u64; 2];
+        loop {
+            tick.tick().await;
+            let now = self.sessions.now_ms();
+            let deadline = rounds[0];
+            for c in self.sessions.snapshot() {
+                if c.last_seen() < deadline {
+                    if c.close(Disconnect::HeartbeatTimeout) {
+                        self.metrics.heartbeat_timeouts.fetch_add(1, Relaxed);
+                    }
+                } else {
+                    c.push(ping.clone());
+                }
+            }
+            rounds = [rounds[1], now];
+        }
     }
 }
 

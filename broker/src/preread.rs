@@ -32,6 +32,9 @@ pub enum Head {
 /// in `metrics` before the client is told.
 pub async fn first_head(stream: &mut TcpStream, timeout: Duration, limit: usize, metrics: &Metrics) -> Head {
     let mut buf = BytesMut::with_capacity(1024);
+    // Where the search for the head's end resumes: each byte is scanned
+    // once, however the head is split over reads.
+    let mut scanned = 0;
     let read = async {
         loop {
             if buf.capacity() - buf.len() < 512 {
@@ -43,9 +46,10 @@ pub async fn first_head(stream: &mut TcpStream, timeout: Duration, limit: usize,
             match stream.try_read_buf(&mut buf) {
                 Ok(0) => return false,
                 Ok(_) => {
-                    if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() >= limit {
+                    if buf[scanned..].windows(4).any(|w| w == b"\r\n\r\n") || buf.len() >= limit {
                         return true;
                     }
+                    scanned = buf.len().saturating_sub(3);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => return false,

@@ -15,6 +15,7 @@ use herald_protocol::message::{self, ErrorCode};
 use crate::bus::{Bus, BusError};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::subjects::Live;
 use crate::subscriber::{Subscriber, Subscription};
 
 /// Why a subscription was refused.
@@ -85,18 +86,23 @@ impl Router {
         format!("c{}{}", sub.id, self.inner.client_suffix)
     }
 
-    /// Subscribes socket `sub` to `pattern` (already validated), then
-    /// answers request `ack` (when given), then announces the join on a
-    /// presence topic. A client that has the ack receives every message
-    /// published after it. Subscribing again to a held pattern is acked
-    /// and changes nothing.
+    /// Subscribes socket `sub` to `pattern` (already validated), then,
+    /// once the subscription is in effect cluster-wide, answers request
+    /// `ack` (when given) and announces the join on a presence topic. A
+    /// client that has the ack receives every message published anywhere
+    /// after it. Subscribing again to a held pattern is acked and changes
+    /// nothing.
+    ///
+    /// Local deliveries start at once. When the cluster link has yet to
+    /// confirm the pattern's subject, the ack and the join wait in the
+    /// returned future, which the caller awaits before its next request.
     pub fn subscribe(
         &self,
         sub: &Arc<Subscriber>,
         pattern: &str,
         name: Option<&str>,
         ack: Option<&str>,
-    ) -> Result<(), Refused> {
+    ) -> Result<Option<Live>, Refused> {
         let (held, count) = {
             let subs = sub.subs();
             (subs.iter().any(|s| &*s.pattern == pattern), subs.len())
@@ -114,16 +120,40 @@ impl Router {
             bus.interest(pattern, interest);
             self.inner.metrics.subscriptions.fetch_add(1, Relaxed);
         }
+        let Some(live) = self.inner.bus.until_live(pattern) else {
+            self.subscribed(sub, pattern, name, ack, !held);
+            return Ok(None);
+        };
+        let (router, sub) = (self.clone(), sub.clone());
+        let (pattern, name, ack) = (
+            pattern.to_owned(),
+            name.map(str::to_owned),
+            ack.map(str::to_owned),
+        );
+        Ok(Some(Box::pin(async move {
+            live.await;
+            router.subscribed(&sub, &pattern, name.as_deref(), ack.as_deref(), !held);
+        })))
+    }
+
+    /// The subscription is in effect: ack, then announce a new one.
+    fn subscribed(
+        &self,
+        sub: &Arc<Subscriber>,
+        pattern: &str,
+        name: Option<&str>,
+        ack: Option<&str>,
+        new: bool,
+    ) {
         if let Some(id) = ack {
             sub.push(message::encode_ack(id));
         }
-        if !held {
+        if new {
             self.announce(sub, &Subscription::new(pattern), "join", name);
         }
-        Ok(())
     }
 
-    /// Ends socket `sub`'s subscription to `pattern`, answering `ack`.
+    /// Ends socket `sub`'s subscription to `pattern`, then answers `ack`.
     pub fn unsubscribe(
         &self,
         sub: &Arc<Subscriber>,
@@ -139,10 +169,12 @@ impl Router {
         let Some(s) = removed else {
             return Err(Refused::NotSubscribed(pattern.to_owned()));
         };
+        // In effect before the ack: nothing on `pattern` reaches the socket
+        // after the client has it.
+        self.leave(sub, &s, name);
         if let Some(id) = ack {
             sub.push(message::encode_ack(id));
         }
-        self.leave(sub, &s, name);
         Ok(())
     }
 

@@ -60,12 +60,12 @@ pub async fn run(
 /// `/readyz` with 503 and `/ws` with 503 `shutting_down`, so a load balancer
 /// sees the node leave before its port closes.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let heartbeat = tokio::spawn(node.sessions.clone().heartbeat());
+    let heartbeat = tokio::spawn(node.clone().heartbeat());
     let stop = CancellationToken::new();
     let accept = tokio::spawn(accept_loop(node.clone(), listener, stop.clone()));
     shutdown.await;
     node.ready.store(false, Relaxed);
-    node.sessions.drain(node.config.drain_period).await;
+    node.drain().await;
     stop.cancel();
     let _ = accept.await;
     heartbeat.abort();
@@ -132,12 +132,12 @@ async fn serve_http(node: Arc<Node>, mut stream: TcpStream, remote: SocketAddr) 
 async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, std::convert::Infallible> {
     let path = req.uri().path();
     Ok(match path {
-        "/ws" => upgrade(node, req),
+        "/ws" => upgrade(node, req).await,
         _ => http::handle(&node, req).await,
     })
 }
 
-fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
+async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     use herald_protocol::ErrorCode;
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return http::error(
@@ -160,7 +160,7 @@ fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
             return http::error(hyper::StatusCode::BAD_REQUEST, code, &msg);
         }
     };
-    if !node.sessions.reserve() {
+    let Some(slot) = node.sessions.reserve() else {
         node.metrics.error(ErrorCode::ConnectionLimit);
         let msg = format!(
             "max_connections: node holds {} connections",
@@ -171,11 +171,11 @@ fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
             ErrorCode::ConnectionLimit,
             &msg,
         );
-    }
+    };
     let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => {
-            node.sessions.release();
+            drop(slot);
             return http::error(
                 hyper::StatusCode::BAD_REQUEST,
                 ErrorCode::BadRequest,
@@ -185,7 +185,8 @@ fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     };
     // Subscribed before the 101 goes out: once the client sees its socket
     // open, its URL subscriptions are in effect.
-    let accepted = node.sessions.accept(params);
+    let mut accepted = node.sessions.accept(params, slot);
+    accepted.ready().await;
     node.sessions.track(async move {
         let upgraded = match fut.await {
             Ok(ws) => ws.into_inner().into_inner(),

@@ -1,7 +1,6 @@
 //! WebSocket sessions: the read loop and request handling of each socket
 //! ([`Session`]), and the node's set of live sessions with what they share
-//! ([`Sessions`]): the heartbeat that pings and reaps them, and the drain
-//! that closes them on shutdown.
+//! ([`Sessions`]).
 //!
 //! The read loop owns the read half and a buffer it drops whenever it is
 //! empty, so an idle socket holds no read buffer. It waits on readiness
@@ -26,12 +25,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectionSlot, Metrics};
 use crate::params::SessionParams;
 use crate::rate::RateLimit;
 use crate::router::Router;
+use crate::subjects::Live;
 use crate::subscriber::Subscriber;
-use crate::writer::CLOSE_GRACE;
+use crate::writer::Writers;
 
 /// Read buffer handed to the kernel when a socket becomes readable.
 const READ_CHUNK: usize = 4096;
@@ -46,6 +46,8 @@ pub struct Sessions {
     live: DashMap<u64, Arc<Subscriber>>,
     /// Session tasks (read loops and writers), so shutdown can wait for them.
     tracker: TaskTracker,
+    /// What every socket's writer shares (runs under `tracker`).
+    writers: Arc<Writers>,
     /// The heartbeat word as a ready frame, shared by every reply.
     heartbeat_reply: Bytes,
     next_id: AtomicU64,
@@ -55,31 +57,34 @@ pub struct Sessions {
 impl Sessions {
     /// No sessions yet.
     pub fn new(config: Arc<Config>, router: Router, metrics: Arc<Metrics>) -> Self {
+        let tracker = TaskTracker::new();
+        let writers = Arc::new(Writers {
+            tracker: tracker.clone(),
+            write_timeout: config.write_timeout,
+            close_timeout: config.close_timeout,
+            metrics: metrics.clone(),
+        });
         Sessions {
+            writers,
+            tracker,
             heartbeat_reply: ws::encode_frame(OpCode::Text, config.heartbeat_word.as_bytes()),
             config,
             router,
             metrics,
             live: DashMap::new(),
-            tracker: TaskTracker::new(),
             next_id: AtomicU64::new(1),
             epoch: Instant::now(),
         }
     }
 
     /// Milliseconds since the node started: a cheap clock for heartbeats.
-    fn now_ms(&self) -> u64 {
+    pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Reserves a connection slot; false when the node is full.
-    pub fn reserve(&self) -> bool {
-        let max = self.config.max_connections as i64;
-        if self.metrics.connections.fetch_add(1, Relaxed) >= max {
-            self.metrics.connections.fetch_sub(1, Relaxed);
-            return false;
-        }
-        true
+    /// Reserves a connection slot; `None` when the node is full.
+    pub fn reserve(&self) -> Option<ConnectionSlot> {
+        self.metrics.reserve_connection(self.config.max_connections)
     }
 
     /// Spawns a task that shutdown waits for (a handshake in progress).
@@ -87,25 +92,20 @@ impl Sessions {
         self.tracker.spawn(task);
     }
 
-    /// Gives back a slot reserved for a handshake that failed.
-    pub fn release(&self) {
-        self.metrics.connections.fetch_sub(1, Relaxed);
-    }
-
-    /// Registers a session for a handshake about to be answered with 101.
-    /// The caller reserved a connection slot; the session releases it when
-    /// it ends (or [`Accepted::abandon`] does). Subscribed before the 101
+    /// Registers a session for a handshake about to be answered with 101,
+    /// holding `slot` until its socket is gone. Subscribed before the 101
     /// goes out: once the client sees its socket open, its URL
     /// subscriptions are in effect; frames delivered meanwhile wait in the
     /// outbox.
-    pub fn accept(self: &Arc<Self>, params: SessionParams) -> Accepted {
+    pub fn accept(self: &Arc<Self>, params: SessionParams, slot: ConnectionSlot) -> Accepted {
         let id = self.next_id.fetch_add(1, Relaxed);
         let conn = Arc::new(Subscriber::new(
             id,
             params.raw_topic.is_some(),
             self.config.max_queue_bytes,
             self.now_ms(),
-            self.tracker.clone(),
+            self.writers.clone(),
+            Some(slot),
         ));
         self.live.insert(id, conn.clone());
         self.metrics.connections_total.fetch_add(1, Relaxed);
@@ -116,78 +116,41 @@ impl Sessions {
             conn,
             shared: self.clone(),
         };
+        let mut waits = Vec::new();
         for p in params.subs.iter().chain(params.raw_topic.iter()) {
             // Validated and counted against the limit with the URL.
-            let _ = self
+            if let Ok(Some(live)) = self
                 .router
-                .subscribe(&session.conn, p, session.name.as_deref(), None);
-        }
-        Accepted { session }
-    }
-
-    /// Closes every session with 1001, spread over `period` so clients do
-    /// not all reconnect at the same instant; then waits (a few seconds at
-    /// most) for their tasks to end.
-    pub async fn drain(&self, period: Duration) {
-        let conns: Vec<Arc<Subscriber>> = self.live.iter().map(|e| e.value().clone()).collect();
-        tracing::info!(sockets = conns.len(), ?period, "draining");
-        if !conns.is_empty() {
-            let steps = conns.len().min(50);
-            let per_step = conns.len().div_ceil(steps);
-            let pause = period / steps as u32;
-            for (i, chunk) in conns.chunks(per_step).enumerate() {
-                if i > 0 {
-                    tokio::time::sleep(pause).await;
-                }
-                for c in chunk {
-                    c.close(Disconnect::GoingAway);
-                }
+                .subscribe(&session.conn, p, session.name.as_deref(), None)
+            {
+                waits.push(live);
             }
         }
-        drop(conns);
+        Accepted { session, waits }
+    }
+
+    /// Every live socket, snapshotted so no map shard stays locked while
+    /// the caller walks them.
+    pub fn snapshot(&self) -> Vec<Arc<Subscriber>> {
+        self.live.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Waits (up to `grace`) for every session task to end; returns false
+    /// if some were still running.
+    pub async fn wait(&self, grace: Duration) -> bool {
         self.tracker.close();
-        let grace = Duration::from_secs(5);
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
-            tracing::warn!("sessions still open after the drain grace period; exiting anyway");
-        }
-        tracing::info!("drained");
+        tokio::time::timeout(grace, self.tracker.wait()).await.is_ok()
     }
+}
 
-    /// Pings every socket each `--ping-interval` and reaps those from which
-    /// nothing (not even a pong) arrived for two whole intervals, so one
-    /// late pong on a busy machine is forgiven. One task for the node: no
-    /// timer per socket, and the ping frame is encoded once.
-    pub async fn heartbeat(self: Arc<Self>) {
-        let interval = self.config.ping_interval;
-        if interval.is_zero() {
-            return;
-        }
-        let ping = ws::encode_frame(OpCode::Ping, b"");
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        // Node clock at the previous two rounds: a socket silent since the
-        // older one missed a ping and a whole interval after it. Zero at
-        // first, so sockets accepted while this task starts are never reaped
-        // early.
-        let mut rounds = [0u64; 2];
-        loop {
-            tick.tick().await;
-            let now = self.now_ms();
-            let deadline = rounds[0];
-            for entry in self.live.iter() {
-                let c = entry.value();
-                if c.last_seen() < deadline {
-                    if c.close(Disconnect::HeartbeatTimeout) {
-                        self.metrics.heartbeat_timeouts.fetch_add(1, Relaxed);
-                    }
-                } else {
-                    c.push(ping.clone());
-                }
-            }
-            rounds = [rounds[1], now];
-        }
-    }
+/// What the read loop does after a message.
+enum Next {
+    /// Read on.
+    Go,
+    /// Wait for a subscription to take effect (its ack follows), then read on.
+    Wait(Live),
+    /// End the session for this reason.
+    Close(Disconnect),
 }
 
 /// How the read loop ended.
@@ -217,9 +180,19 @@ struct Session {
 /// A session accepted but not yet upgraded (see [`Sessions::accept`]).
 pub struct Accepted {
     session: Session,
+    /// URL subscriptions the cluster link has yet to confirm.
+    waits: Vec<Live>,
 }
 
 impl Accepted {
+    /// Resolves once every URL subscription is in effect cluster-wide:
+    /// answer the handshake only then.
+    pub async fn ready(&mut self) {
+        for live in self.waits.drain(..) {
+            live.await;
+        }
+    }
+
     /// Starts the session on the upgraded TCP stream: its read task, tracked
     /// by the node, and its writer when frames already wait. `early` holds
     /// bytes the client sent right behind its handshake.
@@ -245,10 +218,10 @@ impl Accepted {
     }
 }
 
-/// Reads and discards until the peer closes or [`CLOSE_GRACE`] passes, so
-/// our close frame is not lost to a reset while the peer still sends.
-async fn discard(rd: &OwnedReadHalf, mut scratch: BytesMut) {
-    let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+/// Reads and discards until the peer closes or `--close-timeout` passes,
+/// so our close frame is not lost to a reset while the peer still sends.
+async fn discard(rd: &OwnedReadHalf, mut scratch: BytesMut, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
     loop {
         scratch.clear();
         scratch.reserve(READ_CHUNK);
@@ -269,6 +242,7 @@ impl Session {
     /// releases the connection slot and closes.
     async fn run(mut self, rd: OwnedReadHalf, mut buf: BytesMut) {
         let exit = self.read_loop(&rd, &mut buf).await;
+        let grace = self.shared.config.close_timeout;
         let conn = self.end();
         match exit {
             Exit::Gone => {
@@ -279,21 +253,21 @@ impl Session {
                 conn.close(why);
                 // Boxed: the closing path's timer stays out of every idle
                 // session's future.
-                Box::pin(discard(&rd, buf)).await;
+                Box::pin(discard(&rd, buf, grace)).await;
             }
-            Exit::Closing => Box::pin(discard(&rd, buf)).await,
+            Exit::Closing => Box::pin(discard(&rd, buf, grace)).await,
         }
         tracing::debug!("closed");
     }
 
-    /// Leaves every topic, unregisters and releases the connection slot.
+    /// Leaves every topic and unregisters. The connection slot goes with
+    /// the socket's handle, once both halves of its stream are dropped.
     fn end(self) -> Arc<Subscriber> {
         let Session {
             shared, conn, name, ..
         } = self;
         shared.router.leave_all(&conn, name.as_deref());
         shared.live.remove(&conn.id);
-        shared.release();
         conn
     }
 
@@ -305,9 +279,13 @@ impl Session {
                 match reader.read(buf, limit) {
                     Ok(Some(msg)) => {
                         self.conn.seen(self.shared.now_ms());
-                        if let Some(why) = self.on_message(msg) {
-                            self.flush();
-                            return Exit::Close(why);
+                        match self.on_message(msg) {
+                            Next::Go => {}
+                            Next::Wait(live) => live.await,
+                            Next::Close(why) => {
+                                self.flush();
+                                return Exit::Close(why);
+                            }
                         }
                     }
                     Ok(None) => break,
@@ -370,8 +348,8 @@ impl Session {
         }
     }
 
-    /// Handles one message; `Some` ends the session for that reason.
-    fn on_message(&mut self, msg: Message) -> Option<Disconnect> {
+    /// Handles one message.
+    fn on_message(&mut self, msg: Message) -> Next {
         match msg {
             Message::Text(t) => {
                 // The reader validated UTF-8.
@@ -381,7 +359,7 @@ impl Session {
                 } else if let Some(topic) = self.raw_topic() {
                     self.publish(&topic, Bytes::from(message::json_string(text)), None);
                 } else {
-                    self.on_request(&t, text);
+                    return self.on_request(&t, text);
                 }
             }
             Message::Binary(_) => self.error(
@@ -391,9 +369,9 @@ impl Session {
             ),
             Message::Ping(p) => self.send(ws::encode_frame(OpCode::Pong, &p)),
             Message::Pong => {}
-            Message::Close(code, _) => return Some(Disconnect::ClientClosed(code)),
+            Message::Close(code, _) => return Next::Close(Disconnect::ClientClosed(code)),
         }
-        None
+        Next::Go
     }
 
     fn raw_topic(&self) -> Option<String> {
@@ -406,30 +384,37 @@ impl Session {
 
     /// Handles a request; `frame` is the text's buffer, so published data
     /// is kept as a view into it rather than copied.
-    fn on_request(&mut self, frame: &Bytes, text: &str) {
+    fn on_request(&mut self, frame: &Bytes, text: &str) -> Next {
         let req = message::parse_request(text);
         if !matches!(req, Ok(Request::Pub { .. })) {
             self.flush();
         }
         let router = &self.shared.router;
-        let refused = match req {
-            Err(e) => return self.error(e.code, &e.message, e.id),
-            Ok(Request::Sub { topic, id }) => router
-                .subscribe(&self.conn, topic.as_str(), self.name.as_deref(), id)
-                .err()
-                .map(|r| (r, id)),
-            Ok(Request::Unsub { topic, id }) => router
-                .unsubscribe(&self.conn, topic.as_str(), self.name.as_deref(), id)
-                .err()
-                .map(|r| (r, id)),
+        let name = self.name.as_deref();
+        let (refused, id) = match req {
+            Err(e) => {
+                self.error(e.code, &e.message, e.id);
+                return Next::Go;
+            }
+            Ok(Request::Sub { topic, id }) => match router.subscribe(&self.conn, topic.as_str(), name, id) {
+                Ok(Some(live)) => return Next::Wait(live),
+                Ok(None) => return Next::Go,
+                Err(r) => (r, id),
+            },
+            Ok(Request::Unsub { topic, id }) => {
+                match router.unsubscribe(&self.conn, topic.as_str(), name, id) {
+                    Ok(()) => return Next::Go,
+                    Err(r) => (r, id),
+                }
+            }
             Ok(Request::Pub { topic, data, id }) => {
                 let data = frame.slice_ref(data.as_bytes());
-                return self.publish(topic.as_str(), data, id);
+                self.publish(topic.as_str(), data, id);
+                return Next::Go;
             }
         };
-        if let Some((r, id)) = refused {
-            self.error(r.code(), &r.to_string(), id);
-        }
+        self.error(refused.code(), &refused.to_string(), id);
+        Next::Go
     }
 
     fn publish(&mut self, topic: &str, data: Bytes, id: Option<&str>) {

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use herald_protocol::Disconnect;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio_util::task::TaskTracker;
 
-use crate::writer::{self, Outbox, Pushed};
+use crate::metrics::ConnectionSlot;
+use crate::writer::{self, Outbox, Pushed, Writers};
 
 /// A subscribed socket, shared as `Arc<Subscriber>`.
 #[derive(Debug)]
@@ -31,7 +31,10 @@ pub struct Subscriber {
     /// from the cluster link only for sockets holding a wildcard.
     subs: Mutex<Vec<Subscription>>,
     /// Where a writer task is started when frames arrive for an idle socket.
-    tracker: TaskTracker,
+    writers: Arc<Writers>,
+    /// Counts the socket against `--max-connections` until this handle,
+    /// which outlives both halves of its TCP stream, is gone.
+    _slot: Option<ConnectionSlot>,
 }
 
 /// One pattern a socket holds.
@@ -60,8 +63,16 @@ impl AsRef<Outbox> for Subscriber {
 }
 
 impl Subscriber {
-    /// A handle for socket `id`; writer tasks start under `tracker`.
-    pub fn new(id: u64, raw: bool, queue_limit: usize, now_ms: u64, tracker: TaskTracker) -> Self {
+    /// A handle for socket `id`, counted by `slot` (none in unit tests and
+    /// benchmarks); its writer tasks run under `writers`.
+    pub fn new(
+        id: u64,
+        raw: bool,
+        queue_limit: usize,
+        now_ms: u64,
+        writers: Arc<Writers>,
+        slot: Option<ConnectionSlot>,
+    ) -> Self {
         Subscriber {
             id,
             raw,
@@ -69,7 +80,8 @@ impl Subscriber {
             wildcard: AtomicBool::new(false),
             last_seen: AtomicU64::new(now_ms),
             subs: Mutex::new(Vec::new()),
-            tracker,
+            writers,
+            _slot: slot,
         }
     }
 
@@ -97,7 +109,10 @@ impl Subscriber {
 
     fn start_writer(self: &Arc<Self>, wr: Option<OwnedWriteHalf>) {
         if let Some(wr) = wr {
-            self.tracker.spawn(writer::run(self.clone(), wr));
+            let writers = self.writers.clone();
+            writers
+                .tracker
+                .spawn(writer::run(self.clone(), wr, self.writers.clone()));
         }
     }
 

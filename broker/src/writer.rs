@@ -12,6 +12,7 @@
 //! outbox and a push that finds it parked hands it back to be started.
 
 use std::io::{self, IoSlice};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,10 +21,35 @@ use herald_protocol::Disconnect;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
-/// How long a closing socket may take to send what it owes (the rest of a
-/// frame, the close frame) before the TCP connection is dropped.
-pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+use crate::metrics::Metrics;
+
+/// What every writer on a node shares: where writer tasks run, their
+/// deadlines, and where timeouts are counted.
+#[derive(Debug)]
+pub struct Writers {
+    /// Writer tasks run here, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// A write that makes no progress for this long cuts the socket.
+    pub write_timeout: Duration,
+    /// A closing socket must have sent what it owes within this.
+    pub close_timeout: Duration,
+    /// Counts the cuts.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Default for Writers {
+    fn default() -> Self {
+        Writers {
+            tracker: TaskTracker::new(),
+            write_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(2),
+            metrics: Arc::default(),
+        }
+    }
+}
 
 /// How long a writer with nothing to write waits before it hands the write
 /// half back and ends (an idle socket then holds no writer task).
@@ -71,8 +97,9 @@ pub struct Outbox {
     state: Mutex<State>,
     /// Wakes the writer: frames or a close request arrived.
     ready: Notify,
-    /// Interrupts a write in progress: the socket is to close without flushing.
-    abort: Notify,
+    /// Interrupts a write in progress: a close was requested (the writer
+    /// then aborts, or arms the close deadline and goes on flushing).
+    interrupt: Notify,
     /// Tells the read loop that a close was requested.
     closed: Notify,
     limit: usize,
@@ -93,7 +120,7 @@ impl Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             ready: Notify::new(),
-            abort: Notify::new(),
+            interrupt: Notify::new(),
             closed: Notify::new(),
             limit,
         }
@@ -144,9 +171,7 @@ impl Outbox {
         s.close = Some(why);
         let start = s.wake();
         drop(s);
-        if !flush {
-            self.abort.notify_one();
-        }
+        self.interrupt.notify_one();
         self.closed.notify_one();
         self.ready.notify_one();
         (true, start)
@@ -201,6 +226,11 @@ impl Outbox {
         })
     }
 
+    /// Whether a close that drops queued frames was requested.
+    fn aborting(&self) -> bool {
+        self.lock().close.as_ref().is_some_and(|c| !c.flushes())
+    }
+
     /// Resolves once a close was requested (by anyone).
     pub async fn closed(&self) {
         self.closed.notified().await
@@ -214,12 +244,19 @@ struct Cursor {
     offset: usize,
 }
 
-async fn write_frames(wr: &mut OwnedWriteHalf, frames: &[Bytes], at: &mut Cursor) -> io::Result<()> {
+/// Writes `frames` from `at` on; each system call that makes no progress
+/// within `stall` fails with `TimedOut`.
+async fn write_frames(
+    wr: &mut OwnedWriteHalf,
+    frames: &[Bytes],
+    at: &mut Cursor,
+    stall: Duration,
+) -> io::Result<()> {
     const MAX_IOV: usize = 64;
     while at.frame < frames.len() {
         // The slices are built inside the poll so they never live in the
         // task's state: an idle writer stays small.
-        let mut written = std::future::poll_fn(|cx| {
+        let write = std::future::poll_fn(|cx| {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
             for (k, f) in frames[at.frame..].iter().take(MAX_IOV).enumerate() {
@@ -228,8 +265,11 @@ async fn write_frames(wr: &mut OwnedWriteHalf, frames: &[Bytes], at: &mut Cursor
                 n += 1;
             }
             std::pin::Pin::new(&mut *wr).poll_write_vectored(cx, &slices[..n])
-        })
-        .await?;
+        });
+        let mut written = match tokio::time::timeout(stall, write).await {
+            Ok(r) => r?,
+            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+        };
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -248,13 +288,60 @@ async fn write_frames(wr: &mut OwnedWriteHalf, frames: &[Bytes], at: &mut Cursor
     Ok(())
 }
 
+/// How a batch write ended.
+enum Wrote {
+    /// Every frame is on the wire.
+    All,
+    /// A close without flushing was requested mid-batch.
+    Aborted,
+    /// The close deadline passed, or a write made no progress in time.
+    TimedOut,
+    /// The connection failed.
+    Failed,
+}
+
+/// Writes a batch, watching for a close request: one that drops queued
+/// frames interrupts the write; one that flushes arms `deadline`, by which
+/// everything the socket owes must be sent.
+async fn write_batch(
+    outbox: &Outbox,
+    writers: &Writers,
+    wr: &mut OwnedWriteHalf,
+    frames: &[Bytes],
+    at: &mut Cursor,
+    deadline: &mut Option<Instant>,
+) -> Wrote {
+    let write = write_frames(wr, frames, at, writers.write_timeout);
+    tokio::pin!(write);
+    loop {
+        let until = deadline.unwrap_or_else(|| Instant::now() + writers.write_timeout * 2);
+        tokio::select! {
+            r = &mut write => return match r {
+                Ok(()) => Wrote::All,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => Wrote::TimedOut,
+                Err(_) => Wrote::Failed,
+            },
+            _ = outbox.interrupt.notified() => {
+                if outbox.aborting() {
+                    return Wrote::Aborted;
+                }
+                deadline.get_or_insert_with(|| Instant::now() + writers.close_timeout);
+            }
+            _ = tokio::time::sleep_until(until), if deadline.is_some() => return Wrote::TimedOut,
+        }
+    }
+}
+
 /// The writer task of the socket whose handle `owner` is: drains the
 /// outbox until a close is requested (then sends the close frame and shuts
-/// the write half), or until it has been idle for [`WRITER_IDLE`] (then
-/// parks the write half in the outbox and ends).
-pub async fn run<T: AsRef<Outbox>>(owner: Arc<T>, mut wr: OwnedWriteHalf) {
+/// the write half, all within the close timeout), or until it has been
+/// idle for [`WRITER_IDLE`] (then parks the write half in the outbox and
+/// ends).
+pub async fn run<T: AsRef<Outbox>>(owner: Arc<T>, mut wr: OwnedWriteHalf, writers: Arc<Writers>) {
     let outbox: &Outbox = (*owner).as_ref();
     let mut spare = Vec::new();
+    // Set once a close is requested: what the socket owes is due by then.
+    let mut deadline: Option<Instant> = None;
     loop {
         let ready = outbox.ready.notified();
         let mut batch = match outbox.try_take(spare) {
@@ -270,29 +357,31 @@ pub async fn run<T: AsRef<Outbox>>(owner: Arc<T>, mut wr: OwnedWriteHalf) {
                 continue;
             }
         };
+        if batch.close.is_some() {
+            deadline.get_or_insert_with(|| Instant::now() + writers.close_timeout);
+        }
         let mut at = Cursor::default();
         if !batch.frames.is_empty() {
-            let res = tokio::select! {
-                r = write_frames(&mut wr, &batch.frames, &mut at) => r,
-                _ = outbox.abort.notified() => Err(io::ErrorKind::Interrupted.into()),
-            };
-            match res {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    // Aborted mid-batch: finish the frame on the wire so the
-                    // close frame that follows is readable, then close.
+            match write_batch(outbox, &writers, &mut wr, &batch.frames, &mut at, &mut deadline).await {
+                Wrote::All => {}
+                Wrote::Aborted => {
+                    // Finish the frame on the wire so the close frame that
+                    // follows is readable, then close.
                     let why = outbox.take(Vec::new()).await.close;
                     let partial = (at.offset > 0).then(|| batch.frames[at.frame].slice(at.offset..));
-                    return Box::pin(finish(&mut wr, partial, why)).await;
+                    let due = *deadline.get_or_insert_with(|| Instant::now() + writers.close_timeout);
+                    return Box::pin(finish(wr, partial, why, due, &writers)).await;
                 }
-                Err(_) => {
+                Wrote::TimedOut => return cut(outbox, wr, &writers),
+                Wrote::Failed => {
                     outbox.close(Disconnect::ConnectionLost);
                     return;
                 }
             }
         }
         if let Some(why) = batch.close.take() {
-            return Box::pin(finish(&mut wr, None, Some(why))).await;
+            let due = deadline.unwrap_or_else(|| Instant::now() + writers.close_timeout);
+            return Box::pin(finish(wr, None, Some(why), due, &writers)).await;
         }
         batch.frames.clear();
         spare = batch.frames;
@@ -302,9 +391,31 @@ pub async fn run<T: AsRef<Outbox>>(owner: Arc<T>, mut wr: OwnedWriteHalf) {
     }
 }
 
+/// Gives up on a socket that did not take its bytes in time: resets the
+/// connection, so neither the node nor the kernel keeps what it owed.
+fn cut(outbox: &Outbox, wr: OwnedWriteHalf, writers: &Writers) {
+    writers.metrics.write_timeouts.fetch_add(1, Relaxed);
+    outbox.close(Disconnect::ConnectionLost);
+    reset_on_drop(&wr);
+    drop(wr);
+}
+
+/// Makes dropping `wr` (with the read half) reset the connection rather
+/// than leave the kernel trying to deliver what the peer never read.
+fn reset_on_drop(wr: &OwnedWriteHalf) {
+    let stream: &tokio::net::TcpStream = wr.as_ref();
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
 /// Sends the rest of a cut frame and the close frame, then shuts the write
-/// half; all within [`CLOSE_GRACE`].
-async fn finish(wr: &mut OwnedWriteHalf, partial: Option<Bytes>, why: Option<Disconnect>) {
+/// half, all by `due`; past it the connection is reset.
+async fn finish(
+    mut wr: OwnedWriteHalf,
+    partial: Option<Bytes>,
+    why: Option<Disconnect>,
+    due: Instant,
+    writers: &Writers,
+) {
     let send = async {
         if let Some(p) = partial {
             wr.write_all(&p).await?;
@@ -314,7 +425,10 @@ async fn finish(wr: &mut OwnedWriteHalf, partial: Option<Bytes>, why: Option<Dis
         }
         wr.shutdown().await
     };
-    let _ = tokio::time::timeout(CLOSE_GRACE, send).await;
+    if tokio::time::timeout_at(due, send).await.is_err() {
+        writers.metrics.write_timeouts.fetch_add(1, Relaxed);
+        reset_on_drop(&wr);
+    }
 }
 
 #[cfg(test)]

@@ -292,3 +292,35 @@ async fn a_node_without_subscribers_gets_no_traffic_for_a_topic() {
     })
     .await;
 }
+
+/// docs/protocol.md promises that a `sub` (and a URL `?sub=`) is in effect
+/// before its ack (before the 101). Each trial publishes from the other
+/// node right after the ack, never waiting for routing, on a topic no node
+/// held before, so each trial needs a new NATS subscription.
+#[tokio::test]
+async fn a_sub_is_in_effect_on_every_node_before_its_ack() {
+    let nats = NatsServer::start().await;
+    let nodes = nodes(2, &nats.url(), &["--max-subscriptions", "1000"]);
+    wait_linked(&nodes).await;
+    let mut c = nodes[0].connect("").await;
+    for i in 0..300 {
+        let topic = format!("fresh:s{i}");
+        c.sub(&topic).await;
+        nodes[1].publish(&topic, &i.to_string()).await;
+        let v = c.recv().await;
+        assert_eq!(
+            (v["topic"].as_str(), v["data"].as_i64()),
+            (Some(topic.as_str()), Some(i))
+        );
+    }
+    for i in 0..100 {
+        let topic = format!("fresh:u{i}");
+        let mut c = nodes[0].connect(&format!("sub={topic}")).await;
+        nodes[1].publish(&topic, &i.to_string()).await;
+        let v = c.recv().await;
+        assert_eq!(
+            (v["topic"].as_str(), v["data"].as_i64()),
+            (Some(topic.as_str()), Some(i))
+        );
+    }
+}

@@ -30,7 +30,12 @@ async fn silent_socket_is_reaped_by_ping_timeout() {
     // whole second to answer each ping: a generous bound, not a measurement.)
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(h.metric("herald_heartbeat_timeouts_total").await, 1.0);
-    assert_eq!(h.metric("herald_connections").await, 1.0);
+    // The reaped socket counts until its connection is gone: the node
+    // waits --close-timeout for the silent peer's close reply.
+    eventually("reaped socket gone", || async {
+        h.metric("herald_connections").await == 1.0
+    })
+    .await;
     h.publish("t", "\"still here\"").await;
     let got = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
     assert_eq!(got, r#"{"topic":"t","data":"still here"}"#);

@@ -4,6 +4,7 @@
 mod cluster;
 mod common;
 mod external;
+mod faults;
 mod hostile;
 mod layering;
 mod lifecycle;

@@ -182,3 +182,60 @@ async fn heartbeat_word_is_answered_and_never_published() {
     // The word was answered, not published: the next delivery is "hello".
     assert_eq!(raw.recv_text().await, "hello");
 }
+
+/// An `unsub` is in effect before its ack: while another socket floods the
+/// topic, nothing on it reaches the client after the ack.
+#[tokio::test]
+async fn nothing_arrives_on_a_topic_after_its_unsub_ack() {
+    let h = Herald::start(&["--publish-rate", "0"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let (url, stop) = (h.url(""), stop.clone());
+        tokio::spawn(async move {
+            let mut p = Client::connect(&url).await;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..50 {
+                    p.send(r#"{"op":"pub","topic":"busy:t","data":1}"#).await;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut c = h.connect("sub=busy:marker").await;
+    // Frames are read in wire order: nothing is set aside.
+    async fn until_ack(c: &mut Client, id: &str, allow_busy: bool) {
+        loop {
+            let v: serde_json::Value = serde_json::from_str(&c.recv_text().await).expect("json");
+            if v["op"] == "ack" && v["id"] == id {
+                return;
+            }
+            assert!(
+                allow_busy || v["topic"] != "busy:t",
+                "a delivery on busy:t after its unsub ack: {v}"
+            );
+        }
+    }
+    for round in 0..100 {
+        c.send(json!({"op":"sub","topic":"busy:t","id":format!("s{round}")}).to_string())
+            .await;
+        until_ack(&mut c, &format!("s{round}"), true).await;
+        c.send(json!({"op":"unsub","topic":"busy:t","id":format!("u{round}")}).to_string())
+            .await;
+        until_ack(&mut c, &format!("u{round}"), true).await;
+        // A marker published after the client has the ack: everything the
+        // node queued before it has been read once the marker arrives.
+        h.publish("busy:marker", &round.to_string()).await;
+        loop {
+            let v: serde_json::Value = serde_json::from_str(&c.recv_text().await).expect("json");
+            assert_ne!(
+                v["topic"], "busy:t",
+                "a delivery on busy:t after its unsub ack (round {round})"
+            );
+            if v["topic"] == "busy:marker" && v["data"] == round {
+                break;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flooder.await.expect("flooder");
+}
