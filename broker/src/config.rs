@@ -41,6 +41,15 @@ pub struct Config {
     #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// Time a client has to send a whole HTTP request body (a publish).
+    #[arg(long, env = "HERALD_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
+    /// Most TCP connections not yet upgraded to WebSockets (handshakes and
+    /// HTTP requests in progress); past it new ones get 503 `overloaded`.
+    #[arg(long, env = "HERALD_MAX_PENDING_CONNECTIONS", default_value_t = 1024)]
+    pub max_pending_connections: usize,
+
     /// How often the node pings each socket; a socket from which nothing (not
     /// even a pong) arrived for two whole intervals is closed with 4002.
     #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]

@@ -3,11 +3,12 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use herald_protocol::message::{self, ErrorCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::node::Node;
@@ -103,6 +104,32 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+enum BodyError {
+    TooBig,
+    Read(String),
+}
+
+/// Reads a request body of at most `limit` bytes, copying each chunk into
+/// one buffer: memory follows the bytes received, however finely the
+/// client splits them (a chunk kept as is would pin its whole read buffer).
+async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    let declared = body.size_hint().exact().unwrap_or(0);
+    if declared > limit as u64 {
+        return Err(BodyError::TooBig);
+    }
+    let mut out = BytesMut::with_capacity(declared as usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > limit {
+                return Err(BodyError::TooBig);
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.freeze())
+}
+
 async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {
     let fail = |status, code, msg: &str| {
         node.metrics.error(code);
@@ -116,13 +143,21 @@ async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {
         );
     }
     let limit = node.config.max_http_body_bytes;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    let timeout = node.config.body_timeout;
+    let body = match tokio::time::timeout(timeout, read_body(req.into_body(), limit)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(BodyError::TooBig)) => {
             let msg = format!("max_http_body_bytes: body exceeds {limit} bytes");
             return fail(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::MessageTooBig, &msg);
         }
-        Err(e) => return fail(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &e.to_string()),
+        Ok(Err(BodyError::Read(e))) => return fail(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &e),
+        Err(_) => {
+            let msg = format!("body_timeout: request body not received within {timeout:?}");
+            let mut r = fail(StatusCode::REQUEST_TIMEOUT, ErrorCode::BodyTimeout, &msg);
+            r.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
     };
     let items = match message::parse_publish(&body, node.config.max_message_bytes) {
         Ok(items) => items,

@@ -67,8 +67,12 @@ enum Command {
 }
 
 fn init_logs(config: &Config) {
+    use std::io::IsTerminal;
+    // Colour only for a person at a terminal, and never with NO_COLOR set.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_max_level(config.log_level)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if config.log_format == "json" {
         builder.json().init();

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use herald_protocol::ws::{self, OpCode};
 use herald_protocol::Disconnect;
+use tokio::sync::Semaphore;
 
 use crate::bus::{Bus, LinkError};
 use crate::config::Config;
@@ -40,12 +41,15 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// False once shutdown began: `/readyz` fails and `/ws` refuses.
     pub ready: AtomicBool,
+    /// One permit per TCP connection not yet upgraded (HTTP in progress).
+    pub pending: Arc<Semaphore>,
 }
 
 impl Node {
     /// A node: embedded, or linked to others through NATS when
     /// `config.nats` names servers (the link connects in the background).
-    pub async fn new(config: Config) -> Result<Arc<Self>, Error> {
+    pub async fn new(mut config: Config) -> Result<Arc<Self>, Error> {
+        fit_to_descriptors(&mut config);
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(metrics.clone(), config.presence.clone());
@@ -65,6 +69,7 @@ impl Node {
         let router = Router::new(bus, metrics.clone(), client_suffix, config.max_subscriptions);
         let sessions = Arc::new(Sessions::new(config.clone(), router.clone(), metrics.clone()));
         Ok(Arc::new(Node {
+            pending: Arc::new(Semaphore::new(config.max_pending_connections)),
             config,
             router,
             sessions,
@@ -136,6 +141,38 @@ impl Node {
             rounds = [rounds[1], now];
         }
     }
+}
+
+/// Descriptors kept back for the listener, the NATS link, logs and the
+/// brief refusals of connections over the limits.
+const FD_RESERVE: u64 = 64;
+
+/// The process's soft limit on open files, from `/proc/self/limits`.
+fn fd_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Lowers the connection bounds to what the descriptor limit can hold, so
+/// the node refuses with 503 before `accept` itself fails.
+fn fit_to_descriptors(config: &mut Config) {
+    let Some(limit) = fd_limit() else { return };
+    let budget = limit.saturating_sub(FD_RESERVE).max(2) as usize;
+    let wanted = config.max_connections + config.max_pending_connections;
+    if wanted <= budget {
+        return;
+    }
+    let pending = config.max_pending_connections.min(budget / 4).max(1);
+    let connections = budget - pending;
+    tracing::info!(
+        fd_limit = limit,
+        max_connections = connections,
+        max_pending_connections = pending,
+        "connection bounds fitted to the open-file limit"
+    );
+    config.max_connections = config.max_connections.min(connections);
+    config.max_pending_connections = pending;
 }
 
 /// A short tag that tells this node's sockets from other nodes' in a

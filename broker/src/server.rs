@@ -12,12 +12,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use herald_protocol::ErrorCode;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -79,7 +81,12 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationT
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     backoff = Duration::from_millis(5);
-                    tokio::spawn(serve_http(node.clone(), stream, remote));
+                    match node.pending.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tokio::spawn(serve_http(node.clone(), stream, remote, permit));
+                        }
+                        Err(_) => refuse(&node, stream),
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -92,7 +99,30 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationT
     }
 }
 
-async fn serve_http(node: Arc<Node>, mut stream: TcpStream, remote: SocketAddr) {
+/// Turns away a connection over `--max-pending-connections` without a
+/// task or a wait: one non-blocking write of a 503, then close.
+fn refuse(node: &Node, stream: TcpStream) {
+    node.metrics.error(ErrorCode::Overloaded);
+    let body = herald_protocol::message::error_body(
+        ErrorCode::Overloaded,
+        "overloaded: too many connections in progress; retry shortly",
+    );
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.try_write(&[head.as_bytes(), &body].concat());
+}
+
+/// Serves one TCP connection as HTTP/1 until it ends or is upgraded;
+/// `_permit` counts it against `--max-pending-connections` meanwhile.
+async fn serve_http(
+    node: Arc<Node>,
+    mut stream: TcpStream,
+    remote: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
     let _ = stream.set_nodelay(true);
     let timeout = node.config.handshake_timeout;
     let prefix = match preread::first_head(&mut stream, timeout, MAX_HEAD_BYTES, &node.metrics).await {
@@ -138,7 +168,6 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>
 }
 
 async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
-    use herald_protocol::ErrorCode;
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return http::error(
             hyper::StatusCode::UPGRADE_REQUIRED,

@@ -50,11 +50,16 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The client did not send its request head within the handshake timeout.
     HandshakeTimeout,
+    /// An HTTP request body did not arrive within the body timeout.
+    BodyTimeout,
+    /// The node is at a bound for connections not yet upgraded (or for its
+    /// file descriptors): retry after the `Retry-After` seconds.
+    Overloaded,
 }
 
 impl ErrorCode {
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownOp,
         ErrorCode::BadRequest,
@@ -69,6 +74,8 @@ impl ErrorCode {
         ErrorCode::PublishFailed,
         ErrorCode::ShuttingDown,
         ErrorCode::HandshakeTimeout,
+        ErrorCode::BodyTimeout,
+        ErrorCode::Overloaded,
     ];
 
     /// The wire name.
@@ -88,6 +95,8 @@ impl ErrorCode {
             ErrorCode::PublishFailed => "publish_failed",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::HandshakeTimeout => "handshake_timeout",
+            ErrorCode::BodyTimeout => "body_timeout",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 

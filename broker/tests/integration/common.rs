@@ -31,7 +31,23 @@ pub struct Herald {
 
 impl Herald {
     pub fn start(args: &[&str]) -> Herald {
-        let mut child = Command::new(herald_bin())
+        Self::spawn(Command::new(herald_bin()), args)
+    }
+
+    /// A node whose open-file limit is `nofile` (set by the shell that
+    /// then becomes the node).
+    pub fn start_with_nofile(nofile: u32, args: &[&str]) -> Herald {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
+            herald_bin(),
+        ]);
+        Self::spawn(cmd, args)
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str]) -> Herald {
+        let mut child = cmd
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
             .args(args)

@@ -130,3 +130,106 @@ async fn a_write_that_makes_no_progress_is_cut() {
     assert_eq!(reader.recv().await["data"], 1);
     drop(quiet);
 }
+
+/// The status line and body of a handshake that was refused, or `None`
+/// when it was answered with 101.
+async fn try_upgrade(addr: SocketAddr) -> (Option<(u16, String)>, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+            .await
+            .expect("no answer to a handshake")
+            .expect("read");
+        assert!(n > 0 || !buf.is_empty(), "connection dropped without an answer");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if text.starts_with("HTTP/1.1 101") && text.contains("\r\n\r\n") {
+            return (None, s);
+        }
+        if n == 0 || (text.contains("\r\n\r\n") && text.ends_with('}')) {
+            let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            return (Some((status, text)), s);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_is_refused() {
+    let h = Herald::start(&["--body-timeout", "1s"]);
+    let trickle = "POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n[{\"topic\":";
+    let none = "POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n";
+    for req in [trickle, none] {
+        let (status, body) = h.http(req).await;
+        assert_eq!(status, 408, "{body}");
+        assert!(body.contains("body_timeout"), "{body}");
+    }
+    assert_eq!(h.metric("herald_errors_total{code=\"body_timeout\"}").await, 2.0);
+    // A body declared over the limit is refused before any of it is read.
+    let big = "POST /v1/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 99999999\r\n\r\n";
+    let (status, body) = h.http(big).await;
+    assert_eq!(status, 413, "{body}");
+}
+
+#[tokio::test]
+async fn connections_before_the_upgrade_are_bounded() {
+    let h = Herald::start(&["--max-pending-connections", "20", "--handshake-timeout", "60s"]);
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(tokio::net::TcpStream::connect(h.addr).await.expect("connect"));
+    }
+    eventually("the 21st is refused", || async {
+        matches!(try_upgrade(h.addr).await.0, Some((503, _)))
+    })
+    .await;
+    let (answer, _) = try_upgrade(h.addr).await;
+    let (status, text) = answer.expect("refused");
+    assert_eq!(status, 503);
+    assert!(
+        text.contains("Retry-After: 1") && text.contains("overloaded"),
+        "{text}"
+    );
+    drop(silent);
+    eventually("admitted once the silent ones left", || async {
+        try_upgrade(h.addr).await.0.is_none()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_descriptor_limit_is_met_with_a_clean_refusal() {
+    // 150 descriptors: the node keeps 64 back and fits its bounds into the rest.
+    let h = Herald::start_with_nofile(150, &[]);
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..120 {
+        match try_upgrade(h.addr).await {
+            (None, s) => open.push(s),
+            (Some((status, text)), _) => {
+                assert_eq!(status, 503, "{text}");
+                assert!(text.contains("connection_limit"), "{text}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        !open.is_empty() && refused > 0,
+        "{} open, {refused} refused",
+        open.len()
+    );
+    assert!(
+        open.len() + 64 <= 150,
+        "{} sockets held under a limit of 150",
+        open.len()
+    );
+    // Every refusal was an answer, and the node still serves.
+    open.pop();
+    eventually("a slot freed", || async { try_upgrade(h.addr).await.0.is_none() }).await;
+}
