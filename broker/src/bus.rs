@@ -21,6 +21,7 @@
 //!
 //! async-nats reconnects by itself and re-sends the subscriptions it holds.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,14 +29,17 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use herald_protocol::topic;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::{Body, Hub, Interest};
 use crate::metrics::Metrics;
-use crate::subjects::{Live, Receiver, Subjects, HEADER_CLIENT, HEADER_EVENT, HEADER_NAME};
+use crate::subjects::{barrier, Live, Receiver, Subjects, HEADER_CLIENT, HEADER_EVENT, HEADER_NAME};
 /// Publishes waiting for the link's sender task; past it a publish fails
 /// rather than queueing without bound.
 const OUTBOUND_CAPACITY: usize = 65_536;
+/// Payload bytes waiting for the link's sender task; past it a publish
+/// fails (`publish_failed`, backlog full) rather than holding more memory.
+const OUTBOUND_BYTES: usize = 64 * 1024 * 1024;
 
 /// Why a publish did not reach every node.
 #[derive(Debug, thiserror::Error)]
@@ -87,16 +91,23 @@ pub struct Bus {
     link: Option<Arc<Link>>,
 }
 
-struct Outbound {
-    subject: String,
-    headers: Option<HeaderMap>,
-    payload: Bytes,
+enum Outbound {
+    /// A message for NATS.
+    Message {
+        subject: String,
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+    },
+    /// Answered once everything queued before it is written to NATS.
+    Flush(oneshot::Sender<()>),
 }
 
 struct Link {
     client: async_nats::Client,
     prefix: String,
     outbound: mpsc::Sender<Outbound>,
+    /// Payload bytes waiting in `outbound`, bounded by [`OUTBOUND_BYTES`].
+    queued: Arc<AtomicUsize>,
     /// The subject subscriptions and their liveness.
     subjects: Arc<Subjects>,
 }
@@ -164,9 +175,16 @@ impl Bus {
             client,
             prefix: prefix.to_owned(),
             outbound,
+            queued: Arc::default(),
             subjects: subjects.clone(),
         });
-        tokio::spawn(send_loop(link.client.clone(), out_rx, metrics.clone()));
+        tokio::spawn(send_loop(
+            link.client.clone(),
+            out_rx,
+            link.queued.clone(),
+            metrics.clone(),
+            prefix.to_owned(),
+        ));
         let receiver = Receiver {
             hub: hub.clone(),
             metrics: metrics.clone(),
@@ -218,15 +236,27 @@ impl Bus {
         if link.client.connection_state() != async_nats::connection::State::Connected {
             return fail(BusError::LinkDown { local });
         }
-        let out = Outbound {
+        // Counted by its own bytes: a copy, so a small message never pins
+        // the large read buffer it was sliced from while it waits.
+        let len = payload.len();
+        if link.queued.fetch_add(len, Relaxed) + len > OUTBOUND_BYTES {
+            link.queued.fetch_sub(len, Relaxed);
+            return fail(BusError::Backlog { local });
+        }
+        let out = Outbound::Message {
             subject: topic::to_subject(&link.prefix, topic),
             headers,
-            payload,
+            payload: Bytes::copy_from_slice(&payload),
         };
         match link.outbound.try_send(out) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => fail(BusError::Backlog { local }),
-            Err(mpsc::error::TrySendError::Closed(_)) => fail(BusError::LinkDown { local }),
+            Err(e) => {
+                link.queued.fetch_sub(len, Relaxed);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => fail(BusError::Backlog { local }),
+                    mpsc::error::TrySendError::Closed(_) => fail(BusError::LinkDown { local }),
+                }
+            }
         }
     }
 
@@ -279,14 +309,50 @@ impl Bus {
     pub fn until_live(&self, key: &str) -> Option<Live> {
         self.link.as_ref()?.subjects.until_live(key)
     }
+
+    /// Waits (up to `grace`) until every publish accepted so far has been
+    /// written to NATS: on shutdown, nothing answered 200 is left behind.
+    pub async fn flush(&self, grace: Duration) {
+        let Some(link) = &self.link else { return };
+        let (tx, rx) = oneshot::channel();
+        let done = async {
+            if link.outbound.send(Outbound::Flush(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+        };
+        if tokio::time::timeout(grace, done).await.is_err() {
+            tracing::warn!("NATS link not flushed within the grace period");
+        }
+    }
 }
 
 /// Hands publishes to the NATS client in order.
-async fn send_loop(client: async_nats::Client, mut rx: mpsc::Receiver<Outbound>, metrics: Arc<Metrics>) {
+async fn send_loop(
+    client: async_nats::Client,
+    mut rx: mpsc::Receiver<Outbound>,
+    queued: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+    prefix: String,
+) {
     while let Some(o) = rx.recv().await {
-        let r = match o.headers {
-            Some(h) => client.publish_with_headers(o.subject, h, o.payload).await,
-            None => client.publish(o.subject, o.payload).await,
+        let (subject, headers, payload) = match o {
+            Outbound::Message {
+                subject,
+                headers,
+                payload,
+            } => (subject, headers, payload),
+            Outbound::Flush(done) => {
+                // Written, and applied by the server: a round trip after
+                // the last publish (a bare flush only empties the buffer).
+                barrier(&client, &prefix).await;
+                let _ = done.send(());
+                continue;
+            }
+        };
+        queued.fetch_sub(payload.len(), Relaxed);
+        let r = match headers {
+            Some(h) => client.publish_with_headers(subject, h, payload).await,
+            None => client.publish(subject, payload).await,
         };
         match r {
             Ok(()) => {

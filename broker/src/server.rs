@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::http::{self, Body};
@@ -64,16 +65,27 @@ pub async fn run(
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let heartbeat = tokio::spawn(node.clone().heartbeat());
     let stop = CancellationToken::new();
-    let accept = tokio::spawn(accept_loop(node.clone(), listener, stop.clone()));
+    let http = TaskTracker::new();
+    let accept = tokio::spawn(accept_loop(node.clone(), listener, stop.clone(), http.clone()));
     shutdown.await;
     node.ready.store(false, Relaxed);
     node.drain().await;
+    // HTTP requests in flight finish (idle kept-alive connections close),
+    // then whatever they published reaches NATS before the process exits.
     stop.cancel();
     let _ = accept.await;
+    http.close();
+    if tokio::time::timeout(Duration::from_secs(5), http.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP requests still running after the grace period; exiting anyway");
+    }
+    node.router.bus().flush(Duration::from_secs(5)).await;
     heartbeat.abort();
 }
 
-async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken) {
+async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken, http: TaskTracker) {
     let mut backoff = Duration::from_millis(5);
     loop {
         tokio::select! {
@@ -83,7 +95,7 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationT
                     backoff = Duration::from_millis(5);
                     match node.pending.clone().try_acquire_owned() {
                         Ok(permit) => {
-                            tokio::spawn(serve_http(node.clone(), stream, remote, permit));
+                            http.spawn(serve_http(node.clone(), stream, remote, permit, stop.clone()));
                         }
                         Err(_) => refuse(&node, stream),
                     }
@@ -122,10 +134,15 @@ async fn serve_http(
     mut stream: TcpStream,
     remote: SocketAddr,
     _permit: OwnedSemaphorePermit,
+    stop: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
     let timeout = node.config.handshake_timeout;
-    let prefix = match preread::first_head(&mut stream, timeout, MAX_HEAD_BYTES, &node.metrics).await {
+    let head = tokio::select! {
+        h = preread::first_head(&mut stream, timeout, MAX_HEAD_BYTES, &node.metrics) => h,
+        _ = stop.cancelled() => return,
+    };
+    let prefix = match head {
         Head::Arrived(prefix) => prefix,
         Head::Gone => return,
         Head::TimedOut => {
@@ -149,7 +166,16 @@ async fn serve_http(
             svc,
         )
         .with_upgrades();
-    if let Err(e) = conn.await {
+    tokio::pin!(conn);
+    let done = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            // Shutdown: finish the request in flight, take no more.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = done {
         if e.is_timeout() {
             node.metrics.handshake_timeouts.fetch_add(1, Relaxed);
             tracing::debug!(%remote, "handshake_timeout: request headers not received in time");

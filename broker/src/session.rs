@@ -357,7 +357,19 @@ impl Session {
                 if text == self.shared.config.heartbeat_word {
                     self.send(self.shared.heartbeat_reply.clone());
                 } else if let Some(topic) = self.raw_topic() {
-                    self.publish(&topic, Bytes::from(message::json_string(text)), None);
+                    // Escaping can grow text up to 6x: the limit applies to
+                    // what every node would deliver, so all nodes agree.
+                    let data = message::json_string(text);
+                    let max = self.shared.config.max_message_bytes;
+                    if data.len() > max {
+                        let msg = format!(
+                            "message_too_big: {} bytes as a JSON string, over {max}",
+                            data.len()
+                        );
+                        self.error(ErrorCode::MessageTooBig, &msg, None);
+                    } else {
+                        self.publish(&topic, Bytes::from(data), None);
+                    }
                 } else {
                     return self.on_request(&t, text);
                 }

@@ -217,7 +217,7 @@ impl Receiver {
 /// server itself ("no responders"), in order with the SUBs before it. (A
 /// flush only empties the client's buffer.) Gives up after
 /// [`CONFIRM_TIMEOUT`]: the client re-sends its subscriptions on reconnect.
-async fn barrier(client: &async_nats::Client, prefix: &str) {
+pub async fn barrier(client: &async_nats::Client, prefix: &str) {
     use async_nats::RequestErrorKind;
     let subject = format!("_{prefix}.barrier.{}", client.new_inbox());
     let answer = tokio::time::timeout(CONFIRM_TIMEOUT, client.request(subject, bytes::Bytes::new())).await;

@@ -324,3 +324,93 @@ async fn a_sub_is_in_effect_on_every_node_before_its_ack() {
         );
     }
 }
+
+/// A raw-mode text grows when escaped into a JSON string: the size limit
+/// applies to what every node would deliver, so a message too big for the
+/// other nodes reaches nobody, and the publisher is told.
+#[tokio::test]
+async fn a_raw_publish_too_big_once_escaped_reaches_nobody() {
+    let nats = NatsServer::start().await;
+    let nodes = nodes(2, &nats.url(), &["--max-message-bytes", "100"]);
+    wait_linked(&nodes).await;
+    let mut local = nodes[0].connect("sub=chat:lobby&sub=probe").await;
+    let mut remote = nodes[1].connect("sub=chat:lobby&sub=probe").await;
+    until_routed(&nodes[0], &mut remote).await;
+    let mut raw = nodes[0].connect("topic=chat:lobby&format=raw").await;
+    raw.send("\"".repeat(60)).await;
+    let err = raw.recv().await;
+    assert_eq!(err["code"], "message_too_big", "{err}");
+    raw.send("ok").await;
+    for c in [&mut local, &mut remote] {
+        loop {
+            let v = c.recv().await;
+            if v["topic"] == "chat:lobby" {
+                assert_eq!(v["data"], "ok", "the oversized message was delivered: {v}");
+                break;
+            }
+        }
+    }
+}
+
+/// SIGTERM in the middle of a stream of HTTP publishes: every publish that
+/// was answered 200 reaches a subscriber on another node.
+#[tokio::test]
+async fn shutdown_loses_no_publish_that_was_answered() {
+    let nats = NatsServer::start().await;
+    let mut nodes = nodes(2, &nats.url(), &["--drain-period", "0s", "--publish-rate", "0"]);
+    wait_linked(&nodes).await;
+    let mut sub = nodes[1].connect("sub=stream&sub=probe").await;
+    until_routed(&nodes[0], &mut sub).await;
+    let addr = nodes[0].addr;
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<i64>::new()));
+    let mut publishers = Vec::new();
+    for p in 0..4i64 {
+        let answered = answered.clone();
+        publishers.push(tokio::spawn(async move {
+            for batch in 0i64.. {
+                let ids: Vec<i64> = (0..200).map(|k| (p * 1_000_000) + batch * 200 + k).collect();
+                let items: Vec<String> = ids
+                    .iter()
+                    .map(|id| format!(r#"{{"topic":"stream","data":{id}}}"#))
+                    .collect();
+                let body = format!("[{}]", items.join(","));
+                let req = format!(
+                    "POST /v1/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let Ok(Ok(mut s)) = tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr)).await else {
+                    return;
+                };
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                if s.write_all(req.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut out = Vec::new();
+                let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+                if out.starts_with(b"HTTP/1.1 200") {
+                    answered.lock().unwrap().extend(ids);
+                } else if out.is_empty() {
+                    return;
+                }
+            }
+        }));
+    }
+    // Let the stream run, then stop the node under it.
+    eventually("publishes flowing", || async {
+        answered.lock().unwrap().len() > 5_000
+    })
+    .await;
+    nodes[0].sigterm();
+    nodes[0].wait_exit().await;
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    let want: std::collections::HashSet<i64> = answered.lock().unwrap().iter().copied().collect();
+    let mut got = std::collections::HashSet::new();
+    while !want.is_subset(&got) {
+        let v = sub.recv().await;
+        if v["topic"] == "stream" {
+            got.insert(v["data"].as_i64().expect("id"));
+        }
+    }
+}
