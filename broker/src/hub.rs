@@ -1,9 +1,9 @@
 //! The node's fan-out table: which local sockets receive a message.
 //!
-//! Concrete topics live in a sharded map from topic to an immutable snapshot
-//! of its subscribers (`Arc<[Arc<Subscriber>]>`, replaced copy-on-write), so
-//! fan-out clones one `Arc` under a brief shard read lock and then walks the
-//! snapshot with no lock held. Wildcard patterns live in one copy-on-write
+//! Concrete topics live in a sharded map from topic to its
+//! [`Members`](crate::members::Members): a chunked copy-on-write list, so a
+//! join or leave copies a bounded part, and fan-out clones one `Arc` under a
+//! brief shard read lock and then walks the snapshot with no lock held. Wildcard patterns live in one copy-on-write
 //! list read without locks (`ArcSwap`). A message is encoded once per format
 //! and the same `Bytes` is pushed to every recipient's queue.
 
@@ -17,6 +17,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use herald_protocol::{message, topic};
 
+use crate::members::{Members, Snapshot};
 use crate::metrics::Metrics;
 use crate::subscriber::Subscriber;
 use crate::writer::Pushed;
@@ -69,7 +70,7 @@ pub struct Hub {
 }
 
 struct Inner {
-    exact: DashMap<Box<str>, Arc<[Sub]>>,
+    exact: DashMap<Box<str>, Members>,
     patterns: ArcSwap<Vec<PatternSubs>>,
     /// Serialises pattern list writers; readers never take it.
     pattern_writer: Mutex<()>,
@@ -167,13 +168,11 @@ impl Hub {
         }
         match self.inner.exact.entry(pattern.into()) {
             Entry::Occupied(mut e) => {
-                if let Some(next) = with(e.get(), sub) {
-                    e.insert(next);
-                }
+                e.get_mut().insert(sub);
                 Interest::Unchanged
             }
             Entry::Vacant(e) => {
-                e.insert(Arc::from([sub.clone()]));
+                e.insert(Members::one(sub));
                 Interest::Gained
             }
         }
@@ -192,17 +191,15 @@ impl Hub {
             });
         }
         match self.inner.exact.entry(pattern.into()) {
-            Entry::Occupied(mut e) => match without(e.get(), id) {
-                Some(rest) if rest.is_empty() => {
+            Entry::Occupied(mut e) => {
+                e.get_mut().remove(id);
+                if e.get().is_empty() {
                     e.remove();
                     Interest::Lost
-                }
-                Some(rest) => {
-                    e.insert(rest.into());
+                } else {
                     Interest::Unchanged
                 }
-                None => Interest::Unchanged,
-            },
+            }
             Entry::Vacant(_) => Interest::Unchanged,
         }
     }
@@ -222,21 +219,21 @@ impl Hub {
     /// through the first of its own subscriptions that match, so it
     /// receives the message once.
     pub fn deliver_via(&self, key: &str, wildcard: bool, topic: &str, body: Body<'_>) -> usize {
-        let list = if wildcard {
+        let list: Option<Snapshot> = if wildcard {
             let patterns = self.inner.patterns.load();
             patterns
                 .iter()
                 .find(|p| &*p.pattern == key)
-                .map(|p| p.subs.clone())
+                .map(|p| Arc::from([p.subs.clone()]))
         } else {
-            self.inner.exact.get(key).map(|r| r.value().clone())
+            self.inner.exact.get(key).map(|r| r.value().snapshot())
         };
         let Some(list) = list else {
             return 0;
         };
         let frames = Frames::new(topic, body);
         let mut sent = Sent::default();
-        for s in list.iter() {
+        for s in list.iter().flat_map(|c| c.iter()) {
             if !s.has_wildcard() || s.is_first_match(key, topic) {
                 sent.push(s, &frames, &self.inner.metrics);
             }
@@ -260,7 +257,7 @@ impl Hub {
     /// each even when several of its subscriptions match. Returns how many
     /// sockets it was queued to.
     pub fn deliver(&self, topic: &str, body: Body<'_>) -> usize {
-        let exact = self.inner.exact.get(topic).map(|r| r.value().clone());
+        let exact = self.inner.exact.get(topic).map(|r| r.value().snapshot());
         let patterns = self.inner.patterns.load();
         let matched: Vec<&Arc<[Sub]>> = patterns
             .iter()
@@ -275,14 +272,14 @@ impl Hub {
         let lists = usize::from(exact.is_some()) + matched.len();
         if lists == 1 {
             // One list: nobody can be in it twice.
-            let list = exact.as_ref().or(matched.first().copied()).expect("one list");
-            for s in list.iter() {
+            let members = exact.iter().flat_map(|l| l.iter().flat_map(|c| c.iter()));
+            for s in members.chain(matched.iter().flat_map(|l| l.iter())) {
                 sent.push(s, &frames, &self.inner.metrics);
             }
         } else {
             // Only sockets holding a wildcard can be in more than one list.
             let mut seen: HashSet<u64> = HashSet::new();
-            for s in exact.iter().flat_map(|l| l.iter()) {
+            for s in exact.iter().flat_map(|l| l.iter().flat_map(|c| c.iter())) {
                 if s.has_wildcard() {
                     seen.insert(s.id);
                 }

@@ -12,6 +12,8 @@
 //!   of ready frames, the writer task, and the close that ends it.
 //! - [`subscriber`]: the handle of one socket that the hub, the heartbeat
 //!   and shutdown hold, knowing nothing of its session.
+//! - [`members`]: one key's subscribers as a chunked copy-on-write list:
+//!   joins and leaves cost a bounded copy, fan-out walks a snapshot.
 //! - [`hub`]: the node's fan-out table: sharded topics, wildcard patterns.
 //! - [`subjects`]: the cluster link's NATS subscriptions, one per key with
 //!   local interest, when each is live, and what arrives on them.
@@ -39,6 +41,7 @@ pub mod bus;
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod members;
 pub mod metrics;
 pub mod node;
 pub mod params;

@@ -121,6 +121,10 @@ enum Scenario {
         /// How long to hold the sockets after the measurement.
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         hold: Duration,
+        /// Topics the sockets spread over: 1 is one room for all, 0 gives
+        /// each socket its own (the join-cost comparison).
+        #[arg(long, default_value_t = 100)]
+        topics: usize,
     },
     /// Subscribers on the 2nd..last URL, publishers on the first.
     Cluster {
@@ -211,7 +215,14 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
             None,
         ),
         Scenario::Connect { concurrency } => ("connect", Kind::Connect, 0, 1, None, *concurrency, None),
-        Scenario::Idle { sockets, hold } => ("idle", Kind::Idle, *sockets, 100, None, 0, Some(*hold)),
+        Scenario::Idle {
+            sockets,
+            hold,
+            topics,
+        } => {
+            let topics = if *topics == 0 { *sockets } else { *topics };
+            ("idle", Kind::Idle, *sockets, topics, None, 0, Some(*hold))
+        }
         Scenario::Cluster { subscribers, flow } => {
             if c.urls.len() < 2 {
                 bail!("cluster needs at least two --url (publishers on the first, subscribers on the rest)");
@@ -246,6 +257,7 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
     let publishers = if kind == Kind::Pubsub { flow.publishers } else { 0 };
 
     let rss_before: u64 = c.server_pids.iter().filter_map(|p| report::rss_kb(*p)).sum();
+    let cpu_start: f64 = c.server_pids.iter().filter_map(|p| report::cpu_seconds(*p)).sum();
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for i in 0..c.workers {
@@ -324,6 +336,7 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
         }
     }
     let cpu_before: f64 = c.server_pids.iter().filter_map(|p| report::cpu_seconds(*p)).sum();
+    let join_cpu = cpu_before - cpu_start;
     let start_ns = wire::now_ns() + 200_000_000;
     for s in stdins.iter_mut() {
         s.write_all(format!("go {start_ns}\n").as_bytes()).await?;
@@ -384,6 +397,10 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
     if let Some(t) = ticker {
         t.abort();
         eprintln!();
+    }
+    if kind == Kind::Idle {
+        // The node handles the closes after the workers sent them.
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let cpu_after: f64 = c.server_pids.iter().filter_map(|p| report::cpu_seconds(*p)).sum();
     for mut child in children {
@@ -450,6 +467,7 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
     out.server = ServerStats {
         pids: c.server_pids.clone(),
         cpu_seconds: cpu,
+        join_cpu_seconds: join_cpu,
         rss_before_kb: rss_before,
         rss_after_kb: rss_after,
         deliveries_per_cpu_second: (cpu > 0.0 && out.delivered > 0).then(|| out.delivered as f64 / cpu),

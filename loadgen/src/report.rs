@@ -90,6 +90,9 @@ impl From<&Histogram<u64>> for Percentiles {
 pub struct ServerStats {
     pub pids: Vec<u32>,
     pub cpu_seconds: f64,
+    /// Server CPU while the sockets connected and subscribed (idle: the
+    /// join cost; `cpu_seconds` is then the leave cost).
+    pub join_cpu_seconds: f64,
     pub rss_before_kb: u64,
     pub rss_after_kb: u64,
     pub deliveries_per_cpu_second: Option<f64>,
@@ -171,6 +174,14 @@ impl Report {
             );
             if let Some(b) = self.server.bytes_per_socket {
                 add("per socket", format!("{:.0} bytes", b));
+            }
+            if !self.server.pids.is_empty() {
+                add("topics", self.topics.to_string());
+                add(
+                    "join CPU",
+                    format!("{:.3} s (connect and subscribe)", self.server.join_cpu_seconds),
+                );
+                add("leave CPU", format!("{:.3} s (close)", self.server.cpu_seconds));
             }
         } else {
             add(

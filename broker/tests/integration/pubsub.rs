@@ -239,3 +239,51 @@ async fn nothing_arrives_on_a_topic_after_its_unsub_ack() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flooder.await.expect("flooder");
 }
+
+/// A big room, joined and left in any order across the list's chunks:
+/// every member present gets each message exactly once, and nobody who
+/// left gets it.
+#[tokio::test]
+async fn a_big_room_delivers_to_exactly_its_members() {
+    let h = Herald::start(&[]);
+    let mut members = Vec::new();
+    for _ in 0..300 {
+        members.push(h.connect("sub=room:big").await);
+    }
+    // Every third member leaves, some by unsub, some by closing.
+    let mut stay = Vec::new();
+    for (i, mut c) in members.into_iter().enumerate() {
+        match i % 3 {
+            0 => {
+                let v = c.request(json!({"op":"unsub","topic":"room:big","id":1})).await;
+                assert_eq!(v["op"], "ack");
+                stay.push((false, c));
+            }
+            1 if i % 2 == 0 => drop(c),
+            _ => stay.push((true, c)),
+        }
+    }
+    let (status, body) = h
+        .post("/v1/publish", "", r#"{"topic":"room:big","data":1}"#)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    h.publish("room:big", "2").await;
+    let expected = stay.iter().filter(|(member, _)| *member).count();
+    for (member, c) in &mut stay {
+        if *member {
+            assert_eq!(c.recv().await["data"], 1);
+            assert_eq!(c.recv().await["data"], 2);
+        }
+    }
+    // The first publish counted each member once (the closed ones may
+    // still be leaving, so count only those who asked to leave as gone).
+    let deliveries: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(deliveries["deliveries"].as_u64().unwrap() >= expected as u64);
+    for (member, c) in &mut stay {
+        if !*member {
+            c.sub("probe").await;
+            h.publish("probe", "0").await;
+            assert_eq!(c.recv().await["topic"], "probe", "a member who left got room:big");
+        }
+    }
+}
