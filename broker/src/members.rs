@@ -76,7 +76,7 @@ impl Members {
         }
         let pos = self.len;
         let mut chunks: Vec<Arc<[Sub]>> = self.chunks.to_vec();
-        if pos % CHUNK == 0 {
+        if pos.is_multiple_of(CHUNK) {
             chunks.push(Arc::from([sub.clone()]));
         } else {
             let last = chunks.last_mut().expect("a partly filled chunk");
