@@ -17,12 +17,13 @@ fn main() {
 }
 
 fn hub_with(n: usize, pattern: &str) -> (Hub, Vec<Arc<Conn>>) {
-    let hub = Hub::new(Arc::new(Metrics::default()), Vec::new());
+    let hub = Hub::new(Arc::new(Metrics::default()), Vec::new(), 100);
     let conns: Vec<Arc<Conn>> = (0..n as u64)
         .map(|id| Arc::new(Conn::new(id, false, usize::MAX, 0, Default::default(), None)))
         .collect();
     for c in &conns {
-        hub.subscribe(pattern, pattern.contains('*'), c);
+        hub.subscribe(pattern, pattern.contains('*'), c)
+            .expect("under the pattern limit");
     }
     (hub, conns)
 }

@@ -29,6 +29,16 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = 256)]
     pub max_subscriptions: usize,
 
+    /// Most `sub` and `unsub` requests per second one socket may make (burst
+    /// of the same size); 0 = no limit. Bounds join/leave notice floods.
+    #[arg(long, env = "HERALD_SUBSCRIBE_RATE", default_value_t = 100)]
+    pub subscribe_rate: u32,
+
+    /// Most distinct wildcard patterns the node holds; a `sub` that would
+    /// add one more is refused with `pattern_limit`.
+    #[arg(long, env = "HERALD_MAX_PATTERNS", default_value_t = 10_000)]
+    pub max_patterns: usize,
+
     /// Most publishes per second one socket may make (burst of the same size); 0 = no limit.
     #[arg(long, env = "HERALD_PUBLISH_RATE", default_value_t = 1000)]
     pub publish_rate: u32,

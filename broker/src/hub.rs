@@ -9,9 +9,8 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -19,6 +18,7 @@ use herald_protocol::{message, topic};
 
 use crate::members::{Members, Snapshot};
 use crate::metrics::Metrics;
+use crate::patterns::{Change, Patterns};
 use crate::subscriber::Subscriber;
 use crate::writer::Pushed;
 
@@ -45,11 +45,6 @@ pub enum Body<'a> {
     },
 }
 
-struct PatternSubs {
-    pattern: Box<str>,
-    subs: Arc<[Sub]>,
-}
-
 /// Whether a subscribe or unsubscribe changed the node's interest in a key:
 /// the first subscriber arrived or the last one left. The bus uses this to
 /// subscribe to and drop NATS subjects.
@@ -71,40 +66,31 @@ pub struct Hub {
 
 struct Inner {
     exact: DashMap<Box<str>, Members>,
-    patterns: ArcSwap<Vec<PatternSubs>>,
-    /// Serialises pattern list writers; readers never take it.
-    pattern_writer: Mutex<()>,
+    patterns: Patterns,
+    /// Most distinct wildcard patterns the node holds.
+    max_patterns: usize,
     presence: Vec<String>,
     metrics: Arc<Metrics>,
 }
 
-fn with(list: &[Sub], s: &Sub) -> Option<Arc<[Sub]>> {
-    if list.iter().any(|c| c.id == s.id) {
-        return None;
-    }
-    let mut v = Vec::with_capacity(list.len() + 1);
-    v.extend_from_slice(list);
-    v.push(s.clone());
-    Some(v.into())
-}
-
-fn without(list: &[Sub], id: u64) -> Option<Vec<Sub>> {
-    let pos = list.iter().position(|c| c.id == id)?;
-    let mut v = Vec::with_capacity(list.len() - 1);
-    v.extend_from_slice(&list[..pos]);
-    v.extend_from_slice(&list[pos + 1..]);
-    Some(v)
+/// A new wildcard pattern was refused: the node holds `max` already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("pattern_limit: the node holds {max} distinct wildcard patterns")]
+pub struct PatternLimit {
+    /// `--max-patterns`.
+    pub max: usize,
 }
 
 impl Hub {
     /// An empty hub. `presence` lists the patterns whose topics announce
-    /// joins and leaves.
-    pub fn new(metrics: Arc<Metrics>, presence: Vec<String>) -> Self {
+    /// joins and leaves; at most `max_patterns` distinct wildcard patterns
+    /// may be held.
+    pub fn new(metrics: Arc<Metrics>, presence: Vec<String>, max_patterns: usize) -> Self {
         Hub {
             inner: Arc::new(Inner {
                 exact: DashMap::new(),
-                patterns: ArcSwap::from_pointee(Vec::new()),
-                pattern_writer: Mutex::new(()),
+                patterns: Patterns::default(),
+                max_patterns,
                 presence,
                 metrics,
             }),
@@ -116,57 +102,17 @@ impl Hub {
         self.inner.presence.iter().any(|p| topic::matches(p, topic))
     }
 
-    /// Replaces the subscriber list of wildcard `pattern` with what `change`
-    /// makes of the current one (`None`: no list), copy-on-write under the
-    /// writer lock, and says how the node's interest changed.
-    fn change_pattern(
-        &self,
-        pattern: &str,
-        change: impl FnOnce(Option<&Arc<[Sub]>>) -> Option<Arc<[Sub]>>,
-    ) -> Interest {
-        let _w = self
-            .inner
-            .pattern_writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let cur = self.inner.patterns.load();
-        let existing = cur.iter().find(|p| &*p.pattern == pattern).map(|p| &p.subs);
-        let had = existing.is_some();
-        let new = change(existing);
-        let has = new.is_some();
-        let mut next: Vec<PatternSubs> = cur
-            .iter()
-            .filter(|p| &*p.pattern != pattern)
-            .map(|p| PatternSubs {
-                pattern: p.pattern.clone(),
-                subs: p.subs.clone(),
-            })
-            .collect();
-        if let Some(subs) = new {
-            next.push(PatternSubs {
-                pattern: pattern.into(),
-                subs,
-            });
-        }
-        self.inner.patterns.store(Arc::new(next));
-        match (had, has) {
-            (false, true) => Interest::Gained,
-            (true, false) => Interest::Lost,
-            _ => Interest::Unchanged,
-        }
-    }
-
     /// Adds `sub` under `pattern` (concrete or wildcard). Idempotent.
-    pub fn subscribe(&self, pattern: &str, wildcard: bool, sub: &Sub) -> Interest {
+    pub fn subscribe(&self, pattern: &str, wildcard: bool, sub: &Sub) -> Result<Interest, PatternLimit> {
         if wildcard {
-            return self.change_pattern(pattern, |cur| {
-                Some(match cur {
-                    Some(list) => with(list, sub).unwrap_or_else(|| list.clone()),
-                    None => Arc::from([sub.clone()]),
-                })
-            });
+            let max = self.inner.max_patterns;
+            return match self.inner.patterns.subscribe(pattern, sub, max) {
+                Change::Created => Ok(Interest::Gained),
+                Change::Full => Err(PatternLimit { max }),
+                Change::Removed | Change::Members => Ok(Interest::Unchanged),
+            };
         }
-        match self.inner.exact.entry(pattern.into()) {
+        Ok(match self.inner.exact.entry(pattern.into()) {
             Entry::Occupied(mut e) => {
                 e.get_mut().insert(sub);
                 Interest::Unchanged
@@ -175,20 +121,16 @@ impl Hub {
                 e.insert(Members::one(sub));
                 Interest::Gained
             }
-        }
+        })
     }
 
     /// Removes socket `id` from `pattern`.
     pub fn unsubscribe(&self, pattern: &str, wildcard: bool, id: u64) -> Interest {
         if wildcard {
-            return self.change_pattern(pattern, |cur| {
-                let list = cur?;
-                match without(list, id) {
-                    Some(rest) if rest.is_empty() => None,
-                    Some(rest) => Some(rest.into()),
-                    None => Some(list.clone()),
-                }
-            });
+            return match self.inner.patterns.unsubscribe(pattern, id) {
+                Change::Removed => Interest::Lost,
+                _ => Interest::Unchanged,
+            };
         }
         match self.inner.exact.entry(pattern.into()) {
             Entry::Occupied(mut e) => {
@@ -207,7 +149,7 @@ impl Hub {
     /// Whether any local socket holds `key` (a topic or pattern).
     pub fn has_key(&self, key: &str, wildcard: bool) -> bool {
         if wildcard {
-            self.inner.patterns.load().iter().any(|p| &*p.pattern == key)
+            self.inner.patterns.get(key).is_some()
         } else {
             self.inner.exact.contains_key(key)
         }
@@ -220,11 +162,7 @@ impl Hub {
     /// receives the message once.
     pub fn deliver_via(&self, key: &str, wildcard: bool, topic: &str, body: Body<'_>) -> usize {
         let list: Option<Snapshot> = if wildcard {
-            let patterns = self.inner.patterns.load();
-            patterns
-                .iter()
-                .find(|p| &*p.pattern == key)
-                .map(|p| Arc::from([p.subs.clone()]))
+            self.inner.patterns.get(key).and_then(|p| p.snapshot())
         } else {
             self.inner.exact.get(key).map(|r| r.value().snapshot())
         };
@@ -235,7 +173,7 @@ impl Hub {
         let mut sent = Sent::default();
         for s in list.iter().flat_map(|c| c.iter()) {
             if !s.has_wildcard() || s.is_first_match(key, topic) {
-                sent.push(s, &frames, &self.inner.metrics);
+                sent.push(s, &frames);
             }
         }
         self.count(&sent);
@@ -250,7 +188,7 @@ impl Hub {
 
     /// Distinct concrete topics and wildcard patterns with local subscribers.
     pub fn counts(&self) -> (usize, usize) {
-        (self.inner.exact.len(), self.inner.patterns.load().len())
+        (self.inner.exact.len(), self.inner.patterns.len())
     }
 
     /// Delivers a message on concrete `topic` to every local subscriber, once
@@ -258,12 +196,8 @@ impl Hub {
     /// sockets it was queued to.
     pub fn deliver(&self, topic: &str, body: Body<'_>) -> usize {
         let exact = self.inner.exact.get(topic).map(|r| r.value().snapshot());
-        let patterns = self.inner.patterns.load();
-        let matched: Vec<&Arc<[Sub]>> = patterns
-            .iter()
-            .filter(|p| topic::matches(&p.pattern, topic))
-            .map(|p| &p.subs)
-            .collect();
+        let found = self.inner.patterns.matching(topic);
+        let matched: Vec<Snapshot> = found.iter().filter_map(|p| p.snapshot()).collect();
         if exact.is_none() && matched.is_empty() {
             return 0;
         }
@@ -272,9 +206,12 @@ impl Hub {
         let lists = usize::from(exact.is_some()) + matched.len();
         if lists == 1 {
             // One list: nobody can be in it twice.
-            let members = exact.iter().flat_map(|l| l.iter().flat_map(|c| c.iter()));
-            for s in members.chain(matched.iter().flat_map(|l| l.iter())) {
-                sent.push(s, &frames, &self.inner.metrics);
+            for s in exact
+                .iter()
+                .chain(matched.iter())
+                .flat_map(|l| l.iter().flat_map(|c| c.iter()))
+            {
+                sent.push(s, &frames);
             }
         } else {
             // Only sockets holding a wildcard can be in more than one list.
@@ -283,12 +220,12 @@ impl Hub {
                 if s.has_wildcard() {
                     seen.insert(s.id);
                 }
-                sent.push(s, &frames, &self.inner.metrics);
+                sent.push(s, &frames);
             }
             for list in matched {
-                for s in list.iter() {
+                for s in list.iter().flat_map(|c| c.iter()) {
                     if seen.insert(s.id) {
-                        sent.push(s, &frames, &self.inner.metrics);
+                        sent.push(s, &frames);
                     }
                 }
             }
@@ -360,7 +297,7 @@ struct Sent {
 }
 
 impl Sent {
-    fn push(&mut self, s: &Sub, frames: &Frames<'_>, metrics: &Metrics) {
+    fn push(&mut self, s: &Sub, frames: &Frames<'_>) {
         let Some(f) = frames.for_format(s.raw) else {
             return;
         };
@@ -369,11 +306,7 @@ impl Sent {
                 self.count += frames.messages;
                 self.bytes += f.len();
             }
-            Pushed::Overflowed => {
-                metrics.slow_consumers.fetch_add(1, Relaxed);
-                tracing::info!(conn_id = s.id, "closing slow consumer");
-            }
-            Pushed::Closing => {}
+            Pushed::Overflowed | Pushed::Closing => {}
         }
     }
 }
@@ -388,12 +321,12 @@ mod tests {
 
     #[test]
     fn interest_is_gained_by_the_first_and_lost_with_the_last() {
-        let hub = Hub::new(Arc::new(Metrics::default()), Vec::new());
+        let hub = Hub::new(Arc::new(Metrics::default()), Vec::new(), 100);
         let (a, b) = (conn(1), conn(2));
         for (key, wild) in [("chat:lobby", false), ("chat:*", true)] {
-            assert_eq!(hub.subscribe(key, wild, &a), Interest::Gained);
-            assert_eq!(hub.subscribe(key, wild, &b), Interest::Unchanged);
-            assert_eq!(hub.subscribe(key, wild, &b), Interest::Unchanged);
+            assert_eq!(hub.subscribe(key, wild, &a), Ok(Interest::Gained));
+            assert_eq!(hub.subscribe(key, wild, &b), Ok(Interest::Unchanged));
+            assert_eq!(hub.subscribe(key, wild, &b), Ok(Interest::Unchanged));
             assert!(hub.has_key(key, wild));
             assert_eq!(hub.unsubscribe(key, wild, 1), Interest::Unchanged);
             assert_eq!(hub.unsubscribe(key, wild, 1), Interest::Unchanged);
@@ -405,13 +338,13 @@ mod tests {
 
     #[test]
     fn a_socket_matching_several_ways_gets_a_message_once() {
-        let hub = Hub::new(Arc::new(Metrics::default()), Vec::new());
+        let hub = Hub::new(Arc::new(Metrics::default()), Vec::new(), 100);
         let (a, b) = (conn(1), conn(2));
         for p in ["chat:lobby", "chat:*", ">"] {
             a.add(crate::subscriber::Subscription::new(p));
-            hub.subscribe(p, p != "chat:lobby", &a);
+            hub.subscribe(p, p != "chat:lobby", &a).unwrap();
         }
-        hub.subscribe("chat:lobby", false, &b);
+        hub.subscribe("chat:lobby", false, &b).unwrap();
         assert_eq!(hub.deliver("chat:lobby", Body::Data(b"1")), 2);
         assert_eq!(hub.deliver("chat:other", Body::Data(b"2")), 1);
         let batch = [Bytes::from_static(b"3"), Bytes::from_static(b"4")];

@@ -14,6 +14,8 @@
 //!   and shutdown hold, knowing nothing of its session.
 //! - [`members`]: one key's subscribers as a chunked copy-on-write list:
 //!   joins and leaves cost a bounded copy, fan-out walks a snapshot.
+//! - [`patterns`]: wildcard subscriptions in a subject tree with a match
+//!   cache: matching costs one step per segment.
 //! - [`hub`]: the node's fan-out table: sharded topics, wildcard patterns.
 //! - [`subjects`]: the cluster link's NATS subscriptions, one per key with
 //!   local interest, when each is live, and what arrives on them.
@@ -45,6 +47,7 @@ pub mod members;
 pub mod metrics;
 pub mod node;
 pub mod params;
+pub mod patterns;
 pub mod preread;
 pub mod rate;
 pub mod router;

@@ -95,7 +95,7 @@ impl Metrics {
             (
                 "herald_connections",
                 "gauge",
-                "Open WebSocket connections.",
+                "WebSocket connections held, from the handshake until the TCP connection is gone.",
                 gauge(&self.connections),
             ),
             (

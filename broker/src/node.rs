@@ -52,7 +52,7 @@ impl Node {
         fit_to_descriptors(&mut config);
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
-        let hub = Hub::new(metrics.clone(), config.presence.clone());
+        let hub = Hub::new(metrics.clone(), config.presence.clone(), config.max_patterns);
         let (bus, client_suffix) = if config.nats.is_empty() {
             (Bus::embedded(hub, metrics.clone()), String::new())
         } else {

@@ -30,6 +30,12 @@ pub enum Refused {
     /// `unsub` of a pattern the socket does not hold.
     #[error("not subscribed to {0:?}")]
     NotSubscribed(String),
+    /// The node holds the most distinct wildcard patterns allowed.
+    #[error("pattern_limit: the node holds {max} distinct wildcard patterns; subscribe to a held one or a concrete topic")]
+    PatternLimit {
+        /// `--max-patterns`.
+        max: usize,
+    },
 }
 
 impl Refused {
@@ -38,6 +44,7 @@ impl Refused {
         match self {
             Refused::Limit { .. } => ErrorCode::SubscriptionLimit,
             Refused::NotSubscribed(_) => ErrorCode::NotSubscribed,
+            Refused::PatternLimit { .. } => ErrorCode::PatternLimit,
         }
     }
 }
@@ -114,9 +121,15 @@ impl Router {
             }
             let s = Subscription::new(pattern);
             let wildcard = s.wildcard;
-            sub.add(s);
+            if wildcard {
+                sub.mark_wildcard();
+            }
             let bus = &self.inner.bus;
-            let interest = bus.hub().subscribe(pattern, wildcard, sub);
+            let interest = bus
+                .hub()
+                .subscribe(pattern, wildcard, sub)
+                .map_err(|e| Refused::PatternLimit { max: e.max })?;
+            sub.add(s);
             bus.interest(pattern, interest);
             self.inner.metrics.subscriptions.fetch_add(1, Relaxed);
         }

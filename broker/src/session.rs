@@ -111,6 +111,7 @@ impl Sessions {
         self.metrics.connections_total.fetch_add(1, Relaxed);
         let session = Session {
             rate: RateLimit::new(self.config.publish_rate),
+            sub_rate: None,
             name: params.name,
             pending: None,
             conn,
@@ -168,6 +169,9 @@ struct Session {
     shared: Arc<Sessions>,
     conn: Arc<Subscriber>,
     rate: RateLimit,
+    /// `sub`/`unsub` requests per second, made on the first such request
+    /// (most sockets subscribe in the URL and never need it).
+    sub_rate: Option<Box<RateLimit>>,
     name: Option<String>,
     /// Publishes without an id, in a row, on one topic, from the read buffer
     /// being processed: fanned out together when the buffer is done (or
@@ -400,6 +404,18 @@ impl Session {
         let req = message::parse_request(text);
         if !matches!(req, Ok(Request::Pub { .. })) {
             self.flush();
+        }
+        if let Ok(Request::Sub { id, .. } | Request::Unsub { id, .. }) = &req {
+            let rate = self.shared.config.subscribe_rate;
+            let bucket = self
+                .sub_rate
+                .get_or_insert_with(|| Box::new(RateLimit::new(rate)));
+            if !bucket.allow() {
+                let msg =
+                    format!("subscribe_rate: at most {rate} sub and unsub requests per second per socket");
+                self.error(ErrorCode::RateLimited, &msg, *id);
+                return Next::Go;
+            }
         }
         let router = &self.shared.router;
         let name = self.name.as_deref();

@@ -86,8 +86,14 @@ impl Subscriber {
     }
 
     /// Queues a frame for the socket, starting its writer if none runs.
+    /// The push that overflows the queue closes the socket with 4001 and
+    /// is counted, whoever made it (fan-out, an ack, an error frame).
     pub fn push(self: &Arc<Self>, frame: Bytes) -> Pushed {
         let (pushed, start) = self.outbox.push(frame);
+        if pushed == Pushed::Overflowed {
+            self.writers.metrics.slow_consumers.fetch_add(1, Relaxed);
+            tracing::info!(conn_id = self.id, "closing slow consumer");
+        }
         self.start_writer(start);
         pushed
     }
@@ -121,10 +127,16 @@ impl Subscriber {
         self.subs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Marks the socket as holding a wildcard, before the hub lists it
+    /// under one, so fan-out checks it for a second match from then on.
+    pub fn mark_wildcard(&self) {
+        self.wildcard.store(true, Relaxed);
+    }
+
     /// Records a subscription the socket now holds.
     pub fn add(&self, sub: Subscription) {
         if sub.wildcard {
-            self.wildcard.store(true, Relaxed);
+            self.mark_wildcard();
         }
         let mut subs = self.subs();
         // Most sockets hold one or two subscriptions: grow one at a time.

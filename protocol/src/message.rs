@@ -52,6 +52,8 @@ pub enum ErrorCode {
     HandshakeTimeout,
     /// An HTTP request body did not arrive within the body timeout.
     BodyTimeout,
+    /// The node holds `--max-patterns` distinct wildcard patterns.
+    PatternLimit,
     /// The node is at a bound for connections not yet upgraded (or for its
     /// file descriptors): retry after the `Retry-After` seconds.
     Overloaded,
@@ -59,7 +61,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownOp,
         ErrorCode::BadRequest,
@@ -76,6 +78,7 @@ impl ErrorCode {
         ErrorCode::HandshakeTimeout,
         ErrorCode::BodyTimeout,
         ErrorCode::Overloaded,
+        ErrorCode::PatternLimit,
     ];
 
     /// The wire name.
@@ -97,6 +100,7 @@ impl ErrorCode {
             ErrorCode::HandshakeTimeout => "handshake_timeout",
             ErrorCode::BodyTimeout => "body_timeout",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::PatternLimit => "pattern_limit",
         }
     }
 

@@ -300,7 +300,11 @@ async fn a_node_without_subscribers_gets_no_traffic_for_a_topic() {
 #[tokio::test]
 async fn a_sub_is_in_effect_on_every_node_before_its_ack() {
     let nats = NatsServer::start().await;
-    let nodes = nodes(2, &nats.url(), &["--max-subscriptions", "1000"]);
+    let nodes = nodes(
+        2,
+        &nats.url(),
+        &["--max-subscriptions", "1000", "--subscribe-rate", "0"],
+    );
     wait_linked(&nodes).await;
     let mut c = nodes[0].connect("").await;
     for i in 0..300 {

@@ -233,3 +233,124 @@ async fn the_descriptor_limit_is_met_with_a_clean_refusal() {
     open.pop();
     eventually("a slot freed", || async { try_upgrade(h.addr).await.0.is_none() }).await;
 }
+
+/// `sub` and `unsub` are rate-limited per socket: with one per second, a
+/// burst gets at most one more ack than seconds it took, and the rest are
+/// refused with `rate_limited`, the socket staying open.
+#[tokio::test]
+async fn sub_and_unsub_are_rate_limited_per_socket() {
+    let h = Herald::start(&["--subscribe-rate", "1"]);
+    let mut c = h.connect("").await;
+    let started = std::time::Instant::now();
+    for i in 0..30 {
+        let op = if i % 2 == 0 { "sub" } else { "unsub" };
+        c.send(serde_json::json!({"op":op,"topic":"t:x","id":i}).to_string())
+            .await;
+    }
+    let (mut acked, mut limited) = (0, 0);
+    while acked + limited < 30 {
+        let v = c.recv().await;
+        match (v["op"].as_str(), v["code"].as_str()) {
+            (Some("ack"), _) => acked += 1,
+            (Some("error"), Some("rate_limited")) => limited += 1,
+            (Some("error"), Some("not_subscribed")) => acked += 1,
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    let allowed = 1 + started.elapsed().as_secs() as usize + 1;
+    assert!(
+        acked >= 1 && acked <= allowed,
+        "{acked} answered in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(acked + limited, 30);
+    // Another socket is unaffected, and this one still works.
+    let mut other = h.connect("").await;
+    other.sub("t:y").await;
+    h.publish("t:y", "1").await;
+    assert_eq!(other.recv().await["data"], 1);
+}
+
+#[tokio::test]
+async fn distinct_wildcard_patterns_are_bounded_per_node() {
+    let h = Herald::start(&["--max-patterns", "3"]);
+    let mut a = h.connect("").await;
+    let mut b = h.connect("").await;
+    for p in ["a:*", "b:>", "*:c"] {
+        a.sub(p).await;
+    }
+    let v = a
+        .request(serde_json::json!({"op":"sub","topic":"d:*","id":"d"}))
+        .await;
+    assert_eq!(v["code"], "pattern_limit", "{v}");
+    // A held pattern and concrete topics are still open to everyone.
+    b.sub("a:*").await;
+    b.sub("d:x").await;
+    let v = b
+        .request(serde_json::json!({"op":"sub","topic":"e:>","id":"e"}))
+        .await;
+    assert_eq!(v["code"], "pattern_limit", "{v}");
+    // The refused pattern was not half-added: nothing arrives through it.
+    h.publish("d:x", "1").await;
+    assert_eq!(b.recv().await["data"], 1);
+    h.publish("d:q", "2").await;
+    h.publish("a:z", "3").await;
+    assert_eq!(
+        a.recv().await["data"],
+        3,
+        "a got a message through a refused pattern"
+    );
+    // Once a pattern is gone, another may take its place.
+    let v = a
+        .request(serde_json::json!({"op":"unsub","topic":"b:>","id":"u"}))
+        .await;
+    assert_eq!(v["op"], "ack");
+    a.sub("d:*").await;
+    assert_eq!(h.metric("herald_patterns").await, 3.0);
+}
+
+/// One socket flooding sub/unsub on a presence topic cannot bury the
+/// room's observers in notices: its rate limit bounds them, and nobody
+/// but the flooder risks a cut.
+#[tokio::test]
+async fn a_presence_flood_does_not_cut_observers() {
+    let h = Herald::start(&[
+        "--presence",
+        "room:*",
+        "--max-queue-bytes",
+        "65536",
+        "--ping-interval",
+        "0",
+    ]);
+    let mut observers = Vec::new();
+    for _ in 0..20 {
+        observers.push(stalled(h.addr, "/ws?sub=room:lobby").await);
+    }
+    // The flooder reads every answer before the next round, so only the
+    // limit, not its own queue, stops it.
+    let mut flooder = h.connect("").await;
+    let mut limited = 0;
+    for round in 0..100 {
+        for k in 0..100 {
+            let op = if k % 2 == 0 { "sub" } else { "unsub" };
+            flooder
+                .send(serde_json::json!({"op":op,"topic":"room:lobby","id":round * 100 + k}).to_string())
+                .await;
+        }
+        let mut answers = 0;
+        while answers < 100 {
+            let v = flooder.recv().await;
+            if v.get("id").is_some() {
+                answers += 1;
+                limited += usize::from(v["code"] == "rate_limited");
+            }
+        }
+    }
+    assert!(limited > 9_000, "only {limited} of 10,000 requests were limited");
+    assert_eq!(h.metric("herald_slow_consumer_disconnects_total").await, 0.0);
+    assert_eq!(h.metric("herald_connections").await, 21.0);
+    for mut o in observers {
+        let (op, _) = o.read_frame().await.expect("an open observer");
+        assert_eq!(op, 0x1, "observers get text notices, not a close");
+    }
+}
