@@ -241,9 +241,17 @@ async fn hostile_inputs_get_clear_answers_and_harm_no_one() {
     drop(raw);
     total += 2;
 
-    assert!(total >= 50, "only {total} hostile inputs");
-    assert!(h.is_running(), "the node died");
-    assert!(h.metric("herald_protocol_errors_total").await >= 18.0);
+    assert!(h.is_running(), "the node died after {total} hostile inputs");
+    // The node saw each hostile frame and refused it once: every table
+    // entry and the garbage bytes, not the client that vanished.
+    eventually("every protocol error counted", || async {
+        h.metric("herald_protocol_errors_total").await >= (bad_frames().len() + 1) as f64
+    })
+    .await;
+    assert_eq!(
+        h.metric("herald_protocol_errors_total").await,
+        (bad_frames().len() + 1) as f64
+    );
 
     // Old and new clients are served.
     let mut new = h.connect("sub=keep").await;

@@ -53,6 +53,7 @@ async fn subscription_limit() {
 async fn publish_rate_limit() {
     let h = Herald::start(&["--publish-rate", "1"]);
     let mut c = h.connect("").await;
+    let started = std::time::Instant::now();
     for i in 0..20 {
         c.send(json!({"op":"pub","topic":"t","data":i,"id":i}).to_string())
             .await;
@@ -71,7 +72,14 @@ async fn publish_rate_limit() {
             _ => panic!("{v}"),
         }
     }
-    assert!(acks >= 1 && limited >= 1, "acks {acks} limited {limited}");
+    // A burst of one, then one a second: never more acks than that.
+    let allowed = 1 + started.elapsed().as_secs() as usize + 1;
+    assert!(
+        acks >= 1 && acks <= allowed,
+        "acks {acks} in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(acks + limited, 20);
     assert_eq!(
         h.metric("herald_errors_total{code=\"rate_limited\"}").await,
         limited as f64
@@ -132,7 +140,18 @@ async fn handshake_timeout() {
 
 #[tokio::test]
 async fn slow_consumer_is_closed_while_fast_subscriber_gets_everything() {
-    let h = Herald::start(&["--max-queue-bytes", "1048576", "--max-http-body-bytes", "4194304"]);
+    // A long close timeout: the node waits for the slow client to read its
+    // way to the close frame instead of resetting it.
+    let h = Herald::start(&[
+        "--max-queue-bytes",
+        "1048576",
+        "--max-http-body-bytes",
+        "4194304",
+        "--close-timeout",
+        "120s",
+        "--write-timeout",
+        "120s",
+    ]);
     // The slow client shrinks its receive buffer and never reads.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
@@ -177,8 +196,7 @@ async fn slow_consumer_is_closed_while_fast_subscriber_gets_everything() {
     assert_eq!(reader.await.unwrap(), total);
     assert_eq!(h.metric("herald_slow_consumer_disconnects_total").await, 1.0);
     // The slow socket, when it finally reads, finds the frames written before
-    // the overflow, then its end: a close 4001 if the node could still get
-    // it onto the wire, else the connection's end.
+    // the overflow, then the close 4001.
     let mut received = 0;
     let end = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some((op, payload)) = slow.read_frame().await {
@@ -192,6 +210,6 @@ async fn slow_consumer_is_closed_while_fast_subscriber_gets_everything() {
     })
     .await
     .expect("slow socket was never closed");
-    assert!(end.is_none() || end == Some(4001), "{end:?}");
+    assert_eq!(end, Some(4001));
     assert!(received < total, "slow consumer got everything");
 }
