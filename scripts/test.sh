@@ -13,8 +13,11 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
 
-# Real servers the cluster tests start: nats-server and haproxy (Debian).
-# Real Chromium for the browser client's tests; Node.js for its test runner.
+# What this installs when missing: Debian packages nats-server and haproxy
+# (the cluster tests' real servers), chromium (browser tests), prometheus
+# (for promtool), umoci (image checks), nodejs/npm, python3-venv (chart
+# checks); from crates.io, cargo-fuzz (the fuzz run); npm packages into
+# clients/js; a Python venv in .venv.
 missing=()
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
@@ -22,12 +25,13 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(hapr
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v umoci >/dev/null 2>&1 || missing+=(umoci)
 command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 # Debian installs them under /usr/sbin, which a non-root PATH may lack.
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -57,3 +61,9 @@ HERALD_BIN="$PWD/target/ci/herald" .venv/bin/pytest -q helm/tests
 
 log "benchmarks compile"
 cargo bench --workspace --profile ci --no-run
+
+log "fuzz the protocol parsers (60 s per target)"
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
+for target in frames requests; do
+    (cd protocol && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- -max_total_time=60 -print_final_stats=1 2>&1 | tail -3)
+done
