@@ -86,7 +86,7 @@ def nats_path():
     return shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
-def start_herald(nodes=1):
+def start_herald(nodes=1, extra=()):
     s = System("herald" if nodes == 1 else f"herald x{nodes}", "herald")
     nats_url = None
     if nodes > 1:
@@ -103,6 +103,7 @@ def start_herald(nodes=1):
                "--max-connections", "200000", "--log-level", "warn"]
         if nats_url:
             cmd += ["--nats", nats_url]
+        cmd += list(extra)
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         wait_port(port, p, "herald")
         s.procs.append(p)
@@ -158,12 +159,107 @@ def lat(r, q):
     return f"{v / 1000:.1f} ms" if v >= 1000 else f"{v} µs"
 
 
+HOSTILE_BEGIN = "<!-- hostile:begin -->"
+HOSTILE_END = "<!-- hostile:end -->"
+
+
+def herald_once(args, extra=()):
+    s = start_herald(1, extra)
+    try:
+        return run(s, args)
+    finally:
+        s.stop()
+
+
+def hostile_section(quick):
+    """Herald under the loads of issue 10: a big room's joins, many
+    wildcard patterns, a sub/unsub flood. Each comparison runs in this one
+    invocation, one row after the other, each on a fresh node."""
+    n = "3000" if quick else "15000"
+    dur = "3s" if quick else "10s"
+    idle = ["--workers", "2", "idle", "--sockets", n, "--hold", "0s", "--topics"]
+    room, own = herald_once(idle + ["1"]), herald_once(idle + ["0"])
+    pats = "6000" if quick else "30000"
+    pub = ["--duration", dur, "fanout", "--subscribers", "1", "--publishers", "1", "--rate", "2000"]
+    big = ["--max-patterns", "40000"]
+    none, held = herald_once(pub, big), herald_once(["--patterns", pats] + pub, big)
+    flow = ["--duration", dur, "--patterns", "1000", "fanout", "--subscribers", "1", "--publishers", "1",
+            "--rate", "1000"]
+    calm = herald_once(flow)
+    flood_open = herald_once(["--churn", "1"] + flow, ["--subscribe-rate", "0"])
+    flood = herald_once(["--churn", "1"] + flow)
+
+    def cpu(r):
+        return r["server"]["cpu_us_per_delivery"]
+
+    def p99(r):
+        return r["latency_us"]["p99"]
+
+    def srv(r, k):
+        return r["server"][k]
+
+    L = [HOSTILE_BEGIN, "## Under hostile load\n",
+         "Herald alone, each row on a fresh node, all from one run of "
+         "`python3 benches/compare.py --section hostile`.\n",
+         f"**A big room.** {n} sockets join one topic, against {n} joining a topic each, then leave "
+         f"(`herald-loadgen --workers 2 idle --sockets {n} --hold 0s --topics 1`, and `--topics 0`): "
+         "node CPU while they connect and subscribe, and while they close.\n",
+         "| shape | join CPU | leave CPU |", "|---|---|---|",
+         f"| one topic | {srv(room, 'join_cpu_seconds'):.2f} s | {srv(room, 'cpu_seconds'):.2f} s |",
+         f"| a topic each | {srv(own, 'join_cpu_seconds'):.2f} s | {srv(own, 'cpu_seconds'):.2f} s |",
+         f"| one topic / a topic each | {ratio(srv(room, 'join_cpu_seconds'), srv(own, 'join_cpu_seconds'))} | "
+         f"{ratio(srv(room, 'cpu_seconds'), srv(own, 'cpu_seconds'))} |", "",
+         f"**Many wildcard patterns.** One subscriber, 2,000 msg/s for {dur}, with no patterns held and with "
+         f"{pats} distinct patterns (`hK:pJ:>`, matching nothing published) held on other sockets "
+         f"(`herald-loadgen --patterns {pats} {' '.join(pub)}`, node run with `--max-patterns 40000`).\n",
+         "| patterns held | delivered / expected | p99 | node CPU per publish |", "|---|---|---|---|",
+         f"| 0 | {none['delivered']} / {none['expected']} | {lat(none, 'p99')} | {cpu(none):.2f} µs |",
+         f"| {pats} | {held['delivered']} / {held['expected']} | {lat(held, 'p99')} | {cpu(held):.2f} µs |",
+         f"| {pats} / 0 | | | {ratio(cpu(held), cpu(none))} |", "",
+         "**A sub/unsub flood.** An unrelated subscriber at 1,000 msg/s while 1,000 patterns are held; one "
+         "more socket subscribes and unsubscribes a wildcard in a loop, each request awaiting its answer "
+         f"(`herald-loadgen --churn 1 {' '.join(flow)}`). Without the per-socket limit "
+         "(`--subscribe-rate 0`) every request changes the tree; with the default limit most are refused.\n",
+         "| flood | delivered / expected | p50 | p99 | p99 / p99 without | requests answered |",
+         "|---|---|---|---|---|---|",
+         f"| none | {calm['delivered']} / {calm['expected']} | {lat(calm, 'p50')} | {lat(calm, 'p99')} | | |",
+         f"| unlimited | {flood_open['delivered']} / {flood_open['expected']} | {lat(flood_open, 'p50')} | "
+         f"{lat(flood_open, 'p99')} | {ratio(p99(flood_open), p99(calm))} | {flood_open['churn_ops']} |",
+         f"| default limit | {flood['delivered']} / {flood['expected']} | {lat(flood, 'p50')} | "
+         f"{lat(flood, 'p99')} | {ratio(p99(flood), p99(calm))} | {flood['churn_ops']} |", "",
+         HOSTILE_END]
+    return L
+
+
+def splice_hostile(path, lines):
+    text = open(path).read() if os.path.exists(path) else ""
+    block = "\n".join(lines)
+    if HOSTILE_BEGIN in text:
+        head, rest = text.split(HOSTILE_BEGIN, 1)
+        tail = rest.split(HOSTILE_END, 1)[1]
+        text = head + block + tail
+    else:
+        marker = "## Micro-benchmarks"
+        if marker in text:
+            text = text.replace(marker, block + "\n\n" + marker, 1)
+        else:
+            text = text + "\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small shapes for a smoke check")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    ap.add_argument("--section", choices=["hostile"],
+                    help="run only this section and replace it in --out")
     a = ap.parse_args()
     install()
+    if a.section == "hostile":
+        splice_hostile(a.out, hostile_section(a.quick))
+        return
     q = a.quick
     dur = "3s" if q else "10s"
     subs = "500" if q else "5000"
@@ -218,6 +314,7 @@ def main():
         finally:
             s.stop()
     write(a.out, scenarios, results, cluster, q, scale)
+    splice_hostile(a.out, hostile_section(q))
 
 
 def machine():

@@ -6,6 +6,7 @@
 //! address's ephemeral ports allow; it starts them together, shows progress,
 //! and merges their counts and latency histograms into one report.
 
+mod hostile;
 mod report;
 mod wire;
 mod worker;
@@ -76,6 +77,14 @@ struct Common {
     /// Print the report as JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// Herald only: before the run, hold this many distinct wildcard
+    /// patterns (on extra sockets, 250 each) that no scenario topic matches.
+    #[arg(long, global = true, default_value_t = 0)]
+    patterns: usize,
+    /// Herald only: during the run, this many extra sockets sub and unsub a
+    /// wildcard in a loop, each waiting for its answer.
+    #[arg(long, global = true, default_value_t = 0)]
+    churn: usize,
 }
 
 #[derive(Args, Clone)]
@@ -256,6 +265,14 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
     });
     let publishers = if kind == Kind::Pubsub { flow.publishers } else { 0 };
 
+    let first_url = wire::Url::parse(&c.urls[0])?;
+    let held = if c.patterns > 0 {
+        hostile::hold_patterns(&first_url, c.patterns)
+            .await
+            .context("holding patterns")?
+    } else {
+        Vec::new()
+    };
     let rss_before: u64 = c.server_pids.iter().filter_map(|p| report::rss_kb(*p)).sum();
     let cpu_start: f64 = c.server_pids.iter().filter_map(|p| report::cpu_seconds(*p)).sum();
     let exe = std::env::current_exe()?;
@@ -335,6 +352,15 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
             tokio::time::sleep(h).await;
         }
     }
+    let churn = if c.churn > 0 {
+        Some(
+            hostile::Churn::start(&first_url, c.churn)
+                .await
+                .context("starting the churn")?,
+        )
+    } else {
+        None
+    };
     let cpu_before: f64 = c.server_pids.iter().filter_map(|p| report::cpu_seconds(*p)).sum();
     let join_cpu = cpu_before - cpu_start;
     let start_ns = wire::now_ns() + 200_000_000;
@@ -403,6 +429,11 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let cpu_after: f64 = c.server_pids.iter().filter_map(|p| report::cpu_seconds(*p)).sum();
+    let churn_ops = match churn {
+        Some(ch) => ch.finish().await.context("the churn")?,
+        None => 0,
+    };
+    drop(held);
     for mut child in children {
         let _ = child.wait().await;
     }
@@ -422,6 +453,9 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
         rate_per_publisher: flow.rate,
         size: flow.size.max(32),
         duration_s: c.duration.as_secs_f64(),
+        patterns_held: c.patterns,
+        churn_sockets: c.churn,
+        churn_ops,
         connected,
         connect_errors,
         ..Default::default()

@@ -113,6 +113,12 @@ pub struct Report {
     pub rate_per_publisher: u64,
     pub size: usize,
     pub duration_s: f64,
+    /// Wildcard patterns held beside the scenario (`--patterns`).
+    pub patterns_held: usize,
+    /// Sockets churning sub/unsub beside the scenario (`--churn`).
+    pub churn_sockets: usize,
+    /// Sub/unsub requests the node answered for them.
+    pub churn_ops: u64,
     pub connected: u64,
     pub connect_errors: u64,
     pub published: u64,
@@ -224,6 +230,18 @@ impl Report {
                 }
             }
             add("errors", self.errors.to_string());
+        }
+        if self.patterns_held > 0 {
+            add("patterns held", self.patterns_held.to_string());
+        }
+        if self.churn_sockets > 0 {
+            add(
+                "churn",
+                format!(
+                    "{} sockets, {} sub/unsub answered",
+                    self.churn_sockets, self.churn_ops
+                ),
+            );
         }
         let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         rows.iter().map(|(k, v)| format!("{k:>w$}  {v}\n")).collect()
