@@ -48,21 +48,32 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
         }
         "/healthz" if get => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" if get => {
-            // The NATS link's state is shown but does not fail readiness: a
-            // node without its link still serves its own sockets.
+            // A node whose link was up and dropped stays ready: it still
+            // serves its own sockets, and async-nats reconnects. A node in
+            // cluster mode whose link never came up is not ready: behind a
+            // load balancer it would split the cluster silently.
+            let never_linked = node.router.bus().link_state() == Some(false)
+                && node.metrics.nats_connects.load(Relaxed) == 0;
             let link = match node.router.bus().link_state() {
                 None => "",
                 Some(true) => "nats: connected\n",
+                Some(false) if never_linked => "nats: never connected\n",
                 Some(false) => "nats: disconnected\n",
             };
-            if node.ready.load(Relaxed) {
-                respond(StatusCode::OK, "text/plain", format!("ready\n{link}"))
-            } else {
+            if !node.ready.load(Relaxed) {
                 respond(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
                     format!("draining\n{link}"),
                 )
+            } else if never_linked {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready\n{link}"),
+                )
+            } else {
+                respond(StatusCode::OK, "text/plain", format!("ready\n{link}"))
             }
         }
         "/metrics" if get => {

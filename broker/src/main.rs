@@ -116,7 +116,7 @@ fn main() -> anyhow::Result<()> {
                 target,
                 api_key,
                 timeout,
-            } => cli::check(&target, api_key.as_deref(), timeout).await,
+            } => cli::check(&target, api_key.as_deref().filter(|k| !k.is_empty()), timeout).await,
             Command::Sleep { duration } => {
                 tokio::time::sleep(duration).await;
                 Ok(())

@@ -50,6 +50,11 @@ impl Node {
     /// `config.nats` names servers (the link connects in the background).
     pub async fn new(mut config: Config) -> Result<Arc<Self>, Error> {
         fit_to_descriptors(&mut config);
+        // An empty key (an unset Secret value) means no key, not a key
+        // nobody can present.
+        if config.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+            config.api_key = None;
+        }
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(metrics.clone(), config.presence.clone(), config.max_patterns);

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import helm_python as helm
@@ -30,6 +31,22 @@ def values_of(path):
         return yaml.safe_load(f) or {}
 
 
+class StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses duplicate mapping keys, as kustomize and
+    Flux do (PyYAML's own loaders keep the last one silently)."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    dups = {k for k in keys if keys.count(k) > 1}
+    if dups:
+        raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {sorted(dups)}", node.start_mark)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
 def render(values):
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(values)
@@ -38,7 +55,7 @@ def render(values):
     for path, text in out.items():
         if path.endswith("NOTES.txt"):
             continue
-        for d in yaml.safe_load_all(text):
+        for d in yaml.load_all(text, Loader=StrictLoader):
             if d:
                 d["__template"] = path
                 docs.append(d)
@@ -226,3 +243,87 @@ def test_metrics_pass_promtool():
     text = live_metrics()
     r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_strict_loader_refuses_duplicate_keys():
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate"):
+        list(yaml.load_all("labels:\n  a: 1\n  a: 2\n", Loader=StrictLoader))
+
+
+def test_every_rendered_nats_config_passes_nats_server(case, tmp_path):
+    path, values, docs = case
+    if not values.get("nats", {}).get("enabled", True):
+        return
+    conf = one(docs, "ConfigMap", suffix="-nats-config")["data"]["nats.conf"]
+    f = tmp_path / "nats.conf"
+    f.write_text(conf)
+    r = subprocess.run(["nats-server", "-t", "-c", str(f)], capture_output=True, text=True,
+                       env={**os.environ, "POD_NAME": "live-herald-nats-0"})
+    assert r.returncode == 0, f"{os.path.basename(path)}: {r.stdout}{r.stderr}"
+    sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    pre_stop = sts["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop == ["nats-server", "--signal", "ldm=/var/run/nats/nats.pid"]
+    lame = seconds(re.search(r"lame_duck_duration: (\S+)", conf).group(1))
+    assert lame + 10 < sts["terminationGracePeriodSeconds"]
+
+
+def test_the_test_pod_is_not_a_broker(case):
+    _, values, docs = case
+    pod = [d for d in by_kind(docs, "Pod") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"][0]
+    labels = pod["metadata"]["labels"]
+
+    def selects(selector):
+        return all(labels.get(k) == v for k, v in selector.items())
+
+    for pol in by_kind(docs, "NetworkPolicy"):
+        assert not selects(pol["spec"]["podSelector"]["matchLabels"])
+    for pdb in by_kind(docs, "PodDisruptionBudget"):
+        assert not selects(pdb["spec"]["selector"]["matchLabels"])
+    dep = one(docs, "Deployment")["spec"]["template"]["spec"]
+    for c in dep.get("topologySpreadConstraints", []):
+        assert not selects(c["labelSelector"]["matchLabels"])
+    assert not selects(one(docs, "Deployment")["spec"]["selector"]["matchLabels"])
+
+
+def test_the_default_secret_leaves_publishing_open():
+    """A real herald with the env the chart renders by default (NATS
+    pointed at a real local server) accepts an HTTP publish without a key."""
+    import base64
+    docs = render({})
+    env = dict(one(docs, "ConfigMap", suffix="live-herald")["data"])
+    secret = one(docs, "Secret")
+    key_ref = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    for e in key_ref:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            env[e["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+    assert env.get("HERALD_API_KEY") == "", "the default Secret carries an empty key"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nats_port = s.getsockname()[1]
+    nats = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(nats_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env.update({"HERALD_LISTEN": "127.0.0.1:0", "HERALD_NATS_URL": f"nats://127.0.0.1:{nats_port}",
+                "HERALD_LOG_LEVEL": "warn", "PATH": os.environ["PATH"]})
+    node = subprocess.Popen([HERALD, "serve"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        addr = node.stdout.readline().strip().rsplit(" ", 1)[1]
+        deadline = time.time() + 10
+        while True:
+            try:
+                body = urllib.request.urlopen(f"http://{addr}/readyz").read()
+            except urllib.error.HTTPError as e:  # 503 until the link is up
+                body = e.read()
+            if b"nats: connected" in body:
+                break
+            assert time.time() < deadline, f"the node never linked: {body}"
+            time.sleep(0.05)
+        req = urllib.request.Request(f"http://{addr}/v1/publish", data=b'{"topic":"t","data":1}', method="POST")
+        with urllib.request.urlopen(req) as r:
+            assert r.status == 200
+            assert json.loads(r.read())["published"] == 1
+    finally:
+        node.kill()
+        node.wait()
+        nats.kill()
+        nats.wait()

@@ -418,3 +418,31 @@ async fn shutdown_loses_no_publish_that_was_answered() {
         }
     }
 }
+
+/// A node configured for a cluster whose NATS link never came up is not
+/// ready (it would split the cluster silently behind a load balancer); once
+/// linked it is, and a later loss of the link keeps it ready.
+#[tokio::test]
+async fn readiness_waits_for_the_first_link() {
+    let mut nats = NatsServer::start().await;
+    nats.kill();
+    let node = Herald::start(&["--nats", &nats.url()]);
+    let (status, body) = node.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("never connected"), "{body}");
+    nats.restart().await;
+    eventually("ready once linked", || async {
+        node.get("/readyz").await.0 == 200
+    })
+    .await;
+    nats.kill();
+    eventually("link lost", || async {
+        node.get("/readyz").await.1.contains("disconnected")
+    })
+    .await;
+    assert_eq!(
+        node.get("/readyz").await.0,
+        200,
+        "a node that lost its link still serves"
+    );
+}

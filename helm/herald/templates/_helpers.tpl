@@ -21,11 +21,26 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{- define "herald.labels" -}}
+{{/* Labels every object of the release carries, without a component:
+     each object adds exactly one app.kubernetes.io/component. */}}
+{{- define "herald.commonLabels" -}}
 helm.sh/chart: {{ include "herald.chart" . }}
-{{ include "herald.selectorLabels" . }}
+app.kubernetes.io/name: {{ include "herald.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* The broker's labels. */}}
+{{- define "herald.labels" -}}
+{{ include "herald.commonLabels" . }}
+app.kubernetes.io/component: broker
+{{- end }}
+
+{{/* The bundled NATS's labels. */}}
+{{- define "herald.nats.labels" -}}
+{{ include "herald.commonLabels" . }}
+app.kubernetes.io/component: nats
 {{- end }}
 
 {{- define "herald.selectorLabels" -}}
