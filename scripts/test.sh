@@ -50,6 +50,7 @@ cargo test --workspace --profile ci
 log "browser client: Node tests and real Chromium"
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error)
 HERALD_BIN="$PWD/target/ci/herald" node --test clients/js/test/*.test.js
+(cd clients/js && npx tsc -p test/tsconfig.json)  # herald.d.ts against a typed example
 
 log "Helm chart (Helm's library, Kubernetes schemas), promtool, container image"
 if [ ! -x .venv/bin/pytest ]; then

@@ -1,5 +1,5 @@
 /** Connection states, in the order a connection goes through them. */
-export type HeraldState = 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed';
+export type HeraldState = 'connecting' | 'open' | 'reconnecting' | 'closed';
 
 export interface HeraldOptions {
   /** WebSocket implementation; defaults to the global one (pass `ws` on Node 20). */
@@ -8,7 +8,7 @@ export interface HeraldOptions {
   heartbeatWord?: string;
   /** How often to send the heartbeat word, ms. Default 10000. */
   heartbeatInterval?: number;
-  /** Nothing received for this long (ms) means the node is gone: close and reconnect. Default 25000. */
+  /** A heartbeat that got no answer (nor anything else) for this long, ms, means the node is gone: close and reconnect. Default 25000. */
   heartbeatTimeout?: number;
   /** Reconnect backoff bounds, ms (full jitter, doubling per attempt). Defaults 500 and 15000. */
   minReconnectDelay?: number;
@@ -33,8 +33,28 @@ export interface PresenceNotice {
 }
 
 export class HeraldError extends Error {
-  /** The node's error code (bad_topic, rate_limited, ...) or the client's (queue_full, closed, connection_lost, timeout). */
+  constructor(code: string, message: string);
+  /** The node's error code (bad_topic, rate_limited, ...) or the client's (queue_full, closed, connection_lost, timeout, not_connected, no_websocket). */
   code: string;
+}
+
+/** `state`, `connecting`, `open`, `reconnecting` and `closed` events. */
+export interface HeraldStateEvent extends Event {
+  readonly detail: StateDetail;
+}
+
+/** `error` events: an error frame for a request without a handler, or a handler that threw. */
+export interface HeraldErrorEvent extends Event {
+  readonly error: unknown;
+}
+
+export interface HeraldEventMap {
+  state: HeraldStateEvent;
+  connecting: HeraldStateEvent;
+  open: HeraldStateEvent;
+  reconnecting: HeraldStateEvent;
+  closed: HeraldStateEvent;
+  error: HeraldErrorEvent;
 }
 
 export class Herald extends EventTarget {
@@ -47,8 +67,20 @@ export class Herald extends EventTarget {
   presence(pattern: string, handler: (notice: PresenceNotice, topic: string) => void): () => void;
   /** Publishes data (any JSON value); settles with the node's ack or error. */
   publish(topic: string, data: unknown): Promise<void>;
-  /** Closes for good: no reconnect. */
+  /** Closes for good: no reconnect; publishes queued or awaiting their ack reject with code 'closed'. */
   close(): void;
+  addEventListener<K extends keyof HeraldEventMap>(
+    type: K,
+    listener: (this: Herald, ev: HeraldEventMap[K]) => void,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  addEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | AddEventListenerOptions): void;
+  removeEventListener<K extends keyof HeraldEventMap>(
+    type: K,
+    listener: (this: Herald, ev: HeraldEventMap[K]) => void,
+    options?: boolean | EventListenerOptions,
+  ): void;
+  removeEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | EventListenerOptions): void;
 }
 
 /** Whether a close code means "do not reconnect". */

@@ -57,7 +57,7 @@ export class Herald extends EventTarget {
     if (!this.options.WebSocket) {
       throw new HeraldError('no_websocket', 'no WebSocket implementation: pass options.WebSocket');
     }
-    this.state = 'idle';
+    this.state = 'connecting';
     this._subs = new Map(); // pattern -> { data: Set<fn>, presence: Set<fn> }
     this._pending = new Map(); // id -> { resolve, reject, timer }
     this._queue = []; // publishes waiting for a connection
@@ -109,11 +109,19 @@ export class Herald extends EventTarget {
     });
   }
 
-  /** Closes for good: no reconnect; queued publishes are rejected. */
+  /**
+   * Closes for good: no reconnect. Queued publishes and those waiting for
+   * their ack are rejected with code `closed`. Safe to call from any
+   * event listener, `reconnecting` included.
+   */
   close() {
+    if (this._closedByUser) return;
     this._closedByUser = true;
     this._teardown();
-    this._failQueued(new HeraldError('closed', 'the client was closed'));
+    this._stopVisibilityWatch();
+    const closed = new HeraldError('closed', 'the client was closed');
+    this._failPending(closed);
+    this._failQueued(closed);
     this._setState('closed', 1000, 'closed by the client');
   }
 
@@ -149,6 +157,8 @@ export class Herald extends EventTarget {
   }
 
   _connect() {
+    if (this._closedByUser) return;
+    this._watchVisibility();
     if (this.state !== 'reconnecting') this._setState('connecting');
     let ws;
     try {
@@ -162,13 +172,16 @@ export class Herald extends EventTarget {
       this._attempt = 0;
       this._lastSeen = Date.now();
       this._startHeartbeat();
-      this._setState('open');
+      // Resubscribe and send what was queued before anyone hears `open`,
+      // so a publish made in an `open` listener follows them.
+      this.state = 'open';
       for (const pattern of this._subs.keys()) {
         this._request({ op: 'sub', topic: pattern }).catch((e) => this._report(e));
       }
       const queued = this._queue;
       this._queue = [];
       for (const item of queued) this._sendPublish(item);
+      this._setState('open');
     };
     ws.onmessage = (ev) => this._onMessage(ev.data);
     ws.onclose = (ev) => {
@@ -195,8 +208,10 @@ export class Herald extends EventTarget {
     const cap = Math.min(max, min * 2 ** this._attempt);
     const delay = min / 2 + Math.random() * Math.max(0, cap - min / 2); // full jitter above a floor
     this._attempt++;
-    this._setState('reconnecting', code, reason);
+    // The timer first: a `reconnecting` listener that calls close() must
+    // find it to cancel.
     this._timers.reconnect = setTimeout(() => this._connect(), delay);
+    this._setState('reconnecting', code, reason);
   }
 
   _teardown() {
@@ -214,22 +229,52 @@ export class Herald extends EventTarget {
     }
   }
 
+  /**
+   * Sends the heartbeat word every `heartbeatInterval` and gives up on the
+   * node only when one that was sent got no answer (nor anything else)
+   * within `heartbeatTimeout`. Wall-clock silence alone proves nothing: a
+   * background tab's timers run once a minute, and a quiet topic is quiet.
+   */
   _startHeartbeat() {
+    const { heartbeatInterval } = this.options;
+    this._heartbeatSent = 0;
+    this._timers.heartbeat = setInterval(() => this._checkHeartbeat(), Math.min(heartbeatInterval, 1000));
+  }
+
+  _checkHeartbeat() {
     const { heartbeatInterval, heartbeatTimeout, heartbeatWord } = this.options;
-    const tick = Math.min(heartbeatInterval, 1000);
-    let lastSent = 0;
-    this._timers.heartbeat = setInterval(() => {
-      const now = Date.now();
-      if (now - this._lastSeen > heartbeatTimeout) {
-        // Nothing, not even the heartbeat's answer: the node is gone.
-        this._lost(4002, 'heartbeat_timeout: no answer from the node');
-        return;
+    const now = Date.now();
+    const sent = this._heartbeatSent;
+    if (sent && this._lastSeen < sent && now - sent > heartbeatTimeout) {
+      // The heartbeat went out and nothing at all came back: the node is gone.
+      this._lost(4002, 'heartbeat_timeout: no answer from the node');
+      return;
+    }
+    const answered = !sent || this._lastSeen >= sent;
+    if (answered && now - sent >= heartbeatInterval && this._ws && this._ws.readyState === 1) {
+      this._heartbeatSent = now;
+      this._ws.send(heartbeatWord);
+    }
+  }
+
+  /** Checks at once when a hidden tab becomes visible again. */
+  _watchVisibility() {
+    if (this._onVisible || typeof document === 'undefined' || !document.addEventListener) return;
+    this._onVisible = () => {
+      if (document.visibilityState !== 'visible' || this.state !== 'open') return;
+      if (this._heartbeatSent && this._lastSeen < this._heartbeatSent) {
+        this._checkHeartbeat();
+      } else if (this._ws && this._ws.readyState === 1) {
+        this._heartbeatSent = Date.now();
+        this._ws.send(this.options.heartbeatWord);
       }
-      if (now - lastSent >= heartbeatInterval && this._ws && this._ws.readyState === 1) {
-        lastSent = now;
-        this._ws.send(heartbeatWord);
-      }
-    }, tick);
+    };
+    document.addEventListener('visibilitychange', this._onVisible);
+  }
+
+  _stopVisibilityWatch() {
+    if (this._onVisible) document.removeEventListener('visibilitychange', this._onVisible);
+    this._onVisible = null;
   }
 
   _onMessage(raw) {

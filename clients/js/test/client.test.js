@@ -142,3 +142,98 @@ test('presence notices reach presence handlers', async () => {
   await until('leave seen', () => seen.some((p) => p.event === 'leave' && p.name === 'bob'));
   assert.equal(seen.at(-1).topic, 'chat:lobby');
 });
+
+test('close() from a reconnecting listener stops the client for good', async () => {
+  const n = await node([]);
+  const h = client(n.url);
+  await next(h, 'open');
+  let tries = 0;
+  h.addEventListener('reconnecting', () => {
+    tries += 1;
+    h.close(); // "give up after N tries", with N = 1
+  });
+  const opens = [];
+  h.addEventListener('open', () => opens.push(Date.now()));
+  await n.kill();
+  await until('closed', () => h.state === 'closed');
+  await n.restart();
+  await sleep(800); // several backoff periods at 50..300 ms
+  assert.equal(tries, 1);
+  assert.deepEqual(opens, [], 'a closed client connected again');
+  assert.equal(h.state, 'closed');
+});
+
+test('after a reconnect, resubscribes and queued publishes precede what an open listener sends', async () => {
+  const n = await node([]);
+  // The client watches its own topic: the node delivers to it only what it
+  // publishes after its resubscribe, in the order it sent them.
+  const h = client(n.url);
+  const seen = collector();
+  h.subscribe('order', seen.fn);
+  await next(h, 'open');
+  await sleep(100);
+  await n.kill();
+  await until('reconnecting', () => h.state === 'reconnecting');
+  const queued = h.publish('order', 'queued while down');
+  const fromOpen = new Promise((resolve) => {
+    h.addEventListener('open', () => resolve(h.publish('order', 'from the open listener')), { once: true });
+  });
+  await n.restart();
+  await queued;
+  await fromOpen;
+  await until('both delivered', () => seen.got.length >= 2);
+  assert.deepEqual(
+    seen.got.map((m) => m.data),
+    ['queued while down', 'from the open listener'],
+  );
+});
+
+test('close() rejects publishes still waiting for their ack', async () => {
+  const n = await node([]);
+  const h = client(n.url, { requestTimeout: 60_000 });
+  await next(h, 'open');
+  n.stop(); // the node takes the publish but cannot answer
+  const p = h.publish('t', 1);
+  await sleep(50);
+  const started = Date.now();
+  h.close();
+  await assert.rejects(p, (e) => e instanceof HeraldError && e.code === 'closed');
+  assert.ok(Date.now() - started < 5_000, 'the publish waited for its timeout');
+  n.cont();
+});
+
+test('a long gap between timer ticks (a background tab) does not drop a healthy connection', async () => {
+  const n = await node([]);
+  // The page's clock jumps a minute right after a heartbeat was answered,
+  // as when a hidden tab's timers run once a minute.
+  const realNow = Date.now;
+  let offset = 0;
+  let armed = true;
+  class SleepyTab extends WebSocket {
+    set onmessage(fn) {
+      super.onmessage = fn && ((ev) => {
+        fn(ev);
+        if (armed && String(ev.data) === 'HeartBeat') {
+          armed = false;
+          offset = 60_000;
+          Date.now = () => realNow() + offset;
+        }
+      });
+    }
+    get onmessage() {
+      return super.onmessage;
+    }
+  }
+  try {
+    const h = client(n.url, { WebSocket: SleepyTab, heartbeatInterval: 100, heartbeatTimeout: 500 });
+    let dropped = 0;
+    h.addEventListener('reconnecting', () => (dropped += 1));
+    await next(h, 'open');
+    await until('the clock jumped', () => !armed);
+    await sleep(1_000); // many ticks after the jump
+    assert.equal(dropped, 0, 'a healthy connection was dropped after the clock jump');
+    assert.equal(h.state, 'open');
+  } finally {
+    Date.now = realNow;
+  }
+});

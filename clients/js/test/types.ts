@@ -1,0 +1,20 @@
+// A typed use of the client, checked by `tsc --noEmit` against herald.d.ts.
+import Herald, { HeraldError, isTerminal, matches, type HeraldState, type PresenceNotice } from '../herald.js';
+
+const h = new Herald('ws://127.0.0.1:8080/ws', { heartbeatInterval: 5000, maxQueue: 10 });
+h.addEventListener('open', (e) => {
+  const s: HeraldState = e.detail.state;
+  console.log(s, e.detail.code, e.detail.reason);
+});
+h.addEventListener('reconnecting', (e) => {
+  if (e.detail.code !== undefined && isTerminal(e.detail.code)) h.close();
+});
+h.addEventListener('error', (e) => console.error(e.error));
+const off: () => void = h.subscribe('todo:*', (data: unknown, topic: string) => console.log(topic, data, matches('todo:*', topic)));
+h.presence('chat:lobby', (n: PresenceNotice) => console.log(n.event, n.client, n.name));
+h.publish('todo:count', 3).catch((e: unknown) => {
+  if (e instanceof HeraldError) console.log(e.code);
+});
+const err = new HeraldError('closed', 'the client was closed');
+console.log(err.code, h.state === 'connecting', h.url);
+off();
