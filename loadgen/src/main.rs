@@ -8,6 +8,7 @@
 
 mod hostile;
 mod report;
+mod storm;
 mod wire;
 mod worker;
 
@@ -135,6 +136,23 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         topics: usize,
     },
+    /// N idle subscribed sockets over the URLs (socket i on URL i mod
+    /// URLs) held for --duration; a socket whose node goes away reconnects
+    /// through --reconnect-url (a load balancer) after up to --jitter.
+    /// Reports how long the last lost socket took to be subscribed again.
+    Storm {
+        #[arg(long, default_value_t = 1000)]
+        sockets: usize,
+        /// Where lost sockets reconnect; repeat for several (round robin).
+        #[arg(long = "reconnect-url", required = true)]
+        reconnect_urls: Vec<String>,
+        /// Each lost socket waits a random time up to this before its first attempt.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        jitter: Duration,
+        /// Topics the sockets spread over.
+        #[arg(long, default_value_t = 100)]
+        topics: usize,
+    },
     /// Subscribers on the 2nd..last URL, publishers on the first.
     Cluster {
         #[arg(long, default_value_t = 1000)]
@@ -232,6 +250,7 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
             let topics = if *topics == 0 { *sockets } else { *topics };
             ("idle", Kind::Idle, *sockets, topics, None, 0, Some(*hold))
         }
+        Scenario::Storm { sockets, topics, .. } => ("storm", Kind::Storm, *sockets, *topics, None, 0, None),
         Scenario::Cluster { subscribers, flow } => {
             if c.urls.len() < 2 {
                 bail!("cluster needs at least two --url (publishers on the first, subscribers on the rest)");
@@ -300,6 +319,14 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
             sub_urls: sub_urls.clone(),
             pub_url: 0,
             concurrency: split(concurrency, c.workers, i).1,
+            reconnect_urls: match &cli.scenario {
+                Scenario::Storm { reconnect_urls, .. } => reconnect_urls.clone(),
+                _ => Vec::new(),
+            },
+            jitter_ms: match &cli.scenario {
+                Scenario::Storm { jitter, .. } => jitter.as_millis() as u64,
+                _ => 0,
+            },
         };
         let child = tokio::process::Command::new(&exe)
             .args(["worker", "--spec", &serde_json::to_string(&spec)?])
@@ -364,6 +391,8 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
     let cpu_before: f64 = c.server_pids.iter().filter_map(|p| report::cpu_seconds(*p)).sum();
     let join_cpu = cpu_before - cpu_start;
     let start_ns = wire::now_ns() + 200_000_000;
+    // Scripts that act during the run (a storm's node kill) wait for this.
+    eprintln!("herald-loadgen: go, {connected} connected, {connect_errors} failed");
     for s in stdins.iter_mut() {
         s.write_all(format!("go {start_ns}\n").as_bytes()).await?;
         s.flush().await?;
@@ -467,6 +496,7 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
         out.handshakes += r.handshakes;
         r.latency.merge_into(&mut latency);
         r.connect_latency.merge_into(&mut connect_latency);
+        out.storm.merge(&r.storm);
         for (t, n) in r.published_per_topic.iter().enumerate() {
             per_topic[t] += n;
         }
@@ -511,5 +541,9 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
             .then(|| (rss_after.saturating_sub(rss_before) * 1024) as f64 / connected as f64),
     };
     out.duration_s = elapsed;
+    if out.storm.first_loss_ns > 0 && out.storm.last_reconnect_ns > 0 {
+        out.storm_recovery_ms =
+            Some(out.storm.last_reconnect_ns.saturating_sub(out.storm.first_loss_ns) as f64 / 1e6);
+    }
     Ok(out)
 }

@@ -45,6 +45,8 @@ pub struct WorkerReport {
     pub last_delivery_ns: u64,
     pub latency: Hist,
     pub connect_latency: Hist,
+    #[serde(default)]
+    pub storm: crate::storm::StormReport,
 }
 
 /// Percentiles of a latency histogram, in microseconds.
@@ -132,6 +134,11 @@ pub struct Report {
     pub connect_latency_us: Percentiles,
     pub errors: u64,
     pub server: ServerStats,
+    /// The storm scenario's reconnects.
+    pub storm: crate::storm::StormReport,
+    /// Milliseconds from the first lost socket to the last one subscribed
+    /// again (storm).
+    pub storm_recovery_ms: Option<f64>,
 }
 
 fn ms(us: u64) -> String {
@@ -166,6 +173,21 @@ impl Report {
             let l = &self.connect_latency_us;
             add("open+subscribe+close", l.line());
             add("errors", self.errors.to_string());
+        } else if self.scenario == "storm" {
+            add(
+                "sockets",
+                format!("{} connected, {} failed", self.connected, self.connect_errors),
+            );
+            let st = &self.storm;
+            add("lost", st.lost.to_string());
+            add("subscribed again", st.reconnected.to_string());
+            add("failed attempts", st.failed_attempts.to_string());
+            if let Some(f) = &st.first_failure {
+                add("first failure", f.clone());
+            }
+            if let Some(ms) = self.storm_recovery_ms {
+                add("recovery", format!("{ms:.0} ms from the first loss to the last resubscribe"));
+            }
         } else if self.scenario == "idle" {
             add(
                 "sockets",

@@ -43,6 +43,12 @@ pub struct Spec {
     pub pub_url: usize,
     /// Connect scenario: concurrent open/subscribe/close loops.
     pub concurrency: usize,
+    /// Storm: where lost sockets reconnect (a load balancer), and the most
+    /// each waits first.
+    #[serde(default)]
+    pub reconnect_urls: Vec<String>,
+    #[serde(default)]
+    pub jitter_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -53,6 +59,8 @@ pub enum Kind {
     Connect,
     /// Idle subscribed sockets.
     Idle,
+    /// Idle subscribed sockets that reconnect when lost.
+    Storm,
 }
 
 pub fn topic_name(i: usize) -> String {
@@ -153,6 +161,45 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
     };
 
     match spec.kind {
+        Kind::Storm => {
+            let urls: Vec<Url> = spec
+                .reconnect_urls
+                .iter()
+                .map(|u| Url::parse(u))
+                .collect::<Result<_, _>>()?;
+            let urls = Arc::new(urls);
+            let stats = Arc::new(crate::storm::Stats::default());
+            let jitter = Duration::from_millis(spec.jitter_ms);
+            let mut tasks = Vec::new();
+            for (k, c) in subs.into_iter().enumerate() {
+                let g = spec.sub_first + k;
+                let topic = topic_name(g % spec.topics.max(1));
+                tasks.push(tokio::spawn(crate::storm::socket(
+                    c,
+                    g,
+                    topic,
+                    urls.clone(),
+                    spec.source,
+                    jitter,
+                    stats.clone(),
+                    deadline,
+                )));
+            }
+            let ticker = {
+                let stats = stats.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        say(serde_json::json!({ "storm": stats.report() }));
+                    }
+                })
+            };
+            for t in tasks {
+                let _ = t.await;
+            }
+            ticker.abort();
+            report.storm = stats.report();
+        }
         Kind::Idle => {
             for mut c in subs {
                 c.wr.close().await;
