@@ -119,7 +119,7 @@ def main():
             log = open(os.path.join(tmp, f"node{i}.log"), "w")
             logs.append(log.name)
             p = subprocess.Popen([compare.HERALD, "serve", "--listen", f"127.0.0.1:{port}", "--log-level", "warn",
-                                  "--nats", f"nats://127.0.0.1:{nats_port}", "--max-pending-connections", "4096"],
+                                  "--nats", f"nats://127.0.0.1:{nats_port}"],
                                  stdout=subprocess.DEVNULL, stderr=log)
             compare.wait_port(port, p, "herald")
             nodes.append(p)

@@ -542,8 +542,12 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
     };
     out.duration_s = elapsed;
     if out.storm.first_loss_ns > 0 && out.storm.last_reconnect_ns > 0 {
-        out.storm_recovery_ms =
-            Some(out.storm.last_reconnect_ns.saturating_sub(out.storm.first_loss_ns) as f64 / 1e6);
+        out.storm_recovery_ms = Some(
+            out.storm
+                .last_reconnect_ns
+                .saturating_sub(out.storm.first_loss_ns) as f64
+                / 1e6,
+        );
     }
     Ok(out)
 }

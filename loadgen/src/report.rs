@@ -186,7 +186,10 @@ impl Report {
                 add("first failure", f.clone());
             }
             if let Some(ms) = self.storm_recovery_ms {
-                add("recovery", format!("{ms:.0} ms from the first loss to the last resubscribe"));
+                add(
+                    "recovery",
+                    format!("{ms:.0} ms from the first loss to the last resubscribe"),
+                );
             }
         } else if self.scenario == "idle" {
             add(

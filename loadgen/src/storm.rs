@@ -69,6 +69,10 @@ impl Stats {
     }
 }
 
+/// A reconnect attempt that gets no answer in this long is given up and
+/// retried (a browser's handshake would time out too).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A small per-socket random source (no dependency needed for jitter).
 struct Jitter(u64);
 
@@ -85,15 +89,38 @@ impl Jitter {
     }
 }
 
+/// When the run ends: unset until the coordinator's `go`, then the end
+/// of `--duration`.
+pub type End = tokio::sync::watch::Receiver<Option<tokio::time::Instant>>;
+
+async fn until_end(end: &mut End) {
+    let at = loop {
+        if let Some(at) = *end.borrow_and_update() {
+            break at;
+        }
+        if end.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::time::sleep_until(at).await;
+}
+
+fn ended(end: &End) -> bool {
+    end.borrow().is_some_and(|at| tokio::time::Instant::now() >= at)
+}
+
 /// Reads until the connection ends (answering pings, so the node's
-/// heartbeat keeps it), or until `until`. True when the connection ended.
-async fn hold(c: &mut wire::Conn, until: tokio::time::Instant) -> bool {
+/// heartbeat keeps it, from the moment it is subscribed), or until the run
+/// ends. True when the connection ended.
+async fn hold(c: &mut wire::Conn, end: &mut End) -> bool {
     loop {
-        let next = tokio::time::timeout_at(until, c.rd.next()).await;
+        let next = tokio::select! {
+            f = c.rd.next() => f,
+            _ = until_end(end) => return false,
+        };
         match next {
-            Err(_) => return false,
-            Ok(Err(_)) | Ok(Ok(None)) => return true,
-            Ok(Ok(Some(f))) => match f.opcode {
+            Err(_) | Ok(None) => return true,
+            Ok(Some(f)) => match f.opcode {
                 0x8 => return true,
                 0x9 => {
                     let p = c.rd.payload(&f).to_vec();
@@ -120,11 +147,11 @@ pub async fn socket(
     source: Option<IpAddr>,
     jitter: Duration,
     stats: Arc<Stats>,
-    until: tokio::time::Instant,
+    mut end: End,
 ) {
     let mut rng = Jitter(0x9e37_79b9_7f4a_7c15 ^ (g as u64).wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
     loop {
-        if !hold(&mut c, until).await {
+        if !hold(&mut c, &mut end).await {
             return;
         }
         stats.lost.fetch_add(1, Relaxed);
@@ -135,21 +162,26 @@ pub async fn socket(
         tokio::time::sleep(Duration::from_millis(rng.below(jitter.as_millis() as u64 + 1))).await;
         let mut attempt = 0u32;
         c = loop {
-            if tokio::time::Instant::now() >= until || urls.is_empty() {
+            if ended(&end) || urls.is_empty() {
                 return;
             }
             let url = &urls[(g + attempt as usize) % urls.len()];
-            let r = async {
+            let r = tokio::time::timeout(ATTEMPT_TIMEOUT, async {
                 let mut c = wire::connect(url, &Target::Herald.url_query(&topic), source).await?;
                 Target::Herald.subscribe(&mut c, &topic).await?;
                 anyhow::Ok(c)
-            }
-            .await;
+            })
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {ATTEMPT_TIMEOUT:?}")));
             match r {
                 Ok(c) => break c,
                 Err(e) => {
                     stats.failed.fetch_add(1, Relaxed);
-                    stats.first_failure.lock().unwrap().get_or_insert_with(|| e.to_string());
+                    stats
+                        .first_failure
+                        .lock()
+                        .unwrap()
+                        .get_or_insert_with(|| e.to_string());
                     let cap = 100u64 << attempt.min(5);
                     tokio::time::sleep(Duration::from_millis(cap / 2 + rng.below(cap))).await;
                     attempt += 1;

@@ -98,6 +98,19 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
     });
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
 
+    // Storm sockets hold (and answer pings) from the moment they are
+    // subscribed: a connect phase of a minute would otherwise outlast the
+    // node's heartbeat.
+    let (end_tx, end_rx) = tokio::sync::watch::channel(None);
+    let storm_stats = Arc::new(crate::storm::Stats::default());
+    let storm_urls: Arc<Vec<Url>> = Arc::new(
+        spec.reconnect_urls
+            .iter()
+            .map(|u| Url::parse(u))
+            .collect::<Result<_, _>>()?,
+    );
+    let mut storm_tasks = Vec::new();
+
     // 1. Subscribers (and idle sockets), a bounded number connecting at once.
     let mut subs = Vec::with_capacity(spec.sub_count);
     let sem = Arc::new(tokio::sync::Semaphore::new(256));
@@ -107,25 +120,42 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
         let url = urls[spec.sub_urls[g % spec.sub_urls.len()]].clone();
         let topic = topic_name(g % spec.topics.max(1));
         let (target, source, sem) = (spec.target, spec.source, sem.clone());
+        let storm = (spec.kind == Kind::Storm).then(|| {
+            (
+                storm_urls.clone(),
+                storm_stats.clone(),
+                end_rx.clone(),
+                Duration::from_millis(spec.jitter_ms),
+            )
+        });
         connecting.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
             let mut c = wire::connect(&url, &target.url_query(&topic), source).await?;
             target.subscribe(&mut c, &topic).await?;
-            anyhow::Ok(c)
+            if let Some((urls, stats, end, jitter)) = storm {
+                let task = tokio::spawn(crate::storm::socket(
+                    c, g, topic, urls, source, jitter, stats, end,
+                ));
+                return anyhow::Ok(Err(task));
+            }
+            anyhow::Ok(Ok(c))
         }));
     }
     let mut connect_errors = 0u64;
     let mut first_error = None;
     for h in connecting {
         match h.await? {
-            Ok(c) => subs.push(c),
+            Ok(Ok(c)) => subs.push(c),
+            Ok(Err(task)) => storm_tasks.push(task),
             Err(e) => {
                 connect_errors += 1;
                 first_error.get_or_insert(e.to_string());
             }
         }
     }
-    say(serde_json::json!({"ready": subs.len(), "connect_errors": connect_errors, "error": first_error}));
+    say(
+        serde_json::json!({"ready": subs.len() + storm_tasks.len(), "connect_errors": connect_errors, "error": first_error}),
+    );
 
     // 2. Wait for the coordinator's start time.
     let start_ns: u64 = loop {
@@ -143,7 +173,7 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + run_for;
 
     let mut report = WorkerReport {
-        connected: subs.len() as u64,
+        connected: (subs.len() + storm_tasks.len()) as u64,
         connect_errors,
         ..Default::default()
     };
@@ -162,29 +192,9 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
 
     match spec.kind {
         Kind::Storm => {
-            let urls: Vec<Url> = spec
-                .reconnect_urls
-                .iter()
-                .map(|u| Url::parse(u))
-                .collect::<Result<_, _>>()?;
-            let urls = Arc::new(urls);
-            let stats = Arc::new(crate::storm::Stats::default());
-            let jitter = Duration::from_millis(spec.jitter_ms);
-            let mut tasks = Vec::new();
-            for (k, c) in subs.into_iter().enumerate() {
-                let g = spec.sub_first + k;
-                let topic = topic_name(g % spec.topics.max(1));
-                tasks.push(tokio::spawn(crate::storm::socket(
-                    c,
-                    g,
-                    topic,
-                    urls.clone(),
-                    spec.source,
-                    jitter,
-                    stats.clone(),
-                    deadline,
-                )));
-            }
+            let _ = end_tx.send(Some(deadline));
+            let stats = storm_stats.clone();
+            let tasks = std::mem::take(&mut storm_tasks);
             let ticker = {
                 let stats = stats.clone();
                 tokio::spawn(async move {
