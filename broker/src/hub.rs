@@ -18,9 +18,9 @@ use herald_protocol::{message, topic};
 
 use crate::members::{Members, Snapshot};
 use crate::metrics::Metrics;
+use crate::outbox::Pushed;
 use crate::patterns::{Change, Patterns};
 use crate::subscriber::Subscriber;
-use crate::writer::Pushed;
 
 /// A subscribed socket, as the hub holds it.
 type Sub = Arc<Subscriber>;

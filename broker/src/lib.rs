@@ -8,8 +8,10 @@
 //! - [`config`]: every setting, as flags and `HERALD_*` variables.
 //! - [`metrics`]: counters rendered in the Prometheus text format.
 //! - [`rate`]: the token bucket behind every rate limit.
-//! - [`writer`]: a socket's writing side, its whole life: the bounded queue
-//!   of ready frames, the writer task, and the close that ends it.
+//! - [`outbox`]: a socket's bounded queue of ready frames, and its parked
+//!   write half.
+//! - [`writer`]: a socket's writer task, its whole life: draining the
+//!   outbox, parking when idle, and the close (or reset) that ends it.
 //! - [`subscriber`]: the handle of one socket that the hub, the heartbeat
 //!   and shutdown hold, knowing nothing of its session.
 //! - [`members`]: one key's subscribers as a chunked copy-on-write list:
@@ -46,6 +48,7 @@ pub mod hub;
 pub mod members;
 pub mod metrics;
 pub mod node;
+pub mod outbox;
 pub mod params;
 pub mod patterns;
 pub mod preread;

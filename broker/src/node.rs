@@ -112,6 +112,33 @@ impl Node {
         tracing::info!("drained");
     }
 
+    /// Cuts sockets whose writer has had bytes in flight with no progress
+    /// for `--write-timeout`, checking a few times per timeout: the write
+    /// path itself arms no timer. A cut socket is reset (close code 1006
+    /// for the client) and counted in `herald_write_timeouts_total`.
+    pub async fn watch_writes(self: Arc<Self>) {
+        let limit = self.config.write_timeout;
+        if limit.is_zero() {
+            return;
+        }
+        let limit_ms = limit.as_millis() as u64;
+        let period = (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = self.sessions.writers_now_ms();
+            for c in self.sessions.snapshot() {
+                if c.outbox
+                    .stalled_since()
+                    .is_some_and(|t| now.saturating_sub(t) > limit_ms)
+                {
+                    c.close(Disconnect::WriteTimeout);
+                }
+            }
+        }
+    }
+
     /// Pings every socket each `--ping-interval` and reaps those from which
     /// nothing (not even a pong) arrived for two whole intervals, so one
     /// late pong on a busy machine is forgiven. One task for the node: no

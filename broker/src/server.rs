@@ -64,6 +64,7 @@ pub async fn run(
 /// sees the node leave before its port closes.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let heartbeat = tokio::spawn(node.clone().heartbeat());
+    let watchdog = tokio::spawn(node.clone().watch_writes());
     let stop = CancellationToken::new();
     let http = TaskTracker::new();
     let accept = tokio::spawn(accept_loop(node.clone(), listener, stop.clone(), http.clone()));
@@ -83,6 +84,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     }
     node.router.bus().flush(Duration::from_secs(5)).await;
     heartbeat.abort();
+    watchdog.abort();
 }
 
 async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken, http: TaskTracker) {

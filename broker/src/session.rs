@@ -27,7 +27,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::metrics::{ConnectionSlot, Metrics};
 use crate::params::SessionParams;
-use crate::rate::RateLimit;
+use crate::rate::{RateLimit, SmallRateLimit};
 use crate::router::Router;
 use crate::subjects::Live;
 use crate::subscriber::Subscriber;
@@ -63,6 +63,7 @@ impl Sessions {
             write_timeout: config.write_timeout,
             close_timeout: config.close_timeout,
             metrics: metrics.clone(),
+            epoch: std::time::Instant::now(),
         });
         Sessions {
             writers,
@@ -111,7 +112,7 @@ impl Sessions {
         self.metrics.connections_total.fetch_add(1, Relaxed);
         let session = Session {
             rate: RateLimit::new(self.config.publish_rate),
-            sub_rate: None,
+            sub_rate: SmallRateLimit::default(),
             name: params.name,
             pending: None,
             conn,
@@ -128,6 +129,11 @@ impl Sessions {
             }
         }
         Accepted { session, waits }
+    }
+
+    /// Milliseconds on the clock writers stamp their progress with.
+    pub fn writers_now_ms(&self) -> u64 {
+        self.writers.now_ms()
     }
 
     /// Every live socket, snapshotted so no map shard stays locked while
@@ -169,9 +175,8 @@ struct Session {
     shared: Arc<Sessions>,
     conn: Arc<Subscriber>,
     rate: RateLimit,
-    /// `sub`/`unsub` requests per second, made on the first such request
-    /// (most sockets subscribe in the URL and never need it).
-    sub_rate: Option<Box<RateLimit>>,
+    /// `sub`/`unsub` requests per second (8 bytes: every socket has one).
+    sub_rate: SmallRateLimit,
     name: Option<String>,
     /// Publishes without an id, in a row, on one topic, from the read buffer
     /// being processed: fanned out together when the buffer is done (or
@@ -407,10 +412,7 @@ impl Session {
         }
         if let Ok(Request::Sub { id, .. } | Request::Unsub { id, .. }) = &req {
             let rate = self.shared.config.subscribe_rate;
-            let bucket = self
-                .sub_rate
-                .get_or_insert_with(|| Box::new(RateLimit::new(rate)));
-            if !bucket.allow() {
+            if !self.sub_rate.allow(rate, self.shared.now_ms()) {
                 let msg =
                     format!("subscribe_rate: at most {rate} sub and unsub requests per second per socket");
                 self.error(ErrorCode::RateLimited, &msg, *id);

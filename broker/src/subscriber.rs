@@ -11,7 +11,8 @@ use herald_protocol::Disconnect;
 use tokio::net::tcp::OwnedWriteHalf;
 
 use crate::metrics::ConnectionSlot;
-use crate::writer::{self, Outbox, Pushed, Writers};
+use crate::outbox::{Outbox, Pushed};
+use crate::writer::{self, Writers};
 
 /// A subscribed socket, shared as `Arc<Subscriber>`.
 #[derive(Debug)]

@@ -28,6 +28,9 @@ pub enum Disconnect {
     HeartbeatTimeout,
     /// The TCP connection failed or was reset: no close frame can be sent.
     ConnectionLost,
+    /// The node's writes to the socket made no progress for the write
+    /// timeout: the connection is reset, nothing more is sent.
+    WriteTimeout,
 }
 
 impl Disconnect {
@@ -41,6 +44,7 @@ impl Disconnect {
         Disconnect::SlowConsumer,
         Disconnect::HeartbeatTimeout,
         Disconnect::ConnectionLost,
+        Disconnect::WriteTimeout,
     ];
 
     /// The close code sent (1006 is never sent: it names a lost connection).
@@ -51,7 +55,7 @@ impl Disconnect {
             Disconnect::Protocol(e) => e.close_code(),
             Disconnect::SlowConsumer => close::SLOW_CONSUMER,
             Disconnect::HeartbeatTimeout => close::HEARTBEAT_TIMEOUT,
-            Disconnect::ConnectionLost => close::ABNORMAL,
+            Disconnect::ConnectionLost | Disconnect::WriteTimeout => close::ABNORMAL,
         }
     }
 
@@ -59,6 +63,7 @@ impl Disconnect {
     pub fn reason(&self) -> Cow<'static, str> {
         match self {
             Disconnect::ClientClosed(_) | Disconnect::ConnectionLost => Cow::Borrowed(""),
+            Disconnect::WriteTimeout => Cow::Borrowed("write_timeout: the client took no bytes in time"),
             Disconnect::GoingAway => Cow::Borrowed("going_away: node shutting down, reconnect"),
             Disconnect::Protocol(e) => Cow::Owned(e.to_string()),
             Disconnect::SlowConsumer => Cow::Borrowed("slow_consumer: outbound queue limit exceeded"),
@@ -74,7 +79,8 @@ impl Disconnect {
             Disconnect::GoingAway
             | Disconnect::SlowConsumer
             | Disconnect::HeartbeatTimeout
-            | Disconnect::ConnectionLost => true,
+            | Disconnect::ConnectionLost
+            | Disconnect::WriteTimeout => true,
         }
     }
 
@@ -83,14 +89,17 @@ impl Disconnect {
     pub fn flushes(&self) -> bool {
         match self {
             Disconnect::ClientClosed(_) | Disconnect::GoingAway | Disconnect::Protocol(_) => true,
-            Disconnect::SlowConsumer | Disconnect::HeartbeatTimeout | Disconnect::ConnectionLost => false,
+            Disconnect::SlowConsumer
+            | Disconnect::HeartbeatTimeout
+            | Disconnect::ConnectionLost
+            | Disconnect::WriteTimeout => false,
         }
     }
 
     /// The close frame to send, or `None` when the connection is lost.
     pub fn frame(&self) -> Option<Bytes> {
         match self {
-            Disconnect::ConnectionLost => None,
+            Disconnect::ConnectionLost | Disconnect::WriteTimeout => None,
             _ => Some(ws::encode_close(self.code(), &self.reason())),
         }
     }
