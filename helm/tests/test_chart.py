@@ -327,3 +327,19 @@ def test_the_default_secret_leaves_publishing_open():
         node.wait()
         nats.kill()
         nats.wait()
+
+
+def test_every_herald_serve_setting_is_settable():
+    """Every HERALD_* variable `herald serve` reads is set by the chart:
+    the ConfigMap, or the Deployment's env (the API key, from the Secret).
+    Optional ones are rendered when given."""
+    docs = render({"config": {"presence": "chat:*"}})
+    cm = one(docs, "ConfigMap", suffix="live-herald")
+    env = {e["name"] for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    missing = herald_flags() - set(cm["data"]) - env
+    assert not missing, f"herald serve settings the chart cannot set: {sorted(missing)}"
+
+
+def test_a_mistyped_config_key_is_refused():
+    with pytest.raises(Exception, match="maxConection|additional"):
+        render({"config": {"maxConections": 5}})
