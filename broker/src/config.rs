@@ -16,6 +16,12 @@ pub struct Config {
     #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// A second address serving only /metrics, /healthz and /readyz (e.g.
+    /// 0.0.0.0:9090), so a public port never exposes metrics. When set, the
+    /// main listener answers /metrics with 404.
+    #[arg(long, env = "HERALD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Listen backlog: how many handshakes may wait for accept during a
     /// connection storm (the kernel caps it at net.core.somaxconn).
     #[arg(long, env = "HERALD_BACKLOG", default_value_t = 4096)]

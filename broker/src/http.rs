@@ -38,6 +38,35 @@ pub fn error(status: StatusCode, code: ErrorCode, msg: &str) -> Response<Body> {
 const DEMO_PAGE: &str = include_str!("demo.html");
 const BROWSER_CLIENT: &str = include_str!("../../clients/js/herald.js");
 
+/// Serves the `--metrics-listen` address: /metrics, /healthz and /readyz.
+pub async fn handle_admin(node: &Node, req: Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/metrics" | "/healthz" | "/readyz" => {
+            // The same answers as on the main listener, metrics included.
+            let get = req.method() == Method::GET || req.method() == Method::HEAD;
+            if !get {
+                return error(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, "GET only");
+            }
+            let (topics, patterns) = node.router.hub().counts();
+            match req.uri().path() {
+                "/metrics" => {
+                    let cluster = node.router.bus().link_state().is_some();
+                    let text = node
+                        .metrics
+                        .render(topics, patterns, node.ready.load(Relaxed), cluster);
+                    respond(StatusCode::OK, "text/plain; version=0.0.4", text)
+                }
+                _ => handle(node, req).await,
+            }
+        }
+        other => error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::BadRequest,
+            &format!("no route {other:?} on the metrics address; try /metrics, /healthz, /readyz"),
+        ),
+    }
+}
+
 /// Serves every path but `/ws`.
 pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
@@ -76,6 +105,11 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
                 respond(StatusCode::OK, "text/plain", format!("ready\n{link}"))
             }
         }
+        "/metrics" if get && node.config.metrics_listen.is_some() => error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::BadRequest,
+            "metrics are served on the --metrics-listen address",
+        ),
         "/metrics" if get => {
             let (topics, patterns) = node.router.hub().counts();
             let cluster = node.router.bus().link_state().is_some();

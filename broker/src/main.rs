@@ -103,8 +103,16 @@ fn main() -> anyhow::Result<()> {
                 tracing::info!(%addr, "listening");
                 // Machine-readable: tests and scripts read the chosen port here.
                 println!("herald listening on {addr}");
+                let metrics = match config.metrics_listen {
+                    Some(m) => {
+                        let l = tokio::net::TcpListener::bind(m).await?;
+                        println!("herald metrics on {}", l.local_addr()?);
+                        Some(l)
+                    }
+                    None => None,
+                };
                 std::io::stdout().flush()?;
-                Ok(herald_broker::run(listener, *config, shutdown_signal()).await?)
+                Ok(herald_broker::run(listener, metrics, *config, shutdown_signal()).await?)
             }
             Command::Pub {
                 target,

@@ -49,11 +49,12 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 /// drain period, queued frames are flushed, and the function returns.
 pub async fn run(
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let node = Node::new(config).await?;
-    serve(node, listener, shutdown).await;
+    serve(node, listener, metrics, shutdown).await;
     Ok(())
 }
 
@@ -62,12 +63,18 @@ pub async fn run(
 /// On shutdown the listener stays open through the drain period, answering
 /// `/readyz` with 503 and `/ws` with 503 `shutting_down`, so a load balancer
 /// sees the node leave before its port closes.
-pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    node: Arc<Node>,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) {
     let heartbeat = tokio::spawn(node.clone().heartbeat());
     let watchdog = tokio::spawn(node.clone().watch_writes());
     let stop = CancellationToken::new();
     let http = TaskTracker::new();
     let accept = tokio::spawn(accept_loop(node.clone(), listener, stop.clone(), http.clone()));
+    let admin = metrics.map(|l| tokio::spawn(admin_loop(node.clone(), l, stop.clone())));
     shutdown.await;
     node.ready.store(false, Relaxed);
     node.drain().await;
@@ -75,6 +82,9 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     // then whatever they published reaches NATS before the process exits.
     stop.cancel();
     let _ = accept.await;
+    if let Some(a) = admin {
+        let _ = a.await;
+    }
     http.close();
     if tokio::time::timeout(Duration::from_secs(5), http.wait())
         .await
@@ -110,6 +120,38 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationT
                 }
             }
         }
+    }
+}
+
+/// Serves the `--metrics-listen` address: plain HTTP/1, one request at a
+/// time per connection, under the same pending-connection bound.
+async fn admin_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = node.pending.clone().try_acquire_owned() else {
+            refuse(&node, stream);
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req| {
+                let node = node.clone();
+                async move { Ok::<_, std::convert::Infallible>(http::handle_admin(&node, req).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        });
     }
 }
 

@@ -121,11 +121,14 @@ def test_probes_ports_and_env_match_the_broker(case):
     c = pod["containers"][0]
     port = values.get("config", {}).get("port", 8080)
     assert c["ports"][0] == {"name": "http", "containerPort": port, "protocol": "TCP"}
+    mport = values.get("config", {}).get("metricsPort", 9090)
+    assert c["ports"][1] == {"name": "metrics", "containerPort": mport, "protocol": "TCP"}
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     cm = one(docs, "ConfigMap", suffix="live-herald")
     assert cm["data"]["HERALD_LISTEN"] == f"0.0.0.0:{port}"
+    assert cm["data"]["HERALD_METRICS_LISTEN"] == f"0.0.0.0:{mport}"
     # Every variable the chart sets is one the broker reads.
     flags = herald_flags()
     assert set(cm["data"]) <= flags, set(cm["data"]) - flags
@@ -137,8 +140,7 @@ def test_probes_ports_and_env_match_the_broker(case):
     # A config change rolls the pods.
     assert re.fullmatch(r"[0-9a-f]{64}", dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"])
     svc = one(docs, "Service", suffix="live-herald")
-    assert {p["name"] for p in svc["spec"]["ports"]} == {"http", "metrics"}
-    assert all(p["targetPort"] == "http" for p in svc["spec"]["ports"])
+    assert {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]} == {"http": "http", "metrics": "metrics"}
 
 
 def test_drain_fits_in_the_grace_period(case):
@@ -186,6 +188,11 @@ def test_optional_objects_appear_when_enabled(case):
         assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
     for ing in by_kind(docs, "Ingress"):
         assert int(ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+        for rule in ing["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                # Metrics never go through the Ingress.
+                assert path["backend"]["service"]["port"]["name"] == "http"
+                assert not path["path"].startswith("/metrics")
     dash = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
     assert len(dash) == int(values.get("grafanaDashboard", {}).get("enabled", False))
     for d in dash:
@@ -303,7 +310,8 @@ def test_the_default_secret_leaves_publishing_open():
         nats_port = s.getsockname()[1]
     nats = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(nats_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env.update({"HERALD_LISTEN": "127.0.0.1:0", "HERALD_NATS_URL": f"nats://127.0.0.1:{nats_port}",
+    env.update({"HERALD_LISTEN": "127.0.0.1:0", "HERALD_METRICS_LISTEN": "127.0.0.1:0",
+                "HERALD_NATS_URL": f"nats://127.0.0.1:{nats_port}",
                 "HERALD_LOG_LEVEL": "warn", "PATH": os.environ["PATH"]})
     node = subprocess.Popen([HERALD, "serve"], stdout=subprocess.PIPE, text=True, env=env)
     try:
@@ -318,6 +326,10 @@ def test_the_default_secret_leaves_publishing_open():
                 break
             assert time.time() < deadline, f"the node never linked: {body}"
             time.sleep(0.05)
+        # The public port keeps metrics to the metrics port.
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://{addr}/metrics")
+        assert e.value.code == 404
         req = urllib.request.Request(f"http://{addr}/v1/publish", data=b'{"topic":"t","data":1}', method="POST")
         with urllib.request.urlopen(req) as r:
             assert r.status == 200

@@ -27,6 +27,8 @@ pub fn herald_bin() -> &'static str {
 pub struct Herald {
     child: Child,
     pub addr: SocketAddr,
+    /// The `--metrics-listen` address, when given.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Herald {
@@ -56,17 +58,25 @@ impl Herald {
             .spawn()
             .expect("spawn herald");
         let stdout = child.stdout.take().expect("stdout");
+        let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read listen line");
+        reader.read_line(&mut line).expect("read listen line");
         let addr = line
             .trim()
             .strip_prefix("herald listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .expect("address");
-        Herald { child, addr }
+        let metrics = args.contains(&"--metrics-listen").then(|| {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("read metrics line");
+            line.trim()
+                .strip_prefix("herald metrics on ")
+                .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+                .parse()
+                .expect("address")
+        });
+        Herald { child, addr, metrics }
     }
 
     pub fn url(&self, query: &str) -> String {

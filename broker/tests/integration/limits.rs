@@ -213,3 +213,28 @@ async fn slow_consumer_is_closed_while_fast_subscriber_gets_everything() {
     assert_eq!(end, Some(4001));
     assert!(received < total, "slow consumer got everything");
 }
+
+/// With --metrics-listen, metrics live only on that address: the public
+/// port answers /metrics with 404, and the metrics port serves nothing else.
+#[tokio::test]
+async fn metrics_can_move_off_the_public_port() {
+    let h = Herald::start(&["--metrics-listen", "127.0.0.1:0"]);
+    let admin = h.metrics.expect("metrics address");
+    let (status, body) = h.get("/metrics").await;
+    assert_eq!(status, 404, "{body}");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let (status, body) = http(admin, get("/metrics").as_bytes()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("herald_connections "), "{body}");
+    assert_eq!(http(admin, get("/readyz").as_bytes()).await.0, 200);
+    let (status, _) = http(admin, get("/v1/publish").as_bytes()).await;
+    assert_eq!(status, 404, "the metrics port must not publish");
+    let (status, _) = http(
+        admin,
+        b"POST /v1/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 22\r\n\r\n{\"topic\":\"t\",\"data\":1}",
+    )
+    .await;
+    assert_eq!(status, 404, "the metrics port must not publish");
+    // The public port still publishes.
+    h.publish("t", "1").await;
+}
