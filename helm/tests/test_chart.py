@@ -355,3 +355,23 @@ def test_every_herald_serve_setting_is_settable():
 def test_a_mistyped_config_key_is_refused():
     with pytest.raises(Exception, match="maxConection|additional"):
         render({"config": {"maxConections": 5}})
+
+
+def test_escape_hatches_land_where_they_should():
+    values = values_of(os.path.join(CHART, "ci", "escape-hatches-values.yaml"))
+    docs = render(values)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["priorityClassName"] == "herald-critical"
+    assert {"name": "RUST_BACKTRACE", "value": "1"} in c["env"]
+    assert c["env"][0]["name"] == "HERALD_API_KEY", "extra env comes after the chart's own"
+    assert pod["volumes"] == values["extraVolumes"] and c["volumeMounts"] == values["extraVolumeMounts"]
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    nats = one(docs, "StatefulSet")["spec"]["template"]
+    assert nats["metadata"]["annotations"]["example.com/team"] == "realtime"
+    spec = nats["spec"]
+    assert spec["priorityClassName"] == "nats-critical"
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert spec["tolerations"] == values["nats"]["tolerations"]
+    assert spec["affinity"] == values["nats"]["affinity"]
+    assert spec["imagePullSecrets"] == [{"name": "registry"}]
