@@ -270,6 +270,8 @@ def test_every_rendered_nats_config_passes_nats_server(case, tmp_path):
     sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]
     pre_stop = sts["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop == ["nats-server", "--signal", "ldm=/var/run/nats/nats.pid"]
+    payload = int(re.search(r"max_payload: (\d+)", conf).group(1))
+    assert payload >= values.get("config", {}).get("maxMessageBytes", 65536) + 4096
     lame = seconds(re.search(r"lame_duck_duration: (\S+)", conf).group(1))
     assert lame + 10 < sts["terminationGracePeriodSeconds"]
 
