@@ -214,6 +214,16 @@ def test_external_nats_requires_a_url():
         render({"nats": {"enabled": False}})
 
 
+def test_dashboard_selects_a_namespace_and_a_release():
+    with open(os.path.join(CHART, "dashboards", "herald.json")) as f:
+        dash = json.load(f)
+    names = {v["name"] for v in dash["templating"]["list"]}
+    assert {"datasource", "namespace", "release"} <= names
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    series = [m for e in exprs for m in re.findall(r"herald_[a-z_]+(?:\{[^}]*\})?", e)]
+    assert series and all('namespace="$namespace"' in s and "$release" in s for s in series), series
+
+
 def test_dashboard_json_queries_real_metrics():
     with open(os.path.join(CHART, "dashboards", "herald.json")) as f:
         dash = json.load(f)
