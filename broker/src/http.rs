@@ -61,8 +61,8 @@ pub async fn handle_admin(node: &Node, req: Request<Incoming>) -> Response<Body>
         }
         other => error(
             StatusCode::NOT_FOUND,
-            ErrorCode::BadRequest,
-            &format!("no route {other:?} on the metrics address; try /metrics, /healthz, /readyz"),
+            ErrorCode::NotFound,
+            &format!("no route {other:?} on the metrics address; routes: /metrics, /healthz, /readyz"),
         ),
     }
 }
@@ -124,11 +124,17 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
             ErrorCode::BadRequest,
             &format!("method {} not allowed here", req.method()),
         ),
-        other => error(
-            StatusCode::NOT_FOUND,
-            ErrorCode::BadRequest,
-            &format!("no route {other:?}; try /ws, /v1/publish, /healthz, /readyz, /metrics"),
-        ),
+        other => {
+            let mut routes = vec!["/ws (WebSocket)", "POST /v1/publish", "/healthz", "/readyz"];
+            if node.config.metrics_listen.is_none() {
+                routes.push("/metrics");
+            }
+            if node.config.demo {
+                routes.extend(["/ (the demo page)", "/herald.js (the browser client)"]);
+            }
+            let msg = format!("no route {other:?}; routes: {}", routes.join(", "));
+            error(StatusCode::NOT_FOUND, ErrorCode::NotFound, &msg)
+        }
     }
 }
 

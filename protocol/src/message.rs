@@ -54,6 +54,8 @@ pub enum ErrorCode {
     BodyTimeout,
     /// The node holds `--max-patterns` distinct wildcard patterns.
     PatternLimit,
+    /// No such HTTP route.
+    NotFound,
     /// The node is at a bound for connections not yet upgraded (or for its
     /// file descriptors): retry after the `Retry-After` seconds.
     Overloaded,
@@ -61,7 +63,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownOp,
         ErrorCode::BadRequest,
@@ -79,6 +81,7 @@ impl ErrorCode {
         ErrorCode::BodyTimeout,
         ErrorCode::Overloaded,
         ErrorCode::PatternLimit,
+        ErrorCode::NotFound,
     ];
 
     /// The wire name.
@@ -101,6 +104,7 @@ impl ErrorCode {
             ErrorCode::BodyTimeout => "body_timeout",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::PatternLimit => "pattern_limit",
+            ErrorCode::NotFound => "not_found",
         }
     }
 

@@ -265,3 +265,24 @@ async fn hostile_inputs_get_clear_answers_and_harm_no_one() {
 }
 
 use futures_util::SinkExt;
+
+#[tokio::test]
+async fn an_unknown_route_names_every_route() {
+    let h = Herald::start(&[]);
+    let (status, body) = h.get("/nope").await;
+    assert_eq!(status, 404, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["error"]["code"], "not_found");
+    let msg = v["error"]["message"].as_str().unwrap();
+    for route in [
+        "/ws",
+        "/v1/publish",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/herald.js",
+        "/ (the demo page)",
+    ] {
+        assert!(msg.contains(route), "{route} missing from {msg:?}");
+    }
+}

@@ -84,3 +84,39 @@ async fn graceful_shutdown_sends_1001_and_exits_zero() {
     let status = h.wait_exit().await;
     assert!(status.success(), "{status:?}");
 }
+
+/// Logs carry no colour codes when stderr is not a terminal (here, a file),
+/// so `herald serve 2>log` and the tests' output stay clean.
+#[tokio::test]
+async fn logs_to_a_file_carry_no_escape_bytes() {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!("herald-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("herald.log");
+    let log = std::fs::File::create(&path).expect("log file");
+    let mut child = std::process::Command::new(herald_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "debug"])
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listen line");
+    let addr: std::net::SocketAddr = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    // Something to log at debug: a socket opens and closes.
+    drop(Client::connect(&format!("ws://{addr}/ws")).await);
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok);
+    let _ = child.wait();
+    let text = std::fs::read(&path).expect("read log");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(text.windows(9).any(|w| w == b"listening"), "the log is empty");
+    assert!(!text.contains(&0x1b), "escape bytes in a log written to a file");
+}
