@@ -149,58 +149,126 @@ pub async fn publish(target: &Target, topic: &str, data: Option<&str>, lines: bo
     Ok(())
 }
 
+/// Why one connection of `herald sub` ended.
+enum SubEnd {
+    /// Done: the count was reached, or the node closed normally (1000).
+    Done,
+    /// The node refused a subscription, or closed with a terminal code.
+    Terminal(anyhow::Error),
+    /// Worth another connection: a lost or refused connection, a node
+    /// going away (1001), a slow-consumer or heartbeat cut (4001, 4002).
+    Retry(anyhow::Error),
+}
+
 /// `herald sub`: subscribes to `topics` and prints each delivery on its own
 /// line (the whole frame, or only its `data`), stopping after `count`
-/// deliveries when given.
+/// deliveries when given. When the connection is lost or the node asks
+/// clients to reconnect, it reconnects with jittered exponential backoff
+/// and subscribes again, unless `once`. Exits 0 when done, 1 on an error.
 pub async fn subscribe(
     target: &Target,
     topics: &[String],
     data_only: bool,
     count: Option<u64>,
+    once: bool,
 ) -> anyhow::Result<()> {
-    let mut ws = connect(&target.url, "").await?;
-    for (i, t) in topics.iter().enumerate() {
-        let id = i as u64 + 1;
-        send_text(
-            &mut ws,
-            format!(r#"{{"op":"sub","topic":{},"id":{id}}}"#, Value::from(t.as_str())),
-        )
-        .await?;
-        if let Some((code, msg)) = answer(&mut ws, id).await? {
-            bail!("subscribing to {t}: {code}: {msg}");
+    let mut seen = 0u64;
+    let mut attempt = 0u32;
+    loop {
+        let mut subscribed = false;
+        match sub_session(target, topics, data_only, count, &mut seen, &mut subscribed).await {
+            SubEnd::Done => return Ok(()),
+            SubEnd::Terminal(e) => return Err(e),
+            SubEnd::Retry(e) if once => return Err(e),
+            SubEnd::Retry(e) => {
+                if subscribed {
+                    attempt = 0;
+                }
+                let cap = 100u64 << attempt.min(6);
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos() as u64)
+                    .unwrap_or(0);
+                let delay = Duration::from_millis(cap / 2 + nanos % cap);
+                eprintln!("herald sub: {e:#}; reconnecting in {delay:?}");
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
         }
     }
+}
+
+async fn sub_session(
+    target: &Target,
+    topics: &[String],
+    data_only: bool,
+    count: Option<u64>,
+    seen: &mut u64,
+    subscribed: &mut bool,
+) -> SubEnd {
+    let mut ws = match connect(&target.url, "").await {
+        Ok(ws) => ws,
+        Err(e) => return SubEnd::Retry(e),
+    };
+    for (i, t) in topics.iter().enumerate() {
+        let id = i as u64 + 1;
+        let req = format!(r#"{{"op":"sub","topic":{},"id":{id}}}"#, Value::from(t.as_str()));
+        if let Err(e) = send_text(&mut ws, req).await {
+            return SubEnd::Retry(e);
+        }
+        match answer(&mut ws, id).await {
+            Ok(None) => {}
+            Ok(Some((code, msg))) if code == "rate_limited" => {
+                return SubEnd::Retry(anyhow!("subscribing to {t}: {code}: {msg}"))
+            }
+            Ok(Some((code, msg))) => return SubEnd::Terminal(anyhow!("subscribing to {t}: {code}: {msg}")),
+            Err(e) => return SubEnd::Retry(e),
+        }
+    }
+    *subscribed = true;
     eprintln!("subscribed to {}", topics.join(", "));
-    let mut seen = 0;
     let stdout = std::io::stdout();
     loop {
-        if count.is_some_and(|c| seen >= c) {
+        if count.is_some_and(|c| *seen >= c) {
             let _ = ws.write_frame(Frame::close(1000, b"")).await;
-            return Ok(());
+            return SubEnd::Done;
         }
-        let frame = ws.read_frame().await.context("reading")?;
+        let frame = match ws.read_frame().await {
+            Ok(f) => f,
+            Err(e) => return SubEnd::Retry(anyhow!("connection lost: {e}")),
+        };
         match frame.opcode {
             OpCode::Text => {
                 let mut out = stdout.lock();
-                if data_only {
-                    let v: Value = serde_json::from_slice(&frame.payload)?;
-                    match v.get("data") {
-                        Some(d) => writeln!(out, "{d}")?,
+                let written = if data_only {
+                    match serde_json::from_slice::<Value>(&frame.payload)
+                        .ok()
+                        .and_then(|v| v.get("data").cloned())
+                    {
+                        Some(d) => writeln!(out, "{d}"),
                         None => continue,
                     }
                 } else {
-                    out.write_all(&frame.payload)?;
-                    out.write_all(b"\n")?;
+                    out.write_all(&frame.payload).and_then(|()| out.write_all(b"\n"))
+                };
+                if let Err(e) = written.and_then(|()| out.flush()) {
+                    // Standard output is gone (a closed pipe): stop.
+                    return SubEnd::Terminal(e.into());
                 }
-                out.flush()?;
-                seen += 1;
+                *seen += 1;
             }
             OpCode::Close => {
                 let text = close_text(&frame.payload);
-                if text.starts_with("1000") {
-                    return Ok(());
-                }
-                bail!("node closed the socket: {text}");
+                let code = (frame.payload.len() >= 2)
+                    .then(|| u16::from_be_bytes([frame.payload[0], frame.payload[1]]));
+                return match code {
+                    Some(1000) => SubEnd::Done,
+                    Some(c) if herald_protocol::ws::close::should_reconnect(c) => {
+                        SubEnd::Retry(anyhow!("node closed the socket: {text}"))
+                    }
+                    None => SubEnd::Retry(anyhow!("node closed the socket without a code")),
+                    Some(_) => SubEnd::Terminal(anyhow!("node closed the socket: {text}")),
+                };
             }
             _ => {}
         }

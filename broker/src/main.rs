@@ -60,6 +60,12 @@ enum Command {
         /// Exit after this many deliveries.
         #[arg(long)]
         count: Option<u64>,
+        /// Exit when the connection ends instead of reconnecting (by
+        /// default a lost connection, or close 1001/4001/4002, reconnects
+        /// with backoff and subscribes again). Exit status: 0 when done,
+        /// 1 on an error.
+        #[arg(long)]
+        once: bool,
         /// Topics or patterns (todo:*, chat:>).
         #[arg(required = true)]
         topics: Vec<String>,
@@ -133,8 +139,9 @@ fn main() -> anyhow::Result<()> {
                 target,
                 data_only,
                 count,
+                once,
                 topics,
-            } => cli::subscribe(&target, &topics, data_only, count).await,
+            } => cli::subscribe(&target, &topics, data_only, count, once).await,
         }
     })
 }

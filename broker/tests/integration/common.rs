@@ -33,7 +33,12 @@ pub struct Herald {
 
 impl Herald {
     pub fn start(args: &[&str]) -> Herald {
-        Self::spawn(Command::new(herald_bin()), args)
+        Self::spawn(Command::new(herald_bin()), "127.0.0.1:0", args)
+    }
+
+    /// A node on a given address (to restart one on the same port).
+    pub fn start_on(addr: SocketAddr, args: &[&str]) -> Herald {
+        Self::spawn(Command::new(herald_bin()), &addr.to_string(), args)
     }
 
     /// A node whose open-file limit is `nofile` (set by the shell that
@@ -45,13 +50,13 @@ impl Herald {
             &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
             herald_bin(),
         ]);
-        Self::spawn(cmd, args)
+        Self::spawn(cmd, "127.0.0.1:0", args)
     }
 
-    fn spawn(mut cmd: Command, args: &[&str]) -> Herald {
+    fn spawn(mut cmd: Command, listen: &str, args: &[&str]) -> Herald {
         let mut child = cmd
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(["--listen", listen, "--log-level", "warn"])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -101,3 +101,47 @@ async fn cli_sub_prints_deliveries() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("bad_topic"));
 }
+
+/// `herald sub` outlives its node: when the node dies and comes back on
+/// the same port, it reconnects, subscribes again and keeps printing.
+#[tokio::test]
+async fn cli_sub_survives_a_node_restart_on_the_same_port() {
+    use std::io::{BufRead, BufReader};
+    let h = Herald::start(&[]);
+    let addr = h.addr;
+    let mut sub = Command::new(herald_bin())
+        .args(["sub", "--url", &h.url(""), "--data-only", "feed"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("herald sub");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = sub.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    eventually("subscribed", || async {
+        h.metric("herald_subscriptions").await == 1.0
+    })
+    .await;
+    h.publish("feed", "1").await;
+    assert_eq!(rx.recv().await.as_deref(), Some("1"));
+    drop(h); // SIGKILL
+    let h = Herald::start_on(addr, &[]);
+    eventually("subscribed again", || async {
+        h.metric("herald_subscriptions").await == 1.0
+    })
+    .await;
+    h.publish("feed", "2").await;
+    let got = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("a delivery after the restart");
+    assert_eq!(got.as_deref(), Some("2"));
+    assert!(sub.try_wait().expect("try_wait").is_none(), "herald sub exited");
+    let _ = sub.kill();
+    let _ = sub.wait();
+}
