@@ -97,6 +97,12 @@ pub struct Config {
     #[arg(long = "presence", env = "HERALD_PRESENCE", value_delimiter = ',', value_parser = parse_pattern)]
     pub presence: Vec<String>,
 
+    /// A WebSocket opened on `/` with no parameters becomes a raw-mode
+    /// socket on this topic, so a page written for a plain broadcast server
+    /// (`new WebSocket("ws://host:8080")`) works with its URL unchanged.
+    #[arg(long, env = "HERALD_ROOT_TOPIC", value_parser = parse_topic)]
+    pub root_topic: Option<String>,
+
     /// NATS server URL(s), comma-separated, linking this node to the others
     /// (cluster mode). Without it the node runs embedded, on its own.
     #[arg(long = "nats", env = "HERALD_NATS_URL", value_delimiter = ',')]
@@ -182,6 +188,12 @@ fn parse_prefix(s: &str) -> Result<String, String> {
             "{s:?}: a prefix is dot-separated tokens of A-Z a-z 0-9 _ -"
         ))
     }
+}
+
+fn parse_topic(s: &str) -> Result<String, String> {
+    herald_protocol::Topic::parse(s)
+        .map(|t| t.as_str().to_owned())
+        .map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn parse_pattern(s: &str) -> Result<String, String> {

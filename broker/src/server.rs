@@ -232,12 +232,15 @@ async fn serve_http(
 async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, std::convert::Infallible> {
     let path = req.uri().path();
     Ok(match path {
-        "/ws" => upgrade(node, req).await,
+        "/ws" => upgrade(node, req, false).await,
+        // A handshake on the bare address is served like /ws; plain GET /
+        // still serves the demo page.
+        "/" if fastwebsockets::upgrade::is_upgrade_request(&req) => upgrade(node, req, true).await,
         _ => http::handle(&node, req).await,
     })
 }
 
-async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
+async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, root: bool) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return http::error(
             hyper::StatusCode::UPGRADE_REQUIRED,
@@ -252,7 +255,13 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> 
             "node is draining; connect to another node",
         );
     }
-    let params = match params::parse(req.uri().query().unwrap_or(""), node.config.max_subscriptions) {
+    let query = req.uri().query().unwrap_or("");
+    let params = match params::parse(query, node.config.max_subscriptions) {
+        // `/` with no parameters: raw mode on --root-topic, when set.
+        Ok(mut p) if root && query.is_empty() => {
+            p.raw_topic.clone_from(&node.config.root_topic);
+            p
+        }
         Ok(p) => p,
         Err((code, msg)) => {
             node.metrics.error(code);

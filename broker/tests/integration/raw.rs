@@ -145,3 +145,31 @@ async fn cli_sub_survives_a_node_restart_on_the_same_port() {
     let _ = sub.kill();
     let _ = sub.wait();
 }
+
+/// The classic broadcast-chat page opens `ws://host:port` with no path and
+/// no parameters: with --root-topic that is a raw socket on the topic, and
+/// plain GET / still serves the demo page.
+#[tokio::test]
+async fn the_bare_address_is_a_raw_socket_on_the_root_topic() {
+    let h = Herald::start(&["--root-topic", "chat:lobby"]);
+    let bare = format!("ws://{}", h.addr);
+    let mut a = Client::connect(&bare).await;
+    let mut b = Client::connect(&bare).await;
+    let mut watcher = h.connect("sub=chat:lobby").await;
+    a.send(r#"{"text":"hi","user":"ann"}"#).await;
+    assert_eq!(b.recv_text().await, r#"{"text":"hi","user":"ann"}"#);
+    assert_eq!(
+        watcher.recv().await,
+        json!({"topic":"chat:lobby","data":"{\"text\":\"hi\",\"user\":\"ann\"}"})
+    );
+    // Parameters on / work as on /ws; and the page is still there.
+    let mut c = Client::connect(&format!("ws://{}/?sub=news", h.addr)).await;
+    h.publish("news", "1").await;
+    assert_eq!(c.recv().await, json!({"topic":"news","data":1}));
+    let (status, body) = h.get("/").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("<html") || body.contains("<!doctype") || body.contains("<!DOCTYPE"),
+        "{body}"
+    );
+}
