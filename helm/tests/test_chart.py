@@ -179,10 +179,21 @@ def test_optional_objects_appear_when_enabled(case):
     assert len(by_kind(docs, "HorizontalPodAutoscaler")) == int(auto)
     dep = one(docs, "Deployment")
     assert ("replicas" in dep["spec"]) == (not auto)
-    assert len(by_kind(docs, "PodDisruptionBudget")) == int(values.get("podDisruptionBudget", {}).get("enabled", True))
+    nats_on = values.get("nats", {}).get("enabled", True)
+    pdbs = [d for d in by_kind(docs, "PodDisruptionBudget") if not d["metadata"]["name"].endswith("-nats")]
+    assert len(pdbs) == int(values.get("podDisruptionBudget", {}).get("enabled", True))
     assert len(by_kind(docs, "Ingress")) == int(values.get("ingress", {}).get("enabled", False))
     assert len(by_kind(docs, "ServiceMonitor")) == int(values.get("serviceMonitor", {}).get("enabled", False))
-    assert len(by_kind(docs, "NetworkPolicy")) == int(values.get("networkPolicy", {}).get("enabled", False))
+    policy_on = values.get("networkPolicy", {}).get("enabled", False)
+    assert len(by_kind(docs, "NetworkPolicy")) == int(policy_on) * (1 + int(nats_on))
+    nats_pdb = [d for d in by_kind(docs, "PodDisruptionBudget") if d["metadata"]["name"].endswith("-nats")]
+    assert len(nats_pdb) == int(nats_on)
+    for pdb in nats_pdb:
+        assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "nats"
+    if policy_on and nats_on:
+        pol = one(docs, "NetworkPolicy", suffix="-nats")
+        client_rule = pol["spec"]["ingress"][0]
+        assert client_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "broker"
     for sm in by_kind(docs, "ServiceMonitor"):
         assert sm["spec"]["endpoints"][0]["port"] == "metrics"
         assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
