@@ -17,6 +17,12 @@ export interface HeraldOptions {
   maxQueue?: number;
   /** How long a publish or subscription waits for the node's answer, ms. Default 10000. */
   requestTimeout?: number;
+  /** How long a publish made while disconnected waits for a connection before it rejects with 'timeout', ms. Default 30000. */
+  publishTimeout?: number;
+  /** A connection must stay up this long (ms) before the reconnect backoff starts over. Default 5000. */
+  stableAfter?: number;
+  /** Reconnect attempts in a row before the client gives up and goes to 'closed'. Default Infinity. */
+  maxReconnectAttempts?: number;
 }
 
 export interface StateDetail {
@@ -24,6 +30,8 @@ export interface StateDetail {
   /** Close code that caused the change, if any. */
   code?: number;
   reason?: string;
+  /** On `reconnecting`: which attempt in a row this is (1, 2, ...). */
+  attempt?: number;
 }
 
 export interface PresenceNotice {

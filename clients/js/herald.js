@@ -41,6 +41,9 @@ const DEFAULTS = {
   maxReconnectDelay: 15_000,
   maxQueue: 1000,
   requestTimeout: 10_000,
+  publishTimeout: 30_000,
+  stableAfter: 5_000,
+  maxReconnectAttempts: Infinity,
 };
 
 /**
@@ -104,6 +107,15 @@ export class Herald extends EventTarget {
       } else if (this._queue.length >= this.options.maxQueue) {
         reject(new HeraldError('queue_full', `at most ${this.options.maxQueue} publishes wait for a connection`));
       } else {
+        // Bounded in time as well as in count: a publish that waited
+        // `publishTimeout` for a connection is rejected, not sent late.
+        item.timer = setTimeout(() => {
+          const i = this._queue.indexOf(item);
+          if (i >= 0) {
+            this._queue.splice(i, 1);
+            reject(new HeraldError('timeout', `not connected within ${this.options.publishTimeout} ms`));
+          }
+        }, this.options.publishTimeout);
         this._queue.push(item);
       }
     });
@@ -149,9 +161,10 @@ export class Herald extends EventTarget {
     this.dispatchEvent(Object.assign(new Event('error'), { error }));
   }
 
-  _setState(state, code, reason) {
+  _setState(state, code, reason, attempt) {
     this.state = state;
     const detail = { state, code, reason };
+    if (attempt !== undefined) detail.attempt = attempt;
     this.dispatchEvent(Object.assign(new Event('state'), { detail }));
     this.dispatchEvent(Object.assign(new Event(state), { detail }));
   }
@@ -159,6 +172,7 @@ export class Herald extends EventTarget {
   _connect() {
     if (this._closedByUser) return;
     this._watchVisibility();
+    this._watchNetwork();
     if (this.state !== 'reconnecting') this._setState('connecting');
     let ws;
     try {
@@ -169,7 +183,12 @@ export class Herald extends EventTarget {
     }
     this._ws = ws;
     ws.onopen = () => {
-      this._attempt = 0;
+      // The backoff starts over only once the connection has stayed up: a
+      // node that accepts and then closes is not hammered.
+      clearTimeout(this._timers.stable);
+      this._timers.stable = setTimeout(() => {
+        this._attempt = 0;
+      }, this.options.stableAfter);
       this._lastSeen = Date.now();
       this._startHeartbeat();
       // Resubscribe and send what was queued before anyone hears `open`,
@@ -180,7 +199,10 @@ export class Herald extends EventTarget {
       }
       const queued = this._queue;
       this._queue = [];
-      for (const item of queued) this._sendPublish(item);
+      for (const item of queued) {
+        clearTimeout(item.timer);
+        this._sendPublish(item);
+      }
       this._setState('open');
     };
     ws.onmessage = (ev) => this._onMessage(ev.data);
@@ -204,19 +226,29 @@ export class Herald extends EventTarget {
   }
 
   _scheduleReconnect(code, reason) {
-    const { minReconnectDelay: min, maxReconnectDelay: max } = this.options;
+    const { minReconnectDelay: min, maxReconnectDelay: max, maxReconnectAttempts } = this.options;
+    if (this._attempt >= maxReconnectAttempts) {
+      const why = `gave up after ${this._attempt} reconnect attempts (last close ${code} ${reason || ''})`.trim();
+      this._closedByUser = true;
+      this._stopVisibilityWatch();
+      this._failQueued(new HeraldError('closed', why));
+      this._setState('closed', code, why);
+      return;
+    }
     const cap = Math.min(max, min * 2 ** this._attempt);
     const delay = min / 2 + Math.random() * Math.max(0, cap - min / 2); // full jitter above a floor
     this._attempt++;
-    // The timer first: a `reconnecting` listener that calls close() must
-    // find it to cancel.
-    this._timers.reconnect = setTimeout(() => this._connect(), delay);
-    this._setState('reconnecting', code, reason);
+    // Offline (the browser says so): wait for `online` instead of a timer.
+    // The timer first otherwise: a `reconnecting` listener that calls
+    // close() must find it to cancel.
+    if (!this._offline) this._timers.reconnect = setTimeout(() => this._connect(), delay);
+    this._setState('reconnecting', code, reason, this._attempt);
   }
 
   _teardown() {
     clearInterval(this._timers.heartbeat);
     clearTimeout(this._timers.reconnect);
+    clearTimeout(this._timers.stable);
     const ws = this._ws;
     this._ws = null;
     if (ws) {
@@ -257,6 +289,31 @@ export class Herald extends EventTarget {
     }
   }
 
+  /**
+   * The browser's network events: `offline` drops the socket at once (it
+   * cannot work, and the heartbeat would take a while to notice); `online`
+   * reconnects at once, without waiting for the backoff.
+   */
+  _watchNetwork() {
+    const w = globalThis.window;
+    if (this._onOffline || !w || typeof w.addEventListener !== 'function') return;
+    this._onOffline = () => {
+      this._offline = true;
+      if (this.state === 'open' || this.state === 'connecting') this._lost(1006, 'offline');
+      else clearTimeout(this._timers.reconnect);
+    };
+    this._onOnline = () => {
+      this._offline = false;
+      if (this.state === 'reconnecting') {
+        clearTimeout(this._timers.reconnect);
+        this._connect();
+      }
+    };
+    w.addEventListener('offline', this._onOffline);
+    w.addEventListener('online', this._onOnline);
+    this._win = w;
+  }
+
   /** Checks at once when a hidden tab becomes visible again. */
   _watchVisibility() {
     if (this._onVisible || typeof document === 'undefined' || !document.addEventListener) return;
@@ -275,6 +332,11 @@ export class Herald extends EventTarget {
   _stopVisibilityWatch() {
     if (this._onVisible) document.removeEventListener('visibilitychange', this._onVisible);
     this._onVisible = null;
+    if (this._onOffline) {
+      this._win.removeEventListener('offline', this._onOffline);
+      this._win.removeEventListener('online', this._onOnline);
+    }
+    this._onOffline = this._onOnline = null;
   }
 
   _onMessage(raw) {
@@ -346,7 +408,10 @@ export class Herald extends EventTarget {
   _failQueued(error) {
     const queued = this._queue;
     this._queue = [];
-    for (const item of queued) item.reject(error);
+    for (const item of queued) {
+      clearTimeout(item.timer);
+      item.reject(error);
+    }
   }
 }
 

@@ -237,3 +237,49 @@ test('a long gap between timer ticks (a background tab) does not drop a healthy 
     Date.now = realNow;
   }
 });
+
+test('the backoff starts over only after a connection stayed up, and the attempt is told', async () => {
+  const n = await node([]);
+  const h = client(n.url, { stableAfter: 60_000, maxReconnectAttempts: 3 });
+  await next(h, 'open');
+  const attempts = [];
+  h.addEventListener('reconnecting', (e) => attempts.push(e.detail.attempt));
+  await n.kill();
+  const closed = await next(h, 'closed');
+  // Three attempts against a dead port, then it gives up, saying why.
+  assert.deepEqual(attempts, [1, 2, 3]);
+  assert.match(closed.detail.reason, /gave up after 3/);
+  await assert.rejects(h.publish('t', 1), (e) => e.code === 'closed');
+});
+
+test('a publish made while disconnected is bounded in time', async () => {
+  const n = await node([]);
+  const h = client(n.url, { publishTimeout: 300 });
+  await next(h, 'open');
+  await n.kill();
+  await until('reconnecting', () => h.state === 'reconnecting');
+  const started = Date.now();
+  await assert.rejects(h.publish('t', 1), (e) => e.code === 'timeout');
+  assert.ok(Date.now() - started >= 250);
+});
+
+test('offline drops the socket at once; online reconnects at once', async () => {
+  const n = await node([]);
+  const win = new EventTarget();
+  globalThis.window = win;
+  try {
+    // A backoff far longer than the test: only `online` can bring it back.
+    const h = client(n.url, { minReconnectDelay: 60_000, maxReconnectDelay: 60_000 });
+    await next(h, 'open');
+    win.dispatchEvent(new Event('offline'));
+    assert.equal(h.state, 'reconnecting');
+    const queued = h.publish('t', 'while offline');
+    await sleep(200);
+    assert.equal(h.state, 'reconnecting', 'no attempt while offline');
+    win.dispatchEvent(new Event('online'));
+    await until('open again at once', () => h.state === 'open', 5_000);
+    await queued;
+  } finally {
+    delete globalThis.window;
+  }
+});
