@@ -95,3 +95,37 @@ test('a node that stops answering is detected by the heartbeat, and the page rec
   await page.waitForFunction(() => document.getElementById('count').textContent === '99');
   await page.close();
 });
+
+test('the classic chat page works unchanged on the bare address with --root-topic', async () => {
+  const chat = await Node.start(['--root-topic', 'chat:lobby']);
+  try {
+    const file = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../examples/chat.html');
+    const html = (await import('node:fs')).readFileSync(file, 'utf8');
+    // The page's one line of configuration: where its server is.
+    const here = html.replace("'ws://localhost:8080'", `'ws://127.0.0.1:${chat.port}'`);
+    assert.notEqual(here, html, 'examples/chat.html names its server as ws://localhost:8080');
+    const open = async (name) => {
+      const page = await browser.newPage();
+      await page.setContent(here);
+      await page.waitForFunction(() => document.body.dataset.state === 'open');
+      await page.fill('#user', name);
+      return page;
+    };
+    const ann = await open('ann');
+    const bob = await open('bob');
+    await ann.fill('#text', 'hello from ann');
+    await ann.click('button');
+    await bob.waitForFunction(() =>
+      [...document.querySelectorAll('#messages li')].some((li) => li.textContent === 'ann: hello from ann'),
+    );
+    await bob.fill('#text', 'hi ann');
+    await bob.click('button');
+    await ann.waitForFunction(() =>
+      [...document.querySelectorAll('#messages li')].some((li) => li.textContent === 'bob: hi ann'),
+    );
+    await ann.close();
+    await bob.close();
+  } finally {
+    await chat.kill();
+  }
+});
