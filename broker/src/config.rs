@@ -97,6 +97,14 @@ pub struct Config {
     #[arg(long = "presence", env = "HERALD_PRESENCE", value_delimiter = ',', value_parser = parse_pattern)]
     pub presence: Vec<String>,
 
+    /// Origins whose pages may open WebSockets (comma-separated): exact
+    /// (`https://app.example.com`), a subdomain wildcard
+    /// (`https://*.example.com`), `null` (sandboxed pages and files), or `*`
+    /// for any. Empty: a page may connect only from the node's own host.
+    /// Clients that send no Origin (not browsers) are always let in.
+    #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
     /// A WebSocket opened on `/` with no parameters becomes a raw-mode
     /// socket on this topic, so a page written for a plain broadcast server
     /// (`new WebSocket("ws://host:8080")`) works with its URL unchanged.

@@ -16,6 +16,37 @@ pub struct SessionParams {
     pub name: Option<String>,
 }
 
+/// Whether a handshake's `Origin` may open a socket: none (not a browser)
+/// always may; otherwise it must be listed in `allowed` (exactly, by a
+/// `scheme://*.domain` wildcard, or `*`), or, with an empty list, name the
+/// host the request was sent to (`host`, the Host header).
+pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(origin) = origin.map(str::trim) else {
+        return true;
+    };
+    if allowed.is_empty() {
+        let authority = origin.split_once("://").map(|(_, a)| a);
+        return match (authority, host) {
+            (Some(a), Some(h)) => a.eq_ignore_ascii_case(h.trim()),
+            _ => false,
+        };
+    }
+    allowed.iter().map(|a| a.trim()).any(|a| {
+        if a == "*" || a.eq_ignore_ascii_case(origin) {
+            return true;
+        }
+        let Some((scheme, domain)) = a.split_once("://*.") else {
+            return false;
+        };
+        let Some((o_scheme, o_host)) = origin.split_once("://") else {
+            return false;
+        };
+        let o_host = o_host.to_ascii_lowercase();
+        scheme.eq_ignore_ascii_case(o_scheme)
+            && o_host.ends_with(&format!(".{}", domain.to_ascii_lowercase()))
+    })
+}
+
 /// Decodes `%XX` escapes (browsers escape `>` in URLs) and `+` as space.
 fn percent_decode(s: &str) -> Result<String, String> {
     let b = s.as_bytes();
@@ -113,6 +144,43 @@ pub fn parse(query: &str, max_subs: usize) -> Result<SessionParams, (ErrorCode, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origins() {
+        let none: Vec<String> = Vec::new();
+        assert!(
+            origin_allowed(None, Some("h:8080"), &none),
+            "no Origin: not a browser"
+        );
+        assert!(
+            origin_allowed(Some("http://h:8080"), Some("h:8080"), &none),
+            "same host"
+        );
+        assert!(!origin_allowed(
+            Some("https://evil.example"),
+            Some("h:8080"),
+            &none
+        ));
+        assert!(!origin_allowed(Some("null"), Some("h:8080"), &none));
+        let list: Vec<String> = ["https://app.example.com", "https://*.example.org", "null"]
+            .map(String::from)
+            .to_vec();
+        assert!(origin_allowed(Some("https://app.example.com"), None, &list));
+        assert!(origin_allowed(Some("https://a.b.example.org"), None, &list));
+        assert!(!origin_allowed(Some("https://example.org"), None, &list));
+        assert!(
+            !origin_allowed(Some("http://a.example.org"), None, &list),
+            "scheme matters"
+        );
+        assert!(!origin_allowed(Some("https://evilexample.org"), None, &list));
+        assert!(origin_allowed(Some("null"), None, &list));
+        assert!(!origin_allowed(
+            Some("https://evil.example"),
+            Some("evil.example"),
+            &list
+        ));
+        assert!(origin_allowed(Some("https://any.where"), None, &["*".to_owned()]));
+    }
 
     #[test]
     fn url_parameters() {

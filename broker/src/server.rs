@@ -255,6 +255,20 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, root: bool) -> Res
             "node is draining; connect to another node",
         );
     }
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v: &hyper::header::HeaderValue| v.to_str().ok())
+    };
+    let origin = header(hyper::header::ORIGIN);
+    if !params::origin_allowed(origin, header(hyper::header::HOST), &node.config.allowed_origins) {
+        node.metrics.error(ErrorCode::OriginNotAllowed);
+        let msg = format!(
+            "origin_not_allowed: {:?} may not open sockets here (--allowed-origins)",
+            origin.unwrap_or("")
+        );
+        return http::error(hyper::StatusCode::FORBIDDEN, ErrorCode::OriginNotAllowed, &msg);
+    }
     let query = req.uri().query().unwrap_or("");
     let params = match params::parse(query, node.config.max_subscriptions) {
         // `/` with no parameters: raw mode on --root-topic, when set.

@@ -368,7 +368,8 @@ def test_every_herald_serve_setting_is_settable():
     """Every HERALD_* variable `herald serve` reads is set by the chart:
     the ConfigMap, or the Deployment's env (the API key, from the Secret).
     Optional ones are rendered when given."""
-    docs = render({"config": {"presence": "chat:*", "rootTopic": "chat:lobby"}})
+    docs = render({"config": {"presence": "chat:*", "rootTopic": "chat:lobby",
+                              "allowedOrigins": ["https://app.example.com", "https://*.example.org"]}})
     cm = one(docs, "ConfigMap", suffix="live-herald")
     env = {e["name"] for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
     missing = herald_flags() - set(cm["data"]) - env

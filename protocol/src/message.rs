@@ -56,6 +56,8 @@ pub enum ErrorCode {
     PatternLimit,
     /// No such HTTP route.
     NotFound,
+    /// A browser handshake from an origin the node does not allow.
+    OriginNotAllowed,
     /// The node is at a bound for connections not yet upgraded (or for its
     /// file descriptors): retry after the `Retry-After` seconds.
     Overloaded,
@@ -63,7 +65,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownOp,
         ErrorCode::BadRequest,
@@ -82,6 +84,7 @@ impl ErrorCode {
         ErrorCode::Overloaded,
         ErrorCode::PatternLimit,
         ErrorCode::NotFound,
+        ErrorCode::OriginNotAllowed,
     ];
 
     /// The wire name.
@@ -105,6 +108,7 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::PatternLimit => "pattern_limit",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::OriginNotAllowed => "origin_not_allowed",
         }
     }
 

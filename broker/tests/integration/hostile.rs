@@ -286,3 +286,52 @@ async fn an_unknown_route_names_every_route() {
         assert!(msg.contains(route), "{route} missing from {msg:?}");
     }
 }
+
+/// A browser page may open sockets only from an allowed origin: by default
+/// the node's own host; clients that send no Origin are not browsers.
+#[tokio::test]
+async fn only_allowed_origins_may_open_sockets() {
+    let handshake = |host: &str, origin: Option<&str>| {
+        let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: {host}\r\n{origin}Upgrade: websocket\r\nConnection: Upgrade, close\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    async fn status(h: &Herald, req: String) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        (
+            text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0),
+            text,
+        )
+    }
+    let h = Herald::start(&[]);
+    let host = h.addr.to_string();
+    let own = format!("http://{host}");
+    assert_eq!(status(&h, handshake(&host, None)).await.0, 101, "no Origin");
+    assert_eq!(status(&h, handshake(&host, Some(&own))).await.0, 101, "same host");
+    for bad in ["https://evil.example", "null"] {
+        let (code, text) = status(&h, handshake(&host, Some(bad))).await;
+        assert_eq!(code, 403, "{bad}: {text}");
+        assert!(text.contains("origin_not_allowed"), "{text}");
+    }
+    let h = Herald::start(&[
+        "--allowed-origins",
+        "https://app.example.com,https://*.example.org,null",
+    ]);
+    let host = h.addr.to_string();
+    for ok in ["https://app.example.com", "https://a.example.org", "null"] {
+        assert_eq!(status(&h, handshake(&host, Some(ok))).await.0, 101, "{ok}");
+    }
+    for bad in ["https://evil.example", &format!("http://{host}")] {
+        assert_eq!(status(&h, handshake(&host, Some(bad))).await.0, 403, "{bad}");
+    }
+}

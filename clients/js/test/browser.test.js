@@ -97,7 +97,8 @@ test('a node that stops answering is detected by the heartbeat, and the page rec
 });
 
 test('the classic chat page works unchanged on the bare address with --root-topic', async () => {
-  const chat = await Node.start(['--root-topic', 'chat:lobby']);
+  // The page is loaded from no site (setContent): its Origin is "null".
+  const chat = await Node.start(['--root-topic', 'chat:lobby', '--allowed-origins', 'null']);
   try {
     const file = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../examples/chat.html');
     const html = (await import('node:fs')).readFileSync(file, 'utf8');
