@@ -45,7 +45,8 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_PATTERNS", default_value_t = 10_000)]
     pub max_patterns: usize,
 
-    /// Most publishes per second one socket may make (burst of the same size); 0 = no limit.
+    /// Most publishes per second one socket may make (burst of the same size,
+    /// at most 65,534); 0 = no limit.
     #[arg(long, env = "HERALD_PUBLISH_RATE", default_value_t = 1000)]
     pub publish_rate: u32,
 

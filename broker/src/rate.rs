@@ -1,50 +1,11 @@
 //! A token bucket: the one rate limit every per-socket or per-address
-//! bound uses.
-
-use std::time::Instant;
-
-/// `rate` events per second, in bursts of up to `rate`. A rate of 0 allows
-/// everything.
-#[derive(Debug)]
-pub struct RateLimit {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimit {
-    /// A full bucket for `rate` events per second.
-    pub fn new(rate: u32) -> Self {
-        RateLimit {
-            rate: rate as f64,
-            tokens: rate as f64,
-            last: Instant::now(),
-        }
-    }
-
-    /// Takes one token; false when the bucket is empty.
-    pub fn allow(&mut self) -> bool {
-        if self.rate == 0.0 {
-            return true;
-        }
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
+//! bound uses, 8 bytes so an idle socket can carry several.
 
 /// A token bucket in 8 bytes, for limits every socket carries (an idle
 /// socket's memory counts): whole tokens, and the time of the last refill
 /// on a caller's millisecond clock.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct SmallRateLimit {
+pub struct RateLimit {
     /// Tokens left, plus one: 0 means "full, never used".
     tokens: u16,
     /// Clock (ms, wrapping) of the last refill.
@@ -53,7 +14,7 @@ pub struct SmallRateLimit {
     carry_ms: u16,
 }
 
-impl SmallRateLimit {
+impl RateLimit {
     /// Takes one token of a bucket refilled at `rate` a second, in bursts
     /// of up to `rate` (at most 65,534); false when empty. `now_ms` is the
     /// caller's clock. A rate of 0 allows everything.
@@ -93,17 +54,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn allows_a_burst_of_rate_then_refuses() {
-        let mut r = RateLimit::new(5);
-        assert!((0..5).all(|_| r.allow()));
-        assert!(!r.allow());
-        let mut open = RateLimit::new(0);
-        assert!((0..10_000).all(|_| open.allow()));
-    }
-
-    #[test]
     fn the_small_bucket_allows_a_burst_then_refills_with_time() {
-        let mut r = SmallRateLimit::default();
+        let mut r = RateLimit::default();
         assert!((0..5).all(|_| r.allow(5, 1_000)));
         assert!(!r.allow(5, 1_000));
         assert!(!r.allow(5, 1_100), "a fifth of a token is not a token");
@@ -114,7 +66,7 @@ mod tests {
             "refilled to the burst, no more"
         );
         assert!(!r.allow(5, 10_000));
-        assert!(SmallRateLimit::default().allow(0, 0));
-        assert_eq!(std::mem::size_of::<SmallRateLimit>(), 8);
+        assert!(RateLimit::default().allow(0, 0));
+        assert_eq!(std::mem::size_of::<RateLimit>(), 8);
     }
 }

@@ -27,7 +27,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::metrics::{ConnectionSlot, Metrics};
 use crate::params::SessionParams;
-use crate::rate::{RateLimit, SmallRateLimit};
+use crate::rate::RateLimit;
 use crate::router::Router;
 use crate::subjects::Live;
 use crate::subscriber::Subscriber;
@@ -111,8 +111,8 @@ impl Sessions {
         self.live.insert(id, conn.clone());
         self.metrics.connections_total.fetch_add(1, Relaxed);
         let session = Session {
-            rate: RateLimit::new(self.config.publish_rate),
-            sub_rate: SmallRateLimit::default(),
+            rate: RateLimit::default(),
+            sub_rate: RateLimit::default(),
             name: params.name,
             pending: None,
             conn,
@@ -174,9 +174,10 @@ enum Exit {
 struct Session {
     shared: Arc<Sessions>,
     conn: Arc<Subscriber>,
+    /// Publishes per second (`--publish-rate`).
     rate: RateLimit,
     /// `sub`/`unsub` requests per second (8 bytes: every socket has one).
-    sub_rate: SmallRateLimit,
+    sub_rate: RateLimit,
     name: Option<String>,
     /// Publishes without an id, in a row, on one topic, from the read buffer
     /// being processed: fanned out together when the buffer is done (or
@@ -448,7 +449,10 @@ impl Session {
     }
 
     fn publish(&mut self, topic: &str, data: Bytes, id: Option<&str>) {
-        if !self.rate.allow() {
+        if !self
+            .rate
+            .allow(self.shared.config.publish_rate, self.shared.now_ms())
+        {
             let msg = format!(
                 "publish_rate: at most {} publishes per second per socket",
                 self.shared.config.publish_rate
