@@ -197,7 +197,11 @@ impl Hub {
     pub fn deliver(&self, topic: &str, body: Body<'_>) -> usize {
         let exact = self.inner.exact.get(topic).map(|r| r.value().snapshot());
         let found = self.inner.patterns.matching(topic);
-        let matched: Vec<Snapshot> = found.iter().filter_map(|p| p.snapshot()).collect();
+        let matched: Vec<Snapshot> = found
+            .iter()
+            .flat_map(|f| f.iter())
+            .filter_map(|p| p.snapshot())
+            .collect();
         if exact.is_none() && matched.is_empty() {
             return 0;
         }

@@ -9,9 +9,11 @@
 //! members come and go.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use dashmap::DashMap;
 
 use crate::members::{Members, Snapshot};
 use crate::subscriber::Subscriber;
@@ -117,7 +119,11 @@ pub struct Patterns {
     tree: RwLock<Tree>,
     /// Bumped whenever a pattern appears or disappears.
     generation: AtomicU64,
-    cache: Mutex<HashMap<Box<str>, (u64, Matches)>>,
+    /// Patterns held: with none (most nodes, most of the time) a publish
+    /// takes no lock here at all.
+    held: AtomicUsize,
+    /// Sharded, so concurrent publishes do not queue on one lock.
+    cache: DashMap<Box<str>, (u64, Matches)>,
 }
 
 /// What a subscribe or unsubscribe did to a pattern.
@@ -191,6 +197,7 @@ impl Patterns {
         let segs: Vec<&str> = text.split(':').collect();
         *tree.root.slot(&segs) = Some(node.clone());
         tree.by_text.insert(text.into(), node);
+        self.held.fetch_add(1, Relaxed);
         self.generation.fetch_add(1, Relaxed);
         Change::Created
     }
@@ -225,20 +232,21 @@ impl Patterns {
         }
         let segs: Vec<&str> = text.split(':').collect();
         tree.root.remove(&segs);
+        self.held.fetch_sub(1, Relaxed);
         self.generation.fetch_add(1, Relaxed);
         Change::Removed
     }
 
-    /// The patterns matching concrete `topic`: O(segments) through the
-    /// tree, or one lookup in the cache.
-    pub fn matching(&self, topic: &str) -> Matches {
+    /// The patterns matching concrete `topic`, `None` when there are none:
+    /// O(segments) through the tree, or one lookup in the cache.
+    pub fn matching(&self, topic: &str) -> Option<Matches> {
+        if self.held.load(Relaxed) == 0 {
+            return None;
+        }
         let generation = self.generation.load(Relaxed);
-        {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((g, m)) = cache.get(topic) {
-                if *g == generation {
-                    return m.clone();
-                }
+        if let Some(hit) = self.cache.get(topic) {
+            if hit.0 == generation {
+                return (!hit.1.is_empty()).then(|| hit.1.clone());
             }
         }
         let mut out = Vec::new();
@@ -250,12 +258,11 @@ impl Patterns {
             }
         }
         let found: Matches = out.into();
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_ENTRIES {
-            cache.clear();
+        if self.cache.len() >= CACHE_ENTRIES {
+            self.cache.clear();
         }
-        cache.insert(topic.into(), (generation, found.clone()));
-        found
+        self.cache.insert(topic.into(), (generation, found.clone()));
+        (!found.is_empty()).then_some(found)
     }
 }
 
@@ -267,8 +274,8 @@ mod tests {
         Arc::new(Subscriber::new(id, false, 1 << 10, 0, Default::default(), None))
     }
 
-    fn texts(m: &Matches) -> Vec<&str> {
-        let mut v: Vec<&str> = m.iter().map(|p| &*p.text).collect();
+    fn texts(m: &Option<Matches>) -> Vec<&str> {
+        let mut v: Vec<&str> = m.iter().flat_map(|m| m.iter()).map(|p| &*p.text).collect();
         v.sort_unstable();
         v
     }
@@ -309,7 +316,7 @@ mod tests {
         assert_eq!(ps.unsubscribe("chat:*", 1), Change::Members);
         assert_eq!(ps.unsubscribe("chat:*", 2), Change::Removed);
         assert!(
-            ps.matching("chat:x").is_empty(),
+            ps.matching("chat:x").is_none(),
             "a cached match outlived its pattern"
         );
         assert!(ps.is_empty());
