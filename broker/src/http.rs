@@ -38,27 +38,24 @@ pub fn error(status: StatusCode, code: ErrorCode, msg: &str) -> Response<Body> {
 const DEMO_PAGE: &str = include_str!("demo.html");
 const BROWSER_CLIENT: &str = include_str!("../../clients/js/herald.js");
 
-/// Serves the `--metrics-listen` address: /metrics, /healthz and /readyz.
+/// The Prometheus exposition of the node's metrics.
+fn metrics(node: &Node) -> Response<Body> {
+    let (topics, patterns) = node.router.hub().counts();
+    let cluster = node.router.bus().link_state().is_some();
+    let text = node
+        .metrics
+        .render(topics, patterns, node.ready.load(Relaxed), cluster);
+    respond(StatusCode::OK, "text/plain; version=0.0.4", text)
+}
+
+/// Serves the `--metrics-listen` address: /metrics, /healthz and /readyz,
+/// answered as the main listener answers them.
 pub async fn handle_admin(node: &Node, req: Request<Incoming>) -> Response<Body> {
+    let get = req.method() == Method::GET || req.method() == Method::HEAD;
     match req.uri().path() {
-        "/metrics" | "/healthz" | "/readyz" => {
-            // The same answers as on the main listener, metrics included.
-            let get = req.method() == Method::GET || req.method() == Method::HEAD;
-            if !get {
-                return error(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, "GET only");
-            }
-            let (topics, patterns) = node.router.hub().counts();
-            match req.uri().path() {
-                "/metrics" => {
-                    let cluster = node.router.bus().link_state().is_some();
-                    let text = node
-                        .metrics
-                        .render(topics, patterns, node.ready.load(Relaxed), cluster);
-                    respond(StatusCode::OK, "text/plain; version=0.0.4", text)
-                }
-                _ => handle(node, req).await,
-            }
-        }
+        "/metrics" if get => metrics(node),
+        "/healthz" | "/readyz" => handle(node, req).await,
+        "/metrics" => error(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, "GET only"),
         other => error(
             StatusCode::NOT_FOUND,
             ErrorCode::NotFound,
@@ -110,14 +107,7 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
             ErrorCode::BadRequest,
             "metrics are served on the --metrics-listen address",
         ),
-        "/metrics" if get => {
-            let (topics, patterns) = node.router.hub().counts();
-            let cluster = node.router.bus().link_state().is_some();
-            let text = node
-                .metrics
-                .render(topics, patterns, node.ready.load(Relaxed), cluster);
-            respond(StatusCode::OK, "text/plain; version=0.0.4", text)
-        }
+        "/metrics" if get => metrics(node),
         "/v1/publish" if req.method() == Method::POST => publish(node, req).await,
         "/healthz" | "/readyz" | "/metrics" | "/v1/publish" => error(
             StatusCode::METHOD_NOT_ALLOWED,
