@@ -288,6 +288,16 @@ impl Client {
     }
 }
 
+/// A WebSocket handshake for `path` sent as `Host: host`, with `extra`
+/// header lines (each ending in `\r\n`); a refused one closes the
+/// connection, so [`Herald::http`] reads the whole answer.
+pub fn upgrade_request(path: &str, host: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Upgrade: websocket\r\nConnection: Upgrade, close\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
 /// A byte-level WebSocket client: sends arbitrary frames, reads server frames.
 pub struct RawWs {
     pub stream: TcpStream,

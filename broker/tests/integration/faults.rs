@@ -37,6 +37,21 @@ fn sockets_held(pid: u32) -> usize {
         .count()
 }
 
+/// `n` subscribers that read nothing, a flood that fills what the kernel
+/// holds for them, then a close frame from each: sockets whose close must
+/// flush what they can never deliver.
+async fn stalled_then_closed(h: &Herald, n: usize) -> Vec<RawWs> {
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        clients.push(stalled(h.addr, "/ws?sub=flood:x").await);
+    }
+    flood(h, "flood:x", 12).await;
+    for c in &mut clients {
+        c.send_bytes(&close_frame()).await;
+    }
+    clients
+}
+
 fn close_frame() -> Vec<u8> {
     encode_client_frame(true, OpCode::Close, MASK, &1000u16.to_be_bytes())
 }
@@ -56,18 +71,9 @@ async fn a_closing_socket_counts_against_the_limit_until_its_connection_is_gone(
     ];
     args.extend(DEEP_QUEUES);
     let h = Herald::start(&args);
-    let mut clients = Vec::new();
-    for _ in 0..3 {
-        clients.push(stalled(h.addr, "/ws?sub=flood:x").await);
-    }
-    flood(&h, "flood:x", 12).await;
-    for c in &mut clients {
-        c.send_bytes(&close_frame()).await;
-    }
+    let clients = stalled_then_closed(&h, 3).await;
     // The sessions ended, but their sockets still owe a flush: they count.
-    let upgrade = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\
-                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-    let (status, body) = h.http(upgrade).await;
+    let (status, body) = h.http(&upgrade_request("/ws", "x", "")).await;
     assert_eq!(
         status, 503,
         "a fourth socket was let in past --max-connections: {body}"
@@ -89,14 +95,7 @@ async fn a_close_that_cannot_flush_is_reset_at_its_deadline() {
     args.extend(DEEP_QUEUES);
     let h = Herald::start(&args);
     let before = sockets_held(h.pid());
-    let mut clients = Vec::new();
-    for _ in 0..3 {
-        clients.push(stalled(h.addr, "/ws?sub=flood:x").await);
-    }
-    flood(&h, "flood:x", 12).await;
-    for c in &mut clients {
-        c.send_bytes(&close_frame()).await;
-    }
+    let clients = stalled_then_closed(&h, 3).await;
     // The clients keep their ends open and never read: only the node's
     // close deadline can free its side.
     eventually("the node let go of every closing socket", || async {
@@ -136,10 +135,7 @@ async fn a_write_that_makes_no_progress_is_cut() {
 async fn try_upgrade(addr: SocketAddr) -> (Option<(u16, String)>, tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
+    let req = upgrade_request("/ws", &addr.to_string(), "");
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
     let mut chunk = [0u8; 2048];

@@ -293,10 +293,7 @@ async fn an_unknown_route_names_every_route() {
 async fn only_allowed_origins_may_open_sockets() {
     let handshake = |host: &str, origin: Option<&str>| {
         let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
-        format!(
-            "GET /ws HTTP/1.1\r\nHost: {host}\r\n{origin}Upgrade: websocket\r\nConnection: Upgrade, close\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
+        upgrade_request("/ws", host, &origin)
     };
     async fn status(h: &Herald, req: String) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

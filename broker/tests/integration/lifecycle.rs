@@ -66,12 +66,7 @@ async fn graceful_shutdown_sends_1001_and_exits_zero() {
     // While draining: not ready, new sockets refused, old ones still served
     // until their turn.
     eventually("readyz turns 503", || async { h.get("/readyz").await.0 == 503 }).await;
-    let (status, body) = h
-        .http(
-            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await;
+    let (status, body) = h.http(&upgrade_request("/ws", "x", "")).await;
     assert_eq!(status, 503);
     assert!(body.contains("shutting_down"), "{body}");
     for c in clients.iter_mut() {

@@ -39,12 +39,7 @@ async fn subscription_limit() {
     // The socket keeps working and keeps its subscriptions.
     h.publish("a", "1").await;
     assert_eq!(c.recv().await, json!({"topic":"a","data":1}));
-    let (status, body) = h
-        .http(
-            "GET /ws?sub=a&sub=b&sub=c HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .await;
+    let (status, body) = h.http(&upgrade_request("/ws?sub=a&sub=b&sub=c", "x", "")).await;
     assert_eq!(status, 400);
     assert!(body.contains("subscription_limit"), "{body}");
 }

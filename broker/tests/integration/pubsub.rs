@@ -98,12 +98,7 @@ async fn url_subscriptions_for_read_only_clients() {
     assert_eq!(c.recv().await, json!({"topic":"chat:lobby","data":"hi"}));
     assert_eq!(c.recv().await, json!({"topic":"feed:a:b","data":true}));
     // A bad pattern in a real handshake is refused before the 101.
-    let (status, body) = h
-        .http(
-            "GET /ws?sub=a..b HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .await;
+    let (status, body) = h.http(&upgrade_request("/ws?sub=a..b", "x", "")).await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("bad_topic") && body.contains("a..b"), "{body}");
 }

@@ -100,6 +100,24 @@ async fn cli_sub_prints_deliveries() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("bad_topic"));
+    // A refused subscription is not worth a reconnect: herald sub exits 1.
+    let mut refused = Command::new(herald_bin())
+        .args(["sub", "--url", &h.url(""), "a..b"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = refused.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "herald sub kept retrying a refused topic"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(1));
 }
 
 /// `herald sub` outlives its node: when the node dies and comes back on
