@@ -327,10 +327,11 @@ export class Herald extends EventTarget {
       }
     };
     document.addEventListener('visibilitychange', this._onVisible);
+    this._doc = document;
   }
 
   _stopVisibilityWatch() {
-    if (this._onVisible) document.removeEventListener('visibilitychange', this._onVisible);
+    if (this._onVisible) this._doc.removeEventListener('visibilitychange', this._onVisible);
     this._onVisible = null;
     if (this._onOffline) {
       this._win.removeEventListener('offline', this._onOffline);

