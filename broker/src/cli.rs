@@ -27,6 +27,10 @@ pub struct Target {
     /// WebSocket URL of a node.
     #[arg(long, env = "HERALD_URL", default_value = "ws://127.0.0.1:8080/ws")]
     pub url: String,
+    /// Connection token (JWT), sent as `Authorization: Bearer` in the
+    /// handshake (see `herald token`).
+    #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 struct SpawnExecutor;
@@ -43,7 +47,8 @@ where
 
 /// Opens a WebSocket to `url` (`ws://host:port/path?query`), adding
 /// `query` to the URL's own.
-async fn connect(url: &str, query: &str) -> anyhow::Result<Socket> {
+async fn connect(target: &Target, query: &str) -> anyhow::Result<Socket> {
+    let url = target.url.as_str();
     let parsed = WsUrl::parse(url)?;
     let authority = parsed.authority.as_str();
     let path = parsed.target_with(query);
@@ -51,7 +56,11 @@ async fn connect(url: &str, query: &str) -> anyhow::Result<Socket> {
         .await
         .with_context(|| format!("connecting to {authority}"))?;
     stream.set_nodelay(true)?;
-    let req = Request::builder()
+    let mut req = Request::builder();
+    if let Some(t) = target.token.as_deref().filter(|t| !t.is_empty()) {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req
         .method("GET")
         .uri(path.as_str())
         .header(HOST, authority)
@@ -127,7 +136,7 @@ async fn publish_one(ws: &mut Socket, id: u64, topic: &str, data: &str) -> anyho
 /// `herald pub`: publishes `data` once, or each stdin line as a JSON string.
 /// `data` that is not valid JSON is sent as a JSON string.
 pub async fn publish(target: &Target, topic: &str, data: Option<&str>, lines: bool) -> anyhow::Result<()> {
-    let mut ws = connect(&target.url, "").await?;
+    let mut ws = connect(target, "").await?;
     if lines {
         let mut input = tokio::io::BufReader::new(tokio::io::stdin()).lines();
         let mut id = 0;
@@ -206,7 +215,7 @@ async fn sub_session(
     seen: &mut u64,
     subscribed: &mut bool,
 ) -> SubEnd {
-    let mut ws = match connect(&target.url, "").await {
+    let mut ws = match connect(target, "").await {
         Ok(ws) => ws,
         Err(e) => return SubEnd::Retry(e),
     };
@@ -285,11 +294,12 @@ pub async fn check(target: &Target, api_key: Option<&str>, timeout: Duration) ->
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     let topic = format!("herald:check:n{nonce}");
-    let mut ws = connect(&target.url, &format!("sub={topic}")).await?;
+    let mut ws = connect(target, &format!("sub={topic}")).await?;
     let url = WsUrl::parse(&target.url)?;
     let authority = url.authority.as_str();
     let body = format!(r#"{{"topic":"{topic}","data":{{"check":"{nonce}"}}}}"#);
     let auth = api_key
+        .or(target.token.as_deref())
         .map(|k| format!("Authorization: Bearer {k}\r\n"))
         .unwrap_or_default();
     let req = format!(
@@ -325,4 +335,54 @@ pub async fn check(target: &Target, api_key: Option<&str>, timeout: Duration) ->
         .map_err(|_| anyhow!("published over HTTP but nothing arrived within {timeout:?}"))??;
     println!("ok: subscribed over WebSocket, published over HTTP, delivery received");
     Ok(())
+}
+
+/// Claims of a development token (`herald token`).
+pub struct Mint {
+    /// File holding the HMAC secret (as `--auth-hmac-key-file`).
+    pub key_file: String,
+    /// The user id (`sub`).
+    pub sub: Option<String>,
+    /// Patterns granted for subscribing.
+    pub subscribe: Vec<String>,
+    /// Patterns granted for publishing.
+    pub publish: Vec<String>,
+    /// Lifetime.
+    pub ttl: Duration,
+    /// `aud`, `iss` and header `kid`, when given.
+    pub aud: Option<String>,
+    /// See `aud`.
+    pub iss: Option<String>,
+    /// See `aud`.
+    pub kid: Option<String>,
+}
+
+/// Mints an HS256 token for development and tests.
+pub fn mint(m: &Mint) -> anyhow::Result<String> {
+    let key = std::fs::read(&m.key_file).with_context(|| format!("reading {}", m.key_file))?;
+    let key = key.trim_ascii();
+    if key.len() < 32 {
+        bail!("{}: an HMAC key needs at least 32 bytes", m.key_file);
+    }
+    for p in m.subscribe.iter().chain(&m.publish) {
+        herald_protocol::Pattern::parse(p).map_err(|e| anyhow!("{p:?}: {e}"))?;
+    }
+    let now = herald_broker::auth::now_secs();
+    let mut claims = serde_json::json!({
+        "iat": now,
+        "exp": now + m.ttl.as_secs().max(1),
+        "herald": {"subscribe": m.subscribe, "publish": m.publish},
+    });
+    for (k, v) in [("sub", &m.sub), ("aud", &m.aud), ("iss", &m.iss)] {
+        if let Some(v) = v {
+            claims[k] = serde_json::Value::String(v.clone());
+        }
+    }
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid.clone_from(&m.kid);
+    Ok(jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(key),
+    )?)
 }

@@ -1,7 +1,7 @@
 //! Node settings: every one a `herald serve` flag with a `HERALD_*`
 //! environment variable, so a container can be configured without a file.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::Args;
@@ -112,6 +112,60 @@ pub struct Config {
     #[arg(long, env = "HERALD_ROOT_TOPIC", value_parser = parse_topic)]
     pub root_topic: Option<String>,
 
+    /// Connection tokens (JWT) signed with this HMAC secret (HS256/384/512;
+    /// at least 32 bytes, surrounding whitespace ignored). Any `--auth-*`
+    /// key turns access control on.
+    #[arg(long, env = "HERALD_AUTH_HMAC_KEY_FILE")]
+    pub auth_hmac_key_file: Option<String>,
+
+    /// Connection tokens signed with the private half of this PEM public key
+    /// (RSA: RS256/384/512 and PS256/384/512; EC: ES256/384; Ed25519: EdDSA).
+    #[arg(long, env = "HERALD_AUTH_PUBLIC_KEY_FILE")]
+    pub auth_public_key_file: Option<String>,
+
+    /// Connection tokens checked against this JWKS (keys chosen by the
+    /// token's `kid`); re-read on SIGHUP, so keys rotate without a restart.
+    #[arg(long, env = "HERALD_AUTH_JWKS_FILE")]
+    pub auth_jwks_file: Option<String>,
+
+    /// When set, a token's `aud` must include this.
+    #[arg(long, env = "HERALD_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+
+    /// When set, a token's `iss` must be this.
+    #[arg(long, env = "HERALD_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+
+    /// Clock skew allowed for `exp`, `nbf` and `iat`.
+    #[arg(long, env = "HERALD_AUTH_LEEWAY", default_value = "5s", value_parser = parse_duration)]
+    pub auth_leeway: Duration,
+
+    /// With access control on: patterns a socket (or HTTP publish) without a
+    /// token may subscribe within (comma-separated; default none).
+    #[arg(long, env = "HERALD_ANONYMOUS_SUBSCRIBE", value_delimiter = ',', value_parser = parse_pattern)]
+    pub anonymous_subscribe: Vec<String>,
+
+    /// With access control on: patterns whose topics a client without a
+    /// token may publish to (default none).
+    #[arg(long, env = "HERALD_ANONYMOUS_PUBLISH", value_delimiter = ',', value_parser = parse_pattern)]
+    pub anonymous_publish: Vec<String>,
+
+    /// Most WebSocket connections from one client address; 0 = no limit.
+    /// Past it a handshake gets 429 `rate_limited`.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: u32,
+
+    /// Most new WebSocket connections per second from one client address
+    /// (burst of the same size); 0 = no limit. Past it: 429 with Retry-After.
+    #[arg(long, env = "HERALD_CONNECT_RATE_PER_IP", default_value_t = 0)]
+    pub connect_rate_per_ip: u32,
+
+    /// Proxies (CIDRs, comma-separated, e.g. 10.0.0.0/8,127.0.0.1) whose
+    /// connections carry the client's address: in a PROXY protocol v1/v2
+    /// header, or else in X-Forwarded-For (the right-most untrusted hop).
+    #[arg(long, env = "HERALD_TRUSTED_PROXIES", value_delimiter = ',', value_parser = Cidr::parse)]
+    pub trusted_proxies: Vec<Cidr>,
+
     /// NATS server URL(s), comma-separated, linking this node to the others
     /// (cluster mode). Without it the node runs embedded, on its own.
     #[arg(long = "nats", env = "HERALD_NATS_URL", value_delimiter = ',')]
@@ -121,9 +175,16 @@ pub struct Config {
     #[arg(long, env = "HERALD_NATS_PREFIX", default_value = "herald", value_parser = parse_prefix)]
     pub nats_prefix: String,
 
-    /// Bearer key required by POST /v1/publish (no key: open).
+    /// Bearer key required by POST /v1/publish (no key and no `--auth-*`
+    /// key: open; empty: no key).
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+
+    /// A file of API keys, one a line (blank lines and `#` comments
+    /// skipped), each accepted like `--api-key`: rotate by adding the new
+    /// key, moving clients, then removing the old one.
+    #[arg(long, env = "HERALD_API_KEY_FILE")]
+    pub api_key_file: Option<String>,
 
     /// Largest HTTP publish body (a batch), in bytes.
     #[arg(long, env = "HERALD_MAX_HTTP_BODY_BYTES", default_value_t = 1024 * 1024)]
@@ -182,6 +243,50 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// An address block: `10.0.0.0/8`, `fd00::/8`, or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR/BITS` or a bare address.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let s = s.trim();
+        let (a, bits) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let bits = if bits.is_empty() {
+            max
+        } else {
+            bits.parse::<u8>()
+                .ok()
+                .filter(|b| *b <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0 to {max}"))?
+        };
+        Ok(Cidr { addr, bits })
+    }
+
+    /// Whether `ip` is in the block (an IPv4-mapped IPv6 address counts as
+    /// its IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let (a, b, width) = match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
+            (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+            _ => return false,
+        };
+        let shift = width - self.bits as u32;
+        shift >= width || (a >> shift) == (b >> shift)
+    }
+}
+
 fn parse_prefix(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.split('.').all(|seg| {
@@ -223,6 +328,25 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn cidrs() {
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.0.0.1".parse().unwrap()));
+        let one = Cidr::parse("127.0.0.1").unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(Cidr::parse("fd00::/8")
+            .unwrap()
+            .contains("fd12::1".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("ten").is_err());
     }
 
     #[test]

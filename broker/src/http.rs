@@ -11,6 +11,9 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
+use std::sync::Arc;
+
+use crate::auth::Identity;
 use crate::node::Node;
 
 /// Response body type for every route.
@@ -128,17 +131,36 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-fn authorized(node: &Node, req: &Request<Incoming>) -> bool {
-    let Some(key) = &node.config.api_key else {
-        return true;
+/// What an HTTP publish may do: `Ok(None)` for any topic (an API key, or
+/// an open node), or the grants of its bearer token (or of anonymous
+/// clients). A wrong key or token is 401.
+#[allow(clippy::result_large_err)]
+fn publisher(node: &Node, req: &Request<Incoming>) -> Result<Option<Arc<Identity>>, Response<Body>> {
+    let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let bearer = given.map(|g| g.strip_prefix("Bearer ").unwrap_or("").trim());
+    let auth = node.sessions.auth();
+    let keys = node.api_keys.read().unwrap_or_else(|e| e.into_inner());
+    if auth.is_none() && keys.is_empty() {
+        return Ok(None); // an open node
+    }
+    let refuse = |msg: String| {
+        node.metrics.error(ErrorCode::Unauthorized);
+        Err(error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &msg))
     };
-    let Some(given) = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    let Some(token) = given.strip_prefix("Bearer ") else {
-        return false;
-    };
-    constant_time_eq(token.trim().as_bytes(), key.as_bytes())
+    match bearer {
+        Some(b) if keys.iter().any(|k| constant_time_eq(b.as_bytes(), k.as_bytes())) => Ok(None),
+        Some(b) => match auth {
+            Some(auth) if b.matches('.').count() == 2 => match auth.verify(b) {
+                Ok(identity) => Ok(Some(Arc::new(identity))),
+                Err(why) => refuse(format!("unauthorized: {why}")),
+            },
+            _ => refuse("unauthorized: wrong API key (Authorization: Bearer KEY)".into()),
+        },
+        None if !keys.is_empty() => {
+            refuse("unauthorized: missing API key or token (Authorization: Bearer ...)".into())
+        }
+        None => Ok(node.sessions.anonymous().cloned()),
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -176,13 +198,10 @@ async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {
         node.metrics.error(code);
         error(status, code, msg)
     };
-    if !authorized(node, &req) {
-        return fail(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            "missing or wrong API key (Authorization: Bearer KEY)",
-        );
-    }
+    let access = match publisher(node, &req) {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
     let limit = node.config.max_http_body_bytes;
     let timeout = node.config.body_timeout;
     let body = match tokio::time::timeout(timeout, read_body(req.into_body(), limit)).await {
@@ -211,6 +230,11 @@ async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {
             return fail(status, e.code, &e.message);
         }
     };
+    if let Some(access) = &access {
+        if let Some(msg) = items.iter().find_map(|i| access.forbids(i.topic.as_str(), true)) {
+            return fail(StatusCode::FORBIDDEN, ErrorCode::Forbidden, &msg);
+        }
+    }
     // Runs of items on one topic go out as one burst (one queue push per
     // recipient); the data stays a view into the request body.
     // A cluster link failure still lets every run reach local subscribers;

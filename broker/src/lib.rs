@@ -8,6 +8,10 @@
 //! - [`config`]: every setting, as flags and `HERALD_*` variables.
 //! - [`metrics`]: counters rendered in the Prometheus text format.
 //! - [`rate`]: the token bucket behind every rate limit.
+//! - [`auth`]: connection tokens (JWT) checked against the configured keys,
+//!   and the grants they carry.
+//! - [`admission`]: per-address connection counts and rates, and the client
+//!   address behind a trusted proxy (PROXY protocol, X-Forwarded-For).
 //! - [`outbox`]: a socket's bounded queue of ready frames, and its parked
 //!   write half.
 //! - [`writer`]: a socket's writer task, its whole life: draining the
@@ -27,8 +31,10 @@
 //!   cluster interest, presence, metrics) and of a publish's way in, for
 //!   WebSocket sessions and HTTP alike.
 //! - [`params`]: the `/ws` URL parameters, validated before the 101.
-//! - [`session`]: each socket's read loop and request handling, and the set
-//!   of live sessions.
+//! - [`session`]: each socket's read loop and request handling, and what
+//!   sessions share.
+//! - [`sessions`]: the set of live sessions: accepting a handshake into
+//!   one, the snapshot the heartbeat walks, token deadlines.
 //! - [`node`]: the state one process shares, built once; the heartbeat and
 //!   the drain.
 //! - [`preread`]: the first request head, read under the handshake timeout.
@@ -41,6 +47,8 @@
 //! clients in `cli.rs`) sits on top and is the only code that uses `anyhow`.
 #![warn(missing_docs)]
 
+pub mod admission;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod http;
@@ -56,6 +64,7 @@ pub mod rate;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod sessions;
 pub mod subjects;
 pub mod subscriber;
 pub mod writer;

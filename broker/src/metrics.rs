@@ -61,8 +61,21 @@ pub struct Metrics {
 /// `--max-connections`) until this guard drops. The socket's handle owns
 /// it, and the handle outlives both halves of the TCP stream, so a socket
 /// counts until its connection is really gone, closing or not.
-#[derive(Debug)]
-pub struct ConnectionSlot(Arc<Metrics>);
+pub struct ConnectionSlot(Arc<Metrics>, Option<Box<dyn Send + Sync>>);
+
+impl ConnectionSlot {
+    /// Holds `also` (another count, such as the client address's) for as
+    /// long as this slot.
+    pub fn hold(&mut self, also: Box<dyn Send + Sync>) {
+        self.1 = Some(also);
+    }
+}
+
+impl std::fmt::Debug for ConnectionSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectionSlot")
+    }
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
@@ -77,7 +90,7 @@ impl Metrics {
             self.connections.fetch_sub(1, Relaxed);
             return None;
         }
-        Some(ConnectionSlot(self.clone()))
+        Some(ConnectionSlot(self.clone(), None))
     }
 
     /// Counts one error answered with `code`.

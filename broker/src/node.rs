@@ -11,12 +11,14 @@ use herald_protocol::ws::{self, OpCode};
 use herald_protocol::Disconnect;
 use tokio::sync::Semaphore;
 
+use crate::admission::Admission;
+use crate::auth::{Auth, KeyError};
 use crate::bus::{Bus, LinkError};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::router::Router;
-use crate::session::Sessions;
+use crate::sessions::Sessions;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +26,9 @@ pub enum Error {
     /// The cluster link's settings are wrong.
     #[error(transparent)]
     Link(#[from] LinkError),
+    /// A key file (`--auth-*`, `--api-key-file`) could not be used.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
     /// Binding or reading the listener failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
@@ -43,6 +48,10 @@ pub struct Node {
     pub ready: AtomicBool,
     /// One permit per TCP connection not yet upgraded (HTTP in progress).
     pub pending: Arc<Semaphore>,
+    /// Per-address counts and the trusted proxies.
+    pub admission: Arc<Admission>,
+    /// Keys accepted by HTTP publish (`--api-key`, `--api-key-file`).
+    pub api_keys: std::sync::RwLock<Vec<String>>,
 }
 
 impl Node {
@@ -50,11 +59,6 @@ impl Node {
     /// `config.nats` names servers (the link connects in the background).
     pub async fn new(mut config: Config) -> Result<Arc<Self>, Error> {
         fit_to_descriptors(&mut config);
-        // An empty key (an unset Secret value) means no key, not a key
-        // nobody can present.
-        if config.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
-            config.api_key = None;
-        }
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(metrics.clone(), config.presence.clone(), config.max_patterns);
@@ -72,8 +76,23 @@ impl Node {
             (bus, format!("-{}", node_tag()))
         };
         let router = Router::new(bus, metrics.clone(), client_suffix, config.max_subscriptions);
-        let sessions = Arc::new(Sessions::new(config.clone(), router.clone(), metrics.clone()));
+        let auth = Auth::from_config(&config)?.map(Arc::new);
+        if auth.is_none() && !config.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %config.listen,
+                "no --auth-* key: anyone who can reach this address may subscribe and publish to every topic"
+            );
+        }
+        let api_keys = api_keys(&config)?;
+        let sessions = Arc::new(Sessions::new(
+            config.clone(),
+            router.clone(),
+            metrics.clone(),
+            auth,
+        ));
         Ok(Arc::new(Node {
+            admission: Arc::new(Admission::new(&config)),
+            api_keys: std::sync::RwLock::new(api_keys),
             pending: Arc::new(Semaphore::new(config.max_pending_connections)),
             config,
             router,
@@ -84,7 +103,58 @@ impl Node {
     }
 }
 
+/// The HTTP publish keys: `--api-key` and the lines of `--api-key-file`
+/// (blank lines and `#` comments skipped; an empty key means none).
+fn api_keys(config: &Config) -> Result<Vec<String>, KeyError> {
+    let mut keys: Vec<String> = config.api_key.iter().cloned().collect();
+    if let Some(path) = &config.api_key_file {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    keys.retain(|k| !k.is_empty());
+    Ok(keys)
+}
+
 impl Node {
+    /// Re-reads the key files (SIGHUP): the JWKS and `--api-key-file`. On
+    /// an error the keys in use stay.
+    pub fn reload_keys(&self) {
+        if let Some(auth) = self.sessions.auth() {
+            match auth.reload() {
+                Ok(n) => tracing::info!(keys = n, "token keys reloaded"),
+                Err(e) => tracing::error!(error = %e, "token keys not reloaded; the old ones stay"),
+            }
+        }
+        match api_keys(&self.config) {
+            Ok(keys) => *self.api_keys.write().unwrap_or_else(|e| e.into_inner()) = keys,
+            Err(e) => tracing::error!(error = %e, "API keys not reloaded; the old ones stay"),
+        }
+    }
+
+    /// Closes sockets whose token expired (4003) or that sent none in time
+    /// (4501), four times a second; forgets idle client addresses.
+    pub async fn watch_tokens(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rounds = 0u64;
+        loop {
+            tick.tick().await;
+            self.sessions.expire();
+            rounds += 1;
+            if rounds.is_multiple_of(240) {
+                self.admission.sweep(Duration::from_secs(60));
+            }
+        }
+    }
+
     /// Closes every session with 1001, spread over `--drain-period` so
     /// clients do not all reconnect at the same instant; then waits (a few
     /// seconds at most) for their tasks to end.

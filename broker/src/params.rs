@@ -14,6 +14,8 @@ pub struct SessionParams {
     pub raw_topic: Option<String>,
     /// Display name for presence notices (`?name=`).
     pub name: Option<String>,
+    /// Connection token (`?token=`); never logged.
+    pub token: Option<String>,
 }
 
 /// Whether a handshake's `Origin` may open a socket: none (not a browser)
@@ -80,7 +82,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
 const MAX_NAME_LEN: usize = 64;
 
 /// Parses `/ws` query parameters: `sub` (repeated), `topic` + `format=raw`,
-/// `name`. Unknown parameters are ignored (cache busters, tokens for proxies).
+/// `name`, `token`. Unknown parameters are ignored (cache busters, tokens for proxies).
 pub fn parse(query: &str, max_subs: usize) -> Result<SessionParams, (ErrorCode, String)> {
     let mut p = SessionParams::default();
     let mut format = None;
@@ -99,6 +101,7 @@ pub fn parse(query: &str, max_subs: usize) -> Result<SessionParams, (ErrorCode, 
                 p.raw_topic = Some(v);
             }
             "format" => format = Some(v),
+            "token" => p.token = Some(v),
             "name" => {
                 if v.is_empty() || v.len() > MAX_NAME_LEN || v.chars().any(char::is_control) {
                     let m = format!("name must be 1 to {MAX_NAME_LEN} bytes without control characters");

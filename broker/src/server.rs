@@ -23,6 +23,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission;
+use crate::auth::Identity;
 use crate::config::Config;
 use crate::http::{self, Body};
 use crate::node::{Error, Node};
@@ -70,6 +72,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let heartbeat = tokio::spawn(node.clone().heartbeat());
+    let tokens = tokio::spawn(node.clone().watch_tokens());
+    let reload = tokio::spawn(reload_on_hangup(node.clone()));
     let watchdog = tokio::spawn(node.clone().watch_writes());
     let stop = CancellationToken::new();
     let http = TaskTracker::new();
@@ -95,6 +99,18 @@ pub async fn serve(
     node.router.bus().flush(Duration::from_secs(5)).await;
     heartbeat.abort();
     watchdog.abort();
+    tokens.abort();
+    reload.abort();
+}
+
+/// Re-reads the key files on each SIGHUP (key rotation).
+async fn reload_on_hangup(node: Arc<Node>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        node.reload_keys();
+    }
 }
 
 async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken, http: TaskTracker) {
@@ -182,6 +198,19 @@ async fn serve_http(
 ) {
     let _ = stream.set_nodelay(true);
     let timeout = node.config.handshake_timeout;
+    // A trusted proxy may name the client in a PROXY protocol header.
+    let mut remote = remote;
+    if node.admission.trusts(remote.ip()) {
+        match tokio::time::timeout(timeout, admission::read_proxy_header(&mut stream)).await {
+            Ok(Ok(Some(client))) => remote = client,
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(%remote, error = %e, "bad PROXY protocol header");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
     let head = tokio::select! {
         h = preread::first_head(&mut stream, timeout, MAX_HEAD_BYTES, &node.metrics) => h,
         _ = stop.cancelled() => return,
@@ -195,7 +224,7 @@ async fn serve_http(
         }
     };
     let svc_node = node.clone();
-    let svc = service_fn(move |req| route(svc_node.clone(), req));
+    let svc = service_fn(move |req| route(svc_node.clone(), req, remote));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         // Later requests on a kept-alive connection get the same bound.
@@ -229,18 +258,27 @@ async fn serve_http(
     }
 }
 
-async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, std::convert::Infallible> {
+async fn route(
+    node: Arc<Node>,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+) -> Result<Response<Body>, std::convert::Infallible> {
     let path = req.uri().path();
     Ok(match path {
-        "/ws" => upgrade(node, req, false).await,
+        "/ws" => upgrade(node, req, false, remote).await,
         // A handshake on the bare address is served like /ws; plain GET /
         // still serves the demo page.
-        "/" if fastwebsockets::upgrade::is_upgrade_request(&req) => upgrade(node, req, true).await,
+        "/" if fastwebsockets::upgrade::is_upgrade_request(&req) => upgrade(node, req, true, remote).await,
         _ => http::handle(&node, req).await,
     })
 }
 
-async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, root: bool) -> Response<Body> {
+async fn upgrade(
+    node: Arc<Node>,
+    mut req: Request<Incoming>,
+    root: bool,
+    remote: SocketAddr,
+) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return http::error(
             hyper::StatusCode::UPGRADE_REQUIRED,
@@ -282,7 +320,32 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, root: bool) -> Res
             return http::error(hyper::StatusCode::BAD_REQUEST, code, &msg);
         }
     };
-    let Some(slot) = node.sessions.reserve() else {
+    let bearer = header(hyper::header::AUTHORIZATION).and_then(|v| v.strip_prefix("Bearer "));
+    let access = match access(&node, params.token.as_deref().or(bearer), &params) {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    let client = node.admission.client_ip(
+        remote.ip(),
+        header(hyper::header::HeaderName::from_static("x-forwarded-for")),
+    );
+    let per_ip = match node.admission.admit(client) {
+        Ok(s) => s,
+        Err(refusal) => {
+            node.metrics.error(ErrorCode::RateLimited);
+            let mut r = http::error(
+                hyper::StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::RateLimited,
+                &refusal.to_string(),
+            );
+            r.headers_mut().insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from_static("1"),
+            );
+            return r;
+        }
+    };
+    let Some(mut slot) = node.sessions.reserve() else {
         node.metrics.error(ErrorCode::ConnectionLimit);
         let msg = format!(
             "max_connections: node holds {} connections",
@@ -294,6 +357,9 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, root: bool) -> Res
             &msg,
         );
     };
+    if let Some(per_ip) = per_ip {
+        slot.hold(Box::new(per_ip));
+    }
     let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => {
@@ -307,7 +373,7 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, root: bool) -> Res
     };
     // Subscribed before the 101 goes out: once the client sees its socket
     // open, its URL subscriptions are in effect.
-    let mut accepted = node.sessions.accept(params, slot);
+    let mut accepted = node.sessions.accept(params, slot, access);
     accepted.ready().await;
     node.sessions.track(async move {
         let upgraded = match fut.await {
@@ -336,4 +402,47 @@ async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>, root: bool) -> Res
     });
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, http::empty())
+}
+
+/// What a handshake's socket may do: its token's identity, the anonymous
+/// grants without one, or `None` on a node without access control. A bad
+/// token is refused with 401, URL subscriptions outside the grants with 403.
+#[allow(clippy::result_large_err)]
+fn access(
+    node: &Node,
+    token: Option<&str>,
+    params: &params::SessionParams,
+) -> Result<Option<Arc<Identity>>, Response<Body>> {
+    let Some(auth) = node.sessions.auth() else {
+        return Ok(None);
+    };
+    let identity = match token {
+        Some(t) => match auth.verify(t) {
+            Ok(i) => Arc::new(i),
+            Err(why) => {
+                node.metrics.error(ErrorCode::Unauthorized);
+                let msg = format!("unauthorized: {why}");
+                return Err(http::error(
+                    hyper::StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthorized,
+                    &msg,
+                ));
+            }
+        },
+        None => match node.sessions.anonymous() {
+            Some(a) => a.clone(),
+            None => return Ok(None),
+        },
+    };
+    for p in params.subs.iter().chain(params.raw_topic.iter()) {
+        if let Some(msg) = identity.forbids(p, false) {
+            node.metrics.error(ErrorCode::Forbidden);
+            return Err(http::error(
+                hyper::StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                &msg,
+            ));
+        }
+    }
+    Ok(Some(identity))
 }

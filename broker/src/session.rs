@@ -1,6 +1,5 @@
-//! WebSocket sessions: the read loop and request handling of each socket
-//! ([`Session`]), and the node's set of live sessions with what they share
-//! ([`Sessions`]).
+//! A WebSocket session: the read loop and request handling of one socket
+//! ([`Session`]), and what every session shares ([`Shared`]).
 //!
 //! The read loop owns the read half and a buffer it drops whenever it is
 //! empty, so an idle socket holds no read buffer. It waits on readiness
@@ -9,10 +8,9 @@
 //! outbox; the socket's writer task (see [`crate::writer`]) sends them.
 
 use std::io;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
@@ -24,129 +22,48 @@ use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::auth::{Auth, Deadlines, Due, Identity};
 use crate::config::Config;
-use crate::metrics::{ConnectionSlot, Metrics};
-use crate::params::SessionParams;
+use crate::metrics::Metrics;
 use crate::rate::RateLimit;
 use crate::router::Router;
 use crate::subjects::Live;
 use crate::subscriber::Subscriber;
-use crate::writer::Writers;
+use crate::writer::{discard, Writers};
 
 /// Read buffer handed to the kernel when a socket becomes readable.
 const READ_CHUNK: usize = 4096;
 
-/// The node's live sessions and everything they share. Built once by the
-/// node.
-pub struct Sessions {
-    config: Arc<Config>,
-    router: Router,
-    metrics: Arc<Metrics>,
+/// What every session shares: built once by [`crate::sessions::Sessions`].
+pub struct Shared {
+    /// Settings.
+    pub config: Arc<Config>,
+    /// Subscriptions and publishes.
+    pub router: Router,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Token checks; `None` when the node has no access control.
+    pub auth: Option<Arc<Auth>>,
+    /// Grants of sockets without a token, when `auth` is set.
+    pub anonymous: Option<Arc<Identity>>,
     /// Open sessions, for the heartbeat and shutdown.
-    live: DashMap<u64, Arc<Subscriber>>,
+    pub live: DashMap<u64, Arc<Subscriber>>,
+    /// When each socket's token (or its wait for one) runs out.
+    pub deadlines: Deadlines,
     /// Session tasks (read loops and writers), so shutdown can wait for them.
-    tracker: TaskTracker,
+    pub tracker: TaskTracker,
     /// What every socket's writer shares (runs under `tracker`).
-    writers: Arc<Writers>,
+    pub writers: Arc<Writers>,
     /// The heartbeat word as a ready frame, shared by every reply.
-    heartbeat_reply: Bytes,
-    next_id: AtomicU64,
-    epoch: Instant,
+    pub heartbeat_reply: Bytes,
+    /// Start of the node's millisecond clock.
+    pub epoch: Instant,
 }
 
-impl Sessions {
-    /// No sessions yet.
-    pub fn new(config: Arc<Config>, router: Router, metrics: Arc<Metrics>) -> Self {
-        let tracker = TaskTracker::new();
-        let writers = Arc::new(Writers {
-            tracker: tracker.clone(),
-            write_timeout: config.write_timeout,
-            close_timeout: config.close_timeout,
-            metrics: metrics.clone(),
-            epoch: std::time::Instant::now(),
-        });
-        Sessions {
-            writers,
-            tracker,
-            heartbeat_reply: ws::encode_frame(OpCode::Text, config.heartbeat_word.as_bytes()),
-            config,
-            router,
-            metrics,
-            live: DashMap::new(),
-            next_id: AtomicU64::new(1),
-            epoch: Instant::now(),
-        }
-    }
-
+impl Shared {
     /// Milliseconds since the node started: a cheap clock for heartbeats.
     pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// Reserves a connection slot; `None` when the node is full.
-    pub fn reserve(&self) -> Option<ConnectionSlot> {
-        self.metrics.reserve_connection(self.config.max_connections)
-    }
-
-    /// Spawns a task that shutdown waits for (a handshake in progress).
-    pub fn track(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.tracker.spawn(task);
-    }
-
-    /// Registers a session for a handshake about to be answered with 101,
-    /// holding `slot` until its socket is gone. Subscribed before the 101
-    /// goes out: once the client sees its socket open, its URL
-    /// subscriptions are in effect; frames delivered meanwhile wait in the
-    /// outbox.
-    pub fn accept(self: &Arc<Self>, params: SessionParams, slot: ConnectionSlot) -> Accepted {
-        let id = self.next_id.fetch_add(1, Relaxed);
-        let conn = Arc::new(Subscriber::new(
-            id,
-            params.raw_topic.is_some(),
-            self.config.max_queue_bytes,
-            self.now_ms(),
-            self.writers.clone(),
-            Some(slot),
-        ));
-        self.live.insert(id, conn.clone());
-        self.metrics.connections_total.fetch_add(1, Relaxed);
-        let session = Session {
-            rate: RateLimit::default(),
-            sub_rate: RateLimit::default(),
-            name: params.name,
-            pending: None,
-            conn,
-            shared: self.clone(),
-        };
-        let mut waits = Vec::new();
-        for p in params.subs.iter().chain(params.raw_topic.iter()) {
-            // Validated and counted against the limit with the URL.
-            if let Ok(Some(live)) = self
-                .router
-                .subscribe(&session.conn, p, session.name.as_deref(), None)
-            {
-                waits.push(live);
-            }
-        }
-        Accepted { session, waits }
-    }
-
-    /// Milliseconds on the clock writers stamp their progress with.
-    pub fn writers_now_ms(&self) -> u64 {
-        self.writers.now_ms()
-    }
-
-    /// Every live socket, snapshotted so no map shard stays locked while
-    /// the caller walks them.
-    pub fn snapshot(&self) -> Vec<Arc<Subscriber>> {
-        self.live.iter().map(|e| e.value().clone()).collect()
-    }
-
-    /// Waits (up to `grace`) for every session task to end; returns false
-    /// if some were still running.
-    pub async fn wait(&self, grace: Duration) -> bool {
-        self.tracker.close();
-        tokio::time::timeout(grace, self.tracker.wait()).await.is_ok()
     }
 }
 
@@ -171,9 +88,14 @@ enum Exit {
 }
 
 /// One socket's read side and request handling.
-struct Session {
-    shared: Arc<Sessions>,
+pub struct Session {
+    shared: Arc<Shared>,
     conn: Arc<Subscriber>,
+    /// Whom the socket's token names and what it may do; `None` on a node
+    /// without access control.
+    access: Option<Arc<Identity>>,
+    /// No request handled yet: an `auth` frame is still welcome.
+    fresh: bool,
     /// Publishes per second (`--publish-rate`).
     rate: RateLimit,
     /// `sub`/`unsub` requests per second (8 bytes: every socket has one).
@@ -187,20 +109,34 @@ struct Session {
     pending: Option<Box<(String, Vec<Bytes>)>>,
 }
 
-/// A session accepted but not yet upgraded (see [`Sessions::accept`]).
-pub struct Accepted {
-    session: Session,
-    /// URL subscriptions the cluster link has yet to confirm.
-    waits: Vec<Live>,
-}
-
-impl Accepted {
-    /// Resolves once every URL subscription is in effect cluster-wide:
-    /// answer the handshake only then.
-    pub async fn ready(&mut self) {
-        for live in self.waits.drain(..) {
-            live.await;
+impl Session {
+    /// A session for socket `conn`, with URL parameter `name` and `access`.
+    pub fn new(
+        shared: Arc<Shared>,
+        conn: Arc<Subscriber>,
+        name: Option<String>,
+        access: Option<Arc<Identity>>,
+    ) -> Self {
+        Session {
+            shared,
+            conn,
+            access,
+            fresh: true,
+            rate: RateLimit::default(),
+            sub_rate: RateLimit::default(),
+            name,
+            pending: None,
         }
+    }
+
+    /// The socket's handle.
+    pub fn conn(&self) -> &Arc<Subscriber> {
+        &self.conn
+    }
+
+    /// The socket's display name (`?name=`).
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
     }
 
     /// Starts the session on the upgraded TCP stream: its read task, tracked
@@ -210,44 +146,18 @@ impl Accepted {
     /// Setup happens here, outside any future, so the read task's state
     /// holds only what the read loop needs: an idle socket stays small.
     pub fn start(self, stream: TcpStream, early: &[u8]) {
-        let s = self.session;
         let remote = stream.peer_addr().ok();
-        let span = tracing::info_span!("conn", conn_id = s.conn.id, remote_addr = ?remote);
+        let user = self.access.as_ref().and_then(|a| a.user.clone());
+        let span = tracing::info_span!("conn", conn_id = self.conn.id, remote_addr = ?remote, user = user.as_deref());
         let _entered = span.enter();
         tracing::debug!("open");
         let (rd, wr) = stream.into_split();
-        s.conn.install(wr);
+        self.conn.install(wr);
         let buf = BytesMut::from(early);
-        let tracker = s.shared.tracker.clone();
-        tracker.spawn(s.run(rd, buf).instrument(span.clone()));
+        let tracker = self.shared.tracker.clone();
+        tracker.spawn(self.run(rd, buf).instrument(span.clone()));
     }
 
-    /// The upgrade failed: leave every topic and release the slot.
-    pub fn abandon(self) {
-        self.session.end();
-    }
-}
-
-/// Reads and discards until the peer closes or `--close-timeout` passes,
-/// so our close frame is not lost to a reset while the peer still sends.
-async fn discard(rd: &OwnedReadHalf, mut scratch: BytesMut, grace: Duration) {
-    let deadline = tokio::time::Instant::now() + grace;
-    loop {
-        scratch.clear();
-        scratch.reserve(READ_CHUNK);
-        match tokio::time::timeout_at(deadline, rd.readable()).await {
-            Err(_) | Ok(Err(_)) => return,
-            Ok(Ok(())) => match rd.try_read_buf(&mut scratch) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            },
-        }
-    }
-}
-
-impl Session {
     /// The read task: reads until the session ends, then leaves every topic,
     /// releases the connection slot and closes.
     async fn run(mut self, rd: OwnedReadHalf, mut buf: BytesMut) {
@@ -272,12 +182,13 @@ impl Session {
 
     /// Leaves every topic and unregisters. The connection slot goes with
     /// the socket's handle, once both halves of its stream are dropped.
-    fn end(self) -> Arc<Subscriber> {
+    pub fn end(self) -> Arc<Subscriber> {
         let Session {
             shared, conn, name, ..
         } = self;
         shared.router.leave_all(&conn, name.as_deref());
         shared.live.remove(&conn.id);
+        shared.deadlines.clear(conn.id);
         conn
     }
 
@@ -396,6 +307,67 @@ impl Session {
         Next::Go
     }
 
+    fn forbids(&self, topic: &str, publish: bool) -> Option<String> {
+        self.access.as_ref()?.forbids(topic, publish)
+    }
+
+    /// `auth` (first request of a socket opened without a token; a refused
+    /// token closes it with 4501) and `refresh` (a new token, same `sub`; a
+    /// refused one gets an error and the current token stays until `exp`).
+    fn token(&mut self, token: &str, id: Option<&str>, refresh: bool, fresh: bool) -> Next {
+        let (Some(auth), Some(old)) = (self.shared.auth.clone(), self.access.clone()) else {
+            self.error(
+                ErrorCode::BadRequest,
+                "no access control here: no token needed",
+                id,
+            );
+            return Next::Go;
+        };
+        let checked = if refresh {
+            auth.refresh(&old, token)
+        } else if !fresh || old.expires != u64::MAX {
+            let msg = "auth must be the first request of a socket opened without a token; use refresh";
+            Err((ErrorCode::BadRequest, msg.into()))
+        } else {
+            match auth.verify(token) {
+                Ok(identity) => Ok(identity),
+                Err(why) => {
+                    self.shared.metrics.error(ErrorCode::Unauthorized);
+                    return Next::Close(Disconnect::Unauthorized(why.into()));
+                }
+            }
+        };
+        match checked {
+            Ok(identity) => {
+                self.grant(identity);
+                self.ack(id);
+            }
+            Err((code, msg)) => self.error(code, &msg, id),
+        }
+        Next::Go
+    }
+
+    /// Takes `identity` as the socket's access, with its token's deadline,
+    /// and ends the subscriptions its grants do not allow, each with a
+    /// `forbidden` error frame.
+    fn grant(&mut self, identity: Identity) {
+        let deadline = identity.expires.saturating_mul(1000);
+        self.shared
+            .deadlines
+            .set(self.conn.id, deadline, Due::TokenExpired);
+        let grants = identity.grants.clone();
+        self.access = Some(Arc::new(identity));
+        let held: Vec<String> = self.conn.subs().iter().map(|s| s.pattern.to_string()).collect();
+        for p in held.into_iter().filter(|p| !grants.may_subscribe(p)) {
+            let _ = self
+                .shared
+                .router
+                .unsubscribe(&self.conn, &p, self.name.as_deref(), None);
+            let msg = format!("forbidden: the token does not cover {p:?}; unsubscribed");
+            self.error(ErrorCode::Forbidden, &msg, None);
+        }
+    }
+
     fn raw_topic(&self) -> Option<String> {
         if self.conn.raw {
             self.conn.subs().first().map(|s| s.pattern.to_string())
@@ -411,11 +383,18 @@ impl Session {
         if !matches!(req, Ok(Request::Pub { .. })) {
             self.flush();
         }
-        if let Ok(Request::Sub { id, .. } | Request::Unsub { id, .. }) = &req {
+        let fresh = std::mem::replace(&mut self.fresh, false);
+        if let Ok(
+            Request::Sub { id, .. }
+            | Request::Unsub { id, .. }
+            | Request::Auth { id, .. }
+            | Request::Refresh { id, .. },
+        ) = &req
+        {
             let rate = self.shared.config.subscribe_rate;
             if !self.sub_rate.allow(rate, self.shared.now_ms()) {
                 let msg =
-                    format!("subscribe_rate: at most {rate} sub and unsub requests per second per socket");
+                    format!("subscribe_rate: at most {rate} sub, unsub, auth and refresh requests per second per socket");
                 self.error(ErrorCode::RateLimited, &msg, *id);
                 return Next::Go;
             }
@@ -427,17 +406,25 @@ impl Session {
                 self.error(e.code, &e.message, e.id);
                 return Next::Go;
             }
-            Ok(Request::Sub { topic, id }) => match router.subscribe(&self.conn, topic.as_str(), name, id) {
-                Ok(Some(live)) => return Next::Wait(live),
-                Ok(None) => return Next::Go,
-                Err(r) => (r, id),
-            },
+            Ok(Request::Sub { topic, id }) => {
+                if let Some(refusal) = self.forbids(topic.as_str(), false) {
+                    self.error(ErrorCode::Forbidden, &refusal, id);
+                    return Next::Go;
+                }
+                match router.subscribe(&self.conn, topic.as_str(), name, id) {
+                    Ok(Some(live)) => return Next::Wait(live),
+                    Ok(None) => return Next::Go,
+                    Err(r) => (r, id),
+                }
+            }
             Ok(Request::Unsub { topic, id }) => {
                 match router.unsubscribe(&self.conn, topic.as_str(), name, id) {
                     Ok(()) => return Next::Go,
                     Err(r) => (r, id),
                 }
             }
+            Ok(Request::Auth { token, id }) => return self.token(token, id, false, fresh),
+            Ok(Request::Refresh { token, id }) => return self.token(token, id, true, fresh),
             Ok(Request::Pub { topic, data, id }) => {
                 let data = frame.slice_ref(data.as_bytes());
                 self.publish(topic.as_str(), data, id);
@@ -449,6 +436,9 @@ impl Session {
     }
 
     fn publish(&mut self, topic: &str, data: Bytes, id: Option<&str>) {
+        if let Some(refusal) = self.forbids(topic, true) {
+            return self.error(ErrorCode::Forbidden, &refusal, id);
+        }
         if !self
             .rate
             .allow(self.shared.config.publish_rate, self.shared.now_ms())

@@ -9,10 +9,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use herald_protocol::Disconnect;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -266,5 +266,24 @@ async fn finish(
     if tokio::time::timeout_at(due, send).await.is_err() {
         writers.metrics.write_timeouts.fetch_add(1, Relaxed);
         reset_on_drop(&wr);
+    }
+}
+
+/// Reads and discards until the peer closes or `--close-timeout` passes,
+/// so our close frame is not lost to a reset while the peer still sends.
+pub async fn discard(rd: &OwnedReadHalf, mut scratch: BytesMut, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    loop {
+        scratch.clear();
+        scratch.reserve(4096);
+        match tokio::time::timeout_at(deadline, rd.readable()).await {
+            Err(_) | Ok(Err(_)) => return,
+            Ok(Ok(())) => match rd.try_read_buf(&mut scratch) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            },
+        }
     }
 }

@@ -31,6 +31,11 @@ pub enum Disconnect {
     /// The node's writes to the socket made no progress for the write
     /// timeout: the connection is reset, nothing more is sent.
     WriteTimeout,
+    /// The connection token expired without a refresh.
+    TokenExpired,
+    /// The token sent in an `auth` or `refresh` frame was refused, or none
+    /// came in time; the text says why.
+    Unauthorized(Cow<'static, str>),
 }
 
 impl Disconnect {
@@ -45,6 +50,8 @@ impl Disconnect {
         Disconnect::HeartbeatTimeout,
         Disconnect::ConnectionLost,
         Disconnect::WriteTimeout,
+        Disconnect::TokenExpired,
+        Disconnect::Unauthorized(Cow::Borrowed("token expired")),
     ];
 
     /// The close code sent (1006 is never sent: it names a lost connection).
@@ -56,6 +63,8 @@ impl Disconnect {
             Disconnect::SlowConsumer => close::SLOW_CONSUMER,
             Disconnect::HeartbeatTimeout => close::HEARTBEAT_TIMEOUT,
             Disconnect::ConnectionLost | Disconnect::WriteTimeout => close::ABNORMAL,
+            Disconnect::TokenExpired => close::TOKEN_EXPIRED,
+            Disconnect::Unauthorized(_) => close::UNAUTHORIZED,
         }
     }
 
@@ -68,6 +77,8 @@ impl Disconnect {
             Disconnect::Protocol(e) => Cow::Owned(e.to_string()),
             Disconnect::SlowConsumer => Cow::Borrowed("slow_consumer: outbound queue limit exceeded"),
             Disconnect::HeartbeatTimeout => Cow::Borrowed("heartbeat_timeout: no answer to ping"),
+            Disconnect::TokenExpired => Cow::Borrowed("token_expired: refresh or reconnect with a new token"),
+            Disconnect::Unauthorized(why) => Cow::Owned(format!("unauthorized: {why}")),
         }
     }
 
@@ -75,8 +86,9 @@ impl Disconnect {
     /// network's, or passing (a slow read); not the client's protocol.
     pub fn reconnect(&self) -> bool {
         match self {
-            Disconnect::ClientClosed(_) | Disconnect::Protocol(_) => false,
-            Disconnect::GoingAway
+            Disconnect::ClientClosed(_) | Disconnect::Protocol(_) | Disconnect::Unauthorized(_) => false,
+            Disconnect::TokenExpired
+            | Disconnect::GoingAway
             | Disconnect::SlowConsumer
             | Disconnect::HeartbeatTimeout
             | Disconnect::ConnectionLost
@@ -88,7 +100,11 @@ impl Disconnect {
     /// (the client is still reading), or dropped (it is not, or cannot).
     pub fn flushes(&self) -> bool {
         match self {
-            Disconnect::ClientClosed(_) | Disconnect::GoingAway | Disconnect::Protocol(_) => true,
+            Disconnect::ClientClosed(_)
+            | Disconnect::GoingAway
+            | Disconnect::Protocol(_)
+            | Disconnect::TokenExpired
+            | Disconnect::Unauthorized(_) => true,
             Disconnect::SlowConsumer
             | Disconnect::HeartbeatTimeout
             | Disconnect::ConnectionLost

@@ -58,6 +58,8 @@ pub enum ErrorCode {
     NotFound,
     /// A browser handshake from an origin the node does not allow.
     OriginNotAllowed,
+    /// The token's grants do not cover the topic or pattern.
+    Forbidden,
     /// The node is at a bound for connections not yet upgraded (or for its
     /// file descriptors): retry after the `Retry-After` seconds.
     Overloaded,
@@ -65,7 +67,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownOp,
         ErrorCode::BadRequest,
@@ -85,6 +87,7 @@ impl ErrorCode {
         ErrorCode::PatternLimit,
         ErrorCode::NotFound,
         ErrorCode::OriginNotAllowed,
+        ErrorCode::Forbidden,
     ];
 
     /// The wire name.
@@ -109,6 +112,7 @@ impl ErrorCode {
             ErrorCode::PatternLimit => "pattern_limit",
             ErrorCode::NotFound => "not_found",
             ErrorCode::OriginNotAllowed => "origin_not_allowed",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 
@@ -156,6 +160,20 @@ pub enum Request<'a> {
         /// Echoed in the ack.
         id: Option<&'a str>,
     },
+    /// Present a connection token (the first frame, when the URL had none).
+    Auth {
+        /// The JWT.
+        token: &'a str,
+        /// Echoed in the ack.
+        id: Option<&'a str>,
+    },
+    /// Replace the connection token before it expires.
+    Refresh {
+        /// The new JWT (same `sub`).
+        token: &'a str,
+        /// Echoed in the ack.
+        id: Option<&'a str>,
+    },
 }
 
 /// A field that may be absent but, when present, keeps even `null` raw.
@@ -178,6 +196,8 @@ struct Wire<'a> {
     id: Raw<'a>,
     #[serde(borrow, default)]
     data: Raw<'a>,
+    #[serde(borrow, default)]
+    token: Raw<'a>,
 }
 
 fn err<'a>(code: ErrorCode, message: impl Into<String>, id: Option<&'a str>) -> RequestError<'a> {
@@ -273,6 +293,24 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
                 id,
             })
         }
+        "auth" | "refresh" => {
+            let raw = wire
+                .token
+                .0
+                .ok_or_else(|| err(ErrorCode::BadRequest, "missing field `token`", id))?;
+            let Some(Ok(token)) = plain_str(raw) else {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    "`token` must be a string without escapes",
+                    id,
+                ));
+            };
+            Ok(if op == "auth" {
+                Request::Auth { token, id }
+            } else {
+                Request::Refresh { token, id }
+            })
+        }
         other => {
             let mut shown: String = other.chars().take(32).collect();
             if shown.len() < other.len() {
@@ -280,7 +318,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
             }
             Err(err(
                 ErrorCode::UnknownOp,
-                format!("unknown op {shown:?}; expected sub, unsub or pub"),
+                format!("unknown op {shown:?}; expected sub, unsub, pub, auth or refresh"),
                 id,
             ))
         }

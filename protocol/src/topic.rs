@@ -167,6 +167,24 @@ pub fn matches(pattern: &str, topic: &str) -> bool {
     }
 }
 
+/// Whether every topic `pattern` can match is also matched by `grant`
+/// (both valid patterns): `orders:eu:*` covers `orders:eu:7` and
+/// `orders:eu:*`, but not `orders:>`, `orders:*:7` or `>`.
+pub fn covers(grant: &str, pattern: &str) -> bool {
+    let mut g = grant.split(':');
+    let mut p = pattern.split(':');
+    loop {
+        match (g.next(), p.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some(_), Some(">")) => return false,
+            (Some("*"), Some(_)) => {}
+            (Some(gs), Some(ps)) if gs == ps && ps != "*" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// The NATS subject for a topic or pattern under `prefix`: `:` becomes `.`;
 /// `*` and `>` are NATS wildcards already.
 pub fn to_subject(prefix: &str, topic: &str) -> String {
@@ -195,6 +213,42 @@ pub fn from_subject(prefix: &str, subject: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grants_cover_only_what_they_match() {
+        let allowed = [
+            ("orders:eu:*", "orders:eu:7"),
+            ("orders:eu:*", "orders:eu:*"),
+            ("orders:>", "orders:eu:*"),
+            ("orders:>", "orders:>"),
+            ("orders:>", "orders:*:7"),
+            (">", ">"),
+            (">", "*"),
+            ("*", "a"),
+            ("a:*:c", "a:*:c"),
+            ("user:42:>", "user:42:inbox:>"),
+        ];
+        for (g, p) in allowed {
+            assert!(covers(g, p), "{g} should cover {p}");
+        }
+        let refused = [
+            ("orders:eu:*", "orders:>"),
+            ("orders:eu:*", "orders:*:7"),
+            ("orders:eu:*", "*:eu:7"),
+            ("orders:eu:*", ">"),
+            ("orders:eu:*", "orders:eu"),
+            ("orders:eu:*", "orders:eu:7:8"),
+            ("orders:>", "orders"),
+            ("orders:>", ">"),
+            ("*", ">"),
+            ("*", "a:b"),
+            ("a", "*"),
+            ("user:42:>", "user:*:inbox"),
+        ];
+        for (g, p) in refused {
+            assert!(!covers(g, p), "{g} must not cover {p}");
+        }
+    }
 
     #[test]
     fn accepts_component_code_topics() {

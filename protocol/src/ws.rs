@@ -79,6 +79,11 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4001;
     /// Nothing arrived (not even a pong) within the heartbeat window: reconnect.
     pub const HEARTBEAT_TIMEOUT: u16 = 4002;
+    /// The connection token expired without a refresh: get a new token,
+    /// then reconnect.
+    pub const TOKEN_EXPIRED: u16 = 4003;
+    /// The token was refused (bad, expired at connect, or missing): terminal.
+    pub const UNAUTHORIZED: u16 = 4501;
 
     /// Whether a client that receives `code` should reconnect.
     pub fn should_reconnect(code: u16) -> bool {
