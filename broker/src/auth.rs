@@ -315,6 +315,9 @@ impl Auth {
             .get("exp")
             .and_then(Value::as_u64)
             .ok_or("exp must be a number of seconds")?;
+        if claims.get("nbf").is_some_and(|n| !n.is_u64()) {
+            return Err("nbf must be a number of seconds".into());
+        }
         if let Some(iat) = claims.get("iat") {
             let iat = iat.as_u64().ok_or("iat must be a number of seconds")?;
             if iat > now_secs() + self.leeway {

@@ -147,17 +147,23 @@ pub struct Haproxy {
 
 impl Haproxy {
     pub async fn start(backends: &[SocketAddr]) -> Haproxy {
+        Self::start_with(backends, "", "").await
+    }
+
+    /// With `server_opts` on every server line (e.g. `send-proxy`) and
+    /// `defaults` lines added to the defaults section.
+    pub async fn start_with(backends: &[SocketAddr], server_opts: &str, defaults: &str) -> Haproxy {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("herald-haproxy-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let servers: String = backends
             .iter()
             .enumerate()
-            .map(|(i, a)| format!("  server h{i} {a} check inter 200ms fall 1 rise 2\n"))
+            .map(|(i, a)| format!("  server h{i} {a} check inter 200ms fall 1 rise 2 {server_opts}\n"))
             .collect();
         let cfg = format!(
             "global\n  maxconn 2000\n\
-             defaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n  timeout tunnel 1h\n  retries 3\n  option redispatch\n\
+             defaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n  timeout tunnel 1h\n  retries 3\n  option redispatch\n{defaults}\
              frontend fe\n  bind 127.0.0.1:{port}\n  default_backend nodes\n\
              backend nodes\n  balance roundrobin\n  option httpchk GET /readyz\n{servers}"
         );

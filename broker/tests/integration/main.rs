@@ -1,6 +1,7 @@
 //! Integration tests against real `herald` processes. One test binary with
 //! modules, so linking stays fast.
 
+mod auth;
 mod cluster;
 mod common;
 mod external;
