@@ -23,6 +23,10 @@ export interface HeraldOptions {
   stableAfter?: number;
   /** Reconnect attempts in a row before the client gives up and goes to 'closed'. Default Infinity. */
   maxReconnectAttempts?: number;
+  /** A connection token (JWT) sent in the socket's first frame. Cannot be refreshed: prefer getToken. */
+  token?: string;
+  /** Returns a fresh token; called on every connect, and before the token's exp to refresh in band. */
+  getToken?: () => string | Promise<string>;
 }
 
 export interface StateDetail {
@@ -42,7 +46,7 @@ export interface PresenceNotice {
 
 export class HeraldError extends Error {
   constructor(code: string, message: string);
-  /** The node's error code (bad_topic, rate_limited, ...) or the client's (queue_full, closed, connection_lost, timeout, not_connected, no_websocket). */
+  /** The node's error code (bad_topic, forbidden, unauthorized, rate_limited, ...) or the client's (queue_full, closed, connection_lost, timeout, not_connected, no_websocket, token). */
   code: string;
 }
 
@@ -63,6 +67,8 @@ export interface HeraldEventMap {
   reconnecting: HeraldStateEvent;
   closed: HeraldStateEvent;
   error: HeraldErrorEvent;
+  /** The token was refreshed in band. */
+  refreshed: Event;
 }
 
 export class Herald extends EventTarget {
@@ -91,6 +97,8 @@ export class Herald extends EventTarget {
   removeEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | EventListenerOptions): void;
 }
 
+/** The `exp` claim (Unix seconds) of a JWT, or undefined (no verification). */
+export function tokenExpiry(token: string): number | undefined;
 /** Whether a close code means "do not reconnect". */
 export function isTerminal(code: number): boolean;
 /** Whether a concrete topic falls under a pattern. */

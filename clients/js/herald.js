@@ -23,6 +23,18 @@ export function matches(pattern, topic) {
   return p.length === t.length;
 }
 
+/** The `exp` claim (Unix seconds) of a JWT, or undefined. Not a check:
+ * the node verifies tokens; the client only schedules refreshes. */
+export function tokenExpiry(token) {
+  try {
+    const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const exp = JSON.parse(atob(part + '==='.slice((part.length + 3) % 4))).exp;
+    return typeof exp === 'number' ? exp : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /** An error the node answered with, or one the client raised. */
 export class HeraldError extends Error {
   constructor(code, message) {
@@ -44,13 +56,21 @@ const DEFAULTS = {
   publishTimeout: 30_000,
   stableAfter: 5_000,
   maxReconnectAttempts: Infinity,
+  token: undefined,
+  getToken: undefined,
 };
 
 /**
  * A connection to a Herald node.
  *
  * Events (EventTarget): `state` (detail: {state, code, reason}), and one
- * event per state: `connecting`, `open`, `reconnecting`, `closed`.
+ * event per state: `connecting`, `open`, `reconnecting`, `closed`; `error`;
+ * `refreshed` after a token refresh.
+ *
+ * Access control: `token` (a JWT), or `getToken()` (async, called on every
+ * connect and before the token expires). The token goes in the socket's
+ * first frame, never in the URL. Close 4501 (refused) is terminal; 4003
+ * (expired) reconnects with a new token.
  */
 export class Herald extends EventTarget {
   constructor(url, options = {}) {
@@ -69,6 +89,7 @@ export class Herald extends EventTarget {
     this._ws = null;
     this._timers = {};
     this._closedByUser = false;
+    this._gen = 0; // connection attempts, so a late getToken() is ignored
     this._connect();
   }
 
@@ -169,11 +190,64 @@ export class Herald extends EventTarget {
     this.dispatchEvent(Object.assign(new Event(state), { detail }));
   }
 
+  /**
+   * Opens a connection, after asking `getToken()` for a fresh token when
+   * it is given (on every connect: a reconnect after 4003 token_expired
+   * gets a new one).
+   */
   _connect() {
     if (this._closedByUser) return;
     this._watchVisibility();
     this._watchNetwork();
     if (this.state !== 'reconnecting') this._setState('connecting');
+    const { getToken } = this.options;
+    if (!getToken) {
+      this._token = this.options.token;
+      this._open();
+      return;
+    }
+    const gen = ++this._gen;
+    Promise.resolve()
+      .then(() => getToken())
+      .then(
+        (token) => {
+          if (gen !== this._gen || this._closedByUser) return;
+          this._token = token;
+          this._open();
+        },
+        (e) => {
+          if (gen !== this._gen || this._closedByUser) return;
+          this._report(new HeraldError('token', `getToken() failed: ${(e && e.message) || e}`));
+          this._scheduleReconnect(1006, 'getToken() failed');
+        },
+      );
+  }
+
+  /**
+   * Refreshes the token in band before it expires (at 80% of its remaining
+   * life), with the same `getToken()`. A refused refresh is reported; the
+   * node then closes with 4003 at `exp`, and the reconnect gets a new token.
+   */
+  _scheduleRefresh() {
+    clearTimeout(this._timers.refresh);
+    const exp = this.options.getToken && this._token && tokenExpiry(this._token);
+    if (!exp) return;
+    const delay = Math.max(0, (exp * 1000 - Date.now()) * 0.8);
+    this._timers.refresh = setTimeout(async () => {
+      try {
+        const token = await this.options.getToken();
+        if (this.state !== 'open') return;
+        await this._request({ op: 'refresh', token });
+        this._token = token;
+        this._scheduleRefresh();
+        this.dispatchEvent(new Event('refreshed'));
+      } catch (e) {
+        this._report(e instanceof HeraldError ? e : new HeraldError('token', `refresh failed: ${(e && e.message) || e}`));
+      }
+    }, delay);
+  }
+
+  _open() {
     let ws;
     try {
       ws = new this.options.WebSocket(this.url);
@@ -191,9 +265,15 @@ export class Herald extends EventTarget {
       }, this.options.stableAfter);
       this._lastSeen = Date.now();
       this._startHeartbeat();
-      // Resubscribe and send what was queued before anyone hears `open`,
-      // so a publish made in an `open` listener follows them.
+      // Authenticate, resubscribe and send what was queued before anyone
+      // hears `open`, so a publish made in an `open` listener follows them.
+      // The node handles frames in order: no need to wait for the auth ack
+      // (a refused token closes the socket with 4501, which is terminal).
       this.state = 'open';
+      if (this._token) {
+        this._request({ op: 'auth', token: this._token }).catch((e) => this._report(e));
+        this._scheduleRefresh();
+      }
       for (const pattern of this._subs.keys()) {
         this._request({ op: 'sub', topic: pattern }).catch((e) => this._report(e));
       }
@@ -249,6 +329,7 @@ export class Herald extends EventTarget {
     clearInterval(this._timers.heartbeat);
     clearTimeout(this._timers.reconnect);
     clearTimeout(this._timers.stable);
+    clearTimeout(this._timers.refresh);
     const ws = this._ws;
     this._ws = null;
     if (ws) {

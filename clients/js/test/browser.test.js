@@ -6,7 +6,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
-import { Node } from './harness.js';
+import { Node, mintToken, HMAC_KEY, sleep } from './harness.js';
 
 // Keep every lookup and connection on this machine.
 const CHROMIUM_FLAGS = [
@@ -128,5 +128,44 @@ test('the classic chat page works unchanged on the bare address with --root-topi
     await bob.close();
   } finally {
     await chat.kill();
+  }
+});
+
+test('in Chromium, getToken connects, refreshes across an expiry, and a refused token stops the client with 4501', async () => {
+  const n = await Node.start(['--auth-hmac-key-file', HMAC_KEY, '--auth-leeway', '0s', '--api-key', 'k', '--demo', 'true']);
+  try {
+    const page = await browser.newPage();
+    await page.exposeFunction('mint', (sub, ttl) => mintToken({ sub, subscribe: ['chat:*'], ttl }));
+    await page.goto(`${n.http}/herald.js`);
+    await page.evaluate(async () => {
+      const { Herald } = await import('/herald.js');
+      window.log = [];
+      window.got = [];
+      let calls = 0;
+      const h = new Herald(`ws://${location.host}/ws`, {
+        getToken: () => window.mint('ann', ++calls === 1 ? '2s' : '60s'),
+      });
+      h.addEventListener('state', (e) => window.log.push(`${e.detail.state}:${e.detail.code || ''}`));
+      h.addEventListener('refreshed', () => window.log.push('refreshed'));
+      h.subscribe('chat:*', (d) => window.got.push(d));
+    });
+    await page.waitForFunction(() => window.log.includes('refreshed'), null, { timeout: 10000 });
+    await sleep(2500); // past the first token's exp
+    await n.publish('chat:a', 'after exp');
+    await page.waitForFunction(() => window.got.includes('after exp'));
+    const log = await page.evaluate(() => window.log);
+    assert.ok(!log.some((l) => l.startsWith('reconnecting')), log.join());
+    const closed = await page.evaluate(async () => {
+      const { Herald } = await import('/herald.js');
+      const h = new Herald(`ws://${location.host}/ws`, { getToken: async () => 'not.a.token' });
+      const detail = await new Promise((r) => h.addEventListener('closed', (e) => r(e.detail)));
+      return { ...detail, state: h.state };
+    });
+    assert.equal(closed.code, 4501);
+    assert.match(closed.reason, /^unauthorized/);
+    assert.equal(closed.state, 'closed');
+    await page.close();
+  } finally {
+    await n.kill();
   }
 });

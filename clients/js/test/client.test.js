@@ -4,8 +4,8 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
 
-import { Herald, HeraldError, matches, isTerminal } from '../herald.js';
-import { Node, until, next, sleep } from './harness.js';
+import { Herald, HeraldError, matches, isTerminal, tokenExpiry } from '../herald.js';
+import { Node, until, next, sleep, mintToken, HMAC_KEY } from './harness.js';
 
 const nodes = [];
 const clients = [];
@@ -310,4 +310,62 @@ test('a tab that becomes visible checks the connection at once', async () => {
   } finally {
     delete globalThis.document;
   }
+});
+
+test('tokens: getToken on every connect, refresh before exp, 4003 reconnects with a new token, 4501 is terminal', async () => {
+  const n = await node(['--auth-hmac-key-file', HMAC_KEY, '--auth-leeway', '0s', '--api-key', 'k']);
+  const token = (sub, ttl) => mintToken({ sub, subscribe: ['chat:*'], ttl });
+  assert.ok(tokenExpiry(token('ann', '60s')) > Date.now() / 1000);
+
+  // Refreshed in band: the socket outlives its first token, no reconnect.
+  let calls = 0;
+  const refreshed = client(n.url, { getToken: async () => token('ann', ++calls === 1 ? '2s' : '60s') });
+  const reconnects = [];
+  refreshed.addEventListener('reconnecting', (e) => reconnects.push(e.detail.code));
+  const got = collector();
+  refreshed.subscribe('chat:*', got.fn);
+  await next(refreshed, 'refreshed');
+  await sleep(2500); // past the first token's exp
+  await n.publish('chat:a', 1);
+  await until('delivery after the first exp', () => got.got.length === 1);
+  assert.deepEqual(reconnects, []);
+  assert.equal(calls, 2);
+
+  // A refused refresh: the node closes with 4003 at exp, the client gets a
+  // new token and reconnects.
+  let calls2 = 0;
+  const lapsing = client(n.url, {
+    getToken: () => {
+      calls2++;
+      if (calls2 === 1) return token('bob', '2s');
+      if (calls2 === 2) return token('mallory', '60s'); // another sub: refused
+      return token('bob', '60s');
+    },
+  });
+  const errors = [];
+  lapsing.addEventListener('error', (e) => errors.push(e.error.code));
+  const got2 = collector();
+  lapsing.subscribe('chat:*', got2.fn);
+  const lost = await next(lapsing, 'reconnecting');
+  assert.equal(lost.detail.code, 4003);
+  assert.ok(errors.includes('unauthorized'), errors.join());
+  await next(lapsing, 'open');
+  assert.equal(calls2, 3);
+  await n.publish('chat:b', 2);
+  await until('delivery after the reconnect', () => got2.got.length === 1);
+
+  // A token the node refuses: closed with 4501, and no retry.
+  let calls3 = 0;
+  const refused = client(n.url, {
+    getToken: () => {
+      calls3++;
+      return 'not.a.token';
+    },
+  });
+  const closed = await next(refused, 'closed');
+  assert.equal(closed.detail.code, 4501);
+  assert.match(closed.detail.reason, /^unauthorized/);
+  await sleep(300);
+  assert.equal(calls3, 1);
+  assert.equal(refused.state, 'closed');
 });

@@ -1,5 +1,5 @@
 // Starts real `herald` processes for the client tests and stops them by PID.
-import { spawn } from 'node:child_process';
+import { spawn, execFileSync } from 'node:child_process';
 import { once } from 'node:events';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -12,6 +12,8 @@ export class Node {
   static async start(args = [], port = 0) {
     const n = new Node();
     n.args = args;
+    const k = args.indexOf('--api-key');
+    n.apiKey = k >= 0 ? args[k + 1] : undefined;
     await n._spawn(port);
     return n;
   }
@@ -60,7 +62,8 @@ export class Node {
   }
 
   async publish(topic, data) {
-    const r = await fetch(`${this.http}/v1/publish`, { method: 'POST', body: JSON.stringify({ topic, data }) });
+    const headers = this.apiKey ? { authorization: `Bearer ${this.apiKey}` } : {};
+    const r = await fetch(`${this.http}/v1/publish`, { method: 'POST', headers, body: JSON.stringify({ topic, data }) });
     if (r.status !== 200) throw new Error(`publish: ${r.status} ${await r.text()}`);
   }
 }
@@ -79,4 +82,15 @@ export async function until(what, predicate, ms = 10_000) {
 /** Resolves with the next event of `type`. */
 export function next(target, type) {
   return new Promise((resolve) => target.addEventListener(type, (e) => resolve(e), { once: true }));
+}
+
+export const HMAC_KEY = path.join(root, 'broker', 'tests', 'keys', 'hmac.key');
+
+/** A development token from `herald token` (HS256, the tests' key). */
+export function mintToken({ sub, subscribe = [], publish = [], ttl = '1h' }) {
+  const args = ['token', '--key-file', HMAC_KEY, '--ttl', ttl];
+  if (sub) args.push('--sub', sub);
+  for (const p of subscribe) args.push('--subscribe', p);
+  for (const p of publish) args.push('--publish', p);
+  return execFileSync(HERALD_BIN, args, { encoding: 'utf8' }).trim();
 }

@@ -1,5 +1,5 @@
 // A typed use of the client, checked by `tsc --noEmit` against herald.d.ts.
-import Herald, { HeraldError, isTerminal, matches, type HeraldState, type PresenceNotice } from '../herald.js';
+import Herald, { HeraldError, isTerminal, matches, tokenExpiry, type HeraldState, type PresenceNotice } from '../herald.js';
 
 const h = new Herald('ws://127.0.0.1:8080/ws', { heartbeatInterval: 5000, maxQueue: 10 });
 h.addEventListener('open', (e) => {
@@ -18,3 +18,11 @@ h.publish('todo:count', 3).catch((e: unknown) => {
 const err = new HeraldError('closed', 'the client was closed');
 console.log(err.code, h.state === 'connecting', h.url);
 off();
+
+// Access control: a token source called on every connect and before exp.
+const authed = new Herald('ws://127.0.0.1:8080/ws', {
+  getToken: async () => (await fetch('/token')).text(),
+});
+authed.addEventListener('refreshed', () => undefined);
+const exp: number | undefined = tokenExpiry('a.b.c');
+void exp;
