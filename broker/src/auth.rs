@@ -122,6 +122,8 @@ pub struct Auth {
     hmac: Option<String>,
     public: Option<String>,
     jwks: Option<String>,
+    /// The key files' modification times when last read.
+    stamps: std::sync::Mutex<Vec<Option<SystemTime>>>,
 }
 
 fn read(path: &str) -> Result<Vec<u8>, KeyError> {
@@ -183,6 +185,7 @@ impl Auth {
             hmac,
             public,
             jwks,
+            stamps: Default::default(),
         };
         auth.reload()?;
         Ok(Some(auth))
@@ -206,9 +209,26 @@ impl Auth {
         v
     }
 
-    /// Reads the key files again (SIGHUP: a rotated JWKS). On an error the
-    /// keys in use stay as they were.
+    fn stamps(&self) -> Vec<Option<SystemTime>> {
+        [&self.hmac, &self.public, &self.jwks]
+            .iter()
+            .map(|p| {
+                let p = p.as_ref()?;
+                std::fs::metadata(p).and_then(|m| m.modified()).ok()
+            })
+            .collect()
+    }
+
+    /// Whether a key file changed since it was read (a mounted Secret
+    /// updated in place): the node then reloads without a SIGHUP.
+    pub fn changed(&self) -> bool {
+        *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) != self.stamps()
+    }
+
+    /// Reads the key files again (SIGHUP, or a file changed: a rotated
+    /// JWKS). On an error the keys in use stay as they were.
     pub fn reload(&self) -> Result<usize, KeyError> {
+        let stamps = self.stamps();
         let mut out = Vec::new();
         if let Some(path) = &self.hmac {
             let secret = read(path)?;
@@ -264,6 +284,7 @@ impl Auth {
         }
         let n = out.len();
         *self.verifiers.write().unwrap_or_else(|e| e.into_inner()) = out;
+        *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = stamps;
         Ok(n)
     }
 

@@ -40,6 +40,10 @@ enum Command {
         /// Bearer key for the HTTP publish.
         #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// On a node with token auth: mint a short token for the check's
+        /// own topics (herald:check:>) with this HMAC key file.
+        #[arg(long)]
+        token_key_file: Option<String>,
         /// How long to wait for the delivery.
         #[arg(long, default_value = "10s", value_parser = herald_broker::config::parse_duration)]
         timeout: std::time::Duration,
@@ -156,10 +160,26 @@ fn main() -> anyhow::Result<()> {
                 data,
             } => cli::publish(&target, &topic, data.as_deref(), lines).await,
             Command::Check {
-                target,
+                mut target,
                 api_key,
+                token_key_file,
                 timeout,
-            } => cli::check(&target, api_key.as_deref().filter(|k| !k.is_empty()), timeout).await,
+            } => {
+                if let (Some(key_file), None) = (token_key_file, &target.token) {
+                    let grant = vec!["herald:check:>".to_owned()];
+                    target.token = Some(cli::mint(&cli::Mint {
+                        key_file,
+                        sub: Some("herald-check".into()),
+                        subscribe: grant.clone(),
+                        publish: grant,
+                        ttl: std::time::Duration::from_secs(300),
+                        aud: std::env::var("HERALD_AUTH_AUDIENCE").ok(),
+                        iss: std::env::var("HERALD_AUTH_ISSUER").ok(),
+                        kid: None,
+                    })?);
+                }
+                cli::check(&target, api_key.as_deref().filter(|k| !k.is_empty()), timeout).await
+            }
             Command::Token {
                 key_file,
                 sub,

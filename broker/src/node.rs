@@ -140,7 +140,8 @@ impl Node {
     }
 
     /// Closes sockets whose token expired (4003) or that sent none in time
-    /// (4501), four times a second; forgets idle client addresses.
+    /// (4501), four times a second; forgets idle client addresses; reloads
+    /// key files that changed (every 5 s).
     pub async fn watch_tokens(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -151,6 +152,10 @@ impl Node {
             rounds += 1;
             if rounds.is_multiple_of(240) {
                 self.admission.sweep(Duration::from_secs(60));
+            }
+            // A mounted Secret is updated in place: reload on change.
+            if rounds.is_multiple_of(20) && self.sessions.auth().is_some_and(|a| a.changed()) {
+                self.reload_keys();
             }
         }
     }

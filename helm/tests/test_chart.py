@@ -315,19 +315,24 @@ def test_the_test_pod_is_not_a_broker(case):
     assert not selects(one(docs, "Deployment")["spec"]["selector"]["matchLabels"])
 
 
-def test_the_default_secret_leaves_publishing_open():
-    """A real herald with the env the chart renders by default (NATS
-    pointed at a real local server) accepts an HTTP publish without a key."""
-    import base64
-    docs = render({})
+import contextlib
+
+
+@contextlib.contextmanager
+def rendered_node(docs, tmp_path, files=None, secret_env=None):
+    """A real nats-server and a real herald with the env the chart renders
+    (the ConfigMap, plus `secret_env`), listening on loopback; `files` maps
+    a mounted path (/etc/herald/...) to its contents, written under
+    `tmp_path` with the env pointed there. Yields the node's address."""
     env = dict(one(docs, "ConfigMap", suffix="live-herald")["data"])
-    secret = one(docs, "Secret")
-    key_ref = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
-    for e in key_ref:
-        ref = e.get("valueFrom", {}).get("secretKeyRef")
-        if ref:
-            env[e["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
-    assert env.get("HERALD_API_KEY") == "", "the default Secret carries an empty key"
+    env.update(secret_env or {})
+    for mounted, content in (files or {}).items():
+        local = tmp_path / mounted.lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(content)
+    for k, v in env.items():
+        if v.startswith("/etc/herald/"):
+            env[k] = str(tmp_path / v.lstrip("/"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         nats_port = s.getsockname()[1]
@@ -349,6 +354,28 @@ def test_the_default_secret_leaves_publishing_open():
                 break
             assert time.time() < deadline, f"the node never linked: {body}"
             time.sleep(0.05)
+        yield addr, env
+    finally:
+        node.kill()
+        node.wait()
+        nats.kill()
+        nats.wait()
+
+
+def test_the_default_secret_leaves_publishing_open(tmp_path):
+    """A real herald with the env the chart renders by default (NATS
+    pointed at a real local server) accepts an HTTP publish without a key."""
+    import base64
+    docs = render({})
+    secret = one(docs, "Secret")
+    key_ref = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    secret_env = {}
+    for e in key_ref:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            secret_env[e["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+    assert secret_env.get("HERALD_API_KEY") == "", "the default Secret carries an empty key"
+    with rendered_node(docs, tmp_path, secret_env=secret_env) as (addr, _):
         # The public port keeps metrics to the metrics port.
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"http://{addr}/metrics")
@@ -357,11 +384,54 @@ def test_the_default_secret_leaves_publishing_open():
         with urllib.request.urlopen(req) as r:
             assert r.status == 200
             assert json.loads(r.read())["published"] == 1
-    finally:
-        node.kill()
-        node.wait()
-        nats.kill()
-        nats.wait()
+
+
+def test_the_test_pod_passes_with_auth_on(tmp_path):
+    """With tokens on (ci/auth-values.yaml), a real herald with the rendered
+    env and mounted keys refuses what it should, and the chart's test pod
+    (its args and env, run with the real binary) still passes."""
+    docs = render(values_of(os.path.join(CHART, "ci", "auth-values.yaml")))
+    hmac = "k" * 48
+    files = {"/etc/herald/auth/hmac": hmac + "\n",
+             "/etc/herald/api-keys/api-keys": "# publishers\nkey-one\nkey-two\n"}
+    with rendered_node(docs, tmp_path, files=files) as (addr, env):
+        def post(headers):
+            req = urllib.request.Request(f"http://{addr}/v1/publish", data=b'{"topic":"t","data":1}',
+                                         method="POST", headers=headers)
+            try:
+                return urllib.request.urlopen(req).status
+            except urllib.error.HTTPError as e:
+                return e.code
+        assert post({}) == 401, "API keys are configured"
+        assert post({"Authorization": "Bearer key-two"}) == 200
+        # A socket with no token may only read public topics.
+        def handshake(query):
+            with socket.create_connection(tuple(addr.rsplit(":", 1)[0:1]) + (int(addr.rsplit(":", 1)[1]),)) as s:
+                s.sendall((f"GET /ws?{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n"
+                           "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+                return int(s.recv(1024).split(b" ")[1])
+        assert handshake("sub=public:news") == 101
+        assert handshake("sub=chat:x") == 403
+        pod = [d for d in by_kind(docs, "Pod") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"][0]
+        c = pod["spec"]["containers"][0]
+        args = list(c["args"])
+        args[args.index("--url") + 1] = f"ws://{addr}/ws"
+        args = [str(tmp_path / a.lstrip("/")) if a.startswith("/etc/herald/") else a for a in args]
+        assert "--token-key-file" in args
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert "/etc/herald/auth" in mounts
+        check_env = {"PATH": os.environ["PATH"], **env}
+        done = subprocess.run([HERALD, *args], env=check_env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr + done.stdout
+        assert "ok:" in done.stdout
+
+
+def test_auth_settings_need_their_secrets():
+    with pytest.raises(Exception, match="secretName is required"):
+        render({"auth": {"tokens": {"hmacKey": "hmac"}}})
+    with pytest.raises(Exception, match="apiKeysFileKey"):
+        render({"auth": {"apiKeysFileKey": "keys"}})
 
 
 def test_every_herald_serve_setting_is_settable():
@@ -369,7 +439,12 @@ def test_every_herald_serve_setting_is_settable():
     the ConfigMap, or the Deployment's env (the API key, from the Secret).
     Optional ones are rendered when given."""
     docs = render({"config": {"presence": "chat:*", "rootTopic": "chat:lobby",
-                              "allowedOrigins": ["https://app.example.com", "https://*.example.org"]}})
+                              "allowedOrigins": ["https://app.example.com", "https://*.example.org"]},
+                   "auth": {"existingSecret": "s", "apiKeysFileKey": "keys",
+                            "tokens": {"secretName": "t", "hmacKey": "h", "publicKey": "p", "jwksKey": "j",
+                                       "audience": "a", "issuer": "i"},
+                            "anonymousSubscribe": ["public:>"], "anonymousPublish": ["public:x"]},
+                   "admission": {"trustedProxies": ["10.0.0.0/8"]}})
     cm = one(docs, "ConfigMap", suffix="live-herald")
     env = {e["name"] for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
     missing = herald_flags() - set(cm["data"]) - env

@@ -84,3 +84,35 @@ app.kubernetes.io/component: nats
 {{- required "nats.url is required when nats.enabled is false" .Values.nats.url }}
 {{- end }}
 {{- end }}
+
+{{/*
+The Secret volumes access control needs: token keys (auth.tokens.secretName)
+and the API keys file (a key of the API key Secret). Checks the settings.
+*/}}
+{{- define "herald.authVolumes" -}}
+{{- $t := .Values.auth.tokens -}}
+{{- if $t.secretName }}
+- name: auth-keys
+  secret:
+    secretName: {{ $t.secretName }}
+{{- end }}
+{{- if .Values.auth.apiKeysFileKey }}
+- name: api-keys
+  secret:
+    secretName: {{ include "herald.secretName" . }}
+    items:
+      - key: {{ .Values.auth.apiKeysFileKey }}
+        path: {{ .Values.auth.apiKeysFileKey }}
+{{- end }}
+{{- end }}
+
+{{/* Refuses access-control settings that name no Secret. */}}
+{{- define "herald.checkAuth" -}}
+{{- $t := .Values.auth.tokens -}}
+{{- if and (or $t.hmacKey $t.publicKey $t.jwksKey) (not $t.secretName) -}}
+{{- fail "auth.tokens.secretName is required when auth.tokens.hmacKey, publicKey or jwksKey is set" -}}
+{{- end -}}
+{{- if and .Values.auth.apiKeysFileKey (not .Values.auth.existingSecret) -}}
+{{- fail "auth.apiKeysFileKey names a key of auth.existingSecret: set both" -}}
+{{- end -}}
+{{- end -}}
