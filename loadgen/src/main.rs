@@ -86,6 +86,10 @@ struct Common {
     /// wildcard in a loop, each waiting for its answer.
     #[arg(long, global = true, default_value_t = 0)]
     churn: usize,
+    /// Herald only: a connection token (JWT) every socket presents in its
+    /// URL (`?token=`), to measure handshakes with access control on.
+    #[arg(long, global = true, env = "HERALD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -211,7 +215,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
-    let c = &cli.common;
+    let mut common = cli.common.clone();
+    if let Some(t) = &common.token {
+        for u in &mut common.urls {
+            let sep = if u.contains('?') { '&' } else { '?' };
+            *u = format!("{u}{sep}token={t}");
+        }
+    }
+    let c = &common;
     for u in &c.urls {
         wire::Url::parse(u)?;
     }
