@@ -8,6 +8,8 @@
 //! - [`config`]: every setting, as flags and `HERALD_*` variables.
 //! - [`metrics`]: counters rendered in the Prometheus text format.
 //! - [`rate`]: the token bucket behind every rate limit.
+//! - [`deadlines`]: each socket's next deadline (token expiry), in time
+//!   order for one sweep.
 //! - [`auth`]: connection tokens (JWT) checked against the configured keys,
 //!   and the grants they carry.
 //! - [`admission`]: per-address connection counts and rates, and the client
@@ -51,6 +53,7 @@ pub mod admission;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod deadlines;
 pub mod http;
 pub mod hub;
 pub mod members;

@@ -22,8 +22,9 @@ use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::auth::{Auth, Deadlines, Due, Identity};
+use crate::auth::{Auth, Identity};
 use crate::config::Config;
+use crate::deadlines::{Deadlines, Due};
 use crate::metrics::Metrics;
 use crate::rate::RateLimit;
 use crate::router::Router;

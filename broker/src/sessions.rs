@@ -13,8 +13,9 @@ use herald_protocol::Disconnect;
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{self, Auth, Due, Identity};
+use crate::auth::{Auth, Identity};
 use crate::config::Config;
+use crate::deadlines::{self, Due};
 use crate::metrics::{ConnectionSlot, Metrics};
 use crate::params::SessionParams;
 use crate::router::Router;
@@ -126,7 +127,7 @@ impl Sessions {
             // Access control on, no token, and nothing granted without one:
             // an `auth` frame must come within the handshake timeout.
             Some(a) if a.grants.is_empty() => {
-                let at = auth::now_ms() + shared.config.handshake_timeout.as_millis() as u64;
+                let at = deadlines::now_ms() + shared.config.handshake_timeout.as_millis() as u64;
                 shared.deadlines.set(id, at, Due::NoToken);
             }
             _ => {}
@@ -145,7 +146,7 @@ impl Sessions {
     /// Closes the sockets whose token expired (4003) or that sent none in
     /// time (4501); returns how many.
     pub fn expire(&self) -> usize {
-        let due = self.shared.deadlines.take_due(auth::now_ms());
+        let due = self.shared.deadlines.take_due(deadlines::now_ms());
         for (id, why) in &due {
             let Some(conn) = self.shared.live.get(id).map(|c| c.clone()) else {
                 continue;
