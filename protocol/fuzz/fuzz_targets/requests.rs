@@ -16,7 +16,17 @@ fuzz_target!(|data: &[u8]| {
             Ok(Request::Sub { topic, .. }) | Ok(Request::Unsub { topic, .. }) => {
                 assert!(Pattern::parse(topic.as_str()).is_ok());
             }
+            Ok(Request::Auth { token, .. }) | Ok(Request::Refresh { token, .. }) => {
+                assert!(!token.contains('"') && !token.contains('\\'));
+            }
             Err(e) => assert!(!e.message.is_empty()),
+        }
+        // A grant covers a pattern only if it matches every topic the
+        // pattern matches: check it on the pattern's own text as a topic.
+        if let Some((g, p)) = text.split_once('|') {
+            if let (Ok(_), Ok(t)) = (Pattern::parse(g), Topic::parse(p)) {
+                assert_eq!(herald_protocol::topic::covers(g, p), herald_protocol::topic::matches(g, t.as_str()));
+            }
         }
         if let Ok(t) = Topic::parse(text) {
             assert!(herald_protocol::topic::matches(text, t.as_str()));
