@@ -41,6 +41,8 @@
 //!   the drain.
 //! - [`preread`]: the first request head, read under the handshake timeout.
 //! - [`http`]: HTTP publish, health, readiness, metrics.
+//! - [`handshake`]: what every WebSocket handshake goes through before its
+//!   101 (origin, token, per-address limits, a connection slot).
 //! - [`server`]: accept, route, upgrade, shutdown.
 //!
 //! Why a session ended, with its close code and whether the client should
@@ -54,6 +56,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod deadlines;
+pub mod handshake;
 pub mod http;
 pub mod hub;
 pub mod members;

@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission;
-use crate::auth::Identity;
 use crate::config::Config;
+use crate::handshake;
 use crate::http::{self, Body};
 use crate::node::{Error, Node};
 use crate::params;
@@ -279,34 +279,19 @@ async fn upgrade(
     root: bool,
     remote: SocketAddr,
 ) -> Response<Body> {
-    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        return http::error(
-            hyper::StatusCode::UPGRADE_REQUIRED,
-            ErrorCode::BadRequest,
-            "/ws takes WebSocket connections (Upgrade: websocket)",
-        );
+    match admitted(&node, &mut req, root, remote).await {
+        Ok(r) => r,
+        Err(refused) => *refused,
     }
-    if !node.ready.load(Relaxed) {
-        return http::error(
-            hyper::StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::ShuttingDown,
-            "node is draining; connect to another node",
-        );
-    }
-    let header = |name| {
-        req.headers()
-            .get(name)
-            .and_then(|v: &hyper::header::HeaderValue| v.to_str().ok())
-    };
-    let origin = header(hyper::header::ORIGIN);
-    if !params::origin_allowed(origin, header(hyper::header::HOST), &node.config.allowed_origins) {
-        node.metrics.error(ErrorCode::OriginNotAllowed);
-        let msg = format!(
-            "origin_not_allowed: {:?} may not open sockets here (--allowed-origins)",
-            origin.unwrap_or("")
-        );
-        return http::error(hyper::StatusCode::FORBIDDEN, ErrorCode::OriginNotAllowed, &msg);
-    }
+}
+
+async fn admitted(
+    node: &Arc<Node>,
+    req: &mut Request<Incoming>,
+    root: bool,
+    remote: SocketAddr,
+) -> Result<Response<Body>, handshake::Refused> {
+    handshake::screen(node, req)?;
     let query = req.uri().query().unwrap_or("");
     let params = match params::parse(query, node.config.max_subscriptions) {
         // `/` with no parameters: raw mode on --root-topic, when set.
@@ -317,132 +302,31 @@ async fn upgrade(
         Ok(p) => p,
         Err((code, msg)) => {
             node.metrics.error(code);
-            return http::error(hyper::StatusCode::BAD_REQUEST, code, &msg);
+            return Err(Box::new(http::error(hyper::StatusCode::BAD_REQUEST, code, &msg)));
         }
     };
-    let bearer = header(hyper::header::AUTHORIZATION).and_then(|v| v.strip_prefix("Bearer "));
-    let access = match access(&node, params.token.as_deref().or(bearer), &params) {
-        Ok(a) => a,
-        Err(refused) => return refused,
-    };
-    let client = node.admission.client_ip(
-        remote.ip(),
-        header(hyper::header::HeaderName::from_static("x-forwarded-for")),
-    );
-    let per_ip = match node.admission.admit(client) {
-        Ok(s) => s,
-        Err(refusal) => {
-            node.metrics.error(ErrorCode::RateLimited);
-            let mut r = http::error(
-                hyper::StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::RateLimited,
-                &refusal.to_string(),
-            );
-            r.headers_mut().insert(
-                hyper::header::RETRY_AFTER,
-                hyper::header::HeaderValue::from_static("1"),
-            );
-            return r;
-        }
-    };
-    let Some(mut slot) = node.sessions.reserve() else {
-        node.metrics.error(ErrorCode::ConnectionLimit);
-        let msg = format!(
-            "max_connections: node holds {} connections",
-            node.config.max_connections
-        );
-        return http::error(
-            hyper::StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::ConnectionLimit,
-            &msg,
-        );
-    };
-    if let Some(per_ip) = per_ip {
-        slot.hold(Box::new(per_ip));
-    }
-    let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok(x) => x,
-        Err(e) => {
-            drop(slot);
-            return http::error(
-                hyper::StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                &e.to_string(),
-            );
-        }
-    };
+    let token = params.token.as_deref().or(handshake::bearer(req));
+    let access = handshake::access(node, token, params.subs.iter().chain(params.raw_topic.iter()))?;
+    let slot = handshake::admit(node, req, remote)?;
+    let (response, fut) = fastwebsockets::upgrade::upgrade(req).map_err(|e| {
+        Box::new(http::error(
+            hyper::StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            &e.to_string(),
+        ))
+    })?;
     // Subscribed before the 101 goes out: once the client sees its socket
     // open, its URL subscriptions are in effect.
     let mut accepted = node.sessions.accept(params, slot, access);
     accepted.ready().await;
     node.sessions.track(async move {
-        let upgraded = match fut.await {
-            Ok(ws) => ws.into_inner().into_inner(),
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade failed");
-                return accepted.abandon();
-            }
-        };
-        match upgraded.downcast::<TokioIo<Prefixed>>() {
-            // The session gets tasks of its own, so the long-lived tasks hold
-            // none of the handshake's state.
-            Ok(parts) => {
-                let Prefixed { prefix, inner } = parts.io.into_inner();
-                if prefix.is_empty() {
-                    accepted.start(inner, &parts.read_buf)
-                } else {
-                    accepted.start(inner, &[&prefix[..], &parts.read_buf[..]].concat())
-                }
-            }
-            Err(_) => {
-                tracing::error!("upgraded connection is not a TCP stream");
-                accepted.abandon();
-            }
+        // The session gets tasks of its own, so the long-lived tasks hold
+        // none of the handshake's state.
+        match handshake::stream(fut).await {
+            Some((stream, early)) => accepted.start(stream, &early),
+            None => accepted.abandon(),
         }
     });
     let (parts, _) = response.into_parts();
-    Response::from_parts(parts, http::empty())
-}
-
-/// What a handshake's socket may do: its token's identity, the anonymous
-/// grants without one, or `None` on a node without access control. A bad
-/// token is refused with 401, URL subscriptions outside the grants with 403.
-#[allow(clippy::result_large_err)]
-fn access(
-    node: &Node,
-    token: Option<&str>,
-    params: &params::SessionParams,
-) -> Result<Option<Arc<Identity>>, Response<Body>> {
-    let Some(auth) = node.sessions.auth() else {
-        return Ok(None);
-    };
-    let identity = match token {
-        Some(t) => match auth.verify(t) {
-            Ok(i) => Arc::new(i),
-            Err(why) => {
-                node.metrics.error(ErrorCode::Unauthorized);
-                let msg = format!("unauthorized: {why}");
-                return Err(http::error(
-                    hyper::StatusCode::UNAUTHORIZED,
-                    ErrorCode::Unauthorized,
-                    &msg,
-                ));
-            }
-        },
-        None => match node.sessions.anonymous() {
-            Some(a) => a.clone(),
-            None => return Ok(None),
-        },
-    };
-    for p in params.subs.iter().chain(params.raw_topic.iter()) {
-        if let Some(msg) = identity.forbids(p, false) {
-            node.metrics.error(ErrorCode::Forbidden);
-            return Err(http::error(
-                hyper::StatusCode::FORBIDDEN,
-                ErrorCode::Forbidden,
-                &msg,
-            ));
-        }
-    }
-    Ok(Some(identity))
+    Ok(Response::from_parts(parts, http::empty()))
 }
