@@ -166,6 +166,28 @@ pub struct Config {
     #[arg(long, env = "HERALD_TRUSTED_PROXIES", value_delimiter = ',', value_parser = Cidr::parse)]
     pub trusted_proxies: Vec<Cidr>,
 
+    /// websocketd mode: `PATH=PROGRAM ARGS...` (repeat the flag, or put
+    /// one route a line in the variable). Each WebSocket to PATH starts PROGRAM (split on whitespace,
+    /// never run through a shell): its stdout lines become text messages,
+    /// client messages become stdin lines. Trusted programs only.
+    #[arg(long = "exec", env = "HERALD_EXEC", value_delimiter = '\n', value_parser = ExecRoute::parse)]
+    pub exec: Vec<ExecRoute>,
+
+    /// Like --exec, but `PATH=COMMAND` runs through `/bin/sh -c COMMAND`
+    /// (pipes, redirections): the shell is used only when asked for here.
+    #[arg(long = "exec-shell", env = "HERALD_EXEC_SHELL", value_delimiter = '\n', value_parser = ExecRoute::parse_shell)]
+    pub exec_shell: Vec<ExecRoute>,
+
+    /// Most --exec programs running at once; past it a handshake gets 503
+    /// `exec_limit`.
+    #[arg(long, env = "HERALD_EXEC_MAX_PROCESSES", default_value_t = 256)]
+    pub exec_max_processes: usize,
+
+    /// When an --exec socket closes, its program gets SIGTERM, then SIGKILL
+    /// after this.
+    #[arg(long, env = "HERALD_EXEC_GRACE", default_value = "2s", value_parser = parse_duration)]
+    pub exec_grace: Duration,
+
     /// NATS server URL(s), comma-separated, linking this node to the others
     /// (cluster mode). Without it the node runs embedded, on its own.
     #[arg(long = "nats", env = "HERALD_NATS_URL", value_delimiter = ',')]
@@ -241,6 +263,63 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// An `--exec` route: a URL path and the program (argv) it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRoute {
+    /// The URL path, e.g. `/count`.
+    pub path: String,
+    /// Program and arguments.
+    pub argv: Vec<String>,
+}
+
+/// Paths the node serves itself, which an --exec route may not take.
+const RESERVED: [&str; 7] = [
+    "/",
+    "/ws",
+    "/v1/publish",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/herald.js",
+];
+
+impl ExecRoute {
+    /// Parses `PATH=PROGRAM ARGS...`.
+    pub fn parse(s: &str) -> Result<ExecRoute, String> {
+        let (path, cmd) = Self::split(s)?;
+        let argv: Vec<String> = cmd.split_whitespace().map(String::from).collect();
+        Ok(ExecRoute { path, argv })
+    }
+
+    /// Parses `PATH=COMMAND` to run through `/bin/sh -c`.
+    pub fn parse_shell(s: &str) -> Result<ExecRoute, String> {
+        let (path, cmd) = Self::split(s)?;
+        Ok(ExecRoute {
+            path,
+            argv: vec!["/bin/sh".into(), "-c".into(), cmd.trim().into()],
+        })
+    }
+
+    fn split(s: &str) -> Result<(String, &str), String> {
+        let (path, cmd) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected PATH=PROGRAM, e.g. /count=./count.sh"))?;
+        let path = path.trim();
+        if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+            return Err(format!(
+                "{path:?}: a path starts with / and has no ?, # or spaces"
+            ));
+        }
+        if RESERVED.contains(&path) {
+            return Err(format!("{path:?} is served by the node itself"));
+        }
+        if cmd.trim().is_empty() {
+            return Err(format!("{s:?}: no program"));
+        }
+        Ok((path.to_owned(), cmd))
+    }
 }
 
 /// An address block: `10.0.0.0/8`, `fd00::/8`, or one address.
@@ -328,6 +407,18 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn exec_routes() {
+        let r = ExecRoute::parse("/count=./count.sh --to 10").unwrap();
+        assert_eq!(r.path, "/count");
+        assert_eq!(r.argv, ["./count.sh", "--to", "10"]);
+        let r = ExecRoute::parse_shell("/t=tail -f log | grep x").unwrap();
+        assert_eq!(r.argv, ["/bin/sh", "-c", "tail -f log | grep x"]);
+        for bad in ["count=./x", "/ws=./x", "/x=", "/x", "/a b=./x"] {
+            assert!(ExecRoute::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -43,6 +43,8 @@
 //! - [`http`]: HTTP publish, health, readiness, metrics.
 //! - [`handshake`]: what every WebSocket handshake goes through before its
 //!   101 (origin, token, per-address limits, a connection slot).
+//! - [`exec`]: websocketd mode: a program per WebSocket, its stdout lines
+//!   out, the client's messages in, with backpressure.
 //! - [`server`]: accept, route, upgrade, shutdown.
 //!
 //! Why a session ended, with its close code and whether the client should
@@ -56,6 +58,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod deadlines;
+pub mod exec;
 pub mod handshake;
 pub mod http;
 pub mod hub;

@@ -16,6 +16,8 @@ pub struct Metrics {
     /// WebSocket connections held: from the handshake until the TCP
     /// connection is gone (see [`ConnectionSlot`]).
     pub connections: AtomicI64,
+    /// Programs running for `--exec` sockets, until each is reaped.
+    pub exec_processes: AtomicI64,
     /// WebSocket connections accepted since start.
     pub connections_total: AtomicU64,
     /// Subscriptions held by all sockets.
@@ -110,6 +112,12 @@ impl Metrics {
                 "gauge",
                 "WebSocket connections held, from the handshake until the TCP connection is gone.",
                 gauge(&self.connections),
+            ),
+            (
+                "herald_exec_processes",
+                "gauge",
+                "Programs running for --exec sockets, from spawn until reaped.",
+                gauge(&self.exec_processes),
             ),
             (
                 "herald_connections_accepted_total",

@@ -52,6 +52,9 @@ pub struct Node {
     pub admission: Arc<Admission>,
     /// Keys accepted by HTTP publish (`--api-key`, `--api-key-file`).
     pub api_keys: std::sync::RwLock<Vec<String>>,
+    /// Cancelled when the node drains: `--exec` sockets close with 1001
+    /// and end their programs.
+    pub exec_stop: tokio_util::sync::CancellationToken,
 }
 
 impl Node {
@@ -92,6 +95,7 @@ impl Node {
         ));
         Ok(Arc::new(Node {
             admission: Arc::new(Admission::new(&config)),
+            exec_stop: Default::default(),
             api_keys: std::sync::RwLock::new(api_keys),
             pending: Arc::new(Semaphore::new(config.max_pending_connections)),
             config,
@@ -124,6 +128,16 @@ fn api_keys(config: &Config) -> Result<Vec<String>, KeyError> {
 }
 
 impl Node {
+    /// The `--exec` (or `--exec-shell`) route for `path`, if any.
+    pub fn exec_route(&self, path: &str) -> Option<crate::config::ExecRoute> {
+        let c = &self.config;
+        c.exec
+            .iter()
+            .chain(&c.exec_shell)
+            .find(|r| r.path == path)
+            .cloned()
+    }
+
     /// Re-reads the key files (SIGHUP): the JWKS and `--api-key-file`. On
     /// an error the keys in use stay.
     pub fn reload_keys(&self) {
@@ -165,6 +179,7 @@ impl Node {
     /// seconds at most) for their tasks to end.
     pub async fn drain(&self) {
         let period = self.config.drain_period;
+        self.exec_stop.cancel();
         let conns = self.sessions.snapshot();
         tracing::info!(sockets = conns.len(), ?period, "draining");
         if !conns.is_empty() {

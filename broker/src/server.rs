@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission;
 use crate::config::Config;
+use crate::exec;
 use crate::handshake;
 use crate::http::{self, Body};
 use crate::node::{Error, Node};
@@ -264,6 +265,9 @@ async fn route(
     remote: SocketAddr,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let path = req.uri().path();
+    if let Some(route) = node.exec_route(path) {
+        return Ok(exec::upgrade(node.clone(), req, remote, route).await);
+    }
     Ok(match path {
         "/ws" => upgrade(node, req, false, remote).await,
         // A handshake on the bare address is served like /ws; plain GET /

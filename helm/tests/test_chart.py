@@ -439,7 +439,9 @@ def test_every_herald_serve_setting_is_settable():
     the ConfigMap, or the Deployment's env (the API key, from the Secret).
     Optional ones are rendered when given."""
     docs = render({"config": {"presence": "chat:*", "rootTopic": "chat:lobby",
-                              "allowedOrigins": ["https://app.example.com", "https://*.example.org"]},
+                              "allowedOrigins": ["https://app.example.com", "https://*.example.org"],
+                              "exec": ["/count=/usr/local/bin/count", "/tail=tail -f /var/log/x"],
+                              "execShell": ["/sh=echo a; echo b"]},
                    "auth": {"existingSecret": "s", "apiKeysFileKey": "keys",
                             "tokens": {"secretName": "t", "hmacKey": "h", "publicKey": "p", "jwksKey": "j",
                                        "audience": "a", "issuer": "i"},
@@ -449,6 +451,7 @@ def test_every_herald_serve_setting_is_settable():
     env = {e["name"] for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
     missing = herald_flags() - set(cm["data"]) - env
     assert not missing, f"herald serve settings the chart cannot set: {sorted(missing)}"
+    assert cm["data"]["HERALD_EXEC"] == "/count=/usr/local/bin/count\n/tail=tail -f /var/log/x"
 
 
 def test_a_mistyped_config_key_is_refused():

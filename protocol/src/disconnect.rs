@@ -33,6 +33,10 @@ pub enum Disconnect {
     WriteTimeout,
     /// The connection token expired without a refresh.
     TokenExpired,
+    /// An `--exec` socket's program exited.
+    ProgramExited,
+    /// An `--exec` socket's program could not be started.
+    ExecFailed,
     /// The token sent in an `auth` or `refresh` frame was refused, or none
     /// came in time; the text says why.
     Unauthorized(Cow<'static, str>),
@@ -52,6 +56,8 @@ impl Disconnect {
         Disconnect::WriteTimeout,
         Disconnect::TokenExpired,
         Disconnect::Unauthorized(Cow::Borrowed("token expired")),
+        Disconnect::ProgramExited,
+        Disconnect::ExecFailed,
     ];
 
     /// The close code sent (1006 is never sent: it names a lost connection).
@@ -64,6 +70,8 @@ impl Disconnect {
             Disconnect::HeartbeatTimeout => close::HEARTBEAT_TIMEOUT,
             Disconnect::ConnectionLost | Disconnect::WriteTimeout => close::ABNORMAL,
             Disconnect::TokenExpired => close::TOKEN_EXPIRED,
+            Disconnect::ProgramExited => close::NORMAL,
+            Disconnect::ExecFailed => close::INTERNAL_ERROR,
             Disconnect::Unauthorized(_) => close::UNAUTHORIZED,
         }
     }
@@ -71,7 +79,10 @@ impl Disconnect {
     /// The close reason sent: a stable word, a colon, and an explanation.
     pub fn reason(&self) -> Cow<'static, str> {
         match self {
-            Disconnect::ClientClosed(_) | Disconnect::ConnectionLost => Cow::Borrowed(""),
+            Disconnect::ClientClosed(_) | Disconnect::ConnectionLost | Disconnect::ProgramExited => {
+                Cow::Borrowed("")
+            }
+            Disconnect::ExecFailed => Cow::Borrowed("exec_failed: the program could not be started"),
             Disconnect::WriteTimeout => Cow::Borrowed("write_timeout: the client took no bytes in time"),
             Disconnect::GoingAway => Cow::Borrowed("going_away: node shutting down, reconnect"),
             Disconnect::Protocol(e) => Cow::Owned(e.to_string()),
@@ -86,8 +97,12 @@ impl Disconnect {
     /// network's, or passing (a slow read); not the client's protocol.
     pub fn reconnect(&self) -> bool {
         match self {
-            Disconnect::ClientClosed(_) | Disconnect::Protocol(_) | Disconnect::Unauthorized(_) => false,
-            Disconnect::TokenExpired
+            Disconnect::ClientClosed(_)
+            | Disconnect::Protocol(_)
+            | Disconnect::Unauthorized(_)
+            | Disconnect::ProgramExited => false,
+            Disconnect::ExecFailed
+            | Disconnect::TokenExpired
             | Disconnect::GoingAway
             | Disconnect::SlowConsumer
             | Disconnect::HeartbeatTimeout
@@ -104,7 +119,9 @@ impl Disconnect {
             | Disconnect::GoingAway
             | Disconnect::Protocol(_)
             | Disconnect::TokenExpired
-            | Disconnect::Unauthorized(_) => true,
+            | Disconnect::Unauthorized(_)
+            | Disconnect::ProgramExited
+            | Disconnect::ExecFailed => true,
             Disconnect::SlowConsumer
             | Disconnect::HeartbeatTimeout
             | Disconnect::ConnectionLost

@@ -60,6 +60,8 @@ pub enum ErrorCode {
     OriginNotAllowed,
     /// The token's grants do not cover the topic or pattern.
     Forbidden,
+    /// The node runs `--exec-max-processes` programs already.
+    ExecLimit,
     /// The node is at a bound for connections not yet upgraded (or for its
     /// file descriptors): retry after the `Retry-After` seconds.
     Overloaded,
@@ -67,7 +69,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownOp,
         ErrorCode::BadRequest,
@@ -88,6 +90,7 @@ impl ErrorCode {
         ErrorCode::NotFound,
         ErrorCode::OriginNotAllowed,
         ErrorCode::Forbidden,
+        ErrorCode::ExecLimit,
     ];
 
     /// The wire name.
@@ -113,6 +116,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::OriginNotAllowed => "origin_not_allowed",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::ExecLimit => "exec_limit",
         }
     }
 

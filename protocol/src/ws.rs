@@ -75,6 +75,8 @@ pub mod close {
     /// The connection was lost without a close frame (never sent; the
     /// code a client sees for a dropped connection).
     pub const ABNORMAL: u16 = 1006;
+    /// The node failed on its side (an `--exec` program could not start).
+    pub const INTERNAL_ERROR: u16 = 1011;
     /// The client did not read fast enough and its queue overflowed: reconnect.
     pub const SLOW_CONSUMER: u16 = 4001;
     /// Nothing arrived (not even a pong) within the heartbeat window: reconnect.

@@ -4,6 +4,7 @@
 mod auth;
 mod cluster;
 mod common;
+mod exec;
 mod external;
 mod faults;
 mod hostile;

@@ -169,3 +169,48 @@ test('in Chromium, getToken connects, refreshes across an expiry, and a refused 
     await n.kill();
   }
 });
+
+const EXAMPLES = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../examples');
+
+/** An example page with its one line of configuration, the server's address, pointed at `port`. */
+async function examplePage(name, port) {
+  const html = (await import('node:fs')).readFileSync(path.join(EXAMPLES, name), 'utf8');
+  const here = html.replace(/ws:\/\/localhost:8080/g, `ws://127.0.0.1:${port}`);
+  assert.notEqual(here, html, `examples/${name} names its server as ws://localhost:8080`);
+  const page = await browser.newPage();
+  await page.setContent(here);
+  return page;
+}
+
+test('websocketd mode: the classic count page, twice at once, each counts 1 to 10', async () => {
+  const n = await Node.start(['--exec', `/count=${path.join(EXAMPLES, 'count.sh')}`, '--allowed-origins', 'null']);
+  try {
+    const pages = await Promise.all([examplePage('count.html', n.port), examplePage('count.html', n.port)]);
+    const want = ['CONNECT', ...Array.from({ length: 10 }, (_, i) => `MESSAGE: ${i + 1}`), 'DISCONNECT'];
+    for (const page of pages) {
+      await page.waitForFunction(() => document.getElementById('log').textContent.includes('DISCONNECT'), null, {
+        timeout: 20000,
+      });
+      const log = (await page.$eval('#log', (e) => e.textContent)).trim().split('\n');
+      assert.deepEqual(log, want);
+      await page.close();
+    }
+  } finally {
+    await n.kill();
+  }
+});
+
+test('the classic heartbeat page gets its answers and its data', async () => {
+  const n = await Node.start(['--allowed-origins', 'null']);
+  try {
+    const page = await examplePage('heartbeat.html', n.port);
+    await page.waitForFunction(() => document.body.dataset.state === 'open');
+    await page.waitForFunction(() => Number(document.getElementById('beats').textContent) >= 2, null, { timeout: 10000 });
+    await n.publish('todo:count', 5);
+    await page.waitForFunction(() => document.getElementById('count').textContent === '5');
+    assert.equal(await page.evaluate(() => document.body.dataset.state), 'open');
+    await page.close();
+  } finally {
+    await n.kill();
+  }
+});

@@ -1,0 +1,347 @@
+//! websocketd mode (`--exec /count=./count.sh`): each WebSocket to the
+//! route's path starts its own process. Every stdout line becomes a text
+//! message and every client text message becomes a stdin line. The program
+//! exiting closes the socket with 1000; the socket closing ends the program
+//! (SIGTERM, then SIGKILL after `--exec-grace`).
+//!
+//! Output the client does not read fast enough is backpressure, never a
+//! cut: the socket has one writer fed through a small bounded channel, so
+//! when the client stops reading, the writer waits, the channel fills, the
+//! node stops reading the pipe and the program blocks on its next write.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use herald_protocol::ws::{self, Message, OpCode, Reader};
+use herald_protocol::{Disconnect, ErrorCode};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::config::ExecRoute;
+use crate::handshake::{self, Refused};
+use crate::http::{self, Body};
+use crate::metrics::{ConnectionSlot, Metrics};
+use crate::node::Node;
+
+/// Frames that may wait for the socket's writer: a few, so a client that
+/// stops reading stops the program within a few lines.
+const QUEUE: usize = 4;
+
+/// One running program, counted in `herald_exec_processes` until reaped.
+struct Running(Arc<Metrics>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.exec_processes.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Answers a handshake on an `--exec` route.
+pub async fn upgrade(
+    node: Arc<Node>,
+    mut req: Request<Incoming>,
+    remote: SocketAddr,
+    route: ExecRoute,
+) -> Response<Body> {
+    match admitted(&node, &mut req, remote, route) {
+        Ok(r) => r,
+        Err(refused) => *refused,
+    }
+}
+
+fn admitted(
+    node: &Arc<Node>,
+    req: &mut Request<Incoming>,
+    remote: SocketAddr,
+    route: ExecRoute,
+) -> Result<Response<Body>, Refused> {
+    handshake::screen(node, req)?;
+    let query = req.uri().query().unwrap_or("");
+    let token = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+        .or(handshake::bearer(req));
+    handshake::access(node, token, [])?;
+    let slot = handshake::admit(node, req, remote)?;
+    let metrics = &node.metrics;
+    let max = node.config.exec_max_processes as i64;
+    if metrics.exec_processes.fetch_add(1, Relaxed) >= max {
+        metrics.exec_processes.fetch_sub(1, Relaxed);
+        metrics.error(ErrorCode::ExecLimit);
+        let msg = format!("exec_limit: {max} programs running (--exec-max-processes)");
+        return Err(Box::new(http::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ExecLimit,
+            &msg,
+        )));
+    }
+    let running = Running(metrics.clone());
+    let env = cgi_env(req, remote, &route);
+    let (response, fut) = fastwebsockets::upgrade::upgrade(req).map_err(|e| {
+        Box::new(http::error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            &e.to_string(),
+        ))
+    })?;
+    let node2 = node.clone();
+    node.sessions.track(async move {
+        if let Some((stream, early)) = handshake::stream(fut).await {
+            run(node2, stream, early, route, env, slot, running).await;
+        }
+    });
+    let (parts, _) = response.into_parts();
+    Ok(Response::from_parts(parts, http::empty()))
+}
+
+/// websocketd's CGI-style environment: the client's address, the query,
+/// the path, and every request header as `HTTP_*`. Nothing else of the
+/// node's environment but `PATH`, `HOME` and the locale.
+fn cgi_env(req: &Request<Incoming>, remote: SocketAddr, route: &ExecRoute) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("REMOTE_ADDR".into(), remote.ip().to_string()),
+        ("REMOTE_PORT".into(), remote.port().to_string()),
+        ("QUERY_STRING".into(), req.uri().query().unwrap_or("").into()),
+        ("PATH_INFO".into(), String::new()),
+        ("SCRIPT_NAME".into(), route.path.clone()),
+        ("REQUEST_METHOD".into(), "GET".into()),
+        ("REQUEST_URI".into(), req.uri().to_string()),
+        ("SERVER_PROTOCOL".into(), "HTTP/1.1".into()),
+        (
+            "SERVER_SOFTWARE".into(),
+            format!("herald/{}", env!("CARGO_PKG_VERSION")),
+        ),
+        ("GATEWAY_INTERFACE".into(), "websocketd-CGI/0.1".into()),
+    ];
+    for (name, value) in req.headers() {
+        if let Ok(v) = value.to_str() {
+            let n = name.as_str().to_ascii_uppercase().replace('-', "_");
+            env.push((format!("HTTP_{n}"), v.to_owned()));
+        }
+    }
+    for keep in ["PATH", "HOME", "LANG", "LC_ALL", "TZ"] {
+        if let Ok(v) = std::env::var(keep) {
+            env.push((keep.into(), v));
+        }
+    }
+    env
+}
+
+/// Reads one line of at most `max` bytes (a longer line comes out in
+/// pieces of `max`), without its line ending; `None` at end of input.
+async fn next_line(
+    r: &mut (impl AsyncBufRead + Unpin),
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<()>> {
+    buf.clear();
+    loop {
+        let avail = r.fill_buf().await?;
+        if avail.is_empty() {
+            return Ok((!buf.is_empty()).then_some(()));
+        }
+        let room = max - buf.len();
+        let newline = avail.iter().position(|&b| b == b'\n').filter(|&i| i <= room);
+        let take = newline.map_or(avail.len().min(room), |i| i + 1);
+        buf.extend_from_slice(&avail[..take]);
+        r.consume(take);
+        if newline.is_some() {
+            buf.pop();
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+            return Ok(Some(()));
+        }
+        if buf.len() >= max {
+            return Ok(Some(()));
+        }
+    }
+}
+
+async fn run(
+    node: Arc<Node>,
+    stream: TcpStream,
+    early: Bytes,
+    route: ExecRoute,
+    env: Vec<(String, String)>,
+    _slot: ConnectionSlot,
+    running: Running,
+) {
+    let path = route.path.as_str();
+    let spawned = Command::new(&route.argv[0])
+        .args(&route.argv[1..])
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let (rd, mut wr) = stream.into_split();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(path, program = %route.argv[0], error = %e, "exec: cannot start");
+            if let Some(f) = Disconnect::ExecFailed.frame() {
+                let _ = wr.write_all(&f).await;
+            }
+            return;
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    tracing::debug!(path, pid, "exec: started");
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return;
+    };
+    let log_path = route.path.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::warn!(path = %log_path, pid, "{line}");
+        }
+    });
+    let config = &node.config;
+    let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
+    let write_timeout = config.write_timeout;
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            match tokio::time::timeout(write_timeout, wr.write_all(&frame)).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+        Some(wr)
+    });
+    let max = config.max_message_bytes;
+    let out_tx = tx.clone();
+    let out = async move {
+        let mut r = BufReader::new(stdout);
+        let mut line = Vec::new();
+        while let Ok(Some(())) = next_line(&mut r, &mut line, max).await {
+            let text = String::from_utf8_lossy(&line);
+            if out_tx
+                .send(ws::encode_frame(OpCode::Text, text.as_bytes()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        Disconnect::ProgramExited
+    };
+    let ping = if config.ping_interval.is_zero() {
+        Duration::MAX
+    } else {
+        config.ping_interval
+    };
+    let input = read_client(rd, early, stdin, tx.clone(), max, ping);
+    let stop = node.exec_stop.clone();
+    let end = tokio::select! {
+        e = out => e,
+        e = input => e,
+        _ = stop.cancelled() => Disconnect::GoingAway,
+    };
+    if end != Disconnect::ProgramExited {
+        terminate(&mut child, pid, node.config.exec_grace).await;
+    } else if tokio::time::timeout(node.config.exec_grace, child.wait())
+        .await
+        .is_err()
+    {
+        // Closed its stdout but kept running: end it like any other.
+        terminate(&mut child, pid, node.config.exec_grace).await;
+    }
+    drop(running);
+    tracing::debug!(path, pid, "exec: ended");
+    // A protocol error's close frame is queued already.
+    if let (Some(f), false) = (end.frame(), matches!(end, Disconnect::Protocol(_))) {
+        let _ = tokio::time::timeout(node.config.close_timeout, tx.send(f)).await;
+    }
+    drop(tx);
+    if let Ok(Ok(Some(mut wr))) = tokio::time::timeout(node.config.close_timeout, writer).await {
+        let _ = wr.shutdown().await;
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`; reaps the program either way.
+async fn terminate(child: &mut Child, pid: u32, grace: Duration) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+}
+
+/// The client's side: text messages become stdin lines; pings are answered;
+/// ends at the client's close or loss.
+async fn read_client(
+    rd: OwnedReadHalf,
+    early: Bytes,
+    mut stdin: tokio::process::ChildStdin,
+    tx: mpsc::Sender<Bytes>,
+    max: usize,
+    ping: Duration,
+) -> Disconnect {
+    let mut buf = BytesMut::from(&early[..]);
+    let mut reader = Reader::new();
+    let mut stdin_open = true;
+    let mut pinged = false;
+    loop {
+        loop {
+            match reader.read(&mut buf, max) {
+                Ok(Some(Message::Text(t))) => {
+                    if stdin_open {
+                        let line = [&t[..], b"\n"].concat();
+                        // A program that stopped reading its stdin makes this
+                        // wait: the client's frames then wait in TCP.
+                        stdin_open = stdin.write_all(&line).await.is_ok();
+                    }
+                }
+                Ok(Some(Message::Ping(p))) => {
+                    let _ = tx.send(ws::encode_frame(OpCode::Pong, &p)).await;
+                }
+                Ok(Some(Message::Close(code, _))) => return Disconnect::ClientClosed(code),
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    let why = Disconnect::Protocol(e);
+                    if let Some(f) = why.frame() {
+                        let _ = tx.send(f).await;
+                    }
+                    return why;
+                }
+            }
+        }
+        // A client that answers nothing (not even a ping) for two ping
+        // intervals is gone: its program ends.
+        match tokio::time::timeout(ping, rd.readable()).await {
+            Ok(Ok(())) => pinged = false,
+            Ok(Err(_)) => return Disconnect::ConnectionLost,
+            Err(_) if pinged => return Disconnect::HeartbeatTimeout,
+            Err(_) => {
+                pinged = true;
+                let _ = tx.send(ws::encode_frame(OpCode::Ping, b"")).await;
+                continue;
+            }
+        }
+        buf.reserve(4096);
+        match rd.try_read_buf(&mut buf) {
+            Ok(0) => return Disconnect::ConnectionLost,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Disconnect::ConnectionLost,
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! websocketd mode against real programs: lines both ways, the CGI
+//! environment, the program ended when the socket goes, the process limit,
+//! and backpressure from a slow reader to a fast program.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::*;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(h: &Herald, path_query: &str) -> Ws {
+    let url = format!("ws://{}{path_query}", h.addr);
+    let req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url.as_str())
+        .map(|mut r| {
+            r.headers_mut().insert("x-test", "yes".parse().unwrap());
+            r
+        })
+        .unwrap();
+    tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("connect timed out")
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+        .0
+}
+
+/// The next text message, or the close code if the socket closes first.
+async fn next(ws: &mut Ws) -> Result<String, u16> {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("timed out") {
+            Some(Ok(Message::Text(t))) => return Ok(t),
+            Some(Ok(Message::Close(f))) => return Err(f.map_or(1005, |f| u16::from(f.code))),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("websocket error: {e}"),
+            None => return Err(1006),
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+#[tokio::test]
+async fn lines_round_trip_with_the_cgi_environment() {
+    let h = Herald::start(&[
+        "--exec",
+        "/echo=cat",
+        "--exec-shell",
+        "/env=echo \"$REMOTE_ADDR|$QUERY_STRING|$HTTP_X_TEST|$SCRIPT_NAME\"; printf 'no newline'",
+    ]);
+    let mut ws = open(&h, "/echo").await;
+    for line in ["hello", "two words", "ünïcode ✓", ""] {
+        ws.send(Message::Text(line.into())).await.unwrap();
+        assert_eq!(next(&mut ws).await, Ok(line.to_owned()));
+    }
+    let mut env = open(&h, "/env?a=1").await;
+    assert_eq!(next(&mut env).await, Ok("127.0.0.1|a=1|yes|/env".to_owned()));
+    assert_eq!(
+        next(&mut env).await,
+        Ok("no newline".to_owned()),
+        "the last line without a newline"
+    );
+    assert_eq!(next(&mut env).await, Err(1000), "the program exited: close 1000");
+    // A plain GET on an exec path is told to upgrade.
+    let (status, body) = h.get("/echo").await;
+    assert_eq!(status, 426, "{body}");
+}
+
+#[tokio::test]
+async fn closing_the_socket_ends_the_program_even_one_that_ignores_sigterm() {
+    let h = Herald::start(&[
+        "--exec-shell",
+        "/sleep=echo $$; exec sleep 1000",
+        "--exec-shell",
+        "/stubborn=trap '' TERM; echo $$; while :; do sleep 0.1; done",
+        "--exec-grace",
+        "500ms",
+        "--exec-max-processes",
+        "2",
+    ]);
+    let mut a = open(&h, "/sleep").await;
+    let pid_a: u32 = next(&mut a).await.unwrap().parse().unwrap();
+    let mut b = open(&h, "/stubborn").await;
+    let pid_b: u32 = next(&mut b).await.unwrap().parse().unwrap();
+    assert!(alive(pid_a) && alive(pid_b));
+    assert_eq!(h.metric("herald_exec_processes").await, 2.0);
+    // The limit: a third is refused while two run.
+    let (status, body) = h.http(&upgrade_request("/sleep", "127.0.0.1", "")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("exec_limit"), "{body}");
+
+    a.close(None).await.unwrap();
+    drop(a);
+    eventually("SIGTERM ends the program", || async { !alive(pid_a) }).await;
+    drop(b); // gone without a close frame
+    eventually("SIGKILL ends the one that ignores SIGTERM", || async {
+        !alive(pid_b)
+    })
+    .await;
+    eventually("the gauge counts them until reaped", || async {
+        h.metric("herald_exec_processes").await == 0.0
+    })
+    .await;
+    let mut c = open(&h, "/sleep").await;
+    assert!(next(&mut c).await.is_ok(), "room again");
+}
+
+#[tokio::test]
+async fn a_fast_program_waits_for_a_slow_reader_and_nothing_is_lost() {
+    const N: u64 = 3_000_000; // ~26 MB of frames: more than the socket buffers hold
+    let h = Herald::start(&["--exec-shell", &format!("/flood=echo $$; exec seq 1 {N}")]);
+    let mut ws = open(&h, "/flood").await;
+    let pid: u32 = next(&mut ws).await.unwrap().parse().unwrap();
+    // Not reading: the program fills the pipe and the socket, then blocks.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        alive(pid),
+        "seq would have finished long ago unless it was blocked"
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(stat.contains(") S "), "blocked in a write: {stat}");
+    let mut expect = 1u64;
+    loop {
+        match next(&mut ws).await {
+            Ok(t) => {
+                assert_eq!(t, expect.to_string());
+                expect += 1;
+            }
+            Err(code) => {
+                assert_eq!(code, 1000, "closed normally, never cut");
+                break;
+            }
+        }
+    }
+    assert_eq!(expect, N + 1, "every line arrived, in order");
+}
