@@ -204,6 +204,17 @@ impl Bus {
         &self.hub
     }
 
+    /// The NATS client of the cluster link, for node-to-node chatter that
+    /// is not a topic (status samples); `None` when embedded.
+    pub fn nats_client(&self) -> Option<async_nats::Client> {
+        self.link.as_ref().map(|l| l.client.clone())
+    }
+
+    /// The subject prefix topics map under (`herald` by default).
+    pub fn prefix(&self) -> Option<&str> {
+        self.link.as_ref().map(|l| l.prefix.as_str())
+    }
+
     /// Whether this node is linked to others, and if so whether the link is
     /// up.
     pub fn link_state(&self) -> Option<bool> {

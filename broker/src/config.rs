@@ -208,6 +208,11 @@ pub struct Config {
     #[arg(long, env = "HERALD_API_KEY_FILE")]
     pub api_key_file: Option<String>,
 
+    /// Key for the status page (`/status`, `?key=` or a bearer); without
+    /// it the page answers loopback clients only.
+    #[arg(long, env = "HERALD_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+
     /// Largest HTTP publish body (a batch), in bytes.
     #[arg(long, env = "HERALD_MAX_HTTP_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_http_body_bytes: usize,

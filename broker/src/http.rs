@@ -118,7 +118,13 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
             &format!("method {} not allowed here", req.method()),
         ),
         other => {
-            let mut routes = vec!["/ws (WebSocket)", "POST /v1/publish", "/healthz", "/readyz"];
+            let mut routes = vec![
+                "/ws (WebSocket)",
+                "POST /v1/publish",
+                "/healthz",
+                "/readyz",
+                "/status (loopback or --admin-key)",
+            ];
             if node.config.metrics_listen.is_none() {
                 routes.push("/metrics");
             }
@@ -163,7 +169,8 @@ fn publisher(node: &Node, req: &Request<Incoming>) -> Result<Option<Arc<Identity
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Compares two secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

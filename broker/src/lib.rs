@@ -7,6 +7,8 @@
 //!
 //! - [`config`]: every setting, as flags and `HERALD_*` variables.
 //! - [`metrics`]: counters rendered in the Prometheus text format.
+//! - [`history`]: the last minutes of the node's figures and its peers'
+//!   latest, for the status page.
 //! - [`rate`]: the token bucket behind every rate limit.
 //! - [`deadlines`]: each socket's next deadline (token expiry), in time
 //!   order for one sweep.
@@ -41,6 +43,8 @@
 //!   the drain.
 //! - [`preread`]: the first request head, read under the handshake timeout.
 //! - [`http`]: HTTP publish, health, readiness, metrics.
+//! - [`status`]: the live status page (`/status`) and its sampler, which
+//!   also trades samples with the other nodes over NATS.
 //! - [`handshake`]: what every WebSocket handshake goes through before its
 //!   101 (origin, token, per-address limits, a connection slot).
 //! - [`exec`]: websocketd mode: a program per WebSocket, its stdout lines
@@ -60,6 +64,7 @@ pub mod config;
 pub mod deadlines;
 pub mod exec;
 pub mod handshake;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod members;
@@ -74,6 +79,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod sessions;
+pub mod status;
 pub mod subjects;
 pub mod subscriber;
 pub mod writer;

@@ -52,6 +52,8 @@ pub struct Node {
     pub admission: Arc<Admission>,
     /// Keys accepted by HTTP publish (`--api-key`, `--api-key-file`).
     pub api_keys: std::sync::RwLock<Vec<String>>,
+    /// The last minutes of figures, for the status page.
+    pub history: crate::history::History,
     /// Cancelled when the node drains: `--exec` sockets close with 1001
     /// and end their programs.
     pub exec_stop: tokio_util::sync::CancellationToken,
@@ -96,6 +98,7 @@ impl Node {
         Ok(Arc::new(Node {
             admission: Arc::new(Admission::new(&config)),
             exec_stop: Default::default(),
+            history: Default::default(),
             api_keys: std::sync::RwLock::new(api_keys),
             pending: Arc::new(Semaphore::new(config.max_pending_connections)),
             config,

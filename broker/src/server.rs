@@ -31,6 +31,7 @@ use crate::http::{self, Body};
 use crate::node::{Error, Node};
 use crate::params;
 use crate::preread::{self, Head, Prefixed};
+use crate::status;
 
 /// Largest HTTP request head (request line and headers) a client may send.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -76,6 +77,8 @@ pub async fn serve(
     let tokens = tokio::spawn(node.clone().watch_tokens());
     let reload = tokio::spawn(reload_on_hangup(node.clone()));
     let watchdog = tokio::spawn(node.clone().watch_writes());
+    let name = status::node_name(listener.local_addr().unwrap_or(node.config.listen));
+    let sampler = tokio::spawn(status::sampler(node.clone(), name));
     let stop = CancellationToken::new();
     let http = TaskTracker::new();
     let accept = tokio::spawn(accept_loop(node.clone(), listener, stop.clone(), http.clone()));
@@ -102,6 +105,7 @@ pub async fn serve(
     watchdog.abort();
     tokens.abort();
     reload.abort();
+    sampler.abort();
 }
 
 /// Re-reads the key files on each SIGHUP (key rotation).
@@ -265,6 +269,9 @@ async fn route(
     remote: SocketAddr,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let path = req.uri().path();
+    if path == "/status" || path == "/status.json" {
+        return Ok(status::handle(&node, &req, remote));
+    }
     if let Some(route) = node.exec_route(path) {
         return Ok(exec::upgrade(node.clone(), req, remote, route).await);
     }

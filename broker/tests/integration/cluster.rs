@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use crate::common::*;
 use crate::external::*;
 
-fn nodes(n: usize, nats: &str, extra: &[&str]) -> Vec<Herald> {
+pub fn nodes(n: usize, nats: &str, extra: &[&str]) -> Vec<Herald> {
     (0..n)
         .map(|_| {
             let mut args = vec!["--nats", nats];
@@ -18,7 +18,7 @@ fn nodes(n: usize, nats: &str, extra: &[&str]) -> Vec<Herald> {
         .collect()
 }
 
-async fn wait_linked(nodes: &[Herald]) {
+pub async fn wait_linked(nodes: &[Herald]) {
     for n in nodes {
         eventually("node linked to NATS", || async {
             n.metric("herald_nats_connected").await == 1.0

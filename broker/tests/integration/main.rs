@@ -13,3 +13,4 @@ mod lifecycle;
 mod limits;
 mod pubsub;
 mod raw;
+mod status;

@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import WebSocket from 'ws';
 
 import { Node, mintToken, HMAC_KEY, sleep } from './harness.js';
 
@@ -211,6 +212,40 @@ test('the classic heartbeat page gets its answers and its data', async () => {
     assert.equal(await page.evaluate(() => document.body.dataset.state), 'open');
     await page.close();
   } finally {
+    await n.kill();
+  }
+});
+
+test('the status page: its numbers move while a load runs', async () => {
+  const n = await Node.start([]);
+  const sockets = [];
+  try {
+    const page = await browser.newPage({ viewport: { width: 1100, height: 720 } });
+    await page.goto(`${n.http}/status`);
+    await page.waitForFunction(() => document.body.dataset.updated);
+    const cell = (col) => page.$eval(`#nodes tbody tr td:nth-child(${col})`, (td) => td.textContent);
+    assert.equal(await cell(2), '0', 'no connections yet');
+    for (let i = 0; i < 40; i++) {
+      const ws = new WebSocket(`${n.url}?sub=load:room`);
+      sockets.push(ws);
+    }
+    let stop = false;
+    const publishing = (async () => {
+      while (!stop) {
+        await n.publish('load:room', { at: Date.now() });
+        await sleep(5);
+      }
+    })();
+    await page.waitForFunction(() => document.querySelector('#nodes tbody tr td:nth-child(2)').textContent === '40');
+    await page.waitForFunction(() => Number(document.querySelector('#nodes tbody tr td:nth-child(6)').textContent.replace('k', '')) > 0,
+      null, { timeout: 10000 });
+    await sleep(3000); // a few points on the charts
+    stop = true;
+    await publishing;
+    await page.screenshot({ path: path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../docs/status.png') });
+    await page.close();
+  } finally {
+    for (const ws of sockets) ws.terminate();
     await n.kill();
   }
 });

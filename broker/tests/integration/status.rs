@@ -1,0 +1,77 @@
+//! The status page: who may see it, that its figures follow the node, and
+//! that every node of a cluster shows the others.
+
+use serde_json::Value;
+
+use crate::cluster::{nodes, wait_linked};
+use crate::common::*;
+use crate::external::NatsServer;
+
+async fn status_json(h: &Herald, extra: &str) -> (u16, Value) {
+    let (status, body) = h
+        .http(&format!(
+            "GET /status.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n"
+        ))
+        .await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn loopback_or_the_admin_key_only() {
+    let h = Herald::start(&["--trusted-proxies", "127.0.0.1"]);
+    let (status, body) = h.get("/status").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("Herald status") && !body.contains("https://"),
+        "self-contained"
+    );
+    // Through a trusted proxy, a remote client is not loopback.
+    let (status, v) = status_json(&h, "X-Forwarded-For: 203.0.113.5\r\n").await;
+    assert_eq!(status, 403, "{v}");
+
+    let k = Herald::start(&["--admin-key", "s3cret"]);
+    assert_eq!(
+        status_json(&k, "").await.0,
+        403,
+        "a key is set: loopback is not enough"
+    );
+    let (status, _) = k
+        .http("GET /status.json?key=s3cret HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(status_json(&k, "Authorization: Bearer s3cret\r\n").await.0, 200);
+    assert_eq!(status_json(&k, "Authorization: Bearer wrong\r\n").await.0, 403);
+}
+
+#[tokio::test]
+async fn figures_follow_the_node_and_every_node_shows_the_cluster() {
+    let nats = NatsServer::start().await;
+    let ns = nodes(2, &nats.url(), &[]);
+    wait_linked(&ns).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(Client::connect(&ns[1].url("sub=a&sub=b")).await);
+    }
+    eventually("node 0 shows node 1's three sockets", || async {
+        let (_, v) = status_json(&ns[0], "").await;
+        let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+        nodes.len() == 2
+            && nodes
+                .iter()
+                .any(|n| n["connections"] == 3 && n["subscriptions"] == 6)
+    })
+    .await;
+    for _ in 0..20 {
+        ns[0].publish("a", "1").await;
+    }
+    eventually("deliveries per second moved on node 1", || async {
+        let (_, v) = status_json(&ns[1], "").await;
+        v["history"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|s| s["deliveries_per_s"].as_f64() > Some(0.0)))
+    })
+    .await;
+    let (_, v) = status_json(&ns[1], "").await;
+    assert_eq!(v["nodes"][0]["nats"], "connected");
+    assert!(v["history"].as_array().unwrap().len() <= 300);
+}
