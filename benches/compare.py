@@ -14,6 +14,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import platform
 import shutil
 import socket
@@ -263,11 +264,14 @@ def auth_section(quick):
             ("HS256", herald_once(["--token", hs] + args, ["--auth-hmac-key-file", os.path.join(KEYS, "hmac.key")])),
             ("ES256", herald_once(["--token", es] + args, ["--auth-public-key-file", os.path.join(KEYS, "ec.pub")]))]
     base = rows[0][1]["handshakes_per_sec"]
+    report = "reports/handshakes-with-access-control.html"
+    html_report(os.path.join(ROOT, "docs", report), "Handshakes with access control", rows)
     L = [AUTH_BEGIN, "## Handshakes with access control\n",
          "Each row a fresh node, all from one run of `python3 benches/compare.py --section auth`: "
          f"`herald-loadgen --duration {dur} [--token T] connect --concurrency 32` (open, subscribe, close in "
          "32 loops; the token in the URL, granting `>`), against a node with no key, with "
          "`--auth-hmac-key-file`, and with an EC `--auth-public-key-file`.\n",
+         f"Connect latency histogram and handshakes per second of each row: [{report}]({report}).\n",
          "| tokens | handshakes/s | vs none | p50 | p99 | errors | node CPU per handshake |",
          "|---|---|---|---|---|---|---|"]
     for name, r in rows:
@@ -395,6 +399,25 @@ def ratio(a, b, higher_better=True):
     return f"{r:.2f}×"
 
 
+TEMPLATE = os.path.join(ROOT, "loadgen", "src", "report.html")
+
+
+def html_report(path, title, systems):
+    """One self-contained HTML report for a scenario, every system in it
+    (the template `herald-loadgen --html` fills for one system)."""
+    data = json.dumps({"title": title, "systems": [{"name": n, "report": r} for n, r in systems if r]})
+    page = open(TEMPLATE).read().replace("__TITLE__", title.replace("<", "&lt;")).replace(
+        "__DATA__", data.replace("</", "<\\/"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(page)
+    return path
+
+
+def slug(title):
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
 def write(path, scenarios, results, cluster, quick, scale=None):
     L = []
     L.append("# Herald benchmarks\n")
@@ -413,6 +436,10 @@ def write(path, scenarios, results, cluster, quick, scale=None):
         L.append(f"## {title}\n")
         L.append(f"{shape}. Command: `herald-loadgen --target T --url URL --server-pid PID {' '.join(args)}`\n")
         rows = [(n, results.get((title, n))) for n in names]
+        if title != "idle":
+            name = f"reports/{slug(title)}.html"
+            html_report(os.path.join(os.path.dirname(path), name), f"{title}: {shape}", rows)
+            L.append(f"Latency histogram and deliveries per second of each system: [{name}]({name}).\n")
         h = results.get((title, "herald"))
         if title == "connect":
             L.append("| system | handshakes/s | p50 | p99 | errors | Herald ratio |")

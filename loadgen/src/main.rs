@@ -86,6 +86,10 @@ struct Common {
     /// wildcard in a loop, each waiting for its answer.
     #[arg(long, global = true, default_value_t = 0)]
     churn: usize,
+    /// Also write a self-contained HTML report here: a latency histogram
+    /// and deliveries per second over the run.
+    #[arg(long, global = true)]
+    html: Option<std::path::PathBuf>,
     /// Herald only: a connection token (JWT) every socket presents in its
     /// URL (`?token=`), to measure handshakes with access control on.
     #[arg(long, global = true, env = "HERALD_TOKEN", hide_env_values = true)]
@@ -205,6 +209,12 @@ fn main() -> anyhow::Result<()> {
             return worker::run(spec).await;
         }
         let report = coordinate(&cli).await?;
+        if let Some(path) = &cli.common.html {
+            let title = format!("herald-loadgen {} against {}", report.scenario, report.target);
+            let page = report::html(&title, &[(report.target.clone(), &report)]);
+            std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("herald-loadgen: wrote {}", path.display());
+        }
         if cli.common.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
@@ -435,6 +445,22 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
             bail!("worker {i} of {workers} ended without a report")
         }));
     }
+    // Deliveries (or handshakes) in each second, for the HTML report.
+    let timeline = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let sampler = {
+        let (d, t) = (delivered.clone(), timeline.clone());
+        tokio::spawn(async move {
+            let mut prev = 0;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let now = d.load(Relaxed);
+                t.lock().unwrap().push(now - prev.min(now));
+                prev = now;
+            }
+        })
+    };
     let ticker = if tty {
         let (d, p) = (delivered.clone(), published.clone());
         Some(tokio::spawn(async move {
@@ -460,6 +486,7 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
         reports.push(r.await??);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    sampler.abort();
     if let Some(t) = ticker {
         t.abort();
         eprintln!();
@@ -536,6 +563,12 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
     let span_s = (last.saturating_sub(start_ns) as f64 / 1e9).max(run_s);
     out.deliveries_per_sec = out.delivered as f64 / span_s;
     out.latency_us = Percentiles::from(&latency);
+    out.per_second = std::mem::take(&mut *timeline.lock().unwrap());
+    out.latency_histogram = if latency.is_empty() {
+        report::buckets(&connect_latency)
+    } else {
+        report::buckets(&latency)
+    };
     out.handshakes_per_sec = out.handshakes as f64 / run_s;
     out.connect_latency_us = Percentiles::from(&connect_latency);
     let cpu = cpu_after - cpu_before;

@@ -139,6 +139,36 @@ pub struct Report {
     /// Milliseconds from the first lost socket to the last one subscribed
     /// again (storm).
     pub storm_recovery_ms: Option<f64>,
+    /// Deliveries (handshakes in the connect scenario) in each second of
+    /// the run, for the HTML report's time line.
+    pub per_second: Vec<u64>,
+    /// The latency histogram (the connect latency in the connect scenario)
+    /// as (upper bound µs, count) in doubling buckets.
+    pub latency_histogram: Vec<(u64, u64)>,
+}
+
+/// Doubling buckets of a histogram: (upper bound, count).
+pub fn buckets(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    h.iter_log(1, 2.0)
+        .map(|v| (v.value_iterated_to(), v.count_since_last_iteration()))
+        .collect()
+}
+
+/// The self-contained HTML report: `systems` are (name, report) pairs drawn
+/// side by side, a latency histogram and a per-second time line each.
+pub fn html(title: &str, systems: &[(String, &Report)]) -> String {
+    let data = serde_json::json!({
+        "title": title,
+        "systems": systems.iter().map(|(n, r)| serde_json::json!({"name": n, "report": r})).collect::<Vec<_>>(),
+    });
+    // Inside <script>: no "</" may end it early.
+    let data = data.to_string().replace("</", "<\\/");
+    include_str!("report.html")
+        .replace("__TITLE__", &title.replace('<', "&lt;"))
+        .replace("__DATA__", &data)
 }
 
 fn ms(us: u64) -> String {

@@ -168,3 +168,50 @@ fn cluster_scenario_crosses_nodes() {
     let _ = nats.wait();
     assert_all_delivered(&r);
 }
+
+/// `--html` writes a self-contained report carrying its charts' data: the
+/// latency histogram and the deliveries of each second.
+#[test]
+fn html_report_carries_its_charts_data() {
+    let h = herald(&[]);
+    let path = std::env::temp_dir().join(format!("herald-report-{}.html", std::process::id()));
+    let r = loadgen(
+        &[h.port],
+        h.child.id(),
+        &[
+            "--html",
+            path.to_str().unwrap(),
+            "fanout",
+            "--subscribers",
+            "20",
+            "--rate",
+            "500",
+        ],
+    );
+    assert_all_delivered(&r);
+    let page = std::fs::read_to_string(&path).expect("the report");
+    let _ = std::fs::remove_file(&path);
+    assert!(!page.contains("__DATA__"));
+    for external in ["src=\"http", "href=\"http", "<link", "import("] {
+        assert!(!page.contains(external), "self-contained: {external}");
+    }
+    assert!(page.contains(r#"<svg id="hist""#) && page.contains(r#"<svg id="timeline""#));
+    let json = page
+        .split(r#"<script id="data" type="application/json">"#)
+        .nth(1)
+        .and_then(|s| s.split("</script>").next())
+        .expect("the data block");
+    let data: Value = serde_json::from_str(json).expect("the data is JSON");
+    let report = &data["systems"][0]["report"];
+    let buckets = report["latency_histogram"].as_array().unwrap();
+    let counted: u64 = buckets.iter().map(|b| b[1].as_u64().unwrap()).sum();
+    assert_eq!(
+        counted,
+        report["latency_us"]["count"].as_u64().unwrap(),
+        "every latency in a bucket"
+    );
+    let seconds = report["per_second"].as_array().unwrap();
+    assert!(!seconds.is_empty(), "{seconds:?}");
+    let per_second: u64 = seconds.iter().map(|v| v.as_u64().unwrap()).sum();
+    assert!(per_second > 0 && per_second <= report["delivered"].as_u64().unwrap());
+}
