@@ -18,6 +18,9 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 # (for promtool), umoci (image checks), nodejs/npm, python3-venv (chart
 # checks); from crates.io, cargo-fuzz (the fuzz run); npm packages into
 # clients/js; a Python venv in .venv.
+echo "Herald's tests install, when missing: nats-server, haproxy, chromium, prometheus (promtool)," >&2
+echo "umoci, nodejs/npm, python3-venv (apt, --no-install-recommends); cargo-fuzz; npm packages in" >&2
+echo "clients/js; a Python venv in .venv." >&2
 missing=()
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)

@@ -131,6 +131,14 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
             if node.config.demo {
                 routes.extend(["/ (the demo page)", "/herald.js (the browser client)"]);
             }
+            let mut routes: Vec<String> = routes.into_iter().map(String::from).collect();
+            let c = &node.config;
+            routes.extend(
+                c.exec
+                    .iter()
+                    .chain(&c.exec_shell)
+                    .map(|r| format!("{} (WebSocket, --exec)", r.path)),
+            );
             let msg = format!("no route {other:?}; routes: {}", routes.join(", "));
             error(StatusCode::NOT_FOUND, ErrorCode::NotFound, &msg)
         }

@@ -268,7 +268,7 @@ use futures_util::SinkExt;
 
 #[tokio::test]
 async fn an_unknown_route_names_every_route() {
-    let h = Herald::start(&[]);
+    let h = Herald::start(&["--exec", "/count=true"]);
     let (status, body) = h.get("/nope").await;
     assert_eq!(status, 404, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
@@ -282,6 +282,8 @@ async fn an_unknown_route_names_every_route() {
         "/metrics",
         "/herald.js",
         "/ (the demo page)",
+        "/status",
+        "/count (WebSocket, --exec)",
     ] {
         assert!(msg.contains(route), "{route} missing from {msg:?}");
     }
