@@ -56,10 +56,10 @@ HERALD_BIN="$PWD/target/ci/herald" node --test clients/js/test/*.test.js
 (cd clients/js && npx tsc -p test/tsconfig.json)  # herald.d.ts against a typed example
 
 log "Helm chart (Helm's library, Kubernetes schemas), promtool, container image"
-if [ ! -x .venv/bin/pytest ]; then
-    python3 -m venv .venv
+if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import cryptography' 2>/dev/null; then
+    [ -x .venv/bin/python ] || python3 -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check \
-        helm-python-sdk kubernetes-validate pyyaml pytest
+        helm-python-sdk kubernetes-validate pyyaml pytest cryptography
 fi
 HERALD_BIN="$PWD/target/ci/herald" .venv/bin/pytest -q helm/tests
 

@@ -131,6 +131,7 @@ impl Bus {
         urls: &[String],
         prefix: &str,
         max_message_bytes: usize,
+        auth: &LinkAuth,
     ) -> Result<Self, LinkError> {
         let addrs = urls
             .iter()
@@ -144,7 +145,14 @@ impl Bus {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let events = metrics.clone();
-        let client = async_nats::ConnectOptions::new()
+        let mut options = async_nats::ConnectOptions::new();
+        if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(ca) = &auth.tls_ca {
+            options = options.add_root_certificates(ca.into()).require_tls(true);
+        }
+        let client = options
             .name("herald")
             .no_echo()
             .retry_on_initial_connect()
@@ -335,6 +343,18 @@ impl Bus {
             tracing::warn!("NATS link not flushed within the grace period");
         }
     }
+}
+
+/// How the link proves itself to NATS: a user and password, and the CA
+/// that signed the servers' TLS certificates (TLS is then required).
+#[derive(Debug, Default, Clone)]
+pub struct LinkAuth {
+    /// NATS user.
+    pub user: Option<String>,
+    /// Its password.
+    pub password: Option<String>,
+    /// PEM file of the CA to trust.
+    pub tls_ca: Option<String>,
 }
 
 /// Hands publishes to the NATS client in order.

@@ -193,6 +193,19 @@ pub struct Config {
     #[arg(long = "nats", env = "HERALD_NATS_URL", value_delimiter = ',')]
     pub nats: Vec<String>,
 
+    /// NATS user for the cluster link (with --nats-password).
+    #[arg(long, env = "HERALD_NATS_USER")]
+    pub nats_user: Option<String>,
+
+    /// NATS password for the cluster link.
+    #[arg(long, env = "HERALD_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+
+    /// PEM file of the CA that signed the NATS servers' certificates: the
+    /// link then requires TLS.
+    #[arg(long, env = "HERALD_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<String>,
+
     /// Subject prefix on NATS: topic `chat:lobby` is subject `herald.chat.lobby`.
     #[arg(long, env = "HERALD_NATS_PREFIX", default_value = "herald", value_parser = parse_prefix)]
     pub nats_prefix: String,

@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 
 use crate::admission::Admission;
 use crate::auth::{Auth, KeyError};
-use crate::bus::{Bus, LinkError};
+use crate::bus::{Bus, LinkAuth, LinkError};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -76,6 +76,11 @@ impl Node {
                 &config.nats,
                 &config.nats_prefix,
                 config.max_message_bytes,
+                &LinkAuth {
+                    user: config.nats_user.clone().filter(|u| !u.is_empty()),
+                    password: config.nats_password.clone().filter(|p| !p.is_empty()),
+                    tls_ca: config.nats_tls_ca.clone(),
+                },
             )
             .await?;
             (bus, format!("-{}", node_tag()))

@@ -3,6 +3,7 @@ binary), linted in strict mode, validated against the Kubernetes schemas of
 two versions (kubernetes-validate, strict), and checked against the broker's
 real flags. Also: a real node's /metrics passes `promtool check metrics`."""
 
+import base64
 import glob
 import json
 import os
@@ -210,7 +211,16 @@ def test_optional_objects_appear_when_enabled(case):
         assert json.loads(d["data"]["herald.json"])["uid"] == "herald"
         assert d["metadata"]["labels"]["grafana_dashboard"] == "1"
     secret_created = not values.get("auth", {}).get("existingSecret")
-    assert len(by_kind(docs, "Secret")) == int(secret_created)
+    nats_auth = values.get("nats", {}).get("auth", {})
+    nats_secret = nats_on and nats_auth.get("enabled", True) and not nats_auth.get("existingSecret")
+    assert len(by_kind(docs, "Secret")) == int(secret_created) + int(nats_secret)
+    if nats_secret:
+        generated = one(docs, "Secret", suffix="-nats-auth")["data"]["nats-password"]
+        assert len(base64.b64decode(generated)) == 32
+    if nats_on:
+        sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+        names = [c["name"] for c in sts["containers"]]
+        assert names == ["nats"] + (["exporter"] if values.get("nats", {}).get("exporter", {}).get("enabled") else [])
     test_pod = [d for d in by_kind(docs, "Pod") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
     assert len(test_pod) == 1 and test_pod[0]["spec"]["containers"][0]["args"][0] == "check"
 
@@ -222,7 +232,9 @@ def test_a_grace_period_too_short_for_the_drain_is_refused():
 
 def test_external_nats_requires_a_url():
     with pytest.raises(Exception, match="nats.url is required"):
-        render({"nats": {"enabled": False}})
+        render({"nats": {"enabled": False, "auth": {"enabled": False}}})
+    with pytest.raises(Exception, match="needs nats.auth.existingSecret"):
+        render({"nats": {"enabled": False, "url": "nats://x:4222"}})
 
 
 def test_dashboard_selects_a_namespace_and_a_release():
@@ -283,10 +295,13 @@ def test_every_rendered_nats_config_passes_nats_server(case, tmp_path):
     if not values.get("nats", {}).get("enabled", True):
         return
     conf = one(docs, "ConfigMap", suffix="-nats-config")["data"]["nats.conf"]
+    if "/etc/nats-tls/" in conf:
+        write_certs(tmp_path)
+        conf = conf.replace("/etc/nats-tls/", f"{tmp_path}/")
     f = tmp_path / "nats.conf"
     f.write_text(conf)
     r = subprocess.run(["nats-server", "-t", "-c", str(f)], capture_output=True, text=True,
-                       env={**os.environ, "POD_NAME": "live-herald-nats-0"})
+                       env={**os.environ, "POD_NAME": "live-herald-nats-0", "NATS_PASSWORD": "pw"})
     assert r.returncode == 0, f"{os.path.basename(path)}: {r.stdout}{r.stderr}"
     sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]
     pre_stop = sts["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
@@ -318,14 +333,69 @@ def test_the_test_pod_is_not_a_broker(case):
 import contextlib
 
 
+def write_certs(d):
+    """A CA and a server certificate for 127.0.0.1 and localhost, as
+    cert-manager would put them in a kubernetes.io/tls Secret."""
+    import datetime as dt
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("test ca")).issuer_name(name("test ca"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - dt.timedelta(hours=1))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name("live-herald-nats")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(2).not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.DNSName("live-herald-nats"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (d / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (d / "tls.crt").write_bytes(cert.public_bytes(pem))
+    (d / "tls.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def secret_env(docs, container):
+    """The env a container gets from the rendered Secrets' keys (an optional
+    key that is missing stays unset, as Kubernetes does)."""
+    data = {}
+    for sec in by_kind(docs, "Secret"):
+        for k, v in sec.get("data", {}).items():
+            data[(sec["metadata"]["name"], k)] = base64.b64decode(v).decode()
+    env = {}
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if not ref:
+            continue
+        if (ref["name"], ref["key"]) in data:
+            env[e["name"]] = data[(ref["name"], ref["key"])]
+        else:
+            assert ref.get("optional"), f"{e['name']}: a required key no rendered Secret holds"
+    return env
+
+
 @contextlib.contextmanager
-def rendered_node(docs, tmp_path, files=None, secret_env=None):
-    """A real nats-server and a real herald with the env the chart renders
-    (the ConfigMap, plus `secret_env`), listening on loopback; `files` maps
-    a mounted path (/etc/herald/...) to its contents, written under
-    `tmp_path` with the env pointed there. Yields the node's address."""
+def rendered_node(docs, tmp_path, files=None, extra_env=None):
+    """A real nats-server running the NATS config the chart renders (when it
+    bundles NATS; a plain one otherwise) and a real herald with the env the
+    chart renders (the ConfigMap and the rendered Secrets), on loopback;
+    `files` maps a mounted path (/etc/herald/...) to its contents, written
+    under `tmp_path` with the env pointed there. Yields the node's address
+    and its env."""
+    dep = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     env = dict(one(docs, "ConfigMap", suffix="live-herald")["data"])
-    env.update(secret_env or {})
+    env.update(secret_env(docs, dep))
+    env.update(extra_env or {})
     for mounted, content in (files or {}).items():
         local = tmp_path / mounted.lstrip("/")
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -336,8 +406,18 @@ def rendered_node(docs, tmp_path, files=None, secret_env=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         nats_port = s.getsockname()[1]
-    nats = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(nats_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    confs = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-nats-config")]
+    if confs:
+        conf = confs[0]["data"]["nats.conf"]
+        conf = re.sub(r"cluster \{.*?\n    \}\n", "", conf, flags=re.S)  # no peers here
+        conf = conf.replace("/var/run/nats/", f"{tmp_path}/").replace("/etc/nats-tls/", f"{tmp_path}/")
+        (tmp_path / "nats.conf").write_text(conf)
+        sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+        nats_env = {**os.environ, "POD_NAME": "live-herald-nats-0", **secret_env(docs, sts)}
+        cmd = ["nats-server", "-c", str(tmp_path / "nats.conf"), "-a", "127.0.0.1", "-p", str(nats_port), "-m", "0"]
+    else:
+        nats_env, cmd = None, ["nats-server", "-a", "127.0.0.1", "-p", str(nats_port)]
+    nats = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=nats_env)
     env.update({"HERALD_LISTEN": "127.0.0.1:0", "HERALD_METRICS_LISTEN": "127.0.0.1:0",
                 "HERALD_NATS_URL": f"nats://127.0.0.1:{nats_port}",
                 "HERALD_LOG_LEVEL": "warn", "PATH": os.environ["PATH"]})
@@ -363,21 +443,15 @@ def rendered_node(docs, tmp_path, files=None, secret_env=None):
 
 
 def test_the_default_secret_leaves_publishing_open(tmp_path):
-    """A real herald with the env the chart renders by default (NATS
-    pointed at a real local server) accepts an HTTP publish without a key."""
-    import base64
+    """A real herald with the env the chart renders by default, linked to a
+    real nats-server running the rendered config (with its generated
+    password), accepts an HTTP publish without a key."""
     docs = render({})
-    secret = one(docs, "Secret")
-    key_ref = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
-    secret_env = {}
-    for e in key_ref:
-        ref = e.get("valueFrom", {}).get("secretKeyRef")
-        if ref and ref["key"] in secret["data"]:
-            secret_env[e["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
-        elif ref:
-            assert ref.get("optional"), f"{e['name']}: a required key the Secret lacks"  # else unset, as Kubernetes does
-    assert secret_env.get("HERALD_API_KEY") == "", "the default Secret carries an empty key"
-    with rendered_node(docs, tmp_path, secret_env=secret_env) as (addr, _):
+    dep = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = secret_env(docs, dep)
+    assert env.get("HERALD_API_KEY") == "", "the default Secret carries an empty key"
+    assert len(env["HERALD_NATS_PASSWORD"]) == 32, "the generated NATS password reaches Herald"
+    with rendered_node(docs, tmp_path) as (addr, _):
         # The public port keeps metrics to the metrics port.
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"http://{addr}/metrics")
@@ -448,7 +522,8 @@ def test_every_herald_serve_setting_is_settable():
                             "tokens": {"secretName": "t", "hmacKey": "h", "publicKey": "p", "jwksKey": "j",
                                        "audience": "a", "issuer": "i"},
                             "anonymousSubscribe": ["public:>"], "anonymousPublish": ["public:x"]},
-                   "admission": {"trustedProxies": ["10.0.0.0/8"]}})
+                   "admission": {"trustedProxies": ["10.0.0.0/8"]},
+                   "nats": {"tls": {"enabled": True, "secretName": "nats-tls"}}})
     cm = one(docs, "ConfigMap", suffix="live-herald")
     env = {e["name"] for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
     missing = herald_flags() - set(cm["data"]) - env
@@ -479,3 +554,22 @@ def test_escape_hatches_land_where_they_should():
     assert spec["tolerations"] == values["nats"]["tolerations"]
     assert spec["affinity"] == values["nats"]["affinity"]
     assert spec["imagePullSecrets"] == [{"name": "registry"}]
+
+
+def test_bundled_nats_with_tls_and_a_password_links_for_real(tmp_path):
+    """ci/nats-tls-values.yaml: the rendered NATS config (TLS on the client
+    port, the generated password) run by a real nats-server, and a real
+    herald with the rendered env (user, password, CA) links to it; a
+    client without TLS or the password is refused."""
+    docs = render(values_of(os.path.join(CHART, "ci", "nats-tls-values.yaml")))
+    write_certs(tmp_path)
+    ca = (tmp_path / "ca.crt").read_text()
+    with rendered_node(docs, tmp_path, files={"/etc/herald/nats-tls/ca.crt": ca}) as (addr, env):
+        assert env["HERALD_NATS_USER"] == "herald" and env["HERALD_NATS_TLS_CA"].endswith("ca.crt")
+        port = int(env["HERALD_NATS_URL"].rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            info = s.recv(4096).decode()
+            assert '"tls_required":true' in info and '"auth_required":true' in info, info
+            s.sendall(b'CONNECT {"verbose":false}\r\nPING\r\n')
+            answer = s.recv(4096)
+            assert answer == b"" or b"-ERR" in answer, answer  # closed or refused, never PONG

@@ -112,7 +112,15 @@ and the API keys file (a key of the API key Secret). Checks the settings.
 {{- if and (or $t.hmacKey $t.publicKey $t.jwksKey) (not $t.secretName) -}}
 {{- fail "auth.tokens.secretName is required when auth.tokens.hmacKey, publicKey or jwksKey is set" -}}
 {{- end -}}
+{{- if and (not .Values.nats.enabled) .Values.nats.auth.enabled (not .Values.nats.auth.existingSecret) -}}
+{{- fail "nats.auth.enabled with an external NATS (nats.enabled false) needs nats.auth.existingSecret holding its password; or set nats.auth.enabled false" -}}
+{{- end -}}
 {{- if and .Values.auth.apiKeysFileKey (not .Values.auth.existingSecret) -}}
 {{- fail "auth.apiKeysFileKey names a key of auth.existingSecret: set both" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The Secret holding the NATS password. */}}
+{{- define "herald.natsSecretName" -}}
+{{- default (printf "%s-nats-auth" (include "herald.fullname" .)) .Values.nats.auth.existingSecret }}
+{{- end }}
