@@ -51,7 +51,7 @@ log "tests (unit and integration, against real herald processes)"
 cargo test --workspace --profile ci
 
 log "browser client: Node tests and real Chromium"
-(cd clients/js && npm ci --no-audit --no-fund --loglevel=error)
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && node build.mjs)  # CJS + minified, sizes
 HERALD_BIN="$PWD/target/ci/herald" node --test clients/js/test/*.test.js
 (cd clients/js && npx tsc -p test/tsconfig.json)  # herald.d.ts against a typed example
 

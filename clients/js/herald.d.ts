@@ -46,6 +46,8 @@ export interface PresenceNotice {
 
 export class HeraldError extends Error {
   constructor(code: string, message: string);
+  /** On a subscription's error: the pattern refused. */
+  pattern?: string;
   /** The node's error code (bad_topic, forbidden, unauthorized, rate_limited, ...) or the client's (queue_full, closed, connection_lost, timeout, not_connected, no_websocket, token). */
   code: string;
 }
@@ -71,14 +73,29 @@ export interface HeraldEventMap {
   refreshed: Event;
 }
 
+/** What `subscribe()` returns: call it to unsubscribe. */
+export interface Subscription {
+  (): void;
+  /** Removes this handler (and the node's subscription with its last handler). */
+  unsubscribe(): void;
+  readonly pattern: string;
+  readonly state: 'subscribing' | 'subscribed' | 'error' | 'unsubscribed';
+  /** Resolves once the node has the subscription in effect; rejects with the node's refusal. */
+  ready(): Promise<void>;
+  /** `subscribed` after every (re)subscribe; `error` when the node refuses the pattern. */
+  addEventListener(type: 'subscribed', listener: (ev: Event) => void): void;
+  addEventListener(type: 'error', listener: (ev: HeraldErrorEvent) => void): void;
+  removeEventListener(type: 'subscribed' | 'error', listener: (ev: never) => void): void;
+}
+
 export class Herald extends EventTarget {
   constructor(url: string, options?: HeraldOptions);
   readonly url: string;
   readonly state: HeraldState;
-  /** Calls handler for every message on topics matching pattern; returns an unsubscribe function. */
-  subscribe(pattern: string, handler: (data: unknown, topic: string) => void): () => void;
-  /** Calls handler for join/leave notices on topics matching pattern; returns an unsubscribe function. */
-  presence(pattern: string, handler: (notice: PresenceNotice, topic: string) => void): () => void;
+  /** Calls handler for every message on topics matching pattern; returns a Subscription (callable to unsubscribe). */
+  subscribe(pattern: string, handler: (data: unknown, topic: string) => void): Subscription;
+  /** Calls handler for join/leave notices on topics matching pattern; returns a Subscription. */
+  presence(pattern: string, handler: (notice: PresenceNotice, topic: string) => void): Subscription;
   /** Publishes data (any JSON value); settles with the node's ack or error. */
   publish(topic: string, data: unknown): Promise<void>;
   /** Closes for good: no reconnect; publishes queued or awaiting their ack reject with code 'closed'. */

@@ -95,8 +95,12 @@ export class Herald extends EventTarget {
 
   /**
    * Calls `handler(data, topic)` for every message on topics matching
-   * `pattern`. Returns a function that removes this handler (and the
-   * subscription, when it was the last one).
+   * `pattern`. Returns a Subscription: call it (or its `unsubscribe()`) to
+   * remove this handler (and the subscription, when it was the last one);
+   * `ready()` resolves once the node has it in effect; `state` is
+   * `subscribing`, `subscribed`, `error` or `unsubscribed`; it dispatches
+   * `subscribed` after every (re)subscribe (the moment to refetch what was
+   * missed) and `error` (with `error.pattern`) when the node refuses it.
    */
   subscribe(pattern, handler) {
     return this._add(pattern, 'data', handler);
@@ -163,19 +167,68 @@ export class Herald extends EventTarget {
   _add(pattern, kind, handler) {
     let entry = this._subs.get(pattern);
     if (!entry) {
-      entry = { data: new Set(), presence: new Set() };
+      entry = { data: new Set(), presence: new Set(), state: 'subscribing', error: null, events: new EventTarget() };
       this._subs.set(pattern, entry);
-      if (this.state === 'open') this._request({ op: 'sub', topic: pattern }).catch((e) => this._report(e));
+      if (this.state === 'open') this._subscribe(pattern, entry);
     }
     entry[kind].add(handler);
-    return () => {
+    let removed = false;
+    const unsubscribe = () => {
+      if (removed) return;
+      removed = true;
       const e = this._subs.get(pattern);
       if (!e || !e[kind].delete(handler)) return;
       if (e.data.size === 0 && e.presence.size === 0) {
         this._subs.delete(pattern);
+        e.state = 'unsubscribed';
         if (this.state === 'open') this._request({ op: 'unsub', topic: pattern }).catch((err) => this._report(err));
       }
     };
+    // A function, so `const off = herald.subscribe(..); off()` keeps working.
+    const sub = () => unsubscribe();
+    sub.unsubscribe = unsubscribe;
+    sub.pattern = pattern;
+    Object.defineProperty(sub, 'state', { get: () => (removed ? 'unsubscribed' : entry.state) });
+    sub.addEventListener = (...a) => entry.events.addEventListener(...a);
+    sub.removeEventListener = (...a) => entry.events.removeEventListener(...a);
+    sub.ready = () =>
+      new Promise((resolve, reject) => {
+        if (entry.state === 'subscribed') return resolve();
+        if (entry.state === 'error') return reject(entry.error);
+        if (removed) return reject(new HeraldError('unsubscribed', `${pattern} was unsubscribed`));
+        const done = () => {
+          entry.events.removeEventListener('subscribed', ok);
+          entry.events.removeEventListener('error', fail);
+        };
+        const ok = () => (done(), resolve());
+        const fail = (e) => (done(), reject(e.error));
+        entry.events.addEventListener('subscribed', ok);
+        entry.events.addEventListener('error', fail);
+      });
+    return sub;
+  }
+
+  /** Asks the node for `pattern`; the answer goes to its subscriptions. */
+  _subscribe(pattern, entry) {
+    entry.state = 'subscribing';
+    entry.error = null;
+    this._request({ op: 'sub', topic: pattern }).then(
+      () => {
+        if (this._subs.get(pattern) !== entry) return;
+        entry.state = 'subscribed';
+        entry.events.dispatchEvent(new Event('subscribed'));
+      },
+      (error) => {
+        // A lost connection is not the subscription's fault: it is sent
+        // again on the next open.
+        if (error.code === 'connection_lost' || error.code === 'not_connected') return;
+        error.pattern = pattern;
+        entry.state = 'error';
+        entry.error = error;
+        entry.events.dispatchEvent(Object.assign(new Event('error'), { error }));
+        this._report(error);
+      },
+    );
   }
 
   _report(error) {
@@ -252,11 +305,17 @@ export class Herald extends EventTarget {
     try {
       ws = new this.options.WebSocket(this.url);
     } catch (e) {
-      this._scheduleReconnect(1006, String(e));
+      // A URL that can never work (not ws:// or wss://, malformed): fail
+      // once, clearly, instead of retrying forever.
+      this._giveUp(new HeraldError('bad_url', `cannot open ${this.url}: ${(e && e.message) || e}`));
       return;
     }
     this._ws = ws;
+    let opened = false;
+    let failure = '';
     ws.onopen = () => {
+      opened = true;
+      this._refusals = 0;
       // The backoff starts over only once the connection has stayed up: a
       // node that accepts and then closes is not hammered.
       clearTimeout(this._timers.stable);
@@ -274,9 +333,7 @@ export class Herald extends EventTarget {
         this._request({ op: 'auth', token: this._token }).catch((e) => this._report(e));
         this._scheduleRefresh();
       }
-      for (const pattern of this._subs.keys()) {
-        this._request({ op: 'sub', topic: pattern }).catch((e) => this._report(e));
-      }
+      for (const [pattern, entry] of this._subs) this._subscribe(pattern, entry);
       const queued = this._queue;
       this._queue = [];
       for (const item of queued) {
@@ -288,13 +345,54 @@ export class Herald extends EventTarget {
     ws.onmessage = (ev) => this._onMessage(ev.data);
     ws.onclose = (ev) => {
       if (ws !== this._ws) return;
+      if (!opened && this._refused(failure)) return;
       this._lost(ev.code, ev.reason);
     };
-    ws.onerror = () => {};
+    // Browsers hide why a handshake failed; Node's `ws` says (its message
+    // carries the HTTP status).
+    ws.onerror = (ev) => {
+      failure = (ev && (ev.message || (ev.error && ev.error.message))) || '';
+    };
+  }
+
+  /**
+   * A handshake that never opened. An HTTP refusal that will not change
+   * (400 bad sub=, 401, 403, 404) ends the client with a clear error, where
+   * the environment shows the status. Otherwise, after three in a row, the
+   * client says why it may be failing and backs off to its longest delay.
+   * Returns true when it gave up.
+   */
+  _refused(failure) {
+    this._refusals = (this._refusals || 0) + 1;
+    const status = Number((/Unexpected server response: (\d+)/.exec(failure) || [])[1]);
+    if ([400, 401, 403, 404, 426].includes(status)) {
+      this._giveUp(new HeraldError('handshake_refused', `the node refused the handshake with HTTP ${status}: check the URL's sub= patterns, the token, and --allowed-origins`));
+      return true;
+    }
+    if (this._refusals === 3) {
+      this._report(new HeraldError('handshake_refused',
+        `${this._refusals} handshakes in a row closed before opening${status ? ` (HTTP ${status})` : ''}: ` +
+        'a bad sub= pattern, an origin the node does not allow (--allowed-origins), a refused token, ' +
+        'or a node at its limits; slowing down'));
+    }
+    if (this._refusals >= 3) this._attempt = Math.max(this._attempt, 30); // the longest backoff
+    return false;
+  }
+
+  /** Ends the client for a reason that retrying cannot fix. */
+  _giveUp(error) {
+    this._teardown();
+    this._closedByUser = true;
+    this._stopVisibilityWatch();
+    this._failPending(error);
+    this._failQueued(error);
+    this._report(error);
+    this._setState('closed', 1006, error.message);
   }
 
   _lost(code, reason) {
     this._teardown();
+    for (const entry of this._subs.values()) if (entry.state === 'subscribed') entry.state = 'subscribing';
     this._failPending(new HeraldError('connection_lost', `connection lost (${code}) before the answer`));
     if (this._closedByUser) return;
     if (isTerminal(code)) {

@@ -249,3 +249,53 @@ test('the status page: its numbers move while a load runs', async () => {
     await n.kill();
   }
 });
+
+test('in Chromium, a hidden tab whose timers fire once a minute keeps a healthy connection, and still notices a dead node', async () => {
+  const n = await Node.start([]);
+  try {
+    const page = await browser.newPage();
+    // Fake timers and clock, moved from here: fastForward fires each due
+    // timer at most once, as a throttled background tab does.
+    await page.clock.install();
+    await page.goto(`${n.http}/herald.js`);
+    await page.evaluate(async () => {
+      const { Herald } = await import('/herald.js');
+      window.log = [];
+      window.got = [];
+      const h = new Herald(`ws://${location.host}/ws`, { heartbeatInterval: 10000, heartbeatTimeout: 25000 });
+      h.addEventListener('state', (e) => window.log.push(`${e.detail.state}:${e.detail.code || ''}`));
+      h.subscribe('tab', (d) => window.got.push(d));
+      window.h = h;
+    });
+    await page.waitForFunction(() => window.h.state === 'open');
+    const setVisibility = (v) =>
+      page.evaluate((v) => {
+        Object.defineProperty(document, 'visibilityState', { value: v, configurable: true });
+        document.dispatchEvent(new Event('visibilitychange'));
+      }, v);
+    await setVisibility('hidden');
+    for (let i = 0; i < 3; i++) {
+      await page.clock.fastForward(60_000); // a minute in a background tab
+      await sleep(300); // the heartbeat's real round trip
+    }
+    await setVisibility('visible');
+    await sleep(300);
+    await n.publish('tab', 'still here');
+    await page.waitForFunction(() => window.got.includes('still here'));
+    let log = await page.evaluate(() => window.log);
+    assert.ok(!log.some((l) => l.startsWith('reconnecting')), log.join());
+
+    // A node that stops answering is still found out: the heartbeat sent
+    // goes unanswered past heartbeatTimeout.
+    n.stop();
+    await page.clock.fastForward(60_000);
+    await sleep(300);
+    await page.clock.fastForward(30_000);
+    await page.waitForFunction(() => window.log.some((l) => l.startsWith('reconnecting:4002')));
+    n.cont();
+    await page.close();
+  } finally {
+    n.cont();
+    await n.kill();
+  }
+});

@@ -369,3 +369,54 @@ test('tokens: getToken on every connect, refresh before exp, 4003 reconnects wit
   assert.equal(calls3, 1);
   assert.equal(refused.state, 'closed');
 });
+
+test('subscription objects: ready(), subscribed after every (re)subscribe, errors that name the pattern', async () => {
+  const n = await node([]);
+  const h = client(n.url);
+  const got = collector();
+  const sub = h.subscribe('orders:*', got.fn);
+  assert.equal(typeof sub, 'function', 'still callable to unsubscribe');
+  assert.equal(sub.state, 'subscribing');
+  let subscribed = 0;
+  sub.addEventListener('subscribed', () => subscribed++);
+  await sub.ready();
+  assert.equal(sub.state, 'subscribed');
+  assert.equal(subscribed, 1);
+  await n.restart();
+  await until('subscribed again after the reconnect', () => subscribed === 2);
+  await n.publish('orders:7', 1);
+  await until('delivery', () => got.got.length === 1);
+
+  const globalErrors = [];
+  h.addEventListener('error', (e) => globalErrors.push(e.error.code));
+  const bad = h.subscribe('orders..x', () => {});
+  const subErrors = [];
+  bad.addEventListener('error', (e) => subErrors.push(e.error));
+  await assert.rejects(bad.ready(), (e) => e instanceof HeraldError && e.code === 'bad_topic' && e.pattern === 'orders..x');
+  assert.equal(bad.state, 'error');
+  assert.equal(subErrors.length, 1);
+  assert.ok(globalErrors.includes('bad_topic'));
+  sub.unsubscribe();
+  assert.equal(sub.state, 'unsubscribed');
+});
+
+test('a URL that can never work, and refused handshakes, fail clearly', async () => {
+  const bad = new Herald('ftp://127.0.0.1/nowhere', { WebSocket });
+  clients.push(bad);
+  assert.equal(bad.state, 'closed');
+  const n = await node([]);
+  const refused = client(`${n.url}?sub=a..b`);
+  const errors = [];
+  refused.addEventListener('error', (e) => errors.push(e.error));
+  const closed = await next(refused, 'closed');
+  assert.match(closed.detail.reason, /HTTP 400/);
+  assert.equal(errors[0].code, 'handshake_refused');
+  // A node at its limit (503) is worth retrying, but the client says why and slows down.
+  const full = await node(['--max-connections', '0']);
+  const waiting = client(full.url, { minReconnectDelay: 10, maxReconnectDelay: 50 });
+  const seen = [];
+  waiting.addEventListener('error', (e) => seen.push(e.error));
+  await until('told why after three refusals', () => seen.some((e) => e.code === 'handshake_refused'));
+  assert.match(seen.find((e) => e.code === 'handshake_refused').message, /HTTP 503.*slowing down/);
+  assert.notEqual(waiting.state, 'closed');
+});

@@ -26,3 +26,10 @@ const authed = new Herald('ws://127.0.0.1:8080/ws', {
 authed.addEventListener('refreshed', () => undefined);
 const exp: number | undefined = tokenExpiry('a.b.c');
 void exp;
+
+// Subscription objects: still callable, with state, ready() and events.
+const orders = h.subscribe('orders:*', () => undefined);
+orders.addEventListener('subscribed', () => console.log('refetch what was missed'));
+orders.addEventListener('error', (e) => console.log((e.error as HeraldError).pattern));
+void orders.ready().then(() => console.log(orders.state, orders.pattern));
+orders();
