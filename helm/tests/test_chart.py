@@ -178,6 +178,13 @@ def test_optional_objects_appear_when_enabled(case):
     _, values, docs = case
     auto = values.get("autoscaling", {}).get("enabled", False)
     assert len(by_kind(docs, "HorizontalPodAutoscaler")) == int(auto)
+    for hpa in by_kind(docs, "HorizontalPodAutoscaler"):
+        per_pod = values["autoscaling"].get("targetConnectionsPerPod", 0)
+        pods = [m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+        assert len(pods) == int(bool(per_pod))
+        for m in pods:
+            assert m["pods"]["metric"]["name"] == "herald_connections"  # a series the broker exports
+            assert m["pods"]["target"]["averageValue"] == str(per_pod)
     dep = one(docs, "Deployment")
     assert ("replicas" in dep["spec"]) == (not auto)
     nats_on = values.get("nats", {}).get("enabled", True)
