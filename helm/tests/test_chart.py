@@ -226,6 +226,8 @@ def test_optional_objects_appear_when_enabled(case):
         assert len(base64.b64decode(generated)) == 32
     if nats_on:
         sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+        spread = sts["topologySpreadConstraints"][0]
+        assert spread["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "nats"
         names = [c["name"] for c in sts["containers"]]
         assert names == ["nats"] + (["exporter"] if values.get("nats", {}).get("exporter", {}).get("enabled") else [])
     test_pod = [d for d in by_kind(docs, "Pod") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
