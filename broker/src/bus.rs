@@ -33,7 +33,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::{Body, Hub, Interest};
 use crate::metrics::Metrics;
-use crate::subjects::{barrier, Live, Receiver, Subjects, HEADER_CLIENT, HEADER_EVENT, HEADER_NAME};
+use crate::subjects::{
+    barrier, Live, Receiver, Subjects, HEADER_CLIENT, HEADER_EVENT, HEADER_NAME, HEADER_QUIET, HEADER_USER,
+};
 /// Publishes waiting for the link's sender task; past it a publish fails
 /// rather than queueing without bound.
 const OUTBOUND_CAPACITY: usize = 65_536;
@@ -297,15 +299,39 @@ impl Bus {
         result
     }
 
-    /// Announces that `client` joined or left `topic`, on every node.
-    pub fn presence(&self, topic: &str, event: &str, client: &str, name: Option<&str>) {
-        self.hub.deliver(topic, Body::Presence { event, client, name });
+    /// Tells every node that `client` joined or left `topic`; `notify`
+    /// false updates their rosters without a notice to sockets (a user's
+    /// second socket, with `--presence-by user`).
+    pub fn presence(
+        &self,
+        topic: &str,
+        event: &str,
+        client: &str,
+        user: Option<&str>,
+        name: Option<&str>,
+        notify: bool,
+    ) {
+        if notify {
+            let body = Body::Presence {
+                event,
+                client,
+                user,
+                name,
+            };
+            self.hub.deliver(topic, body);
+        }
         if self.link.is_some() {
             let mut h = HeaderMap::new();
             h.insert(HEADER_EVENT, event);
             h.insert(HEADER_CLIENT, client);
             if let Some(n) = name {
                 h.insert(HEADER_NAME, n);
+            }
+            if let Some(u) = user {
+                h.insert(HEADER_USER, u);
+            }
+            if !notify {
+                h.insert(HEADER_QUIET, "1");
             }
             // A lost notice is logged, not fatal: presence is advisory.
             if let Err(e) = self.forward(topic, Some(h), Bytes::new(), 0) {

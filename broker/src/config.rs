@@ -98,6 +98,17 @@ pub struct Config {
     #[arg(long = "presence", env = "HERALD_PRESENCE", value_delimiter = ',', value_parser = parse_pattern)]
     pub presence: Vec<String>,
 
+    /// Presence notices and counts per socket (`client`, the default) or
+    /// per user (`user`: a user's first socket joins, its last one leaves;
+    /// sockets without a token count as their own user).
+    #[arg(long, env = "HERALD_PRESENCE_BY", default_value = "client", value_parser = ["client", "user"])]
+    pub presence_by: String,
+
+    /// A node not heard from for this long (killed, or cut off from NATS)
+    /// has its members removed, with leave notices from the other nodes.
+    #[arg(long, env = "HERALD_PRESENCE_TTL", default_value = "15s", value_parser = parse_duration)]
+    pub presence_ttl: Duration,
+
     /// Origins whose pages may open WebSockets (comma-separated): exact
     /// (`https://app.example.com`), a subdomain wildcard
     /// (`https://*.example.com`), `null` (sandboxed pages and files), or `*`

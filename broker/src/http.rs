@@ -112,6 +112,7 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
         ),
         "/metrics" if get => metrics(node),
         "/v1/publish" if req.method() == Method::POST => publish(node, req).await,
+        "/v1/presence" | "/v1/presence/stats" if get => presence(node, &req),
         "/healthz" | "/readyz" | "/metrics" | "/v1/publish" => error(
             StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::BadRequest,
@@ -121,6 +122,8 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
             let mut routes = vec![
                 "/ws (WebSocket)",
                 "POST /v1/publish",
+                "GET /v1/presence?topic=",
+                "GET /v1/presence/stats?topic=",
                 "/healthz",
                 "/readyz",
                 "/status (loopback or --admin-key)",
@@ -206,6 +209,44 @@ async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError>
         }
     }
     Ok(out.freeze())
+}
+
+/// `GET /v1/presence?topic=T` (members) and `/v1/presence/stats?topic=T`
+/// (counts), with the same keys and grants as subscribing.
+fn presence(node: &Node, req: &Request<Incoming>) -> Response<Body> {
+    let access = match publisher(node, req) {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    let topic = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("topic="))
+        .unwrap_or("");
+    if let Err(e) = herald_protocol::Topic::parse(topic) {
+        node.metrics.error(ErrorCode::BadTopic);
+        return error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadTopic,
+            &format!("topic={topic:?}: {e}"),
+        );
+    }
+    if let Some(msg) = access.as_ref().and_then(|a| a.forbids(topic, false)) {
+        node.metrics.error(ErrorCode::Forbidden);
+        return error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, &msg);
+    }
+    match node.router.presence(topic, req.uri().path().ends_with("/stats")) {
+        Ok(mut v) => {
+            v["topic"] = topic.into();
+            respond(StatusCode::OK, "application/json", v.to_string())
+        }
+        Err((code, msg)) => {
+            node.metrics.error(code);
+            error(StatusCode::BAD_REQUEST, code, &msg)
+        }
+    }
 }
 
 async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {

@@ -20,6 +20,7 @@ use crate::members::{Members, Snapshot};
 use crate::metrics::Metrics;
 use crate::outbox::Pushed;
 use crate::patterns::{Change, Patterns};
+use crate::roster::Roster;
 use crate::subscriber::Subscriber;
 
 /// A subscribed socket, as the hub holds it.
@@ -40,6 +41,8 @@ pub enum Body<'a> {
         event: &'a str,
         /// The socket that joined or left.
         client: &'a str,
+        /// Its token's user id, if it has one.
+        user: Option<&'a str>,
         /// Its display name, if it gave one.
         name: Option<&'a str>,
     },
@@ -70,6 +73,8 @@ struct Inner {
     /// Most distinct wildcard patterns the node holds.
     max_patterns: usize,
     presence: Vec<String>,
+    /// Who is on the presence topics, cluster-wide.
+    roster: Roster,
     metrics: Arc<Metrics>,
 }
 
@@ -92,6 +97,7 @@ impl Hub {
                 patterns: Patterns::default(),
                 max_patterns,
                 presence,
+                roster: Roster::default(),
                 metrics,
             }),
         }
@@ -100,6 +106,11 @@ impl Hub {
     /// Whether `topic` announces joins and leaves.
     pub fn has_presence(&self, topic: &str) -> bool {
         self.inner.presence.iter().any(|p| topic::matches(p, topic))
+    }
+
+    /// Who is on the presence topics, cluster-wide.
+    pub fn roster(&self) -> &Roster {
+        &self.inner.roster
     }
 
     /// Adds `sub` under `pattern` (concrete or wildcard). Idempotent.
@@ -266,9 +277,12 @@ impl<'a> Frames<'a> {
                 encode_burst(ds, |out, d| message::put_delivery(out, topic, d)),
                 ds.len(),
             ),
-            Body::Presence { event, client, name } => {
-                (message::encode_presence(topic, event, client, name), 1)
-            }
+            Body::Presence {
+                event,
+                client,
+                user,
+                name,
+            } => (message::encode_presence(topic, event, client, user, name), 1),
         };
         Frames {
             json,

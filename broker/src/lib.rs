@@ -26,6 +26,8 @@
 //!   joins and leaves cost a bounded copy, fan-out walks a snapshot.
 //! - [`patterns`]: wildcard subscriptions in a subject tree with a match
 //!   cache: matching costs one step per segment.
+//! - [`roster`]: who is on each presence topic, cluster-wide: this node's
+//!   members, the others' from their notices and snapshots, and expiry.
 //! - [`hub`]: the node's fan-out table: sharded topics, wildcard patterns.
 //! - [`subjects`]: the cluster link's NATS subscriptions, one per key with
 //!   local interest, when each is live, and what arrives on them.
@@ -75,6 +77,7 @@ pub mod params;
 pub mod patterns;
 pub mod preread;
 pub mod rate;
+pub mod roster;
 pub mod router;
 pub mod server;
 pub mod session;

@@ -15,8 +15,9 @@ use crate::admission::Admission;
 use crate::auth::{Auth, KeyError};
 use crate::bus::{Bus, LinkAuth, LinkError};
 use crate::config::Config;
-use crate::hub::Hub;
+use crate::hub::{Body, Hub};
 use crate::metrics::Metrics;
+use crate::roster::Change;
 use crate::router::Router;
 use crate::sessions::Sessions;
 
@@ -85,7 +86,14 @@ impl Node {
             .await?;
             (bus, format!("-{}", node_tag()))
         };
-        let router = Router::new(bus, metrics.clone(), client_suffix, config.max_subscriptions);
+        let by_user = config.presence_by == "user";
+        let router = Router::new(
+            bus,
+            metrics.clone(),
+            client_suffix,
+            config.max_subscriptions,
+            by_user,
+        );
         let auth = Auth::from_config(&config)?.map(Arc::new);
         if auth.is_none() && !config.listen.ip().is_loopback() {
             tracing::warn!(
@@ -179,6 +187,74 @@ impl Node {
             if rounds.is_multiple_of(20) && self.sessions.auth().is_some_and(|a| a.changed()) {
                 self.reload_keys();
             }
+        }
+    }
+
+    /// Keeps presence right across the cluster: publishes this node's
+    /// members three times per `--presence-ttl`, applies the other nodes'
+    /// snapshots, and drops nodes silent past the TTL, telling this node's
+    /// sockets of every change.
+    pub async fn presence_sync(self: Arc<Self>) {
+        let bus = self.router.bus();
+        let (Some(client), Some(prefix)) = (bus.nats_client(), bus.prefix()) else {
+            return; // embedded: no other nodes
+        };
+        if self.config.presence.is_empty() {
+            return;
+        }
+        let subject = format!("_herald.presence.{prefix}");
+        let me = self.router.node_id().to_owned();
+        let node = self.clone();
+        let (c, s, id) = (client.clone(), subject.clone(), me.clone());
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let Ok(mut sub) = c.subscribe(s).await else { return };
+            while let Some(msg) = sub.next().await {
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&msg.payload) else {
+                    continue;
+                };
+                if v["node"].as_str() != Some(id.as_str()) {
+                    let changes = node.router.hub().roster().apply_snapshot(&v);
+                    node.tell(changes);
+                }
+            }
+        });
+        let ttl = self.config.presence_ttl.max(Duration::from_millis(300));
+        let every = ttl / 3;
+        let mut tick = tokio::time::interval(Duration::from_millis(100).max(every / 5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = tokio::time::Instant::now() - every;
+        loop {
+            tick.tick().await;
+            let roster = self.router.hub().roster();
+            if last.elapsed() >= every {
+                last = tokio::time::Instant::now();
+                let snap = roster.snapshot(&me).to_string();
+                let _ = client.publish(subject.clone(), snap.into()).await;
+            }
+            let gone = roster.expire(ttl);
+            self.tell(gone);
+        }
+    }
+
+    /// Tells this node's sockets of joins and leaves learnt from elsewhere
+    /// (with `--presence-by user`, only a user's first and last socket).
+    fn tell(&self, changes: Vec<Change>) {
+        let hub = self.router.hub();
+        for (topic, event, m) in changes {
+            if let (true, Some(u)) = (self.router.by_user(), m.user.as_deref()) {
+                let now = hub.roster().sockets_of(&topic, u);
+                if (event == "join" && now != 1) || (event == "leave" && now != 0) {
+                    continue;
+                }
+            }
+            let body = Body::Presence {
+                event,
+                client: &m.client,
+                user: m.user.as_deref(),
+                name: m.name.as_deref(),
+            };
+            hub.deliver(&topic, body);
         }
     }
 

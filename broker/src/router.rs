@@ -15,6 +15,7 @@ use herald_protocol::message::{self, ErrorCode};
 use crate::bus::{Bus, BusError};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::roster::Member;
 use crate::subjects::Live;
 use crate::subscriber::{Subscriber, Subscription};
 
@@ -63,19 +64,47 @@ struct Inner {
     /// a cluster (empty on an embedded node).
     client_suffix: String,
     max_subscriptions: usize,
+    /// `--presence-by user`: notices for a user's first and last socket.
+    by_user: bool,
+}
+
+/// Who a socket is, for presence: its `?name=` and its token's user id.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Who<'a> {
+    /// The display name.
+    pub name: Option<&'a str>,
+    /// The token's `sub`.
+    pub user: Option<&'a str>,
 }
 
 impl Router {
     /// A router publishing through `bus`.
-    pub fn new(bus: Bus, metrics: Arc<Metrics>, client_suffix: String, max_subscriptions: usize) -> Self {
+    pub fn new(
+        bus: Bus,
+        metrics: Arc<Metrics>,
+        client_suffix: String,
+        max_subscriptions: usize,
+        by_user: bool,
+    ) -> Self {
         Router {
             inner: Arc::new(Inner {
                 bus,
                 metrics,
                 client_suffix,
                 max_subscriptions,
+                by_user,
             }),
         }
+    }
+
+    /// This node's tag in client ids (`""` on an embedded node).
+    pub fn node_id(&self) -> &str {
+        self.inner.client_suffix.trim_start_matches('-')
+    }
+
+    /// Whether notices are per user (`--presence-by user`).
+    pub fn by_user(&self) -> bool {
+        self.inner.by_user
     }
 
     /// The local fan-out table.
@@ -107,7 +136,7 @@ impl Router {
         &self,
         sub: &Arc<Subscriber>,
         pattern: &str,
-        name: Option<&str>,
+        who: Who<'_>,
         ack: Option<&str>,
     ) -> Result<Option<Live>, Refused> {
         let (held, count) = {
@@ -134,35 +163,33 @@ impl Router {
             self.inner.metrics.subscriptions.fetch_add(1, Relaxed);
         }
         let Some(live) = self.inner.bus.until_live(pattern) else {
-            self.subscribed(sub, pattern, name, ack, !held);
+            self.subscribed(sub, pattern, who, ack, !held);
             return Ok(None);
         };
         let (router, sub) = (self.clone(), sub.clone());
-        let (pattern, name, ack) = (
+        let (pattern, name, user, ack) = (
             pattern.to_owned(),
-            name.map(str::to_owned),
+            who.name.map(str::to_owned),
+            who.user.map(str::to_owned),
             ack.map(str::to_owned),
         );
         Ok(Some(Box::pin(async move {
             live.await;
-            router.subscribed(&sub, &pattern, name.as_deref(), ack.as_deref(), !held);
+            let who = Who {
+                name: name.as_deref(),
+                user: user.as_deref(),
+            };
+            router.subscribed(&sub, &pattern, who, ack.as_deref(), !held);
         })))
     }
 
     /// The subscription is in effect: ack, then announce a new one.
-    fn subscribed(
-        &self,
-        sub: &Arc<Subscriber>,
-        pattern: &str,
-        name: Option<&str>,
-        ack: Option<&str>,
-        new: bool,
-    ) {
+    fn subscribed(&self, sub: &Arc<Subscriber>, pattern: &str, who: Who<'_>, ack: Option<&str>, new: bool) {
         if let Some(id) = ack {
             sub.push(message::encode_ack(id));
         }
         if new {
-            self.announce(sub, &Subscription::new(pattern), "join", name);
+            self.announce(sub, &Subscription::new(pattern), "join", who);
         }
     }
 
@@ -171,7 +198,7 @@ impl Router {
         &self,
         sub: &Arc<Subscriber>,
         pattern: &str,
-        name: Option<&str>,
+        who: Who<'_>,
         ack: Option<&str>,
     ) -> Result<(), Refused> {
         let removed = {
@@ -184,7 +211,7 @@ impl Router {
         };
         // In effect before the ack: nothing on `pattern` reaches the socket
         // after the client has it.
-        self.leave(sub, &s, name);
+        self.leave(sub, &s, who);
         if let Some(id) = ack {
             sub.push(message::encode_ack(id));
         }
@@ -192,26 +219,70 @@ impl Router {
     }
 
     /// Ends every subscription of a socket that is going away.
-    pub fn leave_all(&self, sub: &Arc<Subscriber>, name: Option<&str>) {
+    pub fn leave_all(&self, sub: &Arc<Subscriber>, who: Who<'_>) {
         let subs = std::mem::take(&mut *sub.subs());
         for s in subs {
-            self.leave(sub, &s, name);
+            self.leave(sub, &s, who);
         }
     }
 
-    fn leave(&self, sub: &Arc<Subscriber>, s: &Subscription, name: Option<&str>) {
+    fn leave(&self, sub: &Arc<Subscriber>, s: &Subscription, who: Who<'_>) {
         let bus = &self.inner.bus;
         let interest = bus.hub().unsubscribe(&s.pattern, s.wildcard, sub.id);
         bus.interest(&s.pattern, interest);
         self.inner.metrics.subscriptions.fetch_sub(1, Relaxed);
-        self.announce(sub, s, "leave", name);
+        self.announce(sub, s, "leave", who);
     }
 
-    fn announce(&self, sub: &Subscriber, s: &Subscription, event: &str, name: Option<&str>) {
+    /// Records a join or leave on a presence topic in the roster and tells
+    /// every node; with `--presence-by user`, sockets hear of a user's first
+    /// socket joining and its last one leaving only.
+    fn announce(&self, sub: &Subscriber, s: &Subscription, event: &str, who: Who<'_>) {
         let bus = &self.inner.bus;
-        if !s.wildcard && bus.hub().has_presence(&s.pattern) {
-            bus.presence(&s.pattern, event, &self.client(sub), name);
+        if s.wildcard || !bus.hub().has_presence(&s.pattern) {
+            return;
         }
+        let (topic, client) = (&*s.pattern, self.client(sub));
+        let roster = bus.hub().roster();
+        let before = match (self.inner.by_user, who.user) {
+            (true, Some(u)) => Some(roster.sockets_of(topic, u)),
+            _ => None,
+        };
+        if event == "join" {
+            let member = Member {
+                client: client.clone(),
+                user: who.user.map(String::from),
+                name: who.name.map(String::from),
+            };
+            roster.join("", topic, member);
+        } else {
+            roster.leave("", topic, &client);
+        }
+        let notify = match before {
+            Some(n) if event == "join" => n == 0,
+            Some(n) => n <= 1,
+            None => true,
+        };
+        bus.presence(topic, event, &client, who.user, who.name, notify);
+    }
+
+    /// Who is on presence topic `topic`, cluster-wide: `{"members":[..]}`,
+    /// or with `stats` `{"clients":N,"users":M}`. Refused with the error's
+    /// code and text when the topic has no presence.
+    pub fn presence(&self, topic: &str, stats: bool) -> Result<serde_json::Value, (ErrorCode, String)> {
+        let hub = self.inner.bus.hub();
+        if !hub.has_presence(topic) {
+            let msg = format!("no presence on {topic:?}: it is not under the node's --presence patterns");
+            return Err((ErrorCode::BadRequest, msg));
+        }
+        let roster = hub.roster();
+        Ok(if stats {
+            let (clients, users) = roster.stats(topic);
+            serde_json::json!({"clients": clients, "users": users})
+        } else {
+            let members: Vec<_> = roster.members(topic).iter().map(Member::to_json).collect();
+            serde_json::json!({"members": members})
+        })
     }
 
     /// Publishes `data` (well-formed JSON) on concrete `topic` to every

@@ -79,6 +79,7 @@ pub async fn serve(
     let watchdog = tokio::spawn(node.clone().watch_writes());
     let name = status::node_name(listener.local_addr().unwrap_or(node.config.listen));
     let sampler = tokio::spawn(status::sampler(node.clone(), name));
+    let presence = tokio::spawn(node.clone().presence_sync());
     let stop = CancellationToken::new();
     let http = TaskTracker::new();
     let accept = tokio::spawn(accept_loop(node.clone(), listener, stop.clone(), http.clone()));
@@ -106,6 +107,7 @@ pub async fn serve(
     tokens.abort();
     reload.abort();
     sampler.abort();
+    presence.abort();
 }
 
 /// Re-reads the key files on each SIGHUP (key rotation).

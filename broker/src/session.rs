@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::deadlines::{Deadlines, Due};
 use crate::metrics::Metrics;
 use crate::rate::RateLimit;
-use crate::router::Router;
+use crate::router::{Router, Who};
 use crate::subjects::Live;
 use crate::subscriber::Subscriber;
 use crate::writer::{discard, Writers};
@@ -135,9 +135,12 @@ impl Session {
         &self.conn
     }
 
-    /// The socket's display name (`?name=`).
-    pub fn name(&self) -> Option<&str> {
-        self.name.as_deref()
+    /// Who the socket is, for presence.
+    pub fn who(&self) -> Who<'_> {
+        Who {
+            name: self.name.as_deref(),
+            user: self.access.as_ref().and_then(|a| a.user.as_deref()),
+        }
     }
 
     /// Starts the session on the upgraded TCP stream: its read task, tracked
@@ -185,9 +188,18 @@ impl Session {
     /// the socket's handle, once both halves of its stream are dropped.
     pub fn end(self) -> Arc<Subscriber> {
         let Session {
-            shared, conn, name, ..
+            shared,
+            conn,
+            name,
+            access,
+            ..
         } = self;
-        shared.router.leave_all(&conn, name.as_deref());
+        let user = access.as_ref().and_then(|a| a.user.as_deref());
+        let who = Who {
+            name: name.as_deref(),
+            user,
+        };
+        shared.router.leave_all(&conn, who);
         shared.live.remove(&conn.id);
         shared.deadlines.clear(conn.id);
         conn
@@ -360,10 +372,7 @@ impl Session {
         self.access = Some(Arc::new(identity));
         let held: Vec<String> = self.conn.subs().iter().map(|s| s.pattern.to_string()).collect();
         for p in held.into_iter().filter(|p| !grants.may_subscribe(p)) {
-            let _ = self
-                .shared
-                .router
-                .unsubscribe(&self.conn, &p, self.name.as_deref(), None);
+            let _ = self.shared.router.unsubscribe(&self.conn, &p, self.who(), None);
             let msg = format!("forbidden: the token does not cover {p:?}; unsubscribed");
             self.error(ErrorCode::Forbidden, &msg, None);
         }
@@ -401,7 +410,7 @@ impl Session {
             }
         }
         let router = &self.shared.router;
-        let name = self.name.as_deref();
+        let who = self.who();
         let (refused, id) = match req {
             Err(e) => {
                 self.error(e.code, &e.message, e.id);
@@ -412,17 +421,34 @@ impl Session {
                     self.error(ErrorCode::Forbidden, &refusal, id);
                     return Next::Go;
                 }
-                match router.subscribe(&self.conn, topic.as_str(), name, id) {
+                match router.subscribe(&self.conn, topic.as_str(), who, id) {
                     Ok(Some(live)) => return Next::Wait(live),
                     Ok(None) => return Next::Go,
                     Err(r) => (r, id),
                 }
             }
             Ok(Request::Unsub { topic, id }) => {
-                match router.unsubscribe(&self.conn, topic.as_str(), name, id) {
+                match router.unsubscribe(&self.conn, topic.as_str(), who, id) {
                     Ok(()) => return Next::Go,
                     Err(r) => (r, id),
                 }
+            }
+            Ok(Request::Presence { topic, id, stats }) => {
+                let answer = match self.forbids(topic.as_str(), false) {
+                    Some(refusal) => Err((ErrorCode::Forbidden, refusal)),
+                    None => router.presence(topic.as_str(), stats),
+                };
+                match answer {
+                    Ok(mut v) => {
+                        v["op"] = "ack".into();
+                        if let Some(id) = id {
+                            v["id"] = serde_json::from_str(id).unwrap_or_default();
+                        }
+                        self.send(ws::encode_frame(OpCode::Text, v.to_string().as_bytes()));
+                    }
+                    Err((code, msg)) => self.error(code, &msg, id),
+                }
+                return Next::Go;
             }
             Ok(Request::Auth { token, id }) => return self.token(token, id, false, fresh),
             Ok(Request::Refresh { token, id }) => return self.token(token, id, true, fresh),

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::hub::{Body, Hub, Interest};
 use crate::metrics::Metrics;
+use crate::roster::Member;
 
 /// Presence notices travel as empty messages with these headers.
 pub const HEADER_EVENT: &str = "Herald-Event";
@@ -32,6 +33,10 @@ pub const HEADER_EVENT: &str = "Herald-Event";
 pub const HEADER_CLIENT: &str = "Herald-Client";
 /// Its display name.
 pub const HEADER_NAME: &str = "Herald-Name";
+/// The joining socket's user id (its token's `sub`).
+pub const HEADER_USER: &str = "Herald-User";
+/// Present on a notice that updates rosters only (no notice to sockets).
+pub const HEADER_QUIET: &str = "Herald-Quiet";
 
 /// Longest wait for NATS to confirm new subscriptions; past it they are
 /// taken as live (the client re-sends them on reconnect) so acks never hang.
@@ -184,13 +189,29 @@ impl Receiver {
                 .map(|v| v.as_str().to_owned())
         };
         if let (Some(event), Some(client)) = (header(HEADER_EVENT), header(HEADER_CLIENT)) {
-            let name = header(HEADER_NAME);
-            let body = Body::Presence {
-                event: &event,
-                client: &client,
-                name: name.as_deref(),
-            };
-            self.hub.deliver_via(key, wildcard, &topic, body);
+            let (name, user) = (header(HEADER_NAME), header(HEADER_USER));
+            // Client ids end in their node's tag: `c7-3f9a2c`.
+            let node = client.rsplit_once('-').map_or("?", |(_, n)| n);
+            let roster = self.hub.roster();
+            if event == "join" {
+                let member = Member {
+                    client: client.clone(),
+                    user: user.clone(),
+                    name: name.clone(),
+                };
+                roster.join(node, &topic, member);
+            } else {
+                roster.leave(node, &topic, &client);
+            }
+            if header(HEADER_QUIET).is_none() {
+                let body = Body::Presence {
+                    event: &event,
+                    client: &client,
+                    user: user.as_deref(),
+                    name: name.as_deref(),
+                };
+                self.hub.deliver_via(key, wildcard, &topic, body);
+            }
             return;
         }
         if msg.payload.len() > self.max_message_bytes {

@@ -171,6 +171,15 @@ pub enum Request<'a> {
         /// Echoed in the ack.
         id: Option<&'a str>,
     },
+    /// Who is on a presence topic.
+    Presence {
+        /// A concrete topic.
+        topic: Topic<'a>,
+        /// Echoed in the answer.
+        id: Option<&'a str>,
+        /// Counts only (`presence_stats`).
+        stats: bool,
+    },
     /// Replace the connection token before it expires.
     Refresh {
         /// The new JWT (same `sub`).
@@ -297,6 +306,15 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
                 id,
             })
         }
+        "presence" | "presence_stats" => {
+            let t = topic_field(wire.topic, id)?;
+            let topic = Topic::parse(t).map_err(|e| topic_err(e, id))?;
+            Ok(Request::Presence {
+                topic,
+                id,
+                stats: op == "presence_stats",
+            })
+        }
         "auth" | "refresh" => {
             let raw = wire
                 .token
@@ -322,7 +340,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
             }
             Err(err(
                 ErrorCode::UnknownOp,
-                format!("unknown op {shown:?}; expected sub, unsub, pub, auth or refresh"),
+                format!("unknown op {shown:?}; expected sub, unsub, pub, presence, presence_stats, auth or refresh"),
                 id,
             ))
         }
@@ -457,7 +475,13 @@ pub fn put_delivery(out: &mut BytesMut, topic: &str, data: &[u8]) {
 
 /// A join or leave notice as a whole text frame:
 /// `{"topic":T,"event":"join","client":C}` (with `"name":N` when known).
-pub fn encode_presence(topic: &str, event: &str, client: &str, name: Option<&str>) -> Bytes {
+pub fn encode_presence(
+    topic: &str,
+    event: &str,
+    client: &str,
+    user: Option<&str>,
+    name: Option<&str>,
+) -> Bytes {
     let mut f = FrameBuilder::with_body_capacity(64 + topic.len());
     f.push(b"{\"topic\":\"")
         .push(topic.as_bytes())
@@ -465,6 +489,9 @@ pub fn encode_presence(topic: &str, event: &str, client: &str, name: Option<&str
         .push_json_str(event)
         .push(b",\"client\":")
         .push_json_str(client);
+    if let Some(u) = user {
+        f.push(b",\"user\":").push_json_str(u);
+    }
     if let Some(n) = name {
         f.push(b",\"name\":").push_json_str(n);
     }
@@ -663,7 +690,7 @@ mod tests {
             r#"{"op":"error","id":1,"code":"bad_topic","message":"say \"no\""}"#
         );
         assert_eq!(
-            body(&encode_presence("chat:lobby", "join", "c1", Some("ann"))),
+            body(&encode_presence("chat:lobby", "join", "c1", None, Some("ann"))),
             r#"{"topic":"chat:lobby","event":"join","client":"c1","name":"ann"}"#
         );
         assert_eq!(&encode_raw(br#""a\"b""#)[2..], b"a\"b");

@@ -100,6 +100,12 @@ impl Herald {
         self.child.id()
     }
 
+    /// Kills this process at once (SIGKILL, by PID): no drain, no goodbye.
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM to this process (by PID).
     pub fn sigterm(&self) {
         let ok = Command::new("kill")

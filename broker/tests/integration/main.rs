@@ -11,6 +11,7 @@ mod hostile;
 mod layering;
 mod lifecycle;
 mod limits;
+mod presence;
 mod pubsub;
 mod raw;
 mod status;

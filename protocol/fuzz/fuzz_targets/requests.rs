@@ -16,6 +16,9 @@ fuzz_target!(|data: &[u8]| {
             Ok(Request::Sub { topic, .. }) | Ok(Request::Unsub { topic, .. }) => {
                 assert!(Pattern::parse(topic.as_str()).is_ok());
             }
+            Ok(Request::Presence { topic, .. }) => {
+                assert!(Topic::parse(topic.as_str()).is_ok());
+            }
             Ok(Request::Auth { token, .. }) | Ok(Request::Refresh { token, .. }) => {
                 assert!(!token.contains('"') && !token.contains('\\'));
             }

@@ -1,0 +1,292 @@
+//! Who is on each presence topic, cluster-wide, without a central store.
+//!
+//! Each node is the authority for its own sockets ([`Roster::join`],
+//! [`Roster::leave`] with node `""`). Other nodes' members arrive as their
+//! join and leave notices, and as a full snapshot each node publishes a few
+//! times per `--presence-ttl`; a snapshot replaces what is known of that
+//! node (so a node that comes back re-announces without duplicates). A
+//! node not heard from for the TTL is dropped with all its members: the
+//! survivors each tell their own sockets (no ghosts, no double notices).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// One socket on a presence topic.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Member {
+    /// The socket's client id (unique in the cluster).
+    pub client: String,
+    /// The token's `sub`, when the socket has one.
+    pub user: Option<String>,
+    /// The socket's `?name=`.
+    pub name: Option<String>,
+}
+
+impl Member {
+    /// The member as the protocol shows it.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({"client": self.client});
+        if let Some(u) = &self.user {
+            v["user"] = json!(u);
+        }
+        if let Some(n) = &self.name {
+            v["name"] = json!(n);
+        }
+        v
+    }
+
+    fn from_json(v: &Value) -> Option<Member> {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(String::from);
+        Some(Member {
+            client: s("client")?,
+            user: s("user"),
+            name: s("name"),
+        })
+    }
+}
+
+/// Members of one node: topic → client → member.
+type Topics = HashMap<String, BTreeMap<String, Member>>;
+
+struct Remote {
+    seen: Instant,
+    topics: Topics,
+}
+
+/// A change to tell local sockets about: (topic, event, member).
+pub type Change = (String, &'static str, Member);
+
+/// The cluster's members on presence topics.
+#[derive(Default)]
+pub struct Roster {
+    local: Mutex<Topics>,
+    remote: Mutex<HashMap<String, Remote>>,
+}
+
+impl Roster {
+    /// Records a member joining `topic` on `node` (`""`: this node).
+    pub fn join(&self, node: &str, topic: &str, m: Member) {
+        if node.is_empty() {
+            let mut l = self.local.lock().unwrap_or_else(|e| e.into_inner());
+            l.entry(topic.to_owned()).or_default().insert(m.client.clone(), m);
+            return;
+        }
+        let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let n = r.entry(node.to_owned()).or_insert_with(|| Remote {
+            seen: Instant::now(),
+            topics: Topics::new(),
+        });
+        n.seen = Instant::now();
+        n.topics
+            .entry(topic.to_owned())
+            .or_default()
+            .insert(m.client.clone(), m);
+    }
+
+    /// Records `client` leaving `topic` on `node`.
+    pub fn leave(&self, node: &str, topic: &str, client: &str) {
+        let remove = |t: &mut Topics| {
+            if let Some(members) = t.get_mut(topic) {
+                members.remove(client);
+                if members.is_empty() {
+                    t.remove(topic);
+                }
+            }
+        };
+        if node.is_empty() {
+            remove(&mut self.local.lock().unwrap_or_else(|e| e.into_inner()));
+        } else if let Some(n) = self
+            .remote
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(node)
+        {
+            n.seen = Instant::now();
+            remove(&mut n.topics);
+        }
+    }
+
+    /// Every member of `topic` in the cluster, sorted by client id.
+    pub fn members(&self, topic: &str) -> Vec<Member> {
+        let mut out: Vec<Member> = Vec::new();
+        if let Some(m) = self.local.lock().unwrap_or_else(|e| e.into_inner()).get(topic) {
+            out.extend(m.values().cloned());
+        }
+        for n in self.remote.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            if let Some(m) = n.topics.get(topic) {
+                out.extend(m.values().cloned());
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Sockets and distinct users (a socket without a user counts as one)
+    /// on `topic`, without copying the members.
+    pub fn stats(&self, topic: &str) -> (usize, usize) {
+        let mut clients = 0;
+        let mut users: HashSet<String> = HashSet::new();
+        let mut count = |m: &BTreeMap<String, Member>| {
+            clients += m.len();
+            users.extend(
+                m.values()
+                    .map(|x| x.user.clone().unwrap_or_else(|| x.client.clone())),
+            );
+        };
+        if let Some(m) = self.local.lock().unwrap_or_else(|e| e.into_inner()).get(topic) {
+            count(m);
+        }
+        for n in self.remote.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            if let Some(m) = n.topics.get(topic) {
+                count(m);
+            }
+        }
+        (clients, users.len())
+    }
+
+    /// Sockets of `user` on `topic`, cluster-wide.
+    pub fn sockets_of(&self, topic: &str, user: &str) -> usize {
+        let of = |m: Option<&BTreeMap<String, Member>>| {
+            m.map_or(0, |m| {
+                m.values().filter(|x| x.user.as_deref() == Some(user)).count()
+            })
+        };
+        let local = of(self.local.lock().unwrap_or_else(|e| e.into_inner()).get(topic));
+        let remote: usize = self
+            .remote
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|n| of(n.topics.get(topic)))
+            .sum();
+        local + remote
+    }
+
+    /// This node's members, as the snapshot it publishes.
+    pub fn snapshot(&self, node: &str) -> Value {
+        let l = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        let topics: serde_json::Map<String, Value> = l
+            .iter()
+            .map(|(t, m)| (t.clone(), Value::Array(m.values().map(Member::to_json).collect())))
+            .collect();
+        json!({"node": node, "topics": topics})
+    }
+
+    /// Replaces what is known of the node a snapshot came from; returns the
+    /// joins and leaves that makes (nothing, when notices kept up).
+    pub fn apply_snapshot(&self, v: &Value) -> Vec<Change> {
+        let Some(node) = v["node"].as_str().filter(|n| !n.is_empty()) else {
+            return Vec::new();
+        };
+        let mut fresh = Topics::new();
+        if let Some(topics) = v["topics"].as_object() {
+            for (t, list) in topics {
+                let members: BTreeMap<String, Member> = list
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Member::from_json)
+                    .map(|m| (m.client.clone(), m))
+                    .collect();
+                if !members.is_empty() {
+                    fresh.insert(t.clone(), members);
+                }
+            }
+        }
+        let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let old = r
+            .insert(
+                node.to_owned(),
+                Remote {
+                    seen: Instant::now(),
+                    topics: fresh.clone(),
+                },
+            )
+            .map(|n| n.topics)
+            .unwrap_or_default();
+        diff(&old, &fresh)
+    }
+
+    /// Drops nodes not heard from for `ttl`; returns their members as leaves.
+    pub fn expire(&self, ttl: Duration) -> Vec<Change> {
+        let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<String> = r
+            .iter()
+            .filter(|(_, n)| n.seen.elapsed() >= ttl)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        for node in gone {
+            if let Some(n) = r.remove(&node) {
+                tracing::warn!(node = %node, "presence: node silent past the TTL; its members leave");
+                out.extend(diff(&n.topics, &Topics::new()));
+            }
+        }
+        out
+    }
+
+    /// Nodes other than this one currently known.
+    pub fn nodes(&self) -> usize {
+        self.remote.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// The joins and leaves that turn `old` into `new`.
+fn diff(old: &Topics, new: &Topics) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (t, members) in old {
+        for (c, m) in members {
+            if !new.get(t).is_some_and(|n| n.contains_key(c)) {
+                out.push((t.clone(), "leave", m.clone()));
+            }
+        }
+    }
+    for (t, members) in new {
+        for (c, m) in members {
+            if !old.get(t).is_some_and(|o| o.contains_key(c)) {
+                out.push((t.clone(), "join", m.clone()));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(c: &str, u: Option<&str>) -> Member {
+        Member {
+            client: c.into(),
+            user: u.map(String::from),
+            name: None,
+        }
+    }
+
+    #[test]
+    fn local_remote_snapshots_and_expiry() {
+        let r = Roster::default();
+        r.join("", "room", m("c1-a", Some("42")));
+        r.join("b", "room", m("c1-b", Some("42")));
+        r.join("b", "room", m("c2-b", None));
+        assert_eq!(r.members("room").len(), 3);
+        assert_eq!(r.stats("room"), (3, 2));
+        assert_eq!(r.sockets_of("room", "42"), 2);
+        // A snapshot from b without c2-b: one leave; again: nothing.
+        let snap = json!({"node": "b", "topics": {"room": [{"client": "c1-b", "user": "42"}]}});
+        let changes = r.apply_snapshot(&snap);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].1, "leave");
+        assert!(r.apply_snapshot(&snap).is_empty(), "no duplicates");
+        assert!(r.expire(Duration::from_secs(60)).is_empty());
+        let gone = r.expire(Duration::ZERO);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(r.members("room"), vec![m("c1-a", Some("42"))]);
+        r.leave("", "room", "c1-a");
+        assert!(r.members("room").is_empty());
+        assert_eq!(r.snapshot("a")["topics"], json!({}));
+    }
+}
