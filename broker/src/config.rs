@@ -104,6 +104,11 @@ pub struct Config {
     #[arg(long, env = "HERALD_PRESENCE_BY", default_value = "client", value_parser = ["client", "user"])]
     pub presence_by: String,
 
+    /// Most members a presence answer lists; past it the answer says
+    /// `"truncated":true` and still gives the true counts.
+    #[arg(long, env = "HERALD_PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
+    pub presence_max_members: usize,
+
     /// A node not heard from for this long (killed, or cut off from NATS)
     /// has its members removed, with leave notices from the other nodes.
     #[arg(long, env = "HERALD_PRESENCE_TTL", default_value = "15s", value_parser = parse_duration)]

@@ -237,7 +237,11 @@ fn presence(node: &Node, req: &Request<Incoming>) -> Response<Body> {
         node.metrics.error(ErrorCode::Forbidden);
         return error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, &msg);
     }
-    match node.router.presence(topic, req.uri().path().ends_with("/stats")) {
+    match node.router.presence(
+        topic,
+        req.uri().path().ends_with("/stats"),
+        node.config.presence_max_members,
+    ) {
         Ok(mut v) => {
             v["topic"] = topic.into();
             respond(StatusCode::OK, "application/json", v.to_string())

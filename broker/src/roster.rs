@@ -48,8 +48,40 @@ impl Member {
     }
 }
 
-/// Members of one node: topic → client → member.
-type Topics = HashMap<String, BTreeMap<String, Member>>;
+/// One node's members of one topic, with a count per user so a join or a
+/// "first socket of this user?" costs O(1), whatever the room's size.
+#[derive(Default, Clone)]
+struct Room {
+    members: BTreeMap<String, Member>,
+    users: HashMap<String, usize>,
+}
+
+impl Room {
+    fn insert(&mut self, m: Member) {
+        let user = m.user.clone();
+        if self.members.insert(m.client.clone(), m).is_none() {
+            if let Some(u) = user {
+                *self.users.entry(u).or_default() += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, client: &str) {
+        if let Some(m) = self.members.remove(client) {
+            if let Some(u) = m.user {
+                if let Some(n) = self.users.get_mut(&u) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.users.remove(&u);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Members of one node: topic → room.
+type Topics = HashMap<String, Room>;
 
 struct Remote {
     seen: Instant,
@@ -71,7 +103,7 @@ impl Roster {
     pub fn join(&self, node: &str, topic: &str, m: Member) {
         if node.is_empty() {
             let mut l = self.local.lock().unwrap_or_else(|e| e.into_inner());
-            l.entry(topic.to_owned()).or_default().insert(m.client.clone(), m);
+            l.entry(topic.to_owned()).or_default().insert(m);
             return;
         }
         let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
@@ -80,18 +112,15 @@ impl Roster {
             topics: Topics::new(),
         });
         n.seen = Instant::now();
-        n.topics
-            .entry(topic.to_owned())
-            .or_default()
-            .insert(m.client.clone(), m);
+        n.topics.entry(topic.to_owned()).or_default().insert(m);
     }
 
     /// Records `client` leaving `topic` on `node`.
     pub fn leave(&self, node: &str, topic: &str, client: &str) {
         let remove = |t: &mut Topics| {
-            if let Some(members) = t.get_mut(topic) {
-                members.remove(client);
-                if members.is_empty() {
+            if let Some(room) = t.get_mut(topic) {
+                room.remove(client);
+                if room.members.is_empty() {
                     t.remove(topic);
                 }
             }
@@ -109,51 +138,57 @@ impl Roster {
         }
     }
 
-    /// Every member of `topic` in the cluster, sorted by client id.
-    pub fn members(&self, topic: &str) -> Vec<Member> {
+    /// Members of `topic` in the cluster, sorted by client id, at most
+    /// `max`; and whether the list was cut there.
+    pub fn members(&self, topic: &str, max: usize) -> (Vec<Member>, bool) {
         let mut out: Vec<Member> = Vec::new();
-        if let Some(m) = self.local.lock().unwrap_or_else(|e| e.into_inner()).get(topic) {
-            out.extend(m.values().cloned());
+        let mut truncated = false;
+        let mut take = |room: &Room| {
+            for m in room.members.values() {
+                if out.len() == max {
+                    truncated = true;
+                    return;
+                }
+                out.push(m.clone());
+            }
+        };
+        if let Some(r) = self.local.lock().unwrap_or_else(|e| e.into_inner()).get(topic) {
+            take(r);
         }
         for n in self.remote.lock().unwrap_or_else(|e| e.into_inner()).values() {
-            if let Some(m) = n.topics.get(topic) {
-                out.extend(m.values().cloned());
+            if let Some(r) = n.topics.get(topic) {
+                take(r);
             }
         }
         out.sort();
-        out
+        (out, truncated)
     }
 
-    /// Sockets and distinct users (a socket without a user counts as one)
-    /// on `topic`, without copying the members.
+    /// Sockets and distinct users on `topic` (a socket without a user
+    /// counts as its own user), from the per-room counts: no member list.
     pub fn stats(&self, topic: &str) -> (usize, usize) {
         let mut clients = 0;
+        let mut anonymous = 0;
         let mut users: HashSet<String> = HashSet::new();
-        let mut count = |m: &BTreeMap<String, Member>| {
-            clients += m.len();
-            users.extend(
-                m.values()
-                    .map(|x| x.user.clone().unwrap_or_else(|| x.client.clone())),
-            );
+        let mut count = |r: &Room| {
+            clients += r.members.len();
+            anonymous += r.members.len() - r.users.values().sum::<usize>();
+            users.extend(r.users.keys().cloned());
         };
-        if let Some(m) = self.local.lock().unwrap_or_else(|e| e.into_inner()).get(topic) {
-            count(m);
+        if let Some(r) = self.local.lock().unwrap_or_else(|e| e.into_inner()).get(topic) {
+            count(r);
         }
         for n in self.remote.lock().unwrap_or_else(|e| e.into_inner()).values() {
-            if let Some(m) = n.topics.get(topic) {
-                count(m);
+            if let Some(r) = n.topics.get(topic) {
+                count(r);
             }
         }
-        (clients, users.len())
+        (clients, users.len() + anonymous)
     }
 
-    /// Sockets of `user` on `topic`, cluster-wide.
+    /// Sockets of `user` on `topic`, cluster-wide: O(nodes).
     pub fn sockets_of(&self, topic: &str, user: &str) -> usize {
-        let of = |m: Option<&BTreeMap<String, Member>>| {
-            m.map_or(0, |m| {
-                m.values().filter(|x| x.user.as_deref() == Some(user)).count()
-            })
-        };
+        let of = |r: Option<&Room>| r.and_then(|r| r.users.get(user)).copied().unwrap_or(0);
         let local = of(self.local.lock().unwrap_or_else(|e| e.into_inner()).get(topic));
         let remote: usize = self
             .remote
@@ -170,7 +205,12 @@ impl Roster {
         let l = self.local.lock().unwrap_or_else(|e| e.into_inner());
         let topics: serde_json::Map<String, Value> = l
             .iter()
-            .map(|(t, m)| (t.clone(), Value::Array(m.values().map(Member::to_json).collect())))
+            .map(|(t, r)| {
+                (
+                    t.clone(),
+                    Value::Array(r.members.values().map(Member::to_json).collect()),
+                )
+            })
             .collect();
         json!({"node": node, "topics": topics})
     }
@@ -184,15 +224,17 @@ impl Roster {
         let mut fresh = Topics::new();
         if let Some(topics) = v["topics"].as_object() {
             for (t, list) in topics {
-                let members: BTreeMap<String, Member> = list
+                let mut room = Room::default();
+                for m in list
                     .as_array()
                     .into_iter()
                     .flatten()
                     .filter_map(Member::from_json)
-                    .map(|m| (m.client.clone(), m))
-                    .collect();
-                if !members.is_empty() {
-                    fresh.insert(t.clone(), members);
+                {
+                    room.insert(m);
+                }
+                if !room.members.is_empty() {
+                    fresh.insert(t.clone(), room);
                 }
             }
         }
@@ -237,16 +279,16 @@ impl Roster {
 /// The joins and leaves that turn `old` into `new`.
 fn diff(old: &Topics, new: &Topics) -> Vec<Change> {
     let mut out = Vec::new();
-    for (t, members) in old {
-        for (c, m) in members {
-            if !new.get(t).is_some_and(|n| n.contains_key(c)) {
+    for (t, room) in old {
+        for (c, m) in &room.members {
+            if !new.get(t).is_some_and(|n| n.members.contains_key(c)) {
                 out.push((t.clone(), "leave", m.clone()));
             }
         }
     }
-    for (t, members) in new {
-        for (c, m) in members {
-            if !old.get(t).is_some_and(|o| o.contains_key(c)) {
+    for (t, room) in new {
+        for (c, m) in &room.members {
+            if !old.get(t).is_some_and(|o| o.members.contains_key(c)) {
                 out.push((t.clone(), "join", m.clone()));
             }
         }
@@ -272,7 +314,9 @@ mod tests {
         r.join("", "room", m("c1-a", Some("42")));
         r.join("b", "room", m("c1-b", Some("42")));
         r.join("b", "room", m("c2-b", None));
-        assert_eq!(r.members("room").len(), 3);
+        assert_eq!(r.members("room", 100).0.len(), 3);
+        assert_eq!(r.members("room", 2), (r.members("room", 2).0, true), "capped");
+        assert_eq!(r.members("room", 2).0.len(), 2);
         assert_eq!(r.stats("room"), (3, 2));
         assert_eq!(r.sockets_of("room", "42"), 2);
         // A snapshot from b without c2-b: one leave; again: nothing.
@@ -284,9 +328,9 @@ mod tests {
         assert!(r.expire(Duration::from_secs(60)).is_empty());
         let gone = r.expire(Duration::ZERO);
         assert_eq!(gone.len(), 1);
-        assert_eq!(r.members("room"), vec![m("c1-a", Some("42"))]);
+        assert_eq!(r.members("room", 100).0, vec![m("c1-a", Some("42"))]);
         r.leave("", "room", "c1-a");
-        assert!(r.members("room").is_empty());
+        assert!(r.members("room", 100).0.is_empty());
         assert_eq!(r.snapshot("a")["topics"], json!({}));
     }
 }

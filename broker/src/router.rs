@@ -266,22 +266,42 @@ impl Router {
         bus.presence(topic, event, &client, who.user, who.name, notify);
     }
 
-    /// Who is on presence topic `topic`, cluster-wide: `{"members":[..]}`,
-    /// or with `stats` `{"clients":N,"users":M}`. Refused with the error's
+    /// Who is on presence topic `topic`, cluster-wide: `{"members":[..],
+    /// "clients":N,"users":M}` (at most `max` members, then
+    /// `"truncated":true`), or with `stats` the counts only. Refused with the error's
     /// code and text when the topic has no presence.
-    pub fn presence(&self, topic: &str, stats: bool) -> Result<serde_json::Value, (ErrorCode, String)> {
+    pub fn presence(
+        &self,
+        topic: &str,
+        stats: bool,
+        max: usize,
+    ) -> Result<serde_json::Value, (ErrorCode, String)> {
         let hub = self.inner.bus.hub();
         if !hub.has_presence(topic) {
             let msg = format!("no presence on {topic:?}: it is not under the node's --presence patterns");
             return Err((ErrorCode::BadRequest, msg));
         }
         let roster = hub.roster();
+        let (clients, users) = roster.stats(topic);
         Ok(if stats {
-            let (clients, users) = roster.stats(topic);
             serde_json::json!({"clients": clients, "users": users})
         } else {
-            let members: Vec<_> = roster.members(topic).iter().map(Member::to_json).collect();
-            serde_json::json!({"members": members})
+            let (mut members, mut truncated) =
+                roster.members(topic, if self.inner.by_user { usize::MAX } else { max });
+            if self.inner.by_user {
+                // One entry per user (its first socket); sockets without a
+                // user stay one each.
+                let mut seen = std::collections::HashSet::new();
+                members.retain(|m| m.user.as_ref().is_none_or(|u| seen.insert(u.clone())));
+                truncated = members.len() > max;
+                members.truncate(max);
+            }
+            let members: Vec<_> = members.iter().map(Member::to_json).collect();
+            let mut v = serde_json::json!({"members": members, "clients": clients, "users": users});
+            if truncated {
+                v["truncated"] = true.into();
+            }
+            v
         })
     }
 

@@ -436,7 +436,7 @@ impl Session {
             Ok(Request::Presence { topic, id, stats }) => {
                 let answer = match self.forbids(topic.as_str(), false) {
                     Some(refusal) => Err((ErrorCode::Forbidden, refusal)),
-                    None => router.presence(topic.as_str(), stats),
+                    None => router.presence(topic.as_str(), stats, self.shared.config.presence_max_members),
                 };
                 match answer {
                     Ok(mut v) => {

@@ -41,7 +41,25 @@ export interface StateDetail {
 export interface PresenceNotice {
   event: 'join' | 'leave';
   client: string;
+  /** The token's `sub`, when the socket has one. */
+  user?: string;
   name?: string;
+}
+
+/** One socket on a presence topic. */
+export interface PresenceMember {
+  client: string;
+  user?: string;
+  name?: string;
+}
+
+/** Who is on a presence topic. */
+export interface PresenceList {
+  members: PresenceMember[];
+  clients: number;
+  users: number;
+  /** The list stopped at the node's --presence-max-members; the counts are whole. */
+  truncated?: boolean;
 }
 
 export class HeraldError extends Error {
@@ -96,6 +114,10 @@ export class Herald extends EventTarget {
   subscribe(pattern: string, handler: (data: unknown, topic: string) => void): Subscription;
   /** Calls handler for join/leave notices on topics matching pattern; returns a Subscription. */
   presence(pattern: string, handler: (notice: PresenceNotice, topic: string) => void): Subscription;
+  /** Who is on topic now, cluster-wide. */
+  presence(topic: string): Promise<PresenceList>;
+  /** How many sockets and users are on topic. */
+  presenceStats(topic: string): Promise<{ clients: number; users: number }>;
   /** Publishes data (any JSON value); settles with the node's ack or error. */
   publish(topic: string, data: unknown): Promise<void>;
   /** Closes for good: no reconnect; publishes queued or awaiting their ack reject with code 'closed'. */

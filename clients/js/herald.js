@@ -35,6 +35,12 @@ export function tokenExpiry(token) {
   }
 }
 
+/** An ack without its envelope. */
+function strip(ack) {
+  const { op: _op, id: _id, ...rest } = ack || {};
+  return rest;
+}
+
 /** An error the node answered with, or one the client raised. */
 export class HeraldError extends Error {
   constructor(code, message) {
@@ -107,11 +113,21 @@ export class Herald extends EventTarget {
   }
 
   /**
-   * Calls `handler({event, client, name}, topic)` for join and leave notices
-   * on topics matching `pattern` (the node must announce them: --presence).
+   * With a handler: calls `handler({event, client, user, name}, topic)` for
+   * join and leave notices on topics matching `pattern` (the node must
+   * announce them: --presence), and returns a Subscription.
+   *
+   * Without one: asks who is on topic `pattern` now, cluster-wide; resolves
+   * with `{members: [{client, user, name}], clients, users, truncated}`.
    */
   presence(pattern, handler) {
+    if (handler === undefined) return this._request({ op: 'presence', topic: pattern }).then(strip);
     return this._add(pattern, 'presence', handler);
+  }
+
+  /** How many sockets and users are on topic `topic`: `{clients, users}`. */
+  presenceStats(topic) {
+    return this._request({ op: 'presence_stats', topic }).then(strip);
   }
 
   /**
@@ -534,7 +550,7 @@ export class Herald extends EventTarget {
       if (p) {
         this._pending.delete(msg.id);
         clearTimeout(p.timer);
-        if (msg.op === 'ack') p.resolve();
+        if (msg.op === 'ack') p.resolve(msg);
         else p.reject(new HeraldError(msg.code, msg.message));
       } else if (msg.op === 'error') {
         this._report(new HeraldError(msg.code, msg.message));
@@ -548,7 +564,7 @@ export class Herald extends EventTarget {
       for (const fn of entry[kind]) {
         try {
           if (kind === 'data') fn(msg.data, msg.topic);
-          else fn({ event: msg.event, client: msg.client, name: msg.name }, msg.topic);
+          else fn({ event: msg.event, client: msg.client, user: msg.user, name: msg.name }, msg.topic);
         } catch (e) {
           this._report(e);
         }
@@ -574,7 +590,7 @@ export class Herald extends EventTarget {
   }
 
   _sendPublish(item) {
-    this._request({ op: 'pub', topic: item.topic, data: item.data }).then(item.resolve, item.reject);
+    this._request({ op: 'pub', topic: item.topic, data: item.data }).then(() => item.resolve(), item.reject);
   }
 
   _failPending(error) {

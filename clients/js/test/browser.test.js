@@ -56,6 +56,8 @@ test('the demo page subscribes and shows what is published over HTTP', async () 
   await page.waitForFunction(() => document.getElementById('count').textContent === '42');
   const other = await openDemo(); // a second visitor: a join notice
   await page.waitForFunction(() => [...document.querySelectorAll('#messages li.notice')].some((li) => li.textContent.includes('joined')));
+  // The member list, live: both visitors are here.
+  await page.waitForFunction(() => document.getElementById('members').textContent.startsWith('here (2)'));
   await node.publish('chat:lobby', { from: 'ops', text: 'deploy finished' });
   await page.fill('#name', 'ann');
   await page.fill('#text', 'hello from the browser');

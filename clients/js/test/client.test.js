@@ -420,3 +420,17 @@ test('a URL that can never work, and refused handshakes, fail clearly', async ()
   assert.match(seen.find((e) => e.code === 'handshake_refused').message, /HTTP 503.*slowing down/);
   assert.notEqual(waiting.state, 'closed');
 });
+
+test('presence(topic) and presenceStats(topic) ask who is here', async () => {
+  const n = await node(['--presence', 'chat:*']);
+  const a = client(`${n.url}?name=ann`);
+  const b = client(`${n.url}?name=bob`);
+  a.subscribe('chat:lobby', () => {});
+  const sub = b.subscribe('chat:lobby', () => {});
+  await sub.ready();
+  await until('both in the room', async () => (await a.presenceStats('chat:lobby')).clients === 2);
+  const list = await a.presence('chat:lobby');
+  assert.deepEqual(list.members.map((m) => m.name).sort(), ['ann', 'bob']);
+  assert.equal(list.users, 2);
+  await assert.rejects(a.presence('news:x'), (e) => e.code === 'bad_request');
+});

@@ -33,3 +33,7 @@ orders.addEventListener('subscribed', () => console.log('refetch what was missed
 orders.addEventListener('error', (e) => console.log((e.error as HeraldError).pattern));
 void orders.ready().then(() => console.log(orders.state, orders.pattern));
 orders();
+
+// Presence: ask who is here.
+void h.presence('chat:lobby').then((p) => console.log(p.members.map((m) => m.user ?? m.client), p.clients, p.truncated));
+void h.presenceStats('chat:lobby').then((s) => console.log(s.clients, s.users));
