@@ -29,6 +29,9 @@ pub struct NatsServer {
     pub monitor: u16,
     pub cluster_port: u16,
     routes: Vec<u16>,
+    /// Whether clients learn the other servers' addresses (NATS's default):
+    /// off, a client whose server dies is really cut off.
+    advertise: bool,
 }
 
 impl NatsServer {
@@ -45,6 +48,21 @@ impl NatsServer {
             monitor: free_port(),
             cluster_port,
             routes: routes.to_vec(),
+            advertise: true,
+        };
+        s.spawn().await;
+        s
+    }
+
+    /// A cluster member that does not tell clients of the other servers.
+    pub async fn start_in_cluster_unadvertised(cluster_port: u16, routes: &[u16]) -> NatsServer {
+        let mut s = NatsServer {
+            child: None,
+            port: free_port(),
+            monitor: free_port(),
+            cluster_port,
+            routes: routes.to_vec(),
+            advertise: false,
         };
         s.spawn().await;
         s
@@ -65,6 +83,9 @@ impl NatsServer {
             cmd.args(["--cluster_name", "herald-test"])
                 .args(["--cluster", &format!("nats://127.0.0.1:{}", self.cluster_port)])
                 .args(["--routes", &routes.join(",")]);
+            if !self.advertise {
+                cmd.arg("--no_advertise");
+            }
         }
         self.child = Some(cmd.spawn().expect("nats-server (apt-get install nats-server)"));
         wait_listening(self.port, "nats-server").await;

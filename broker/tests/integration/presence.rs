@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::cluster::{nodes, wait_linked};
 use crate::common::*;
-use crate::external::NatsServer;
+use crate::external::{free_port, NatsServer};
 
 async fn http_presence(h: &Herald, query: &str) -> Value {
     let (status, body) = h
@@ -28,6 +28,13 @@ async fn until(c: &mut Client, want: impl Fn(&Value) -> bool) -> (Value, Vec<Val
         }
         before.push(v);
     }
+}
+
+/// Publishes `marker` on chat:lobby with the tests' API key.
+async fn publish(h: &Herald, marker: &str) {
+    let body = format!(r#"{{"topic":"chat:lobby","data":"{marker}"}}"#);
+    let (s, b) = h.post("/v1/publish", "Authorization: Bearer k\r\n", &body).await;
+    assert_eq!(s, 200, "{b}");
 }
 
 fn clients(v: &Value) -> Vec<String> {
@@ -200,4 +207,167 @@ async fn the_same_list_everywhere_and_no_ghosts_after_a_node_dies() {
         let (_, before) = until(c, |v| v["data"] == "marker").await;
         assert!(before.iter().all(|v| v["event"] != "leave"), "{before:?}");
     }
+}
+
+fn token_for(key: &std::path::Path, sub: &str) -> String {
+    let out = std::process::Command::new(herald_bin())
+        .args([
+            "token",
+            "--key-file",
+            key.to_str().unwrap(),
+            "--sub",
+            sub,
+            "--subscribe",
+            "chat:*",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn user_list(v: &Value) -> Vec<String> {
+    let mut u: Vec<String> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["user"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    u.sort();
+    u
+}
+
+/// Three nodes behind a real HAProxy, 20 users with three tabs each spread
+/// over the nodes: every node lists the same 20 users. SIGKILL one node:
+/// users with tabs elsewhere do not leave, the two whose only tab was there
+/// leave once each; a returning client rejoins once.
+#[tokio::test]
+async fn twenty_users_sixty_tabs_behind_haproxy_and_a_node_death() {
+    let dir = std::env::temp_dir().join(format!("herald-presence-lb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("hmac");
+    std::fs::write(&key, "q".repeat(40)).unwrap();
+    let nats = NatsServer::start().await;
+    let k = key.to_str().unwrap().to_owned();
+    let args = [
+        "--presence",
+        "chat:*",
+        "--presence-by",
+        "user",
+        "--presence-ttl",
+        "3s",
+        "--auth-hmac-key-file",
+        &k,
+        "--api-key",
+        "k",
+    ];
+    let mut ns = nodes(3, &nats.url(), &args);
+    wait_linked(&ns).await;
+    let lb = crate::external::Haproxy::start(&ns.iter().map(|n| n.addr).collect::<Vec<_>>()).await;
+    let mut obs =
+        Client::connect(&ns[0].url(&format!("sub=chat:lobby&token={}", token_for(&key, "obs")))).await;
+    let mut tabs = Vec::new();
+    for u in 0..20 {
+        let t = token_for(&key, &format!("u{u:02}"));
+        for _ in 0..3 {
+            tabs.push(Client::connect(&lb.url(&format!("sub=chat:lobby&token={t}"))).await);
+        }
+    }
+    let mut alone = Vec::new();
+    for x in ["x0", "x1"] {
+        let t = token_for(&key, x);
+        alone.push(Client::connect(&ns[2].url(&format!("sub=chat:lobby&token={t}"))).await);
+    }
+    eventually("every node lists the same 23 users over 63 sockets", || async {
+        let mut lists = Vec::new();
+        for n in &ns {
+            let v = http_presence(n, "?topic=chat:lobby").await;
+            if v["clients"] != 63 {
+                return false;
+            }
+            lists.push(user_list(&v));
+        }
+        lists.iter().all(|l| l.len() == 23 && *l == lists[0])
+    })
+    .await;
+    // Every user's three tabs landed on three nodes (round robin).
+    ns[2].sigkill();
+    let mut left = Vec::new();
+    while left.len() < 2 {
+        let (v, _) = until(&mut obs, |v| v["event"] == "leave").await;
+        left.push(v["user"].as_str().unwrap().to_owned());
+    }
+    left.sort();
+    assert_eq!(left, ["x0", "x1"], "only the users whose only tab was there");
+    publish(&ns[0], "marker").await;
+    let (_, before) = until(&mut obs, |v| v["data"] == "marker").await;
+    assert!(before.iter().all(|v| v["event"] != "leave"), "{before:?}");
+    for n in ns.iter().take(2) {
+        let v = http_presence(n, "?topic=chat:lobby").await;
+        assert_eq!(user_list(&v).len(), 21, "{v}");
+        assert_eq!(v["clients"], 41, "{v}");
+    }
+    // The node comes back; a returning client rejoins, once.
+    let addr = ns[2].addr;
+    let nats_url = nats.url();
+    let mut again = vec!["--nats", nats_url.as_str()];
+    again.extend_from_slice(&args);
+    ns[2] = Herald::start_on(addr, &again);
+    wait_linked(&ns[2..]).await;
+    let t = token_for(&key, "x0");
+    let _back = Client::connect(&ns[2].url(&format!("sub=chat:lobby&token={t}"))).await;
+    let (v, _) = until(&mut obs, |v| v["event"] == "join").await;
+    assert_eq!(v["user"], "x0", "{v}");
+    publish(&ns[0], "marker 2").await;
+    let (_, before) = until(&mut obs, |v| v["data"] == "marker 2").await;
+    assert!(
+        before.iter().all(|v| v["event"] != "join"),
+        "rejoined once: {before:?}"
+    );
+    drop(tabs);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A node cut off from NATS: the others drop its members after the TTL;
+/// when it comes back they have them again, once, and so does it.
+#[tokio::test]
+async fn a_node_cut_from_nats_comes_back_without_ghosts_or_duplicates() {
+    let (c1, c2) = (free_port(), free_port());
+    let nats1 = NatsServer::start_in_cluster_unadvertised(c1, &[c2]).await;
+    let mut nats2 = NatsServer::start_in_cluster_unadvertised(c2, &[c1]).await;
+    let args = ["--presence", "chat:*", "--presence-ttl", "2s"];
+    let mut ns = nodes(1, &nats1.url(), &args);
+    ns.extend(nodes(1, &nats2.url(), &args));
+    wait_linked(&ns).await;
+    let mut obs = Client::connect(&ns[0].url("sub=chat:lobby&name=obs")).await;
+    let _b1 = Client::connect(&ns[1].url("sub=chat:lobby&name=b1")).await;
+    let b1 = loop {
+        let (v, _) = until(&mut obs, |v| v["event"] == "join").await;
+        if v["name"] == "b1" {
+            break v["client"].as_str().unwrap().to_owned();
+        }
+    };
+    nats2.kill(); // node 1 is cut off
+    let (v, _) = until(&mut obs, |v| v["event"] == "leave").await;
+    assert_eq!(v["client"].as_str(), Some(b1.as_str()), "no ghost: {v}");
+    assert_eq!(
+        clients(&http_presence(&ns[0], "?topic=chat:lobby").await).len(),
+        1
+    );
+    nats2.restart().await;
+    let (v, _) = until(&mut obs, |v| v["event"] == "join").await;
+    assert_eq!(v["client"].as_str(), Some(b1.as_str()), "re-announced: {v}");
+    eventually("both nodes list both sockets, once each", || async {
+        let mut lists = Vec::new();
+        for n in &ns {
+            lists.push(clients(&http_presence(n, "?topic=chat:lobby").await));
+        }
+        lists.iter().all(|l| l.len() == 2 && *l == lists[0])
+    })
+    .await;
+    ns[0].publish("chat:lobby", "\"marker\"").await;
+    let (_, before) = until(&mut obs, |v| v["data"] == "marker").await;
+    assert!(
+        before.iter().all(|v| v["event"] != "join"),
+        "joined once: {before:?}"
+    );
 }
