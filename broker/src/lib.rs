@@ -5,6 +5,8 @@
 //! Bottom to top; a module uses only modules listed above it (a test,
 //! `tests/layering.rs`, holds every `use crate::` to this order):
 //!
+//! - [`values`]: setting values that are more than a number or a string
+//!   (an `--exec` route, an address block).
 //! - [`config`]: every setting, as flags and `HERALD_*` variables.
 //! - [`metrics`]: counters rendered in the Prometheus text format.
 //! - [`history`]: the last minutes of the node's figures and its peers'
@@ -37,6 +39,8 @@
 //!   cluster interest, presence, metrics) and of a publish's way in, for
 //!   WebSocket sessions and HTTP alike.
 //! - [`params`]: the `/ws` URL parameters, validated before the 101.
+//! - [`shared`]: what every session shares (settings, router, counters,
+//!   token checks, the live sockets and their deadlines).
 //! - [`session`]: each socket's read loop and request handling, and what
 //!   sessions share.
 //! - [`sessions`]: the set of live sessions: accepting a handshake into
@@ -82,9 +86,11 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod sessions;
+pub mod shared;
 pub mod status;
 pub mod subjects;
 pub mod subscriber;
+pub mod values;
 pub mod writer;
 
 pub use config::Config;

@@ -17,7 +17,7 @@ use crate::bus::{Bus, LinkAuth, LinkError};
 use crate::config::Config;
 use crate::hub::{Body, Hub};
 use crate::metrics::Metrics;
-use crate::roster::Change;
+use crate::roster::{Assembler, Change};
 use crate::router::Router;
 use crate::sessions::Sessions;
 
@@ -209,12 +209,18 @@ impl Node {
         tokio::spawn(async move {
             use futures_util::StreamExt;
             let Ok(mut sub) = c.subscribe(s).await else { return };
+            let parts = Assembler::default();
             while let Some(msg) = sub.next().await {
                 let Ok(v) = serde_json::from_slice::<serde_json::Value>(&msg.payload) else {
                     continue;
                 };
-                if v["node"].as_str() != Some(id.as_str()) {
-                    let changes = node.router.hub().roster().apply_snapshot(&v);
+                let Some(from) = v["node"].as_str().filter(|n| *n != id) else {
+                    continue;
+                };
+                let roster = node.router.hub().roster();
+                roster.touch(from);
+                if let Some(whole) = parts.part(v) {
+                    let changes = roster.apply_snapshot(&whole);
                     node.tell(changes);
                 }
             }
@@ -224,13 +230,17 @@ impl Node {
         let mut tick = tokio::time::interval(Duration::from_millis(100).max(every / 5));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = tokio::time::Instant::now() - every;
+        let mut gen = 0u64;
         loop {
             tick.tick().await;
             let roster = self.router.hub().roster();
             if last.elapsed() >= every {
                 last = tokio::time::Instant::now();
-                let snap = roster.snapshot(&me).to_string();
-                let _ = client.publish(subject.clone(), snap.into()).await;
+                gen += 1;
+                // 2,000 members a message: ~130 KB, far below NATS's 1 MB.
+                for part in roster.snapshot_parts(&me, gen, 2000) {
+                    let _ = client.publish(subject.clone(), part.to_string().into()).await;
+                }
             }
             let gone = roster.expire(ttl);
             self.tell(gone);

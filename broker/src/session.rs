@@ -10,63 +10,26 @@
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use dashmap::DashMap;
 use herald_protocol::message::{self, ErrorCode, Request};
 use herald_protocol::ws::{self, Message, OpCode, Reader};
 use herald_protocol::Disconnect;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::auth::{Auth, Identity};
-use crate::config::Config;
-use crate::deadlines::{Deadlines, Due};
-use crate::metrics::Metrics;
+use crate::auth::Identity;
+use crate::deadlines::Due;
 use crate::rate::RateLimit;
-use crate::router::{Router, Who};
+use crate::router::Who;
+pub use crate::shared::Shared;
 use crate::subjects::Live;
 use crate::subscriber::Subscriber;
-use crate::writer::{discard, Writers};
+use crate::writer::discard;
 
 /// Read buffer handed to the kernel when a socket becomes readable.
 const READ_CHUNK: usize = 4096;
-
-/// What every session shares: built once by [`crate::sessions::Sessions`].
-pub struct Shared {
-    /// Settings.
-    pub config: Arc<Config>,
-    /// Subscriptions and publishes.
-    pub router: Router,
-    /// Counters.
-    pub metrics: Arc<Metrics>,
-    /// Token checks; `None` when the node has no access control.
-    pub auth: Option<Arc<Auth>>,
-    /// Grants of sockets without a token, when `auth` is set.
-    pub anonymous: Option<Arc<Identity>>,
-    /// Open sessions, for the heartbeat and shutdown.
-    pub live: DashMap<u64, Arc<Subscriber>>,
-    /// When each socket's token (or its wait for one) runs out.
-    pub deadlines: Deadlines,
-    /// Session tasks (read loops and writers), so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// What every socket's writer shares (runs under `tracker`).
-    pub writers: Arc<Writers>,
-    /// The heartbeat word as a ready frame, shared by every reply.
-    pub heartbeat_reply: Bytes,
-    /// Start of the node's millisecond clock.
-    pub epoch: Instant,
-}
-
-impl Shared {
-    /// Milliseconds since the node started: a cheap clock for heartbeats.
-    pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-}
 
 /// What the read loop does after a message.
 enum Next {

@@ -301,11 +301,16 @@ async fn twenty_users_sixty_tabs_behind_haproxy_and_a_node_death() {
     publish(&ns[0], "marker").await;
     let (_, before) = until(&mut obs, |v| v["data"] == "marker").await;
     assert!(before.iter().all(|v| v["event"] != "leave"), "{before:?}");
-    for n in ns.iter().take(2) {
-        let v = http_presence(n, "?topic=chat:lobby").await;
-        assert_eq!(user_list(&v).len(), 21, "{v}");
-        assert_eq!(v["clients"], 41, "{v}");
-    }
+    // Each survivor drops the dead node on its own clock: converged soon.
+    eventually("the survivors list 21 users on 41 sockets", || async {
+        let mut ok = true;
+        for n in ns.iter().take(2) {
+            let v = http_presence(n, "?topic=chat:lobby").await;
+            ok &= user_list(&v).len() == 21 && v["clients"] == 41;
+        }
+        ok
+    })
+    .await;
     // The node comes back; a returning client rejoins, once.
     let addr = ns[2].addr;
     let nats_url = nats.url();

@@ -1,0 +1,141 @@
+//! The value types behind settings that are more than a number or a
+//! string: an `--exec` route, an address block (`--trusted-proxies`).
+
+use std::net::IpAddr;
+
+/// An `--exec` route: a URL path and the program (argv) it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRoute {
+    /// The URL path, e.g. `/count`.
+    pub path: String,
+    /// Program and arguments.
+    pub argv: Vec<String>,
+}
+
+/// Paths the node serves itself, which an --exec route may not take.
+const RESERVED: [&str; 7] = [
+    "/",
+    "/ws",
+    "/v1/publish",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/herald.js",
+];
+
+impl ExecRoute {
+    /// Parses `PATH=PROGRAM ARGS...`.
+    pub fn parse(s: &str) -> Result<ExecRoute, String> {
+        let (path, cmd) = Self::split(s)?;
+        let argv: Vec<String> = cmd.split_whitespace().map(String::from).collect();
+        Ok(ExecRoute { path, argv })
+    }
+
+    /// Parses `PATH=COMMAND` to run through `/bin/sh -c`.
+    pub fn parse_shell(s: &str) -> Result<ExecRoute, String> {
+        let (path, cmd) = Self::split(s)?;
+        Ok(ExecRoute {
+            path,
+            argv: vec!["/bin/sh".into(), "-c".into(), cmd.trim().into()],
+        })
+    }
+
+    fn split(s: &str) -> Result<(String, &str), String> {
+        let (path, cmd) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected PATH=PROGRAM, e.g. /count=./count.sh"))?;
+        let path = path.trim();
+        if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+            return Err(format!(
+                "{path:?}: a path starts with / and has no ?, # or spaces"
+            ));
+        }
+        if RESERVED.contains(&path) {
+            return Err(format!("{path:?} is served by the node itself"));
+        }
+        if cmd.trim().is_empty() {
+            return Err(format!("{s:?}: no program"));
+        }
+        Ok((path.to_owned(), cmd))
+    }
+}
+
+/// An address block: `10.0.0.0/8`, `fd00::/8`, or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR/BITS` or a bare address.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let s = s.trim();
+        let (a, bits) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let bits = if bits.is_empty() {
+            max
+        } else {
+            bits.parse::<u8>()
+                .ok()
+                .filter(|b| *b <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0 to {max}"))?
+        };
+        Ok(Cidr { addr, bits })
+    }
+
+    /// Whether `ip` is in the block (an IPv4-mapped IPv6 address counts as
+    /// its IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let (a, b, width) = match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
+            (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+            _ => return false,
+        };
+        let shift = width - self.bits as u32;
+        shift >= width || (a >> shift) == (b >> shift)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_routes() {
+        let r = ExecRoute::parse("/count=./count.sh --to 10").unwrap();
+        assert_eq!(r.path, "/count");
+        assert_eq!(r.argv, ["./count.sh", "--to", "10"]);
+        let r = ExecRoute::parse_shell("/t=tail -f log | grep x").unwrap();
+        assert_eq!(r.argv, ["/bin/sh", "-c", "tail -f log | grep x"]);
+        for bad in ["count=./x", "/ws=./x", "/x=", "/x", "/a b=./x"] {
+            assert!(ExecRoute::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cidrs() {
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.0.0.1".parse().unwrap()));
+        let one = Cidr::parse("127.0.0.1").unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(Cidr::parse("fd00::/8")
+            .unwrap()
+            .contains("fd12::1".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("ten").is_err());
+    }
+}
