@@ -25,6 +25,7 @@ fn member(i: usize) -> Member {
         client: format!("c{i}-abc123"),
         user: Some(format!("user{}", i / 3)),
         name: Some(format!("name {i}")),
+        last: None,
     }
 }
 

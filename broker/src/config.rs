@@ -100,6 +100,13 @@ pub struct Config {
     #[arg(long = "presence", env = "HERALD_PRESENCE", value_delimiter = ',', value_parser = parse_pattern)]
     pub presence: Vec<String>,
 
+    /// Raw-mode topics (patterns, comma-separated) that keep the classic
+    /// chat server's status: a JSON object a raw socket sends is published
+    /// with `"status":1`, and when the socket goes away (for any reason)
+    /// its last object is published again with `"status":0`.
+    #[arg(long, env = "HERALD_RAW_STATUS", value_delimiter = ',', value_parser = parse_pattern)]
+    pub raw_status: Vec<String>,
+
     /// Presence notices and counts per socket (`client`, the default) or
     /// per user (`user`: a user's first socket joins, its last one leaves;
     /// sockets without a token count as their own user).

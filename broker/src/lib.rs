@@ -38,6 +38,8 @@
 //! - [`router`]: the one owner of a subscription's life (socket list, hub,
 //!   cluster interest, presence, metrics) and of a publish's way in, for
 //!   WebSocket sessions and HTTP alike.
+//! - [`rawstatus`]: `--raw-status`, the classic chat server's status 1
+//!   and its last message with status 0 when a raw socket goes.
 //! - [`params`]: the `/ws` URL parameters, validated before the 101.
 //! - [`shared`]: what every session shares (settings, router, counters,
 //!   token checks, the live sockets and their deadlines).
@@ -81,6 +83,7 @@ pub mod params;
 pub mod patterns;
 pub mod preread;
 pub mod rate;
+pub mod rawstatus;
 pub mod roster;
 pub mod router;
 pub mod server;

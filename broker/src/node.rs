@@ -199,7 +199,7 @@ impl Node {
         let (Some(client), Some(prefix)) = (bus.nats_client(), bus.prefix()) else {
             return; // embedded: no other nodes
         };
-        if self.config.presence.is_empty() {
+        if self.config.presence.is_empty() && self.config.raw_status.is_empty() {
             return;
         }
         let subject = format!("_herald.presence.{prefix}");
@@ -243,6 +243,15 @@ impl Node {
                 }
             }
             let gone = roster.expire(ttl);
+            // A dead node's raw-status sockets: their last objects go out
+            // with status 0, once, from the first surviving node.
+            if !gone.is_empty() && roster.first_of_nodes(&me) {
+                for (topic, _, m) in &gone {
+                    if let Some(last) = &m.last {
+                        crate::rawstatus::publish_zero(&self.router, topic, last);
+                    }
+                }
+            }
             self.tell(gone);
         }
     }
@@ -252,6 +261,9 @@ impl Node {
     fn tell(&self, changes: Vec<Change>) {
         let hub = self.router.hub();
         for (topic, event, m) in changes {
+            if !hub.has_presence(&topic) {
+                continue; // a --raw-status member only
+            }
             if let (true, Some(u)) = (self.router.by_user(), m.user.as_deref()) {
                 let now = hub.roster().sockets_of(&topic, u);
                 if (event == "join" && now != 1) || (event == "leave" && now != 0) {

@@ -23,6 +23,9 @@ pub struct Member {
     pub user: Option<String>,
     /// The socket's `?name=`.
     pub name: Option<String>,
+    /// `--raw-status`: the last object the socket published (status 1), for
+    /// the other nodes to publish with status 0 should its node die.
+    pub last: Option<String>,
 }
 
 impl Member {
@@ -38,12 +41,22 @@ impl Member {
         v
     }
 
+    /// The member as snapshots carry it (with its last raw-status object).
+    pub fn to_wire(&self) -> Value {
+        let mut v = self.to_json();
+        if let Some(l) = &self.last {
+            v["last"] = json!(l);
+        }
+        v
+    }
+
     fn from_json(v: &Value) -> Option<Member> {
         let s = |k: &str| v.get(k).and_then(Value::as_str).map(String::from);
         Some(Member {
             client: s("client")?,
             user: s("user"),
             name: s("name"),
+            last: s("last"),
         })
     }
 }
@@ -230,7 +243,7 @@ impl Roster {
                 if let Some(part) = parts.last_mut() {
                     let list = part.entry(t.clone()).or_insert_with(|| Value::Array(Vec::new()));
                     if let Value::Array(a) = list {
-                        a.push(m.to_json());
+                        a.push(m.to_wire());
                     }
                 }
                 in_part += 1;
@@ -310,6 +323,13 @@ impl Roster {
             }
         }
         out
+    }
+
+    /// Whether `me` is the first, by id, of the live nodes it knows: the one
+    /// that publishes a dead node's `--raw-status` leave messages.
+    pub fn first_of_nodes(&self, me: &str) -> bool {
+        let r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        r.keys().all(|k| me < k.as_str())
     }
 
     /// Nodes other than this one currently known.
@@ -398,6 +418,7 @@ mod tests {
             client: c.into(),
             user: u.map(String::from),
             name: None,
+            last: None,
         }
     }
 

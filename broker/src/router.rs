@@ -118,6 +118,10 @@ impl Router {
     }
 
     /// The socket's id in presence notices: unique across a cluster.
+    pub fn client_id(&self, sub: &Subscriber) -> String {
+        self.client(sub)
+    }
+
     fn client(&self, sub: &Subscriber) -> String {
         format!("c{}{}", sub.id, self.inner.client_suffix)
     }
@@ -253,6 +257,7 @@ impl Router {
                 client: client.clone(),
                 user: who.user.map(String::from),
                 name: who.name.map(String::from),
+                last: None,
             };
             roster.join("", topic, member);
         } else {

@@ -22,6 +22,7 @@ use tracing::Instrument;
 use crate::auth::Identity;
 use crate::deadlines::Due;
 use crate::rate::RateLimit;
+use crate::rawstatus;
 use crate::router::Who;
 pub use crate::shared::Shared;
 use crate::subjects::Live;
@@ -71,6 +72,8 @@ pub struct Session {
     /// queue push and one write instead of one per message. Boxed: an idle
     /// session holds only the pointer.
     pending: Option<Box<(String, Vec<Bytes>)>>,
+    /// `--raw-status`: the last object this raw socket published.
+    last: Option<Box<str>>,
 }
 
 impl Session {
@@ -90,6 +93,7 @@ impl Session {
             sub_rate: RateLimit::default(),
             name,
             pending: None,
+            last: None,
         }
     }
 
@@ -155,14 +159,22 @@ impl Session {
             conn,
             name,
             access,
+            last,
             ..
         } = self;
+        let raw_topic = conn
+            .raw
+            .then(|| conn.subs().first().map(|s| s.pattern.to_string()))
+            .flatten();
         let user = access.as_ref().and_then(|a| a.user.as_deref());
         let who = Who {
             name: name.as_deref(),
             user,
         };
         shared.router.leave_all(&conn, who);
+        if let (Some(last), Some(topic)) = (last, raw_topic) {
+            rawstatus::leave(&shared.router, &conn, &topic, &last);
+        }
         shared.live.remove(&conn.id);
         shared.deadlines.clear(conn.id);
         conn
@@ -254,9 +266,19 @@ impl Session {
                 if text == self.shared.config.heartbeat_word {
                     self.send(self.shared.heartbeat_reply.clone());
                 } else if let Some(topic) = self.raw_topic() {
+                    let marked = rawstatus::mark(
+                        &self.shared.router,
+                        &self.shared.config.raw_status,
+                        &self.conn,
+                        &topic,
+                        text,
+                    );
+                    if let Some(m) = &marked {
+                        self.last = Some(m.as_str().into());
+                    }
                     // Escaping can grow text up to 6x: the limit applies to
                     // what every node would deliver, so all nodes agree.
-                    let data = message::json_string(text);
+                    let data = message::json_string(marked.as_deref().unwrap_or(text));
                     let max = self.shared.config.max_message_bytes;
                     if data.len() > max {
                         let msg = format!(

@@ -198,6 +198,7 @@ impl Receiver {
                     client: client.clone(),
                     user: user.clone(),
                     name: name.clone(),
+                    last: None,
                 };
                 roster.join(node, &topic, member);
             } else {

@@ -526,7 +526,7 @@ def test_every_herald_serve_setting_is_settable():
     docs = render({"config": {"presence": "chat:*", "rootTopic": "chat:lobby",
                               "allowedOrigins": ["https://app.example.com", "https://*.example.org"],
                               "exec": ["/count=/usr/local/bin/count", "/tail=tail -f /var/log/x"],
-                              "execShell": ["/sh=echo a; echo b"]},
+                              "execShell": ["/sh=echo a; echo b"], "rawStatus": "chat:*"},
                    "auth": {"existingSecret": "s", "apiKeysFileKey": "keys",
                             "tokens": {"secretName": "t", "hmacKey": "h", "publicKey": "p", "jwksKey": "j",
                                        "audience": "a", "issuer": "i"},

@@ -14,4 +14,5 @@ mod limits;
 mod presence;
 mod pubsub;
 mod raw;
+mod rawstatus;
 mod status;

@@ -1,0 +1,150 @@
+//! `--raw-status`: the classic chat server's status 1 on every object, and
+//! the last object again with status 0 when a raw socket goes, whatever
+//! the reason, once, on every node; from a survivor when a node dies.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::cluster::{nodes, wait_linked};
+use crate::common::*;
+use crate::external::NatsServer;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn raw(addr: std::net::SocketAddr) -> Ws {
+    tokio_tungstenite::connect_async(format!("ws://{addr}"))
+        .await
+        .expect("connect")
+        .0
+}
+
+async fn text(ws: &mut Ws) -> String {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("timed out")
+            .unwrap()
+            .unwrap()
+        {
+            Message::Text(t) => return t,
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Texts until `marker`, which is sent by `from` after `before` ran.
+async fn until_marker(ws: &mut Ws, marker: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let t = text(ws).await;
+        if t == marker {
+            return seen;
+        }
+        seen.push(t);
+    }
+}
+
+fn json(t: &str) -> Value {
+    serde_json::from_str(t).unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn status_one_on_objects_and_the_last_again_with_status_zero() {
+    let h = Herald::start(&["--root-topic", "chat:lobby", "--raw-status", "chat:*"]);
+    let mut ann = raw(h.addr).await;
+    let mut bob = raw(h.addr).await;
+    ann.send(Message::Text(r#"{"user":"ann","text":"hi","status":5}"#.into()))
+        .await
+        .unwrap();
+    let v = json(&text(&mut bob).await);
+    assert_eq!(
+        (v["user"].as_str(), v["text"].as_str(), v["status"].as_u64()),
+        (Some("ann"), Some("hi"), Some(1))
+    );
+    ann.send(Message::Text(r#"{"user":"ann","text":"bye"}"#.into()))
+        .await
+        .unwrap();
+    ann.send(Message::Text("plain words".into())).await.unwrap();
+    ann.send(Message::Text("[1,2]".into())).await.unwrap();
+    assert_eq!(json(&text(&mut bob).await)["text"], "bye");
+    assert_eq!(text(&mut bob).await, "plain words", "not an object: as sent");
+    assert_eq!(text(&mut bob).await, "[1,2]");
+    // A socket that never published leaves nothing behind.
+    let quiet = raw(h.addr).await;
+    drop(quiet);
+    // Ann closes: her last object, status 0, once.
+    ann.close(None).await.unwrap();
+    let v = json(&text(&mut bob).await);
+    assert_eq!(
+        (v["text"].as_str(), v["status"].as_u64()),
+        (Some("bye"), Some(0)),
+        "{v}"
+    );
+    // Lost without a close frame: the same.
+    let mut cy = raw(h.addr).await;
+    cy.send(Message::Text(r#"{"user":"cy","text":"x"}"#.into()))
+        .await
+        .unwrap();
+    assert_eq!(json(&text(&mut bob).await)["user"], "cy");
+    drop(cy);
+    let v = json(&text(&mut bob).await);
+    assert_eq!(
+        (v["user"].as_str(), v["status"].as_u64()),
+        (Some("cy"), Some(0)),
+        "{v}"
+    );
+    bob.send(Message::Text("marker".into())).await.unwrap();
+    let extra = until_marker(&mut bob, "marker").await;
+    assert!(
+        extra.is_empty(),
+        "exactly once, nothing from the quiet socket: {extra:?}"
+    );
+}
+
+/// In a cluster the leave reaches every node once; when the socket's node
+/// dies, a survivor publishes it after the presence TTL.
+#[tokio::test]
+async fn across_nodes_and_after_a_node_dies() {
+    let nats = NatsServer::start().await;
+    let args = [
+        "--root-topic",
+        "chat:lobby",
+        "--raw-status",
+        "chat:*",
+        "--presence",
+        "chat:*",
+        "--presence-ttl",
+        "2s",
+    ];
+    let mut ns = nodes(3, &nats.url(), &args);
+    wait_linked(&ns).await;
+    let mut watch0 = raw(ns[0].addr).await;
+    let mut watch1 = raw(ns[1].addr).await;
+    let mut ann = raw(ns[2].addr).await;
+    ann.send(Message::Text(r#"{"user":"ann","text":"hi"}"#.into()))
+        .await
+        .unwrap();
+    for w in [&mut watch0, &mut watch1] {
+        assert_eq!(json(&text(w).await)["status"], 1);
+    }
+    // Let a presence snapshot carry ann's last object to the others.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ns[2].sigkill();
+    for w in [&mut watch0, &mut watch1] {
+        let v = json(&text(w).await);
+        assert_eq!(
+            (v["user"].as_str(), v["status"].as_u64()),
+            (Some("ann"), Some(0)),
+            "{v}"
+        );
+    }
+    watch0.send(Message::Text("marker".into())).await.unwrap();
+    for w in [&mut watch0, &mut watch1] {
+        let extra = until_marker(w, "marker").await;
+        assert!(extra.is_empty(), "once, from one survivor: {extra:?}");
+    }
+}
