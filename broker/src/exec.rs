@@ -70,7 +70,18 @@ fn admitted(
         .split('&')
         .find_map(|kv| kv.strip_prefix("token="))
         .or(handshake::bearer(req));
-    handshake::access(node, token, [])?;
+    // With access control on, a program runs for token holders only.
+    if let Some(identity) = handshake::access(node, token, [])? {
+        if identity.expires == u64::MAX {
+            node.metrics.error(ErrorCode::Unauthorized);
+            let msg = "unauthorized: --exec routes need a connection token when access control is on";
+            return Err(Box::new(http::error(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                msg,
+            )));
+        }
+    }
     let slot = handshake::admit(node, req, remote)?;
     let metrics = &node.metrics;
     let max = node.config.exec_max_processes as i64;
