@@ -208,7 +208,9 @@ impl Router {
         let removed = {
             let mut subs = sub.subs();
             let at = subs.iter().position(|s| &*s.pattern == pattern);
-            at.map(|i| subs.swap_remove(i))
+            // In order: the oldest matching subscription carries a topic
+            // (see `Subscriber::is_first_match`).
+            at.map(|i| subs.remove(i))
         };
         let Some(s) = removed else {
             return Err(Refused::NotSubscribed(pattern.to_owned()));

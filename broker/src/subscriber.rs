@@ -146,16 +146,16 @@ impl Subscriber {
     }
 
     /// Whether, of this socket's subscriptions matching `topic`, `key` is the
-    /// first (in byte order). A message that reaches the node once per
-    /// matching subject subscription is delivered to the socket only through
-    /// this one, so it arrives once.
+    /// oldest. A message that reaches the node once per matching subject
+    /// subscription is delivered to the socket only through this one, so it
+    /// arrives once; and a subscription added later never takes a topic over
+    /// from one that already carries it (it would, before its own subject
+    /// is live: a gap), so adding a wildcard over a held topic loses nothing.
     pub fn is_first_match(&self, key: &str, topic: &str) -> bool {
         self.subs()
             .iter()
-            .filter(|s| herald_protocol::topic::matches(&s.pattern, topic))
-            .map(|s| &*s.pattern)
-            .min()
-            .is_none_or(|first| first == key)
+            .find(|s| herald_protocol::topic::matches(&s.pattern, topic))
+            .is_none_or(|first| &*first.pattern == key)
     }
 
     /// Whether the socket holds (or held) a wildcard subscription.

@@ -446,3 +446,55 @@ async fn readiness_waits_for_the_first_link() {
         "a node that lost its link still serves"
     );
 }
+
+/// A socket that holds `tN:lobby` (or, every other trial, `tN:>`) and adds
+/// `tN:*` while another node publishes a numbered burst on `tN:lobby`
+/// receives every message once, in order: the topic keeps arriving through
+/// the subscription it already had, with no gap and no duplicate at the
+/// seam. (Before the fix, the new wildcard took the topic over before its
+/// subject was live, and messages fell in between.)
+#[tokio::test]
+async fn adding_a_wildcard_over_a_held_topic_loses_nothing() {
+    let nats = NatsServer::start().await;
+    let ns = nodes(2, &nats.url(), &["--publish-rate", "0"]);
+    wait_linked(&ns).await;
+    const N: u64 = 150;
+    for trial in 0..12 {
+        let topic = format!("t{trial}:lobby");
+        let held = if trial % 2 == 0 {
+            topic.clone()
+        } else {
+            format!("t{trial}:%3E")
+        };
+        let mut c = Client::connect(&ns[0].url(&format!("sub={held}"))).await;
+        let publisher = {
+            let addr = ns[1].addr;
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                for seq in 0..N {
+                    let body = format!(r#"{{"topic":"{topic}","data":{seq}}}"#);
+                    let req = format!(
+                        "POST /v1/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let (status, text) = http(addr, req.as_bytes()).await;
+                    assert_eq!(status, 200, "{text}");
+                }
+            })
+        };
+        // Somewhere in the burst, add the wildcard and wait for its ack.
+        tokio::time::sleep(Duration::from_millis(5 * (trial % 4))).await;
+        let ack = c
+            .request(json!({"op":"sub","topic":format!("t{trial}:*"),"id":"w"}))
+            .await;
+        assert_eq!(ack["op"], "ack", "{ack}");
+        publisher.await.unwrap();
+        let mut got = Vec::new();
+        while got.last() != Some(&(N - 1)) {
+            let v = c.recv().await;
+            got.push(v["data"].as_u64().unwrap());
+        }
+        let want: Vec<u64> = (0..N).collect();
+        assert_eq!(got, want, "trial {trial}: every message once, in order");
+    }
+}
