@@ -338,22 +338,31 @@ pub async fn check(target: &Target, api_key: Option<&str>, timeout: Duration) ->
 }
 
 /// Claims of a development token (`herald token`).
+#[derive(Debug, Clone, Args)]
 pub struct Mint {
-    /// File holding the HMAC secret (as `--auth-hmac-key-file`).
+    /// File holding the HMAC secret (the node's --auth-hmac-key-file).
+    #[arg(long)]
     pub key_file: String,
-    /// The user id (`sub`).
+    /// User id (`sub`).
+    #[arg(long)]
     pub sub: Option<String>,
-    /// Patterns granted for subscribing.
+    /// Patterns the token may subscribe within (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
     pub subscribe: Vec<String>,
-    /// Patterns granted for publishing.
+    /// Patterns whose topics the token may publish to.
+    #[arg(long, value_delimiter = ',')]
     pub publish: Vec<String>,
-    /// Lifetime.
+    /// Lifetime (e.g. 1h, 15m).
+    #[arg(long, default_value = "1h", value_parser = herald_broker::config::parse_duration)]
     pub ttl: Duration,
-    /// `aud`, `iss` and header `kid`, when given.
+    /// Audience (`aud`).
+    #[arg(long)]
     pub aud: Option<String>,
-    /// See `aud`.
+    /// Issuer (`iss`).
+    #[arg(long)]
     pub iss: Option<String>,
-    /// See `aud`.
+    /// Key id (`kid` header).
+    #[arg(long)]
     pub kid: Option<String>,
 }
 

@@ -51,32 +51,7 @@ enum Command {
     /// Mint a connection token signed with an HMAC key (HS256), for
     /// development and tests only: in production your backend issues
     /// tokens (see docs/operations.md).
-    Token {
-        /// File holding the HMAC secret (the node's --auth-hmac-key-file).
-        #[arg(long)]
-        key_file: String,
-        /// User id (`sub`).
-        #[arg(long)]
-        sub: Option<String>,
-        /// Patterns the token may subscribe within (repeat or comma-separate).
-        #[arg(long, value_delimiter = ',')]
-        subscribe: Vec<String>,
-        /// Patterns whose topics the token may publish to.
-        #[arg(long, value_delimiter = ',')]
-        publish: Vec<String>,
-        /// Lifetime (e.g. 1h, 15m).
-        #[arg(long, default_value = "1h", value_parser = herald_broker::config::parse_duration)]
-        ttl: std::time::Duration,
-        /// Audience (`aud`).
-        #[arg(long)]
-        aud: Option<String>,
-        /// Issuer (`iss`).
-        #[arg(long)]
-        iss: Option<String>,
-        /// Key id (`kid` header).
-        #[arg(long)]
-        kid: Option<String>,
-    },
+    Token(cli::Mint),
     /// Wait, then exit (a preStop hook for images without a shell).
     #[command(hide = true)]
     Sleep {
@@ -180,27 +155,8 @@ fn main() -> anyhow::Result<()> {
                 }
                 cli::check(&target, api_key.as_deref().filter(|k| !k.is_empty()), timeout).await
             }
-            Command::Token {
-                key_file,
-                sub,
-                subscribe,
-                publish,
-                ttl,
-                aud,
-                iss,
-                kid,
-            } => {
-                let token = cli::mint(&cli::Mint {
-                    key_file,
-                    sub,
-                    subscribe,
-                    publish,
-                    ttl,
-                    aud,
-                    iss,
-                    kid,
-                })?;
-                println!("{token}");
+            Command::Token(m) => {
+                println!("{}", cli::mint(&m)?);
                 Ok(())
             }
             Command::Sleep { duration } => {

@@ -23,6 +23,46 @@ pub fn herald_bin() -> &'static str {
     env!("CARGO_BIN_EXE_herald")
 }
 
+/// An HMAC key in a temporary file, for nodes with `--auth-hmac-key-file`,
+/// and tokens minted with it by `herald token`; removed on drop.
+pub struct KeyFile {
+    dir: std::path::PathBuf,
+    pub path: std::path::PathBuf,
+}
+
+impl KeyFile {
+    pub fn new(name: &str) -> KeyFile {
+        let dir = std::env::temp_dir().join(format!("herald-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("hmac");
+        std::fs::write(&path, format!("{name}-").repeat(40)).expect("key file");
+        KeyFile { dir, path }
+    }
+
+    /// The file's path, as a flag value.
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("UTF-8 path")
+    }
+
+    /// A one-hour token for user `sub` granting `subscribe`.
+    pub fn token(&self, sub: &str, subscribe: &[&str]) -> String {
+        let mut cmd = Command::new(herald_bin());
+        cmd.args(["token", "--key-file", self.arg(), "--sub", sub]);
+        for p in subscribe {
+            cmd.args(["--subscribe", p]);
+        }
+        let out = cmd.output().expect("herald token");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("UTF-8").trim().to_owned()
+    }
+}
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A running `herald serve`, killed on drop.
 pub struct Herald {
     child: Child,

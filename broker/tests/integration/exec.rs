@@ -142,15 +142,12 @@ async fn a_fast_program_waits_for_a_slow_reader_and_nothing_is_lost() {
 /// With access control on, a program runs only for a valid token.
 #[tokio::test]
 async fn with_access_control_a_program_needs_a_token() {
-    let dir = std::env::temp_dir().join(format!("herald-exec-auth-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("hmac");
-    std::fs::write(&key, "e".repeat(40)).unwrap();
+    let key = KeyFile::new("exec-auth");
     let h = Herald::start(&[
         "--exec",
         "/echo=cat",
         "--auth-hmac-key-file",
-        key.to_str().unwrap(),
+        key.arg(),
         "--anonymous-subscribe",
         "public:>",
     ]);
@@ -158,13 +155,8 @@ async fn with_access_control_a_program_needs_a_token() {
     assert_eq!(status, 401, "{body}");
     let (status, body) = h.http(&upgrade_request("/echo?token=bad", "127.0.0.1", "")).await;
     assert_eq!(status, 401, "{body}");
-    let out = std::process::Command::new(herald_bin())
-        .args(["token", "--key-file", key.to_str().unwrap(), "--sub", "ops"])
-        .output()
-        .unwrap();
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let token = key.token("ops", &[]);
     let mut ws = open(&h, &format!("/echo?token={token}")).await;
     ws.send(Message::Text("hi".into())).await.unwrap();
     assert_eq!(next(&mut ws).await, Ok("hi".to_owned()));
-    let _ = std::fs::remove_dir_all(&dir);
 }

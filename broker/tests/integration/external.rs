@@ -42,27 +42,22 @@ impl NatsServer {
     /// A member of a cluster listening for routes on `cluster_port` and
     /// routing to the others' cluster ports.
     pub async fn start_in_cluster(cluster_port: u16, routes: &[u16]) -> NatsServer {
-        let mut s = NatsServer {
-            child: None,
-            port: free_port(),
-            monitor: free_port(),
-            cluster_port,
-            routes: routes.to_vec(),
-            advertise: true,
-        };
-        s.spawn().await;
-        s
+        Self::cluster_member(cluster_port, routes, true).await
     }
 
     /// A cluster member that does not tell clients of the other servers.
     pub async fn start_in_cluster_unadvertised(cluster_port: u16, routes: &[u16]) -> NatsServer {
+        Self::cluster_member(cluster_port, routes, false).await
+    }
+
+    async fn cluster_member(cluster_port: u16, routes: &[u16], advertise: bool) -> NatsServer {
         let mut s = NatsServer {
             child: None,
             port: free_port(),
             monitor: free_port(),
             cluster_port,
             routes: routes.to_vec(),
-            advertise: false,
+            advertise,
         };
         s.spawn().await;
         s

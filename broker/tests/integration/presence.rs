@@ -92,35 +92,18 @@ async fn lists_and_counts_over_websocket_and_http() {
 /// once, when the last one goes.
 #[tokio::test]
 async fn a_users_first_socket_joins_and_its_last_leaves() {
-    let dir = std::env::temp_dir().join(format!("herald-presence-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("hmac");
-    std::fs::write(&key, "p".repeat(40)).unwrap();
+    let key = KeyFile::new("presence");
     let h = Herald::start(&[
         "--presence",
         "chat:*",
         "--presence-by",
         "user",
         "--auth-hmac-key-file",
-        key.to_str().unwrap(),
+        key.arg(),
         "--api-key",
         "k",
     ]);
-    let token = |sub: &str| {
-        let out = std::process::Command::new(herald_bin())
-            .args([
-                "token",
-                "--key-file",
-                key.to_str().unwrap(),
-                "--sub",
-                sub,
-                "--subscribe",
-                "chat:*",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
+    let token = |sub: &str| key.token(sub, &["chat:*"]);
     async fn publish(h: &Herald, marker: &str) {
         let body = format!(r#"{{"topic":"chat:lobby","data":"{marker}"}}"#);
         let (s, b) = h.post("/v1/publish", "Authorization: Bearer k\r\n", &body).await;
@@ -160,7 +143,6 @@ async fn a_users_first_socket_joins_and_its_last_leaves() {
     drop(tabs.pop());
     let (leave, _) = until(&mut obs, |v| v["event"] == "leave").await;
     assert_eq!(leave["user"], "ann", "{leave}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Every node answers with the whole cluster; a SIGKILLed node's members
@@ -209,22 +191,6 @@ async fn the_same_list_everywhere_and_no_ghosts_after_a_node_dies() {
     }
 }
 
-fn token_for(key: &std::path::Path, sub: &str) -> String {
-    let out = std::process::Command::new(herald_bin())
-        .args([
-            "token",
-            "--key-file",
-            key.to_str().unwrap(),
-            "--sub",
-            sub,
-            "--subscribe",
-            "chat:*",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 fn user_list(v: &Value) -> Vec<String> {
     let mut u: Vec<String> = v["members"]
         .as_array()
@@ -242,12 +208,9 @@ fn user_list(v: &Value) -> Vec<String> {
 /// leave once each; a returning client rejoins once.
 #[tokio::test]
 async fn twenty_users_sixty_tabs_behind_haproxy_and_a_node_death() {
-    let dir = std::env::temp_dir().join(format!("herald-presence-lb-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("hmac");
-    std::fs::write(&key, "q".repeat(40)).unwrap();
+    let key = KeyFile::new("presence-lb");
     let nats = NatsServer::start().await;
-    let k = key.to_str().unwrap().to_owned();
+    let k = key.arg().to_owned();
     let args = [
         "--presence",
         "chat:*",
@@ -264,17 +227,17 @@ async fn twenty_users_sixty_tabs_behind_haproxy_and_a_node_death() {
     wait_linked(&ns).await;
     let lb = crate::external::Haproxy::start(&ns.iter().map(|n| n.addr).collect::<Vec<_>>()).await;
     let mut obs =
-        Client::connect(&ns[0].url(&format!("sub=chat:lobby&token={}", token_for(&key, "obs")))).await;
+        Client::connect(&ns[0].url(&format!("sub=chat:lobby&token={}", key.token("obs", &["chat:*"])))).await;
     let mut tabs = Vec::new();
     for u in 0..20 {
-        let t = token_for(&key, &format!("u{u:02}"));
+        let t = key.token(&format!("u{u:02}"), &["chat:*"]);
         for _ in 0..3 {
             tabs.push(Client::connect(&lb.url(&format!("sub=chat:lobby&token={t}"))).await);
         }
     }
     let mut alone = Vec::new();
     for x in ["x0", "x1"] {
-        let t = token_for(&key, x);
+        let t = key.token(x, &["chat:*"]);
         alone.push(Client::connect(&ns[2].url(&format!("sub=chat:lobby&token={t}"))).await);
     }
     eventually("every node lists the same 23 users over 63 sockets", || async {
@@ -318,7 +281,7 @@ async fn twenty_users_sixty_tabs_behind_haproxy_and_a_node_death() {
     again.extend_from_slice(&args);
     ns[2] = Herald::start_on(addr, &again);
     wait_linked(&ns[2..]).await;
-    let t = token_for(&key, "x0");
+    let t = key.token("x0", &["chat:*"]);
     let _back = Client::connect(&ns[2].url(&format!("sub=chat:lobby&token={t}"))).await;
     let (v, _) = until(&mut obs, |v| v["event"] == "join").await;
     assert_eq!(v["user"], "x0", "{v}");
@@ -329,7 +292,6 @@ async fn twenty_users_sixty_tabs_behind_haproxy_and_a_node_death() {
         "rejoined once: {before:?}"
     );
     drop(tabs);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A node cut off from NATS: the others drop its members after the TTL;
