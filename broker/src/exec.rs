@@ -215,14 +215,15 @@ async fn run(
     else {
         return;
     };
-    let log_path = route.path.clone();
+    let config = &node.config;
+    let (log_path, max) = (route.path.clone(), config.max_message_bytes);
     tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            tracing::warn!(path = %log_path, pid, "{line}");
+        // Bounded like stdout: a line without end cannot grow the node.
+        let (mut r, mut line) = (BufReader::new(stderr), Vec::new());
+        while let Ok(Some(())) = next_line(&mut r, &mut line, max).await {
+            tracing::warn!(path = %log_path, pid, "{}", String::from_utf8_lossy(&line));
         }
     });
-    let config = &node.config;
     let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
     let write_timeout = config.write_timeout;
     let writer = tokio::spawn(async move {
@@ -234,7 +235,6 @@ async fn run(
         }
         Some(wr)
     });
-    let max = config.max_message_bytes;
     let out_tx = tx.clone();
     let out = async move {
         let mut r = BufReader::new(stdout);

@@ -28,34 +28,56 @@ pub fn with_status(text: &str, status: u8) -> Option<String> {
     }
 }
 
+/// A raw socket's last object, and its client id in the roster.
+pub struct Last {
+    client: String,
+    text: String,
+}
+
 /// For a raw socket on `topic`: the text to publish with `"status":1` when
 /// `--raw-status` covers the topic and the text is a JSON object, recorded
-/// as the socket's last object.
+/// as the socket's `last` object. The socket joins the roster once, at its
+/// first object; later ones only replace its last text there (one shard
+/// lock, the buffers reused).
 pub fn mark(
     router: &Router,
     patterns: &[String],
     conn: &Arc<Subscriber>,
     topic: &str,
     text: &str,
+    last: &mut Option<Box<Last>>,
 ) -> Option<String> {
     if !patterns.iter().any(|p| matches(p, topic)) {
         return None;
     }
     let marked = with_status(text, 1)?;
-    let member = Member {
-        client: router.client_id(conn),
-        user: None,
-        name: None,
-        last: Some(marked.clone()),
-    };
-    router.hub().roster().join("", topic, member);
+    let roster = router.hub().roster();
+    let l = last.get_or_insert_with(|| {
+        let client = router.client_id(conn);
+        let member = Member {
+            client: client.clone(),
+            user: None,
+            name: None,
+            last: None,
+        };
+        roster.join("", topic, member);
+        Box::new(Last {
+            client,
+            text: String::new(),
+        })
+    });
+    l.text.clear();
+    l.text.push_str(&marked);
+    roster.set_last(&l.client, &marked);
     Some(marked)
 }
 
 /// The socket is gone: publish its last object with `"status":0`.
-pub fn leave(router: &Router, conn: &Arc<Subscriber>, topic: &str, last: &str) {
-    router.hub().roster().leave("", topic, &router.client_id(conn));
-    publish_zero(router, topic, last);
+pub fn leave(router: &Router, topic: &str, last: &Last) {
+    let roster = router.hub().roster();
+    roster.leave("", topic, &last.client);
+    roster.clear_last(&last.client);
+    publish_zero(router, topic, &last.text);
 }
 
 /// Publishes `last` with `"status":0` on `topic`, as raw text.

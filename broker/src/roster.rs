@@ -108,6 +108,9 @@ pub type Change = (String, &'static str, Member);
 #[derive(Default)]
 pub struct Roster {
     local: Mutex<Topics>,
+    /// `--raw-status`: this node's sockets' last objects, by client id (kept
+    /// apart from `local` so a message takes a shard lock, not the roster's).
+    lasts: dashmap::DashMap<String, String>,
     remote: Mutex<HashMap<String, Remote>>,
 }
 
@@ -126,6 +129,24 @@ impl Roster {
         });
         n.seen = Instant::now();
         n.topics.entry(topic.to_owned()).or_default().insert(m);
+    }
+
+    /// Replaces this node's socket `client`'s last raw-status object.
+    pub fn set_last(&self, client: &str, text: &str) {
+        match self.lasts.get_mut(client) {
+            Some(mut t) => {
+                t.clear();
+                t.push_str(text);
+            }
+            None => {
+                self.lasts.insert(client.to_owned(), text.to_owned());
+            }
+        }
+    }
+
+    /// Forgets socket `client`'s last object (it is gone).
+    pub fn clear_last(&self, client: &str) {
+        self.lasts.remove(client);
     }
 
     /// Records `client` leaving `topic` on `node`.
@@ -243,7 +264,11 @@ impl Roster {
                 if let Some(part) = parts.last_mut() {
                     let list = part.entry(t.clone()).or_insert_with(|| Value::Array(Vec::new()));
                     if let Value::Array(a) = list {
-                        a.push(m.to_wire());
+                        let mut v = m.to_wire();
+                        if let Some(last) = self.lasts.get(&m.client) {
+                            v["last"] = json!(*last);
+                        }
+                        a.push(v);
                     }
                 }
                 in_part += 1;

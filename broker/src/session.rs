@@ -73,7 +73,7 @@ pub struct Session {
     /// session holds only the pointer.
     pending: Option<Box<(String, Vec<Bytes>)>>,
     /// `--raw-status`: the last object this raw socket published.
-    last: Option<Box<str>>,
+    last: Option<Box<rawstatus::Last>>,
 }
 
 impl Session {
@@ -173,7 +173,7 @@ impl Session {
         };
         shared.router.leave_all(&conn, who);
         if let (Some(last), Some(topic)) = (last, raw_topic) {
-            rawstatus::leave(&shared.router, &conn, &topic, &last);
+            rawstatus::leave(&shared.router, &topic, &last);
         }
         shared.live.remove(&conn.id);
         shared.deadlines.clear(conn.id);
@@ -272,10 +272,8 @@ impl Session {
                         &self.conn,
                         &topic,
                         text,
+                        &mut self.last,
                     );
-                    if let Some(m) = &marked {
-                        self.last = Some(m.as_str().into());
-                    }
                     // Escaping can grow text up to 6x: the limit applies to
                     // what every node would deliver, so all nodes agree.
                     let data = message::json_string(marked.as_deref().unwrap_or(text));

@@ -582,3 +582,25 @@ def test_bundled_nats_with_tls_and_a_password_links_for_real(tmp_path):
             s.sendall(b'CONNECT {"verbose":false}\r\nPING\r\n')
             answer = s.recv(4096)
             assert answer == b"" or b"-ERR" in answer, answer  # closed or refused, never PONG
+
+
+def test_rendered_exec_presence_and_raw_status_settings_are_read_by_a_real_herald(tmp_path):
+    """Settings the chart joins into one variable (exec routes, one a line)
+    or renders from lists are parsed by a real herald as meant."""
+    docs = render({"config": {"exec": ["/count=/bin/true", "/tail=tail -f /dev/null"],
+                              "execShell": ["/sh=echo a; echo b"], "rawStatus": "chat:*",
+                              "presence": "chat:*,room:>", "presenceBy": "user",
+                              "presenceMaxMembers": 7, "rootTopic": "chat:lobby"},
+                   "admission": {"maxConnectionsPerIp": 5, "trustedProxies": ["10.0.0.0/8", "127.0.0.1"]}})
+    with rendered_node(docs, tmp_path) as (addr, _):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://{addr}/nope")
+        hint = json.loads(e.value.read())["error"]["message"]
+        for route in ("/count (WebSocket, --exec)", "/tail (WebSocket, --exec)", "/sh (WebSocket, --exec)"):
+            assert route in hint, hint
+        for topic in ("chat:lobby", "room:a:b"):
+            with urllib.request.urlopen(f"http://{addr}/v1/presence/stats?topic={topic}") as r:
+                assert json.loads(r.read())["clients"] == 0
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://{addr}/v1/presence?topic=news:x")
+        assert e.value.code == 400
