@@ -89,6 +89,20 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The grants of clients without a token (`--anonymous-*`).
+    pub fn anonymous(grants: Arc<Grants>) -> Identity {
+        Identity {
+            user: None,
+            grants,
+            expires: u64::MAX,
+        }
+    }
+
+    /// Whether this came from a token (rather than the anonymous grants).
+    pub fn has_token(&self) -> bool {
+        self.expires != u64::MAX
+    }
+
     /// Why this holder may not subscribe to (or publish on) `topic`, if its
     /// grants do not allow it: the text of a `forbidden` error.
     pub fn forbids(&self, topic: &str, publish: bool) -> Option<String> {
@@ -316,7 +330,7 @@ impl Auth {
     /// Checks `token` as the replacement of `old`'s: it must be valid and
     /// name the same `sub`. The error is an error frame's code and text.
     pub fn refresh(&self, old: &Identity, token: &str) -> Result<Identity, (ErrorCode, String)> {
-        if old.expires == u64::MAX {
+        if !old.has_token() {
             let msg = "refresh replaces a token; this socket has none (send auth first)";
             return Err((ErrorCode::BadRequest, msg.into()));
         }

@@ -321,7 +321,7 @@ impl Session {
         };
         let checked = if refresh {
             auth.refresh(&old, token)
-        } else if !fresh || old.expires != u64::MAX {
+        } else if !fresh || old.has_token() {
             let msg = "auth must be the first request of a socket opened without a token; use refresh";
             Err((ErrorCode::BadRequest, msg.into()))
         } else {

@@ -42,13 +42,9 @@ impl Sessions {
             metrics: metrics.clone(),
             epoch: Instant::now(),
         });
-        let anonymous = auth.as_ref().map(|a| {
-            Arc::new(Identity {
-                user: None,
-                grants: a.anonymous.clone(),
-                expires: u64::MAX,
-            })
-        });
+        let anonymous = auth
+            .as_ref()
+            .map(|a| Arc::new(Identity::anonymous(a.anonymous.clone())));
         Sessions {
             shared: Arc::new(Shared {
                 writers,
@@ -119,7 +115,7 @@ impl Sessions {
         shared.live.insert(id, conn.clone());
         shared.metrics.connections_total.fetch_add(1, Relaxed);
         match &access {
-            Some(a) if a.expires != u64::MAX => {
+            Some(a) if a.has_token() => {
                 shared
                     .deadlines
                     .set(id, a.expires.saturating_mul(1000), Due::TokenExpired);
