@@ -30,6 +30,8 @@
 //!   cache: matching costs one step per segment.
 //! - [`roster`]: who is on each presence topic, cluster-wide: this node's
 //!   members, the others' from their notices and snapshots, and expiry.
+//! - [`snapshots`]: a node's presence snapshot put back together from its
+//!   parts.
 //! - [`hub`]: the node's fan-out table: sharded topics, wildcard patterns.
 //! - [`subjects`]: the cluster link's NATS subscriptions, one per key with
 //!   local interest, when each is live, and what arrives on them.
@@ -90,6 +92,7 @@ pub mod server;
 pub mod session;
 pub mod sessions;
 pub mod shared;
+pub mod snapshots;
 pub mod status;
 pub mod subjects;
 pub mod subscriber;

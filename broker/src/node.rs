@@ -17,9 +17,10 @@ use crate::bus::{Bus, LinkAuth, LinkError};
 use crate::config::Config;
 use crate::hub::{Body, Hub};
 use crate::metrics::Metrics;
-use crate::roster::{Assembler, Change};
+use crate::roster::Change;
 use crate::router::Router;
 use crate::sessions::Sessions;
+use crate::snapshots::Assembler;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
