@@ -33,8 +33,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::{Body, Hub, Interest};
 use crate::metrics::Metrics;
+use crate::outbound::{send_loop, Outbound};
+use crate::store::{History, HistorySettings, Store};
+use crate::stream::StreamHistory;
+use crate::values::Retention;
 use crate::subjects::{
-    barrier, Live, Receiver, Subjects, HEADER_CLIENT, HEADER_EVENT, HEADER_NAME, HEADER_QUIET, HEADER_USER,
+    Live, Receiver, Subjects, HEADER_CLIENT, HEADER_EVENT, HEADER_NAME, HEADER_QUIET, HEADER_USER,
 };
 /// Publishes waiting for the link's sender task; past it a publish fails
 /// rather than queueing without bound.
@@ -91,18 +95,19 @@ pub struct Bus {
     hub: Hub,
     metrics: Arc<Metrics>,
     link: Option<Arc<Link>>,
+    history: Option<Arc<History>>,
 }
 
-enum Outbound {
-    /// A message for NATS.
-    Message {
-        subject: String,
-        headers: Option<HeaderMap>,
-        payload: Bytes,
-    },
-    /// Answered once everything queued before it is written to NATS.
-    Flush(oneshot::Sender<()>),
+/// What a forward carries.
+enum Forward {
+    /// A message on an ordinary topic.
+    Plain,
+    /// A presence notice, in headers.
+    Notice(HeaderMap),
+    /// A message on a history topic, for the stream.
+    Stored,
 }
+
 
 struct Link {
     client: async_nats::Client,
@@ -115,13 +120,21 @@ struct Link {
 }
 
 impl Bus {
-    /// The in-process bus of an embedded node.
-    pub fn embedded(hub: Hub, metrics: Arc<Metrics>) -> Self {
+    /// The in-process bus of an embedded node; history (if any rules)
+    /// in memory.
+    pub fn embedded(hub: Hub, metrics: Arc<Metrics>, history: &HistorySettings) -> Self {
+        let history = History::embedded(history).map(Arc::new);
         Bus {
             hub,
             metrics,
             link: None,
+            history,
         }
+    }
+
+    /// The history topics and their store; `None` without `--history`.
+    pub fn history(&self) -> Option<&History> {
+        self.history.as_deref()
     }
 
     /// A bus linked through NATS at `urls`. Returns at once: the link
@@ -134,6 +147,7 @@ impl Bus {
         prefix: &str,
         max_message_bytes: usize,
         auth: &LinkAuth,
+        history: &HistorySettings,
     ) -> Result<Self, LinkError> {
         let addrs = urls
             .iter()
@@ -181,6 +195,18 @@ impl Bus {
             .await?;
         let (outbound, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
         let subjects = Arc::new(Subjects::default());
+        let stream = (!history.rules.is_empty()).then(|| {
+            let s = Arc::new(StreamHistory::new(
+                client.clone(),
+                &history.stream,
+                prefix,
+                history.rules.clone(),
+                history.bytes,
+                history.replicas,
+            ));
+            tokio::spawn(s.clone().keep());
+            s
+        });
         let link = Arc::new(Link {
             client,
             prefix: prefix.to_owned(),
@@ -194,18 +220,26 @@ impl Bus {
             link.queued.clone(),
             metrics.clone(),
             prefix.to_owned(),
+            stream.clone().map(|s| (s, hub.clone())),
         ));
         let receiver = Receiver {
             hub: hub.clone(),
             metrics: metrics.clone(),
             prefix: prefix.to_owned(),
             max_message_bytes,
+            history: stream.clone(),
         };
         tokio::spawn(subjects.run(link.client.clone(), receiver));
         Ok(Bus {
             hub,
             metrics,
             link: Some(link),
+            history: stream.map(|s| {
+                Arc::new(History {
+                    rules: history.rules.clone(),
+                    store: Store::Stream(s),
+                })
+            }),
         })
     }
 
@@ -240,13 +274,7 @@ impl Bus {
         self.publish_batch(topic, std::slice::from_ref(&data))
     }
 
-    fn forward(
-        &self,
-        topic: &str,
-        headers: Option<HeaderMap>,
-        payload: Bytes,
-        local: usize,
-    ) -> Result<(), BusError> {
+    fn forward(&self, topic: &str, kind: Forward, payload: Bytes, local: usize) -> Result<(), BusError> {
         let Some(link) = &self.link else {
             return Ok(());
         };
@@ -264,10 +292,20 @@ impl Bus {
             link.queued.fetch_sub(len, Relaxed);
             return fail(BusError::Backlog { local });
         }
-        let out = Outbound::Message {
-            subject: topic::to_subject(&link.prefix, topic),
-            headers,
-            payload: Bytes::copy_from_slice(&payload),
+        let payload = Bytes::copy_from_slice(&payload);
+        let out = match kind {
+            Forward::Stored => Outbound::Stored {
+                topic: topic.to_owned(),
+                payload,
+            },
+            Forward::Plain | Forward::Notice(_) => Outbound::Message {
+                subject: topic::to_subject(&link.prefix, topic),
+                headers: match kind {
+                    Forward::Notice(h) => Some(h),
+                    _ => None,
+                },
+                payload,
+            },
         };
         match link.outbound.try_send(out) {
             Ok(()) => Ok(()),
@@ -289,10 +327,40 @@ impl Bus {
         m.messages_in.fetch_add(datas.len() as u64, Relaxed);
         m.bytes_in
             .fetch_add(datas.iter().map(|d| d.len() as u64).sum(), Relaxed);
+        if let Some(h) = &self.history {
+            if let Some(rule) = Retention::find(&h.rules, topic) {
+                match &h.store {
+                    Store::Memory(j) => {
+                        let epoch = j.epoch();
+                        let mut local = 0;
+                        for d in datas {
+                            local += j.append(topic, rule, d.clone(), |seq| {
+                                let body = Body::Stored { data: d, seq, epoch: &epoch };
+                                self.hub.deliver(topic, body)
+                            });
+                        }
+                        return Ok(local);
+                    }
+                    // Through the stream, which hands it back to every
+                    // node (this one too) with its position.
+                    Store::Stream(s) if s.available() => {
+                        let mut result = Ok(0);
+                        for d in datas {
+                            if let Err(e) = self.forward(topic, Forward::Stored, d.clone(), 0) {
+                                result = Err(e);
+                            }
+                        }
+                        return result;
+                    }
+                    // Unreachable: live, without positions.
+                    Store::Stream(_) => {}
+                }
+            }
+        }
         let local = self.hub.deliver(topic, Body::Batch(datas));
         let mut result = Ok(local);
         for d in datas {
-            if let Err(e) = self.forward(topic, None, d.clone(), local) {
+            if let Err(e) = self.forward(topic, Forward::Plain, d.clone(), local) {
                 result = Err(e);
             }
         }
@@ -334,7 +402,7 @@ impl Bus {
                 h.insert(HEADER_QUIET, "1");
             }
             // A lost notice is logged, not fatal: presence is advisory.
-            if let Err(e) = self.forward(topic, Some(h), Bytes::new(), 0) {
+            if let Err(e) = self.forward(topic, Forward::Notice(h), Bytes::new(), 0) {
                 tracing::debug!(error = %e, topic, event, "presence notice not forwarded");
             }
         }
@@ -383,42 +451,3 @@ pub struct LinkAuth {
     pub tls_ca: Option<String>,
 }
 
-/// Hands publishes to the NATS client in order.
-async fn send_loop(
-    client: async_nats::Client,
-    mut rx: mpsc::Receiver<Outbound>,
-    queued: Arc<AtomicUsize>,
-    metrics: Arc<Metrics>,
-    prefix: String,
-) {
-    while let Some(o) = rx.recv().await {
-        let (subject, headers, payload) = match o {
-            Outbound::Message {
-                subject,
-                headers,
-                payload,
-            } => (subject, headers, payload),
-            Outbound::Flush(done) => {
-                // Written, and applied by the server: a round trip after
-                // the last publish (a bare flush only empties the buffer).
-                barrier(&client, &prefix).await;
-                let _ = done.send(());
-                continue;
-            }
-        };
-        queued.fetch_sub(payload.len(), Relaxed);
-        let r = match headers {
-            Some(h) => client.publish_with_headers(subject, h, payload).await,
-            None => client.publish(subject, payload).await,
-        };
-        match r {
-            Ok(()) => {
-                metrics.nats_messages_out.fetch_add(1, Relaxed);
-            }
-            Err(e) => {
-                metrics.nats_publish_failures.fetch_add(1, Relaxed);
-                tracing::warn!(error = %e, "publish onto NATS failed");
-            }
-        }
-    }
-}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use herald_protocol::Pattern;
 
-pub use crate::values::{Cidr, ExecRoute};
+pub use crate::values::{parse_duration, Cidr, ExecRoute, Retention};
 
 /// Settings of one node. `Config::default()` is the embedded default that
 /// `herald serve` runs with no flags.
@@ -99,6 +99,34 @@ pub struct Config {
     /// flag or separate with commas), e.g. 'chat:*'.
     #[arg(long = "presence", env = "HERALD_PRESENCE", value_delimiter = ',', value_parser = parse_pattern)]
     pub presence: Vec<String>,
+
+    /// History: topics matching a pattern keep their last messages, so a
+    /// client that reconnects with its last position (`since`) gets what
+    /// it missed, and `last` gets the current value. `PATTERN=COUNT`,
+    /// `PATTERN=AGE` or `PATTERN=COUNT/AGE`, repeated or comma-separated,
+    /// e.g. 'chat:*=1000/10m,orders:>=1h'. Embedded nodes keep it in
+    /// memory; linked nodes in a NATS JetStream stream.
+    #[arg(long = "history", env = "HERALD_HISTORY", value_delimiter = ',', value_parser = Retention::parse)]
+    pub history: Vec<Retention>,
+
+    /// Most bytes of history kept: in memory on an embedded node (oldest
+    /// messages go first), the stream's size in a cluster.
+    #[arg(long, env = "HERALD_HISTORY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub history_bytes: u64,
+
+    /// Copies of the history stream the NATS cluster keeps (1, 3 or 5).
+    #[arg(long, env = "HERALD_HISTORY_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub history_replicas: u8,
+
+    /// Name of the JetStream stream that holds the history (created or
+    /// updated at start).
+    #[arg(long, env = "HERALD_HISTORY_STREAM", default_value = "HERALD", value_parser = parse_stream)]
+    pub history_stream: String,
+
+    /// Most messages one recovery replays; past it the ack says
+    /// `recovered:false`, `too_many`, and the client reloads.
+    #[arg(long, env = "HERALD_MAX_REPLAY", default_value_t = 10_000)]
+    pub max_replay: usize,
 
     /// Raw-mode topics (patterns, comma-separated) that keep the classic
     /// chat server's status: a JSON object a raw socket sends is published
@@ -285,27 +313,12 @@ impl Default for Config {
     }
 }
 
-/// Parses `250ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 10s, 2m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("unknown unit {unit:?} in {s:?}; use ms, s, m or h")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} is out of range"));
+fn parse_stream(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?}: a stream name is 1 to 64 of A-Z a-z 0-9 _ -"))
     }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 fn parse_prefix(s: &str) -> Result<String, String> {

@@ -89,6 +89,15 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
                 Some(false) if never_linked => "nats: never connected\n",
                 Some(false) => "nats: disconnected\n",
             };
+            let history = match node.router.bus().history().map(|h| &h.store) {
+                Some(crate::store::Store::Stream(s)) if s.available() => "history: jetstream stream available\n",
+                Some(crate::store::Store::Stream(_)) => {
+                    "history: jetstream stream unavailable (is JetStream enabled? live delivery goes on)\n"
+                }
+                Some(crate::store::Store::Memory(_)) => "history: in memory\n",
+                None => "",
+            };
+            let link = format!("{link}{history}");
             if !node.ready.load(Relaxed) {
                 respond(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -113,6 +122,7 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
         "/metrics" if get => metrics(node),
         "/v1/publish" if req.method() == Method::POST => publish(node, req).await,
         "/v1/presence" | "/v1/presence/stats" if get => presence(node, &req),
+        "/v1/history" if get => history(node, &req).await,
         "/healthz" | "/readyz" | "/metrics" | "/v1/publish" => error(
             StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::BadRequest,
@@ -124,6 +134,7 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
                 "POST /v1/publish",
                 "GET /v1/presence?topic=",
                 "GET /v1/presence/stats?topic=",
+                "GET /v1/history?topic=&since=&limit=",
                 "/healthz",
                 "/readyz",
                 "/status (loopback or --admin-key)",
@@ -209,6 +220,48 @@ async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError>
         }
     }
     Ok(out.freeze())
+}
+
+/// `GET /v1/history?topic=T&since=N&limit=L`: retained messages of a
+/// history topic after `since` (0: from the oldest), at most `limit`
+/// (100 by default, at most `--max-replay`), with the same keys and grants
+/// as subscribing.
+async fn history(node: &Node, req: &Request<Incoming>) -> Response<Body> {
+    let access = match publisher(node, req) {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    let fail = |status, code, msg: &str| {
+        node.metrics.error(code);
+        error(status, code, msg)
+    };
+    let query = req.uri().query().unwrap_or("");
+    let param = |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
+    let topic = param("topic").unwrap_or("");
+    if let Err(e) = herald_protocol::Topic::parse(topic) {
+        return fail(StatusCode::BAD_REQUEST, ErrorCode::BadTopic, &format!("topic={topic:?}: {e}"));
+    }
+    let number = |name: &str, default: u64| match param(name) {
+        None => Ok(default),
+        Some(v) => v.parse::<u64>().map_err(|_| format!("{name}={v:?} is not a number")),
+    };
+    let (since, limit) = match (number("since", 0), number("limit", 100)) {
+        (Ok(s), Ok(l)) => (s, (l as usize).min(node.config.max_replay)),
+        (Err(m), _) | (_, Err(m)) => return fail(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &m),
+    };
+    if let Some(msg) = access.as_ref().and_then(|a| a.forbids(topic, false)) {
+        return fail(StatusCode::FORBIDDEN, ErrorCode::Forbidden, &msg);
+    }
+    match crate::recovery::page(node.router.bus(), topic, since, limit).await {
+        Ok(body) => respond(StatusCode::OK, "application/json", body),
+        Err((code, msg)) => {
+            let status = match code {
+                ErrorCode::HistoryUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            fail(status, code, &msg)
+        }
+    }
 }
 
 /// `GET /v1/presence?topic=T` (members) and `/v1/presence/stats?topic=T`

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use herald_protocol::{message, topic};
+use herald_protocol::{message, position, topic};
 
 use crate::members::{Members, Snapshot};
 use crate::metrics::Metrics;
@@ -31,6 +31,16 @@ type Sub = Arc<Subscriber>;
 pub enum Body<'a> {
     /// Published JSON, delivered byte for byte.
     Data(&'a [u8]),
+    /// A history message: delivered with its position, and held back
+    /// from a socket while a subscription of its recovers.
+    Stored {
+        /// The published JSON.
+        data: &'a [u8],
+        /// Its place in the history.
+        seq: u64,
+        /// The history's epoch.
+        epoch: &'a str,
+    },
     /// Several messages published in a row on the same topic (from one read
     /// of one publisher's socket): delivered as one buffer of frames, so
     /// each recipient costs one queue push and its writer one write for all.
@@ -252,6 +262,7 @@ impl Hub {
 
 /// The frames for one message, each encoded at most once.
 struct Frames<'a> {
+    topic: &'a str,
     json: Bytes,
     body: Body<'a>,
     raw: std::cell::OnceCell<Option<Bytes>>,
@@ -270,9 +281,10 @@ fn encode_burst(datas: &[Bytes], put: impl Fn(&mut bytes::BytesMut, &[u8])) -> B
 }
 
 impl<'a> Frames<'a> {
-    fn new(topic: &str, body: Body<'a>) -> Self {
+    fn new(topic: &'a str, body: Body<'a>) -> Self {
         let (json, messages) = match body {
             Body::Data(d) => (message::encode_delivery(topic, d), 1),
+            Body::Stored { data, seq, epoch } => (position::encode_delivery_at(topic, data, seq, epoch), 1),
             Body::Batch(ds) => (
                 encode_burst(ds, |out, d| message::put_delivery(out, topic, d)),
                 ds.len(),
@@ -285,6 +297,7 @@ impl<'a> Frames<'a> {
             } => (message::encode_presence(topic, event, client, user, name), 1),
         };
         Frames {
+            topic,
             json,
             body,
             raw: std::cell::OnceCell::new(),
@@ -300,7 +313,7 @@ impl<'a> Frames<'a> {
         }
         self.raw
             .get_or_init(|| match self.body {
-                Body::Data(d) => Some(message::encode_raw(d)),
+                Body::Data(d) | Body::Stored { data: d, .. } => Some(message::encode_raw(d)),
                 Body::Batch(ds) => Some(encode_burst(ds, message::put_raw)),
                 Body::Presence { .. } => None,
             })
@@ -319,6 +332,12 @@ impl Sent {
         let Some(f) = frames.for_format(s.raw) else {
             return;
         };
+        if let Body::Stored { seq, .. } = frames.body {
+            if s.offer(frames.topic, seq, f) {
+                self.count += 1;
+                return;
+            }
+        }
         match s.push(f.clone()) {
             Pushed::Queued => {
                 self.count += frames.messages;

@@ -32,11 +32,20 @@
 //!   members, the others' from their notices and snapshots, and expiry.
 //! - [`snapshots`]: a node's presence snapshot put back together from its
 //!   parts.
+//! - [`journal`]: history in memory (embedded): a ring per history
+//!   topic, one sequence, a byte cap; and the words replays share.
+//! - [`stream`]: history in a cluster: the JetStream stream, its epoch,
+//!   and replays from it.
+//! - [`store`]: the history topics and where they are kept.
 //! - [`hub`]: the node's fan-out table: sharded topics, wildcard patterns.
 //! - [`subjects`]: the cluster link's NATS subscriptions, one per key with
 //!   local interest, when each is live, and what arrives on them.
+//! - [`outbound`]: the link's sender task: publishes to NATS in order,
+//!   history publishes to the stream with their acks.
 //! - [`bus`]: how a publish reaches every node (embedded: in-process;
 //!   cluster: NATS), and the link's interest in subjects.
+//! - [`recovery`]: a `sub` with `since` or `last`: the replay, paced,
+//!   and the seam to live delivery.
 //! - [`router`]: the one owner of a subscription's life (socket list, hub,
 //!   cluster interest, presence, metrics) and of a publish's way in, for
 //!   WebSocket sessions and HTTP alike.
@@ -77,15 +86,18 @@ pub mod handshake;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod journal;
 pub mod members;
 pub mod metrics;
 pub mod node;
+pub mod outbound;
 pub mod outbox;
 pub mod params;
 pub mod patterns;
 pub mod preread;
 pub mod rate;
 pub mod rawstatus;
+pub mod recovery;
 pub mod roster;
 pub mod router;
 pub mod server;
@@ -94,6 +106,8 @@ pub mod sessions;
 pub mod shared;
 pub mod snapshots;
 pub mod status;
+pub mod store;
+pub mod stream;
 pub mod subjects;
 pub mod subscriber;
 pub mod values;

@@ -53,6 +53,14 @@ pub struct Metrics {
     pub nats_messages_out: AtomicU64,
     /// Publishes that reached local subscribers but not NATS.
     pub nats_publish_failures: AtomicU64,
+    /// History publishes the stream did not store (delivered live).
+    pub history_failures: AtomicU64,
+    /// Subscriptions that recovered everything they missed.
+    pub recoveries: AtomicU64,
+    /// Recoveries answered `recovered:false`.
+    pub recoveries_refused: AtomicU64,
+    /// Messages replayed to recovering or `last` subscriptions.
+    pub replayed: AtomicU64,
     /// Messages from NATS dropped as unusable (bad subject, not UTF-8, too big).
     pub nats_dropped: AtomicU64,
     /// Error frames and HTTP errors sent, by code.
@@ -204,6 +212,32 @@ impl Metrics {
                 i64::from(ready),
             ),
         ];
+        series.extend([
+            (
+                "herald_recoveries_total",
+                "counter",
+                "Subscriptions that recovered everything they missed.",
+                get(&self.recoveries),
+            ),
+            (
+                "herald_recoveries_refused_total",
+                "counter",
+                "Recoveries answered recovered:false (epoch changed, too old, too many, history unavailable).",
+                get(&self.recoveries_refused),
+            ),
+            (
+                "herald_replayed_messages_total",
+                "counter",
+                "History messages replayed to recovering and last-value subscriptions.",
+                get(&self.replayed),
+            ),
+            (
+                "herald_history_failures_total",
+                "counter",
+                "History publishes the stream did not store (delivered live without a position).",
+                get(&self.history_failures),
+            ),
+        ]);
         if cluster {
             series.extend([
                 (

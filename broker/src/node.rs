@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 use crate::admission::Admission;
 use crate::auth::{Auth, KeyError};
 use crate::bus::{Bus, LinkAuth, LinkError};
+use crate::store::HistorySettings;
 use crate::config::Config;
 use crate::hub::{Body, Hub};
 use crate::metrics::Metrics;
@@ -69,8 +70,14 @@ impl Node {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(metrics.clone(), config.presence.clone(), config.max_patterns);
+        let history = HistorySettings {
+            rules: config.history.clone(),
+            bytes: config.history_bytes,
+            replicas: config.history_replicas,
+            stream: config.history_stream.clone(),
+        };
         let (bus, client_suffix) = if config.nats.is_empty() {
-            (Bus::embedded(hub, metrics.clone()), String::new())
+            (Bus::embedded(hub, metrics.clone(), &history), String::new())
         } else {
             let bus = Bus::cluster(
                 hub,
@@ -83,6 +90,7 @@ impl Node {
                     password: config.nats_password.clone().filter(|p| !p.is_empty()),
                     tls_ca: config.nats_tls_ca.clone(),
                 },
+                &history,
             )
             .await?;
             (bus, format!("-{}", node_tag()))
@@ -94,6 +102,7 @@ impl Node {
             client_suffix,
             config.max_subscriptions,
             by_user,
+            config.max_replay,
         );
         let auth = Auth::from_config(&config)?.map(Arc::new);
         if auth.is_none() && !config.listen.ip().is_loopback() {

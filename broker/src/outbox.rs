@@ -204,6 +204,21 @@ impl Outbox {
         }
     }
 
+    /// Bytes that may still be queued before the bound, or `None` once
+    /// the socket is closing. A replay paces itself by it.
+    pub fn room(&self) -> Option<usize> {
+        let s = self.lock();
+        match s.close {
+            Some(_) => None,
+            None => Some(self.limit.saturating_sub(s.bytes)),
+        }
+    }
+
+    /// The byte bound.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Whether a close that drops queued frames was requested.
     pub(crate) fn aborting(&self) -> bool {
         self.lock().close.as_ref().is_some_and(|c| !c.flushes())

@@ -3,7 +3,10 @@
 //! a socket that closes at once.
 
 use herald_protocol::message::ErrorCode;
+use herald_protocol::position::Position;
 use herald_protocol::{Pattern, Topic};
+
+use crate::recovery::Ask;
 
 /// What the URL asked for, validated before the handshake was answered.
 #[derive(Debug, Default, Clone)]
@@ -16,6 +19,9 @@ pub struct SessionParams {
     pub name: Option<String>,
     /// Connection token (`?token=`); never logged.
     pub token: Option<String>,
+    /// What the URL's subscriptions ask of the history: `since=EPOCH:SEQ`
+    /// or `last=1`.
+    pub ask: Option<Ask>,
 }
 
 /// Whether a handshake's `Origin` may open a socket: none (not a browser)
@@ -82,9 +88,10 @@ fn percent_decode(s: &str) -> Result<String, String> {
 const MAX_NAME_LEN: usize = 64;
 
 /// Parses `/ws` query parameters: `sub` (repeated), `topic` + `format=raw`,
-/// `name`, `token`. Unknown parameters are ignored (cache busters, tokens for proxies).
+/// `name`, `token`, `since` or `last`. Unknown parameters are ignored (cache busters, tokens for proxies).
 pub fn parse(query: &str, max_subs: usize) -> Result<SessionParams, (ErrorCode, String)> {
     let mut p = SessionParams::default();
+    let mut last = false;
     let mut format = None;
     for pair in query.split('&').filter(|s| !s.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -101,6 +108,19 @@ pub fn parse(query: &str, max_subs: usize) -> Result<SessionParams, (ErrorCode, 
                 p.raw_topic = Some(v);
             }
             "format" => format = Some(v),
+            "since" => {
+                let at = Position::parse_url(&v).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+                p.ask = Some(Ask::Since {
+                    seq: at.seq,
+                    epoch: at.epoch.to_owned(),
+                });
+            }
+            "last" => {
+                if !matches!(v.as_str(), "1" | "true") {
+                    return Err((ErrorCode::BadRequest, "last takes 1 or true".into()));
+                }
+                last = true;
+            }
             "token" => p.token = Some(v),
             "name" => {
                 if v.is_empty() || v.len() > MAX_NAME_LEN || v.chars().any(char::is_control) {
@@ -133,6 +153,12 @@ pub fn parse(query: &str, max_subs: usize) -> Result<SessionParams, (ErrorCode, 
                 format!("format={other:?}; expected json or raw"),
             ));
         }
+    }
+    if last {
+        if p.ask.is_some() {
+            return Err((ErrorCode::BadRequest, "since and last do not go together".into()));
+        }
+        p.ask = Some(Ask::Last);
     }
     let n = p.subs.len() + usize::from(p.raw_topic.is_some());
     if n > max_subs {

@@ -15,6 +15,7 @@ use herald_protocol::message::{self, ErrorCode};
 use crate::bus::{Bus, BusError};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::recovery::{self, Ask};
 use crate::roster::Member;
 use crate::subjects::Live;
 use crate::subscriber::{Subscriber, Subscription};
@@ -66,6 +67,8 @@ struct Inner {
     max_subscriptions: usize,
     /// `--presence-by user`: notices for a user's first and last socket.
     by_user: bool,
+    /// `--max-replay`.
+    max_replay: usize,
 }
 
 /// Who a socket is, for presence: its `?name=` and its token's user id.
@@ -85,6 +88,7 @@ impl Router {
         client_suffix: String,
         max_subscriptions: usize,
         by_user: bool,
+        max_replay: usize,
     ) -> Self {
         Router {
             inner: Arc::new(Inner {
@@ -93,6 +97,7 @@ impl Router {
                 client_suffix,
                 max_subscriptions,
                 by_user,
+                max_replay,
             }),
         }
     }
@@ -136,12 +141,17 @@ impl Router {
     /// Local deliveries start at once. When the cluster link has yet to
     /// confirm the pattern's subject, the ack and the join wait in the
     /// returned future, which the caller awaits before its next request.
+    ///
+    /// With `ask` (a new subscription that wants what it missed, or the
+    /// current value), the future also replays from the history before
+    /// live deliveries flow (see [`crate::recovery`]).
     pub fn subscribe(
         &self,
         sub: &Arc<Subscriber>,
         pattern: &str,
         who: Who<'_>,
         ack: Option<&str>,
+        ask: Option<&Ask>,
     ) -> Result<Option<Live>, Refused> {
         let (held, count) = {
             let subs = sub.subs();
@@ -152,24 +162,32 @@ impl Router {
             if count >= max {
                 return Err(Refused::Limit { max });
             }
-            let s = Subscription::new(pattern);
+            // Listed on the socket (holding, if it recovers) before the
+            // hub can deliver through it.
+            let s = match ask {
+                Some(_) => Subscription::recovering(pattern),
+                None => Subscription::new(pattern),
+            };
             let wildcard = s.wildcard;
-            if wildcard {
-                sub.mark_wildcard();
-            }
-            let bus = &self.inner.bus;
-            let interest = bus
-                .hub()
-                .subscribe(pattern, wildcard, sub)
-                .map_err(|e| Refused::PatternLimit { max: e.max })?;
             sub.add(s);
+            let bus = &self.inner.bus;
+            let interest = match bus.hub().subscribe(pattern, wildcard, sub) {
+                Ok(i) => i,
+                Err(e) => {
+                    sub.subs().retain(|s| &*s.pattern != pattern);
+                    sub.release(pattern, u64::MAX);
+                    return Err(Refused::PatternLimit { max: e.max });
+                }
+            };
             bus.interest(pattern, interest);
             self.inner.metrics.subscriptions.fetch_add(1, Relaxed);
         }
-        let Some(live) = self.inner.bus.until_live(pattern) else {
+        let ask = ask.filter(|_| !held).cloned();
+        let live = self.inner.bus.until_live(pattern);
+        if live.is_none() && ask.is_none() {
             self.subscribed(sub, pattern, who, ack, !held);
             return Ok(None);
-        };
+        }
         let (router, sub) = (self.clone(), sub.clone());
         let (pattern, name, user, ack) = (
             pattern.to_owned(),
@@ -178,12 +196,32 @@ impl Router {
             ack.map(str::to_owned),
         );
         Ok(Some(Box::pin(async move {
-            live.await;
+            if let Some(live) = live {
+                live.await;
+            }
             let who = Who {
                 name: name.as_deref(),
                 user: user.as_deref(),
             };
-            router.subscribed(&sub, &pattern, who, ack.as_deref(), !held);
+            let Some(ask) = ask else {
+                return router.subscribed(&sub, &pattern, who, ack.as_deref(), !held);
+            };
+            let inner = &router.inner;
+            let max = inner.max_replay;
+            match recovery::recover(&inner.bus, &inner.metrics, &sub, &pattern, &ask, max, ack.as_deref()).await {
+                Ok(()) => router.subscribed(&sub, &pattern, who, None, true),
+                Err(_) => {
+                    // Never announced: dropped without a leave notice.
+                    let s = {
+                        let mut subs = sub.subs();
+                        let at = subs.iter().position(|s| *s.pattern == *pattern);
+                        at.map(|i| subs.remove(i))
+                    };
+                    if let Some(s) = s {
+                        router.leave(&sub, &s, None);
+                    }
+                }
+            }
         })))
     }
 
@@ -217,7 +255,7 @@ impl Router {
         };
         // In effect before the ack: nothing on `pattern` reaches the socket
         // after the client has it.
-        self.leave(sub, &s, who);
+        self.leave(sub, &s, Some(who));
         if let Some(id) = ack {
             sub.push(message::encode_ack(id));
         }
@@ -228,16 +266,20 @@ impl Router {
     pub fn leave_all(&self, sub: &Arc<Subscriber>, who: Who<'_>) {
         let subs = std::mem::take(&mut *sub.subs());
         for s in subs {
-            self.leave(sub, &s, who);
+            self.leave(sub, &s, Some(who));
         }
     }
 
-    fn leave(&self, sub: &Arc<Subscriber>, s: &Subscription, who: Who<'_>) {
+    /// Ends one subscription; `who` announces the leave on a presence
+    /// topic (`None` for one that never announced its join).
+    fn leave(&self, sub: &Arc<Subscriber>, s: &Subscription, who: Option<Who<'_>>) {
         let bus = &self.inner.bus;
         let interest = bus.hub().unsubscribe(&s.pattern, s.wildcard, sub.id);
         bus.interest(&s.pattern, interest);
         self.inner.metrics.subscriptions.fetch_sub(1, Relaxed);
-        self.announce(sub, s, "leave", who);
+        if let Some(who) = who {
+            self.announce(sub, s, "leave", who);
+        }
     }
 
     /// Records a join or leave on a presence topic in the roster and tells

@@ -25,6 +25,7 @@ use crate::rate::RateLimit;
 use crate::rawstatus;
 use crate::router::Who;
 pub use crate::shared::Shared;
+use crate::recovery::Ask;
 use crate::subjects::Live;
 use crate::subscriber::Subscriber;
 use crate::writer::discard;
@@ -399,12 +400,19 @@ impl Session {
                 self.error(e.code, &e.message, e.id);
                 return Next::Go;
             }
-            Ok(Request::Sub { topic, id }) => {
+            Ok(Request::Sub { topic, id, since, last }) => {
                 if let Some(refusal) = self.forbids(topic.as_str(), false) {
                     self.error(ErrorCode::Forbidden, &refusal, id);
                     return Next::Go;
                 }
-                match router.subscribe(&self.conn, topic.as_str(), who, id) {
+                let ask = match since {
+                    Some(p) => Some(Ask::Since {
+                        seq: p.seq,
+                        epoch: p.epoch.to_owned(),
+                    }),
+                    None => last.then_some(Ask::Last),
+                };
+                match router.subscribe(&self.conn, topic.as_str(), who, id, ask.as_ref()) {
                     Ok(Some(live)) => return Next::Wait(live),
                     Ok(None) => return Next::Go,
                     Err(r) => (r, id),

@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use crate::hub::{Body, Hub, Interest};
 use crate::metrics::Metrics;
 use crate::roster::Member;
+use crate::stream::{StreamHistory, HEADER_SEQUENCE};
 
 /// Presence notices travel as empty messages with these headers.
 pub const HEADER_EVENT: &str = "Herald-Event";
@@ -171,6 +172,9 @@ pub struct Receiver {
     pub prefix: String,
     /// Larger payloads are dropped (and counted).
     pub max_message_bytes: usize,
+    /// The history stream, whose republished messages carry their
+    /// position.
+    pub history: Option<Arc<StreamHistory>>,
 }
 
 impl Receiver {
@@ -220,17 +224,27 @@ impl Receiver {
             tracing::debug!(subject = %msg.subject, "dropped: over --max-message-bytes");
             return;
         }
-        if message::validate_json(&msg.payload).is_ok() {
-            self.hub
-                .deliver_via(key, wildcard, &topic, Body::Data(&msg.payload));
-        } else if let Ok(text) = std::str::from_utf8(&msg.payload) {
+        let stored = self.history.as_ref().and_then(|h| {
+            let seq = header(HEADER_SEQUENCE)?.parse::<u64>().ok()?;
+            Some((seq, h.epoch()?))
+        });
+        let text;
+        let data: &[u8] = if message::validate_json(&msg.payload).is_ok() {
+            &msg.payload
+        } else if let Ok(t) = std::str::from_utf8(&msg.payload) {
             // A plain NATS publisher sent text: deliver it as a JSON string.
-            let data = message::json_string(text);
-            self.hub.deliver_via(key, wildcard, &topic, Body::Data(&data));
+            text = message::json_string(t);
+            &text
         } else {
             m.nats_dropped.fetch_add(1, Relaxed);
             tracing::debug!(subject = %msg.subject, "dropped: payload is not UTF-8");
-        }
+            return;
+        };
+        let body = match &stored {
+            Some((seq, epoch)) => Body::Stored { data, seq: *seq, epoch },
+            None => Body::Data(data),
+        };
+        self.hub.deliver_via(key, wildcard, &topic, body);
     }
 }
 

@@ -2,7 +2,7 @@
 //! heartbeat (to ping or reap) and shutdown (to close). It knows nothing of
 //! the session that reads the socket.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -26,6 +26,9 @@ pub struct Subscriber {
     /// Set once the socket holds a wildcard subscription, so fan-out knows
     /// when it must check for a second match.
     wildcard: AtomicBool,
+    /// Set while a subscription recovers: live history deliveries it
+    /// covers wait in its [`Hold`] until the replay is out.
+    recovering: AtomicBool,
     /// Node clock (ms) when anything last arrived from the client.
     last_seen: AtomicU64,
     /// The socket's subscriptions. Written by its session; read by fan-out
@@ -45,6 +48,16 @@ pub struct Subscription {
     pub pattern: Box<str>,
     /// Whether it holds `*` or `>`.
     pub wildcard: bool,
+    /// Live deliveries held back while the subscription recovers.
+    pub hold: Option<Box<Hold>>,
+}
+
+/// Live history deliveries that arrived while a replay was being read and
+/// sent, with their `seq`: released after it, less what it covered.
+#[derive(Debug, Clone, Default)]
+pub struct Hold {
+    frames: Vec<(u64, Bytes)>,
+    bytes: usize,
 }
 
 impl Subscription {
@@ -53,6 +66,16 @@ impl Subscription {
         Subscription {
             pattern: pattern.into(),
             wildcard: pattern.contains(['*', '>']),
+            hold: None,
+        }
+    }
+
+    /// A subscription that holds its live history deliveries until
+    /// [`Subscriber::release`].
+    pub fn recovering(pattern: &str) -> Self {
+        Subscription {
+            hold: Some(Box::default()),
+            ..Subscription::new(pattern)
         }
     }
 }
@@ -79,6 +102,7 @@ impl Subscriber {
             raw,
             outbox: Outbox::new(queue_limit),
             wildcard: AtomicBool::new(false),
+            recovering: AtomicBool::new(false),
             last_seen: AtomicU64::new(now_ms),
             subs: Mutex::new(Vec::new()),
             writers,
@@ -139,6 +163,9 @@ impl Subscriber {
         if sub.wildcard {
             self.mark_wildcard();
         }
+        if sub.hold.is_some() {
+            self.recovering.store(true, Release);
+        }
         let mut subs = self.subs();
         // Most sockets hold one or two subscriptions: grow one at a time.
         subs.reserve_exact(1);
@@ -156,6 +183,48 @@ impl Subscriber {
             .iter()
             .find(|s| herald_protocol::topic::matches(&s.pattern, topic))
             .is_none_or(|first| &*first.pattern == key)
+    }
+
+    /// Offers a live delivery of history message `seq` on `topic`: while a
+    /// subscription covering it recovers, the frame waits in its hold
+    /// (true). Past four times the queue bound the socket is closed as a
+    /// slow consumer.
+    pub fn offer(self: &Arc<Self>, topic: &str, seq: u64, frame: &Bytes) -> bool {
+        if !self.recovering.load(Acquire) {
+            return false;
+        }
+        let mut subs = self.subs();
+        let hold = subs
+            .iter_mut()
+            .filter(|s| herald_protocol::topic::matches(&s.pattern, topic))
+            .find_map(|s| s.hold.as_mut());
+        let Some(hold) = hold else { return false };
+        hold.bytes += frame.len();
+        hold.frames.push((seq, frame.clone()));
+        if hold.bytes > 4 * self.outbox.limit() {
+            drop(subs);
+            self.writers.metrics.slow_consumers.fetch_add(1, Relaxed);
+            self.close(Disconnect::SlowConsumer);
+        }
+        true
+    }
+
+    /// Ends `pattern`'s recovery: queues what its hold kept with a `seq`
+    /// above `through` (the rest was in the replay), in order, before any
+    /// later live delivery can pass it.
+    pub fn release(self: &Arc<Self>, pattern: &str, through: u64) {
+        let mut subs = self.subs();
+        let held = subs
+            .iter_mut()
+            .find(|s| &*s.pattern == pattern)
+            .and_then(|s| s.hold.take());
+        for (seq, frame) in held.map(|h| h.frames).unwrap_or_default() {
+            if seq > through {
+                self.push(frame);
+            }
+        }
+        let any = subs.iter().any(|s| s.hold.is_some());
+        self.recovering.store(any, Release);
     }
 
     /// Whether the socket holds (or held) a wildcard subscription.

@@ -1,7 +1,9 @@
 //! The value types behind settings that are more than a number or a
-//! string: an `--exec` route, an address block (`--trusted-proxies`).
+//! string: an `--exec` route, an address block (`--trusted-proxies`), a
+//! history rule (`--history`), a duration.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 /// An `--exec` route: a URL path and the program (argv) it starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +60,77 @@ impl ExecRoute {
         }
         Ok((path.to_owned(), cmd))
     }
+}
+
+/// A `--history` rule: the topics matching `pattern` keep their last
+/// `count` messages and/or those younger than `age`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    /// The topics it covers.
+    pub pattern: String,
+    /// Most messages kept per topic.
+    pub count: Option<u64>,
+    /// Oldest message kept.
+    pub age: Option<Duration>,
+}
+
+impl Retention {
+    /// Parses `PATTERN=COUNT`, `PATTERN=AGE` or `PATTERN=COUNT/AGE`, e.g.
+    /// `chat:*=1000/10m`, `orders:>=1h`, `todo:count=1`.
+    pub fn parse(s: &str) -> Result<Retention, String> {
+        let example = "expected PATTERN=COUNT, PATTERN=AGE or PATTERN=COUNT/AGE, e.g. chat:*=1000/10m";
+        let (pattern, spec) = s.split_once('=').ok_or_else(|| format!("{s:?}: {example}"))?;
+        let pattern = herald_protocol::Pattern::parse(pattern.trim())
+            .map_err(|e| format!("{pattern:?}: {e}"))?
+            .as_str()
+            .to_owned();
+        let (mut count, mut age) = (None, None);
+        for part in spec.split('/') {
+            let part = part.trim();
+            if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+                let n: u64 = part.parse().map_err(|_| format!("{part:?}: count out of range"))?;
+                if n == 0 || count.replace(n).is_some() {
+                    return Err(format!("{s:?}: one count of at least 1; {example}"));
+                }
+            } else {
+                let d = parse_duration(part).map_err(|e| format!("{s:?}: {e}; {example}"))?;
+                if d < Duration::from_secs(1) || age.replace(d).is_some() {
+                    return Err(format!("{s:?}: one age of at least 1s; {example}"));
+                }
+            }
+        }
+        Ok(Retention { pattern, count, age })
+    }
+
+    /// The first rule in `rules` that covers `topic`.
+    pub fn find<'a>(rules: &'a [Retention], topic: &str) -> Option<&'a Retention> {
+        rules
+            .iter()
+            .find(|r| herald_protocol::topic::matches(&r.pattern, topic))
+    }
+}
+
+/// Parses `250ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 10s, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}; use ms, s, m or h")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// An address block: `10.0.0.0/8`, `fd00::/8`, or one address.
@@ -118,6 +191,23 @@ mod tests {
         for bad in ["count=./x", "/ws=./x", "/x=", "/x", "/a b=./x"] {
             assert!(ExecRoute::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn retention_rules() {
+        let r = Retention::parse("chat:*=1000/10m").unwrap();
+        assert_eq!((r.pattern.as_str(), r.count, r.age), ("chat:*", Some(1000), Some(Duration::from_secs(600))));
+        let r = Retention::parse("orders:>=1h").unwrap();
+        assert_eq!((r.count, r.age), (None, Some(Duration::from_secs(3600))));
+        let r = Retention::parse("todo:count=1").unwrap();
+        assert_eq!((r.count, r.age), (Some(1), None));
+        assert_eq!(Retention::parse("a=10m/5").unwrap().count, Some(5));
+        for bad in ["chat:*", "chat:*=", "a..b=1", "a=0", "a=1/2", "a=1m/2m", "a=500ms", "a=ten", "a=1/x"] {
+            assert!(Retention::parse(bad).is_err(), "{bad}");
+        }
+        let rules = [Retention::parse("chat:*=1").unwrap(), Retention::parse(">=2").unwrap()];
+        assert_eq!(Retention::find(&rules, "chat:x").unwrap().count, Some(1));
+        assert_eq!(Retention::find(&rules, "a:b:c").unwrap().count, Some(2));
     }
 
     #[test]

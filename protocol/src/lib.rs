@@ -8,6 +8,8 @@
 //!   from a caller-owned buffer, and encoders for unmasked server frames.
 //! - [`message`]: protocol v1 JSON: client requests (`sub`, `unsub`, `pub`)
 //!   and server frames (deliveries, acks, errors, presence notices).
+//! - [`position`]: a place in a topic's history (`seq`, `epoch`), the
+//!   deliveries that carry it and the answer to a recovery.
 //! - [`disconnect`]: every way a node ends a session: close code, reason,
 //!   and whether the client should reconnect.
 //! - [`url`]: `ws://` URLs as command-line clients take them.
@@ -18,6 +20,7 @@
 
 pub mod disconnect;
 pub mod message;
+pub mod position;
 pub mod topic;
 pub mod url;
 pub mod ws;

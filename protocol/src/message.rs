@@ -12,6 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
+use crate::position::Position;
 use crate::topic::{Pattern, Topic, TopicError};
 use crate::ws::{self, OpCode};
 
@@ -65,11 +66,13 @@ pub enum ErrorCode {
     /// The node is at a bound for connections not yet upgraded (or for its
     /// file descriptors): retry after the `Retry-After` seconds.
     Overloaded,
+    /// The history store cannot be reached (`GET /v1/history`).
+    HistoryUnavailable,
 }
 
 impl ErrorCode {
     /// Every code, for metrics.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownOp,
         ErrorCode::BadRequest,
@@ -91,6 +94,7 @@ impl ErrorCode {
         ErrorCode::OriginNotAllowed,
         ErrorCode::Forbidden,
         ErrorCode::ExecLimit,
+        ErrorCode::HistoryUnavailable,
     ];
 
     /// The wire name.
@@ -117,6 +121,7 @@ impl ErrorCode {
             ErrorCode::OriginNotAllowed => "origin_not_allowed",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::ExecLimit => "exec_limit",
+            ErrorCode::HistoryUnavailable => "history_unavailable",
         }
     }
 
@@ -147,6 +152,11 @@ pub enum Request<'a> {
         topic: Pattern<'a>,
         /// Echoed in the ack; JSON text (a number or a string).
         id: Option<&'a str>,
+        /// Recover what was missed after this position (`"since"`).
+        since: Option<Position<'a>>,
+        /// First deliver the latest retained message of each matching
+        /// topic (`"last":true`).
+        last: bool,
     },
     /// Drop a subscription.
     Unsub {
@@ -211,6 +221,18 @@ struct Wire<'a> {
     data: Raw<'a>,
     #[serde(borrow, default)]
     token: Raw<'a>,
+    #[serde(borrow, default)]
+    since: Option<WireSince<'a>>,
+    #[serde(default)]
+    last: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireSince<'a> {
+    seq: u64,
+    #[serde(borrow)]
+    epoch: &'a str,
 }
 
 fn err<'a>(code: ErrorCode, message: impl Into<String>, id: Option<&'a str>) -> RequestError<'a> {
@@ -288,7 +310,17 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
             let t = topic_field(wire.topic, id)?;
             let topic = Pattern::parse(t).map_err(|e| topic_err(e, id))?;
             if op == "sub" {
-                Ok(Request::Sub { topic, id })
+                let since = match wire.since {
+                    None => None,
+                    Some(p) => Some(
+                        Position::new(p.seq, p.epoch).map_err(|e| err(ErrorCode::BadRequest, format!("since: {e}"), id))?,
+                    ),
+                };
+                let last = wire.last.unwrap_or(false);
+                if last && since.is_some() {
+                    return Err(err(ErrorCode::BadRequest, "`since` and `last` do not go together", id));
+                }
+                Ok(Request::Sub { topic, id, since, last })
             } else {
                 Ok(Request::Unsub { topic, id })
             }
@@ -606,9 +638,24 @@ mod tests {
             parse_request(r#"{"op":"sub","topic":"todo:*","id":1}"#).unwrap(),
             Request::Sub {
                 topic: Pattern::parse("todo:*").unwrap(),
-                id: Some("1")
+                id: Some("1"),
+                since: None,
+                last: false,
             }
         );
+        assert_eq!(
+            parse_request(r#"{"op":"sub","topic":"chat:>","since":{"seq":1742,"epoch":"k3f9"}}"#).unwrap(),
+            Request::Sub {
+                topic: Pattern::parse("chat:>").unwrap(),
+                id: None,
+                since: Some(Position { seq: 1742, epoch: "k3f9" }),
+                last: false,
+            }
+        );
+        assert!(matches!(
+            parse_request(r#"{"op":"sub","topic":"a","last":true}"#).unwrap(),
+            Request::Sub { last: true, .. }
+        ));
         assert_eq!(
             parse_request(r#"{"op":"unsub","topic":"a","id":"x"}"#).unwrap(),
             Request::Unsub {
@@ -652,6 +699,17 @@ mod tests {
             code(r#"{"op":"sub","op":"sub","topic":"a"}"#),
             ErrorCode::BadRequest
         );
+        for bad in [
+            r#"{"op":"sub","topic":"a","since":{"seq":-1,"epoch":"e"}}"#,
+            r#"{"op":"sub","topic":"a","since":{"seq":1}}"#,
+            r#"{"op":"sub","topic":"a","since":{"seq":1,"epoch":"e-1"}}"#,
+            r#"{"op":"sub","topic":"a","since":{"seq":1,"epoch":"e","x":1}}"#,
+            r#"{"op":"sub","topic":"a","since":"e:1"}"#,
+            r#"{"op":"sub","topic":"a","last":1}"#,
+            r#"{"op":"sub","topic":"a","last":true,"since":{"seq":1,"epoch":"e"}}"#,
+        ] {
+            assert_eq!(code(bad), ErrorCode::BadRequest, "{bad}");
+        }
         let e = parse_request(r#"{"op":"sub","topic":"a b","id":7}"#).unwrap_err();
         assert_eq!(e.id, Some("7"));
     }

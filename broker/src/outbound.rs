@@ -1,0 +1,142 @@
+//! The cluster link's sender task: hands publishes to the NATS client in
+//! order, and history publishes to the stream, awaiting their acks
+//! alongside so one slow ack never holds up the next publish.
+
+use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use herald_protocol::topic;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::hub::{Body, Hub};
+use crate::metrics::Metrics;
+use crate::stream::StreamHistory;
+use crate::subjects::barrier;
+
+/// What the sender task is handed.
+pub enum Outbound {
+    /// A message for NATS.
+    Message {
+        /// Where it goes.
+        subject: String,
+        /// Presence notices travel in headers.
+        headers: Option<HeaderMap>,
+        /// The data.
+        payload: Bytes,
+    },
+    /// A message on a history topic, for the stream.
+    Stored {
+        /// The topic.
+        topic: String,
+        /// The data.
+        payload: Bytes,
+    },
+    /// Answered once everything queued before it is written to NATS.
+    Flush(oneshot::Sender<()>),
+}
+
+type Acks = futures_util::stream::FuturesUnordered<
+    Pin<Box<dyn std::future::Future<Output = (String, Bytes, Result<u64, String>)> + Send>>,
+>;
+
+/// Hands publishes to the NATS client in order. History publishes go to
+/// the stream; their acks are awaited alongside, and one that fails is
+/// delivered live after all (without a position) so nothing is lost.
+pub async fn send_loop(
+    client: async_nats::Client,
+    mut rx: mpsc::Receiver<Outbound>,
+    queued: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+    prefix: String,
+    stream: Option<(Arc<StreamHistory>, Hub)>,
+) {
+    let mut acks: Acks = Default::default();
+    loop {
+        let o = tokio::select! {
+            o = rx.recv() => match o { Some(o) => o, None => break },
+            Some((topic, payload, r)) = acks.next(), if !acks.is_empty() => {
+                if let Err(e) = r {
+                    stored_failed(&client, &prefix, &metrics, stream.as_ref(), &topic, payload, &e).await;
+                }
+                continue;
+            }
+        };
+        let (subject, headers, payload) = match o {
+            Outbound::Message {
+                subject,
+                headers,
+                payload,
+            } => (subject, headers, payload),
+            Outbound::Stored { topic, payload } => {
+                queued.fetch_sub(payload.len(), Relaxed);
+                let Some((s, _)) = &stream else { continue };
+                match s.publish(&topic, payload.clone()).await {
+                    Ok(ack) => {
+                        metrics.nats_messages_out.fetch_add(1, Relaxed);
+                        acks.push(Box::pin(async move {
+                            let r = ack.await.map(|a| a.sequence).map_err(|e| e.to_string());
+                            (topic, payload, r)
+                        }));
+                    }
+                    Err(e) => stored_failed(&client, &prefix, &metrics, stream.as_ref(), &topic, payload, &e).await,
+                }
+                continue;
+            }
+            Outbound::Flush(done) => {
+                // Written, and applied by the server: a round trip after
+                // the last publish (a bare flush only empties the buffer);
+                // and every history publish stored (or delivered live).
+                barrier(&client, &prefix).await;
+                while let Some((topic, payload, r)) = acks.next().await {
+                    if let Err(e) = r {
+                        stored_failed(&client, &prefix, &metrics, stream.as_ref(), &topic, payload, &e).await;
+                    }
+                }
+                let _ = done.send(());
+                continue;
+            }
+        };
+        queued.fetch_sub(payload.len(), Relaxed);
+        let r = match headers {
+            Some(h) => client.publish_with_headers(subject, h, payload).await,
+            None => client.publish(subject, payload).await,
+        };
+        match r {
+            Ok(()) => {
+                metrics.nats_messages_out.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                metrics.nats_publish_failures.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "publish onto NATS failed");
+            }
+        }
+    }
+}
+
+/// A history publish the stream did not store: the stream is marked
+/// unreachable and the message goes out live, to this node's subscribers
+/// and the others'.
+async fn stored_failed(
+    client: &async_nats::Client,
+    prefix: &str,
+    metrics: &Metrics,
+    stream: Option<&(Arc<StreamHistory>, Hub)>,
+    topic: &str,
+    payload: Bytes,
+    error: &str,
+) {
+    metrics.history_failures.fetch_add(1, Relaxed);
+    tracing::warn!(%error, topic, "history publish not stored; delivered live without a position");
+    let Some((s, hub)) = stream else { return };
+    s.lost();
+    hub.deliver(topic, Body::Data(&payload));
+    if let Err(e) = client.publish(topic::to_subject(prefix, topic), payload).await {
+        metrics.nats_publish_failures.fetch_add(1, Relaxed);
+        tracing::warn!(error = %e, "publish onto NATS failed");
+    }
+}
