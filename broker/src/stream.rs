@@ -36,6 +36,9 @@ use crate::values::Retention;
 
 /// The header a republished message carries its stream sequence in.
 pub const HEADER_SEQUENCE: &str = "Nats-Sequence";
+/// The header naming the stream sequence of the topic's previous message
+/// (0: none, or deleted).
+pub const HEADER_LAST_SEQUENCE: &str = "Nats-Last-Sequence";
 
 /// How long a replay waits for the stream to hand over a batch.
 const FETCH_WAIT: Duration = Duration::from_secs(2);

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use herald_protocol::{message, topic};
@@ -26,7 +26,8 @@ use tokio::task::JoinHandle;
 use crate::hub::{Body, Hub, Interest};
 use crate::metrics::Metrics;
 use crate::roster::Member;
-use crate::stream::{StreamHistory, HEADER_SEQUENCE};
+use crate::sequencer::Sequencer;
+use crate::stream::{StreamHistory, HEADER_LAST_SEQUENCE, HEADER_SEQUENCE};
 
 /// Presence notices travel as empty messages with these headers.
 pub const HEADER_EVENT: &str = "Herald-Event";
@@ -178,6 +179,15 @@ pub struct Receiver {
 }
 
 impl Receiver {
+    /// A republished history message's `seq` and its topic's previous one.
+    fn position(&self, msg: &async_nats::Message) -> Option<(u64, u64)> {
+        self.history.as_ref()?;
+        let h = msg.headers.as_ref()?;
+        let seq = h.get(HEADER_SEQUENCE)?.as_str().parse().ok()?;
+        let prev = h.get(HEADER_LAST_SEQUENCE).and_then(|v| v.as_str().parse().ok()).unwrap_or(0);
+        Some((seq, prev))
+    }
+
     fn on_message(&self, key: &str, wildcard: bool, msg: async_nats::Message) {
         let m = &self.metrics;
         m.nats_messages_in.fetch_add(1, Relaxed);
@@ -267,8 +277,32 @@ pub async fn barrier(client: &async_nats::Client, prefix: &str) {
     }
 }
 
+/// Reads one subject subscription; history messages pass through a
+/// [`Sequencer`] so each topic's go out in stream order.
 async fn read_subject(mut sub: async_nats::Subscriber, key: Box<str>, wildcard: bool, receiver: Receiver) {
-    while let Some(msg) = sub.next().await {
-        receiver.on_message(&key, wildcard, msg);
+    let mut order: Sequencer<async_nats::Message> = Sequencer::default();
+    let mut ready = Vec::new();
+    loop {
+        let deadline = order.deadline();
+        tokio::select! {
+            m = sub.next() => {
+                let Some(msg) = m else { break };
+                match receiver.position(&msg) {
+                    Some((seq, prev)) => {
+                        let subject = msg.subject.to_string();
+                        if order.offer(&subject, seq, prev, msg, Instant::now(), &mut ready) {
+                            receiver.metrics.history_late.fetch_add(1, Relaxed);
+                        }
+                    }
+                    None => ready.push(msg),
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
+                order.expire(Instant::now(), &mut ready);
+            }
+        }
+        for msg in ready.drain(..) {
+            receiver.on_message(&key, wildcard, msg);
+        }
     }
 }

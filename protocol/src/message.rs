@@ -222,9 +222,9 @@ struct Wire<'a> {
     #[serde(borrow, default)]
     token: Raw<'a>,
     #[serde(borrow, default)]
-    since: Option<WireSince<'a>>,
-    #[serde(default)]
-    last: Option<bool>,
+    since: Raw<'a>,
+    #[serde(borrow, default)]
+    last: Raw<'a>,
 }
 
 #[derive(Deserialize)]
@@ -310,13 +310,20 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
             let t = topic_field(wire.topic, id)?;
             let topic = Pattern::parse(t).map_err(|e| topic_err(e, id))?;
             if op == "sub" {
-                let since = match wire.since {
+                let since = match wire.since.0 {
                     None => None,
-                    Some(p) => Some(
-                        Position::new(p.seq, p.epoch).map_err(|e| err(ErrorCode::BadRequest, format!("since: {e}"), id))?,
-                    ),
+                    Some(raw) => {
+                        let p: WireSince<'_> = serde_json::from_str(raw.get()).map_err(|_| {
+                            err(ErrorCode::BadRequest, "since must be {\"seq\":N,\"epoch\":\"E\"}", id)
+                        })?;
+                        Some(Position::new(p.seq, p.epoch).map_err(|e| err(ErrorCode::BadRequest, format!("since: {e}"), id))?)
+                    }
                 };
-                let last = wire.last.unwrap_or(false);
+                let last = match wire.last.0.map(RawValue::get) {
+                    None | Some("false") => false,
+                    Some("true") => true,
+                    Some(_) => return Err(err(ErrorCode::BadRequest, "last must be true or false", id)),
+                };
                 if last && since.is_some() {
                     return Err(err(ErrorCode::BadRequest, "`since` and `last` do not go together", id));
                 }

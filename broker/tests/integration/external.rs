@@ -32,11 +32,33 @@ pub struct NatsServer {
     /// Whether clients learn the other servers' addresses (NATS's default):
     /// off, a client whose server dies is really cut off.
     advertise: bool,
+    /// JetStream's file store, when JetStream is on (kept across restarts,
+    /// removed on drop).
+    store: Option<std::path::PathBuf>,
 }
 
 impl NatsServer {
     pub async fn start() -> NatsServer {
         Self::start_in_cluster(free_port(), &[]).await
+    }
+
+    /// A server with JetStream on, storing in files (`-js -sd DIR`).
+    pub async fn start_js() -> NatsServer {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("herald-js-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut s = NatsServer {
+            child: None,
+            port: free_port(),
+            monitor: free_port(),
+            cluster_port: free_port(),
+            routes: Vec::new(),
+            advertise: true,
+            store: Some(dir),
+        };
+        s.spawn().await;
+        s
     }
 
     /// A member of a cluster listening for routes on `cluster_port` and
@@ -58,6 +80,7 @@ impl NatsServer {
             cluster_port,
             routes: routes.to_vec(),
             advertise,
+            store: None,
         };
         s.spawn().await;
         s
@@ -69,6 +92,9 @@ impl NatsServer {
             .args(["-m", &self.monitor.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        if let Some(dir) = &self.store {
+            cmd.arg("-js").arg("-sd").arg(dir);
+        }
         if !self.routes.is_empty() {
             let routes: Vec<String> = self
                 .routes
@@ -130,6 +156,9 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.store {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

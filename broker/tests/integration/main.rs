@@ -7,6 +7,7 @@ mod common;
 mod exec;
 mod external;
 mod faults;
+mod history;
 mod hostile;
 mod layering;
 mod lifecycle;

@@ -1,0 +1,467 @@
+//! History and recovery: positions on deliveries, `since` replays with no
+//! gap and no duplicate at the seam, `last`, the refusals, and the same
+//! against a real `nats-server -js` cluster.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::cluster::{nodes, wait_linked};
+use crate::common::*;
+use crate::external::*;
+
+/// A subscriber that keeps its last position, the way the JS client does.
+pub struct Tracker {
+    pub epoch: String,
+    pub seq: u64,
+    /// `(topic, data.n)` in arrival order.
+    pub got: Vec<(String, u64)>,
+    /// Every seq seen, in order.
+    pub seqs: Vec<u64>,
+}
+
+impl Tracker {
+    pub fn new() -> Tracker {
+        Tracker {
+            epoch: String::new(),
+            seq: 0,
+            got: Vec::new(),
+            seqs: Vec::new(),
+        }
+    }
+
+    /// Takes one frame; returns whether it was a delivery.
+    pub fn take(&mut self, v: &Value) -> bool {
+        let Some(topic) = v["topic"].as_str() else { return false };
+        if v.get("data").is_none() {
+            return false;
+        }
+        let seq = v["seq"].as_u64().unwrap_or_else(|| panic!("delivery without seq: {v}"));
+        self.epoch = v["epoch"].as_str().expect("epoch").to_owned();
+        self.seq = seq;
+        self.seqs.push(seq);
+        self.got.push((topic.to_owned(), v["data"]["n"].as_u64().unwrap_or(u64::MAX)));
+        true
+    }
+
+    /// The `sub` request that recovers from the last position.
+    pub fn resub(&self, pattern: &str) -> Value {
+        json!({"op":"sub","topic":pattern,"id":"r","since":{"seq":self.seq,"epoch":self.epoch}})
+    }
+
+    /// Every seq strictly increasing, and per topic the `n`s exactly
+    /// `0..count`.
+    pub fn check(&self, per_topic: &HashMap<String, u64>) {
+        assert!(self.seqs.windows(2).all(|w| w[0] < w[1]), "seqs not increasing: {:?}", self.seqs);
+        let mut by_topic: HashMap<&str, Vec<u64>> = HashMap::new();
+        for (t, n) in &self.got {
+            by_topic.entry(t).or_default().push(*n);
+        }
+        for (t, count) in per_topic {
+            let ns = by_topic.remove(t.as_str()).unwrap_or_default();
+            let want: Vec<u64> = (0..*count).collect();
+            assert_eq!(ns, want, "topic {t}: every message once and in order");
+        }
+        assert!(by_topic.is_empty(), "unexpected topics {:?}", by_topic.keys());
+    }
+}
+
+/// Publishes `count` messages `{"n":i}` on `topic` through `node`'s HTTP
+/// endpoint, ten per request.
+async fn publish_numbered(node: &Herald, topic: &str, count: u64) {
+    for start in (0..count).step_by(10) {
+        let items: Vec<String> = (start..(start + 10).min(count))
+            .map(|n| format!(r#"{{"topic":"{topic}","data":{{"n":{n}}}}}"#))
+            .collect();
+        let (status, body) = node.post("/v1/publish", "", &format!("[{}]", items.join(","))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+/// Reads deliveries into `t` until `done` says so; other frames are
+/// returned.
+async fn read_until(c: &mut Client, t: &mut Tracker, done: impl Fn(&Tracker) -> bool) -> Vec<Value> {
+    let mut other = Vec::new();
+    while !done(t) {
+        let v = c.recv().await;
+        if !t.take(&v) {
+            other.push(v);
+        }
+    }
+    other
+}
+
+fn last_n(t: &Tracker, topic: &str) -> Option<u64> {
+    t.got.iter().rev().find(|(x, _)| x == topic).map(|(_, n)| *n)
+}
+
+#[tokio::test]
+async fn embedded_recovery_gets_what_was_missed_across_topics_in_order() {
+    let h = Herald::start(&["--history", "room:*=1000"]);
+    let mut t = Tracker::new();
+    let mut c = h.connect("").await;
+    c.sub("room:*").await;
+    publish_numbered(&h, "room:a", 5).await;
+    publish_numbered(&h, "room:b", 5).await;
+    read_until(&mut c, &mut t, |t| t.got.len() == 10).await;
+    drop(c);
+    // Missed while away, on both topics and one no history keeps.
+    publish_numbered(&h, "room:a", 8).await; // n 0..8 again: a new run
+    publish_numbered(&h, "plain", 1).await;
+    let mut c = h.connect("").await;
+    let ack = c.request(t.resub("room:*")).await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    assert_eq!(ack["epoch"], t.epoch.as_str());
+    publish_numbered(&h, "room:b", 1).await;
+    read_until(&mut c, &mut t, |t| t.got.len() == 19).await;
+    let tail: Vec<_> = t.got[10..].iter().map(|(t, n)| format!("{t}/{n}")).collect();
+    let mut want: Vec<String> = (0..8).map(|n| format!("room:a/{n}")).collect();
+    want.push("room:b/0".into());
+    assert_eq!(tail, want);
+    assert!(t.seqs.windows(2).all(|w| w[0] < w[1]));
+    // The same position again, on a fresh socket: the same replay.
+    let mut c2 = h.connect("").await;
+    let ack = c2
+        .request(json!({"op":"sub","topic":"room:a","id":1,"since":{"seq":t.seqs[9],"epoch":t.epoch}}))
+        .await;
+    assert_eq!(ack["recovered"], true);
+    let mut t2 = Tracker::new();
+    read_until(&mut c2, &mut t2, |t| t.got.len() == 8).await;
+    assert_eq!(t2.seqs, t.seqs[10..18]);
+}
+
+/// A subscriber drops its socket mid-stream and comes back with its
+/// position while a publisher keeps going: every message exactly once, in
+/// order, whatever the timing of the seam.
+async fn seam_trials(publish_via: &Herald, read_via: &[&Herald], trials: u64) {
+    for trial in 0..trials {
+        let topic = format!("seam:t{trial}");
+        let total = 600;
+        let mut t = Tracker::new();
+        let mut c = read_via[0].connect("").await;
+        c.sub("seam:>").await;
+        let publisher = async {
+            publish_numbered(publish_via, &topic, total).await;
+        };
+        let reader = async {
+            let cut = 50 + trial * 37 % 200;
+            read_until(&mut c, &mut t, |t| t.got.len() as u64 >= cut).await;
+            drop(c);
+            let mut c = read_via[trial as usize % read_via.len()].connect("").await;
+            let ack = c.request(t.resub("seam:>")).await;
+            assert_eq!(ack["recovered"], true, "{ack}");
+            read_until(&mut c, &mut t, |t| last_n(t, &topic) == Some(total - 1)).await;
+        };
+        tokio::join!(publisher, reader);
+        t.check(&HashMap::from([(topic.clone(), total)]));
+    }
+}
+
+#[tokio::test]
+async fn embedded_seam_loses_nothing_and_repeats_nothing() {
+    let h = Herald::start(&["--history", "seam:>=100000"]);
+    seam_trials(&h, &[&h], 6).await;
+}
+
+#[tokio::test]
+async fn refusals_say_why_and_keep_the_socket() {
+    let h = Herald::start(&["--history", "room:*=3", "--max-replay", "4"]);
+    let mut c = h.connect("").await;
+    c.sub("room:a").await;
+    publish_numbered(&h, "room:a", 1).await;
+    let first = c.recv().await;
+    let (epoch, seq) = (first["epoch"].as_str().unwrap().to_owned(), first["seq"].as_u64().unwrap());
+    publish_numbered(&h, "room:a", 3).await;
+    publish_numbered(&h, "room:b", 3).await;
+    let ask = |pattern: &str, seq: u64, epoch: &str| json!({"op":"sub","topic":pattern,"id":pattern,"since":{"seq":seq,"epoch":epoch}});
+    let mut d = h.connect("").await;
+    // room:a kept 3 of 4: the first one after `seq - 1` is gone.
+    let ack = d.request(ask("room:a", seq - 1, &epoch)).await;
+    assert_eq!((ack["recovered"].clone(), ack["reason"].clone()), (json!(false), json!("too_old")), "{ack}");
+    // From `seq`: 3 on room:a and 3 on room:b is over --max-replay 4.
+    let mut e = h.connect("").await;
+    let ack = e.request(ask("room:*", seq, &epoch)).await;
+    assert_eq!(ack["reason"], "too_many", "{ack}");
+    // Live goes on after a refusal.
+    publish_numbered(&h, "room:a", 1).await;
+    let v = d.recv().await;
+    assert_eq!(v["topic"], "room:a");
+    let v = e.recv().await;
+    assert_eq!(v["topic"], "room:a");
+    let ack = d.request(ask("room:c", seq, "elsewhere")).await;
+    assert_eq!(ack["reason"], "epoch_changed", "{ack}");
+    let ack = d.request(ask("plain:x", 1, &epoch)).await;
+    assert_eq!(ack["reason"], "history_unavailable", "{ack}");
+    // From the future: bad_request, and the subscription is not held.
+    let ack = d.request(ask("room:d", seq + 1000, &epoch)).await;
+    assert_eq!((ack["op"].as_str(), ack["code"].as_str()), (Some("error"), Some("bad_request")), "{ack}");
+    let again = d.request(json!({"op":"unsub","topic":"room:d","id":"u"})).await;
+    assert_eq!(again["code"], "not_subscribed");
+    for bad in [
+        json!({"op":"sub","topic":"room:e","id":1,"since":{"seq":"1","epoch":epoch}}),
+        json!({"op":"sub","topic":"room:e","id":1,"since":{"seq":1,"epoch":"no-dash"}}),
+        json!({"op":"sub","topic":"room:e","id":1,"since":{"seq":1}}),
+        json!({"op":"sub","topic":"room:e","id":1,"since":{"seq":1,"epoch":epoch},"last":true}),
+    ] {
+        let v = d.request(bad.clone()).await;
+        assert_eq!(v["code"], "bad_request", "{bad} -> {v}");
+    }
+    let host = h.addr.to_string();
+    let (status, body) = h.http(&upgrade_request("/ws?sub=room:a&since=nocolon", &host, "")).await;
+    assert_eq!(status, 400, "{body}");
+    // The socket still works.
+    d.sub("room:f").await;
+    publish_numbered(&h, "room:f", 1).await;
+    assert_eq!(d.recv().await["topic"], "room:f");
+}
+
+#[tokio::test]
+async fn an_embedded_restart_changes_the_epoch() {
+    let mut h = Herald::start(&["--history", "room:*=100"]);
+    let mut c = h.connect("").await;
+    c.sub("room:a").await;
+    publish_numbered(&h, "room:a", 2).await;
+    let mut t = Tracker::new();
+    read_until(&mut c, &mut t, |t| t.got.len() == 2).await;
+    let addr = h.addr;
+    h.sigkill();
+    drop(c);
+    let h = Herald::start_on(addr, &["--history", "room:*=100"]);
+    let mut c = h.connect("").await;
+    let ack = c.request(t.resub("room:a")).await;
+    assert_eq!((ack["recovered"].clone(), ack["reason"].clone()), (json!(false), json!("epoch_changed")), "{ack}");
+    assert_ne!(ack["epoch"], t.epoch.as_str());
+}
+
+#[tokio::test]
+async fn last_gives_the_current_value_of_each_topic_then_live() {
+    let h = Herald::start(&["--history", "price:*=1"]);
+    let items: Vec<String> = (0..1000)
+        .flat_map(|i| {
+            [0, 1].map(move |n| format!(r#"{{"topic":"price:p{i}","data":{{"n":{n},"i":{i}}}}}"#))
+        })
+        .collect();
+    for chunk in items.chunks(200) {
+        let (status, body) = h.post("/v1/publish", "", &format!("[{}]", chunk.join(","))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut c = h.connect("").await;
+    let ack = c.request(json!({"op":"sub","topic":"price:*","id":1,"last":true})).await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let mut t = Tracker::new();
+    read_until(&mut c, &mut t, |t| t.got.len() == 1000).await;
+    assert!(t.got.iter().all(|(_, n)| *n == 1), "only each topic's latest");
+    assert!(t.seqs.windows(2).all(|w| w[0] < w[1]));
+    publish_numbered(&h, "price:p7", 1).await;
+    let v = c.recv().await;
+    assert_eq!((v["topic"].as_str(), v["data"]["n"].as_u64()), (Some("price:p7"), Some(0)));
+    // The URL form, for a read-only client.
+    let mut u = h.connect("sub=price:p9&last=1").await;
+    assert_eq!(u.recv().await["data"]["i"], 9);
+    // HTTP: a page of one topic.
+    let (status, body) = h.get("/v1/history?topic=price:p7&since=0&limit=10").await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(v["complete"], false, "count 1: older ones are gone");
+    let (status, _) = h.get("/v1/history?topic=plain&since=0").await;
+    assert_eq!(status, 400);
+    let (status, _) = h.get("/v1/history?topic=price:p7&since=x").await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn a_replay_larger_than_the_queue_is_paced_not_cut() {
+    // 2,000 messages of ~1 KiB through a 64 KiB queue.
+    let h = Herald::start(&["--history", "big:*=5000", "--max-queue-bytes", "65536"]);
+    let mut c = h.connect("").await;
+    c.sub("big:a").await;
+    publish_numbered(&h, "big:a", 1).await;
+    let first = c.recv().await;
+    let (epoch, seq) = (first["epoch"].as_str().unwrap().to_owned(), first["seq"].as_u64().unwrap());
+    drop(c);
+    let pad = "x".repeat(1000);
+    for start in (1..2001).step_by(50) {
+        let items: Vec<String> = (start..start + 50)
+            .map(|n| format!(r#"{{"topic":"big:a","data":{{"n":{n},"pad":"{pad}"}}}}"#))
+            .collect();
+        let (status, body) = h.post("/v1/publish", "", &format!("[{}]", items.join(","))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut c = h.connect("").await;
+    let ack = c
+        .request(json!({"op":"sub","topic":"big:a","id":1,"since":{"seq":seq,"epoch":epoch}}))
+        .await;
+    assert_eq!(ack["recovered"], true);
+    let mut n = 1;
+    while n <= 2000 {
+        // Read slowly at first: the replay must wait for us.
+        if n < 100 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let v = c.recv().await;
+        assert_eq!(v["data"]["n"], n, "{}", v["topic"]);
+        n += 1;
+    }
+    assert_eq!(h.metric("herald_slow_consumer_disconnects_total").await, 0.0);
+}
+
+/// Three nodes on one `nats-server -js`.
+async fn js_cluster(extra: &[&str]) -> (NatsServer, Vec<Herald>) {
+    let nats = NatsServer::start_js().await;
+    let mut args = vec!["--history", "seam:>=100000", "--history", "room:>=1000/10m"];
+    args.extend_from_slice(extra);
+    let nodes = nodes(3, &nats.url(), &args);
+    wait_linked(&nodes).await;
+    for n in &nodes {
+        eventually("history stream ready", || async {
+            n.get("/readyz").await.1.contains("stream available")
+        })
+        .await;
+    }
+    (nats, nodes)
+}
+
+#[tokio::test]
+async fn cluster_positions_are_the_same_on_every_node_and_increase_per_topic() {
+    let (_nats, nodes) = js_cluster(&[]).await;
+    let mut readers = Vec::new();
+    for n in &nodes {
+        let mut c = n.connect("").await;
+        c.sub("room:x").await;
+        readers.push(c);
+    }
+    // Two publishers on two nodes at once, one topic.
+    let total = 300;
+    let a = async {
+        for i in 0..total {
+            nodes[0].publish("room:x", &format!(r#"{{"n":{i},"by":"a"}}"#)).await;
+        }
+    };
+    let b = async {
+        for i in 0..total {
+            nodes[1].publish("room:x", &format!(r#"{{"n":{i},"by":"b"}}"#)).await;
+        }
+    };
+    tokio::join!(a, b);
+    let mut seen: Vec<HashMap<(String, u64), u64>> = Vec::new();
+    for c in &mut readers {
+        let mut last = 0;
+        let mut map = HashMap::new();
+        let mut order = Vec::new();
+        for _ in 0..2 * total {
+            let v = c.recv().await;
+            let seq = v["seq"].as_u64().expect("seq");
+            order.push(seq);
+            assert!(seq > last, "seq {seq} after {last}: {:?}", &order[order.len().saturating_sub(12)..]);
+            last = seq;
+            map.insert((v["data"]["by"].as_str().unwrap().to_owned(), v["data"]["n"].as_u64().unwrap()), seq);
+        }
+        assert_eq!(map.len(), 2 * total as usize);
+        seen.push(map);
+    }
+    assert_eq!(seen[0], seen[1], "same seq for the same message on every node");
+    assert_eq!(seen[0], seen[2]);
+    for n in &nodes {
+        assert_eq!(n.metric("herald_history_late_total").await, 0.0);
+    }
+}
+
+#[tokio::test]
+async fn cluster_seam_loses_nothing_across_nodes() {
+    let (_nats, nodes) = js_cluster(&[]).await;
+    seam_trials(&nodes[0], &[&nodes[1], &nodes[2]], 6).await;
+}
+
+#[tokio::test]
+async fn cluster_recovers_a_wildcard_over_fifty_topics() {
+    let (_nats, nodes) = js_cluster(&[]).await;
+    let mut c = nodes[1].connect("").await;
+    c.sub("room:>").await;
+    let mut t = Tracker::new();
+    publish_numbered(&nodes[0], "room:t0", 1).await;
+    read_until(&mut c, &mut t, |t| t.got.len() == 1).await;
+    drop(c);
+    let mut counts = HashMap::from([("room:t0".to_owned(), 1)]);
+    for i in 0..50 {
+        let topic = format!("room:t{i}:sub");
+        publish_numbered(&nodes[i % 3], &topic, 10).await;
+        counts.insert(topic, 10);
+    }
+    let mut c = nodes[2].connect("").await;
+    let ack = c.request(t.resub("room:>")).await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    read_until(&mut c, &mut t, |t| t.got.len() == 501).await;
+    t.check(&counts);
+    // And the HTTP page reads the stream too.
+    let (status, body) = nodes[0].get("/v1/history?topic=room:t3:sub&since=0&limit=4").await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let ns: Vec<u64> = v["messages"].as_array().unwrap().iter().map(|m| m["data"]["n"].as_u64().unwrap()).collect();
+    assert_eq!(ns, [0, 1, 2, 3]);
+}
+
+#[tokio::test]
+async fn jetstream_restart_keeps_positions_and_epoch() {
+    let (mut nats, nodes) = js_cluster(&[]).await;
+    let mut c = nodes[0].connect("").await;
+    c.sub("room:a").await;
+    let mut t = Tracker::new();
+    publish_numbered(&nodes[1], "room:a", 3).await;
+    read_until(&mut c, &mut t, |t| t.got.len() == 3).await;
+    let before = t.epoch.clone();
+    drop(c);
+    nats.restart().await;
+    for n in &nodes {
+        eventually("relinked", || async { n.metric("herald_nats_connects_total").await >= 2.0 }).await;
+    }
+    wait_linked(&nodes).await;
+    for n in &nodes {
+        eventually("history stream back", || async {
+            n.get("/readyz").await.1.contains("stream available")
+        })
+        .await;
+    }
+    // Published after the restart; recovered from before it.
+    eventually("publish after restart", || async {
+        nodes[1].post("/v1/publish", "", r#"{"topic":"room:a","data":{"n":3}}"#).await.0 == 200
+    })
+    .await;
+    let mut c = nodes[2].connect("").await;
+    let ack = c.request(t.resub("room:a")).await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    assert_eq!(ack["epoch"], before.as_str(), "same stream, same epoch");
+    read_until(&mut c, &mut t, |t| t.got.len() == 4).await;
+    assert_eq!(t.got[3].1, 3);
+    assert_eq!(t.seqs[3], t.seqs[2] + 1);
+}
+
+#[tokio::test]
+async fn without_jetstream_live_goes_on_and_recovery_says_unavailable() {
+    let nats = NatsServer::start().await;
+    let nodes = nodes(2, &nats.url(), &["--history", "room:*=100"]);
+    wait_linked(&nodes).await;
+    eventually("readyz says so", || async {
+        nodes[0].get("/readyz").await.1.contains("stream unavailable")
+    })
+    .await;
+    let mut c = nodes[1].connect("").await;
+    let ack = c
+        .request(json!({"op":"sub","topic":"room:a","id":1,"since":{"seq":5,"epoch":"abc"}}))
+        .await;
+    assert_eq!(ack["reason"], "history_unavailable", "{ack}");
+    // Live, without positions, from another node.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        nodes[0].publish("room:a", r#"{"n":1}"#).await;
+        if let Ok(v) = tokio::time::timeout(Duration::from_millis(200), c.recv()).await {
+            assert_eq!(v["data"]["n"], 1);
+            assert!(v.get("seq").is_none(), "no position without the stream: {v}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never routed");
+    }
+    let (status, _) = nodes[0].get("/v1/history?topic=room:a").await;
+    assert_eq!(status, 503);
+}
