@@ -33,13 +33,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::{Body, Hub, Interest};
 use crate::metrics::Metrics;
-use crate::outbound::{send_loop, Outbound};
+use crate::outbound::{send_loop, Confirm, Outbound};
 use crate::store::{History, HistorySettings, Store};
 use crate::stream::StreamHistory;
-use crate::values::Retention;
 use crate::subjects::{
-    Live, Receiver, Subjects, HEADER_CLIENT, HEADER_EVENT, HEADER_NAME, HEADER_QUIET, HEADER_USER,
+    usable, Live, Receiver, Subjects, HEADER_CLIENT, HEADER_EVENT, HEADER_NAME, HEADER_QUIET, HEADER_USER,
 };
+use crate::values::Retention;
 /// Publishes waiting for the link's sender task; past it a publish fails
 /// rather than queueing without bound.
 const OUTBOUND_CAPACITY: usize = 65_536;
@@ -105,9 +105,8 @@ enum Forward {
     /// A presence notice, in headers.
     Notice(HeaderMap),
     /// A message on a history topic, for the stream.
-    Stored,
+    Stored(Option<Confirm>),
 }
-
 
 struct Link {
     client: async_nats::Client,
@@ -222,12 +221,28 @@ impl Bus {
             prefix.to_owned(),
             stream.clone().map(|s| (s, hub.clone())),
         ));
+        if let Some(s) = &stream {
+            let (hub, metrics, history) = (hub.clone(), metrics.clone(), s.clone());
+            tokio::spawn(s.clone().feed(move |topic, seq, payload| {
+                metrics.nats_messages_in.fetch_add(1, Relaxed);
+                let Some(epoch) = history.epoch() else { return };
+                if let Some(data) = usable(payload, max_message_bytes, &metrics, topic) {
+                    hub.deliver(
+                        topic,
+                        Body::Stored {
+                            data: &data,
+                            seq,
+                            epoch: &epoch,
+                        },
+                    );
+                }
+            }));
+        }
         let receiver = Receiver {
             hub: hub.clone(),
             metrics: metrics.clone(),
             prefix: prefix.to_owned(),
             max_message_bytes,
-            history: stream.clone(),
         };
         tokio::spawn(subjects.run(link.client.clone(), receiver));
         Ok(Bus {
@@ -294,9 +309,10 @@ impl Bus {
         }
         let payload = Bytes::copy_from_slice(&payload);
         let out = match kind {
-            Forward::Stored => Outbound::Stored {
+            Forward::Stored(done) => Outbound::Stored {
                 topic: topic.to_owned(),
                 payload,
+                done,
             },
             Forward::Plain | Forward::Notice(_) => Outbound::Message {
                 subject: topic::to_subject(&link.prefix, topic),
@@ -323,6 +339,26 @@ impl Bus {
     /// JSON): fanned out locally as one buffer per recipient, forwarded to
     /// the other nodes one by one. Returns the number of local deliveries.
     pub fn publish_batch(&self, topic: &str, datas: &[Bytes]) -> Result<usize, BusError> {
+        self.publish_inner(topic, datas, None)
+    }
+
+    /// [`Bus::publish_batch`], and for each message bound for the history
+    /// stream a receiver told its `seq` once stored (or why not).
+    pub fn publish_confirmed(
+        &self,
+        topic: &str,
+        datas: &[Bytes],
+        confirms: &mut Vec<oneshot::Receiver<Result<u64, String>>>,
+    ) -> Result<usize, BusError> {
+        self.publish_inner(topic, datas, Some(confirms))
+    }
+
+    fn publish_inner(
+        &self,
+        topic: &str,
+        datas: &[Bytes],
+        mut confirms: Option<&mut Vec<oneshot::Receiver<Result<u64, String>>>>,
+    ) -> Result<usize, BusError> {
         let m = &self.metrics;
         m.messages_in.fetch_add(datas.len() as u64, Relaxed);
         m.bytes_in
@@ -335,7 +371,11 @@ impl Bus {
                         let mut local = 0;
                         for d in datas {
                             local += j.append(topic, rule, d.clone(), |seq| {
-                                let body = Body::Stored { data: d, seq, epoch: &epoch };
+                                let body = Body::Stored {
+                                    data: d,
+                                    seq,
+                                    epoch: &epoch,
+                                };
                                 self.hub.deliver(topic, body)
                             });
                         }
@@ -346,7 +386,12 @@ impl Bus {
                     Store::Stream(s) if s.available() => {
                         let mut result = Ok(0);
                         for d in datas {
-                            if let Err(e) = self.forward(topic, Forward::Stored, d.clone(), 0) {
+                            let done = confirms.as_deref_mut().map(|c| {
+                                let (tx, rx) = oneshot::channel();
+                                c.push(rx);
+                                tx
+                            });
+                            if let Err(e) = self.forward(topic, Forward::Stored(done), d.clone(), 0) {
                                 result = Err(e);
                             }
                         }
@@ -450,4 +495,3 @@ pub struct LinkAuth {
     /// PEM file of the CA to trust.
     pub tls_ca: Option<String>,
 }
-

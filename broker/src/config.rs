@@ -314,7 +314,11 @@ impl Default for Config {
 }
 
 fn parse_stream(s: &str) -> Result<String, String> {
-    if !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+    if !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
         Ok(s.to_owned())
     } else {
         Err(format!("{s:?}: a stream name is 1 to 64 of A-Z a-z 0-9 _ -"))

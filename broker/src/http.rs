@@ -16,6 +16,9 @@ use std::sync::Arc;
 use crate::auth::Identity;
 use crate::node::Node;
 
+/// Longest an HTTP publish on history topics waits for the stream.
+const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Response body type for every route.
 pub type Body = Full<Bytes>;
 
@@ -90,7 +93,9 @@ pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
                 Some(false) => "nats: disconnected\n",
             };
             let history = match node.router.bus().history().map(|h| &h.store) {
-                Some(crate::store::Store::Stream(s)) if s.available() => "history: jetstream stream available\n",
+                Some(crate::store::Store::Stream(s)) if s.available() => {
+                    "history: jetstream stream available\n"
+                }
                 Some(crate::store::Store::Stream(_)) => {
                     "history: jetstream stream unavailable (is JetStream enabled? live delivery goes on)\n"
                 }
@@ -236,14 +241,24 @@ async fn history(node: &Node, req: &Request<Incoming>) -> Response<Body> {
         error(status, code, msg)
     };
     let query = req.uri().query().unwrap_or("");
-    let param = |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    };
     let topic = param("topic").unwrap_or("");
     if let Err(e) = herald_protocol::Topic::parse(topic) {
-        return fail(StatusCode::BAD_REQUEST, ErrorCode::BadTopic, &format!("topic={topic:?}: {e}"));
+        return fail(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadTopic,
+            &format!("topic={topic:?}: {e}"),
+        );
     }
     let number = |name: &str, default: u64| match param(name) {
         None => Ok(default),
-        Some(v) => v.parse::<u64>().map_err(|_| format!("{name}={v:?} is not a number")),
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| format!("{name}={v:?} is not a number")),
     };
     let (since, limit) = match (number("since", 0), number("limit", 100)) {
         (Ok(s), Ok(l)) => (s, (l as usize).min(node.config.max_replay)),
@@ -354,9 +369,13 @@ async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {
     // the publisher is told the other nodes missed them.
     let mut deliveries = 0;
     let mut link_error = None;
+    let mut confirms = Vec::new();
     for run in items.chunk_by(|a, b| a.topic == b.topic) {
         let datas: Vec<Bytes> = run.iter().map(|i| body.slice_ref(i.data.as_bytes())).collect();
-        match node.router.publish_batch(run[0].topic.as_str(), &datas) {
+        match node
+            .router
+            .publish_confirmed(run[0].topic.as_str(), &datas, &mut confirms)
+        {
             Ok(d) => deliveries += d,
             Err(e) => {
                 deliveries += e.local();
@@ -370,6 +389,29 @@ async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {
             items.len()
         );
         return fail(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::PublishFailed, &msg);
+    }
+    // A 200 for a history topic means stored in the stream.
+    let stored = async {
+        let mut unstored = 0;
+        for c in confirms {
+            if !matches!(c.await, Ok(Ok(_))) {
+                unstored += 1;
+            }
+        }
+        unstored
+    };
+    match tokio::time::timeout(STORE_TIMEOUT, stored).await {
+        Ok(0) => {}
+        Ok(n) => {
+            let msg = format!(
+                "{n} message(s) not stored in the history stream (delivered live without a position)"
+            );
+            return fail(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::PublishFailed, &msg);
+        }
+        Err(_) => {
+            let msg = format!("the history stream did not confirm within {STORE_TIMEOUT:?}");
+            return fail(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::PublishFailed, &msg);
+        }
     }
     let body = format!("{{\"published\":{},\"deliveries\":{deliveries}}}", items.len());
     respond(StatusCode::OK, "application/json", body)

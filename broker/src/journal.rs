@@ -138,7 +138,14 @@ impl Journal {
         self.append_at(topic, rule, data, self.now_ms(), deliver)
     }
 
-    fn append_at<R>(&self, topic: &str, rule: &Retention, data: Bytes, now_ms: u64, deliver: impl FnOnce(u64) -> R) -> R {
+    fn append_at<R>(
+        &self,
+        topic: &str,
+        rule: &Retention,
+        data: Bytes,
+        now_ms: u64,
+        deliver: impl FnOnce(u64) -> R,
+    ) -> R {
         let mut s = self.lock();
         s.seq += 1;
         let seq = s.seq;
@@ -166,7 +173,9 @@ impl Journal {
         s.bytes = s.bytes + len - freed.1;
         s.order.push_back((seq, key));
         while s.bytes > self.cap {
-            let Some((old, t)) = s.order.pop_front() else { break };
+            let Some((old, t)) = s.order.pop_front() else {
+                break;
+            };
             s.drop_head(&t, old);
         }
         s.compact();
@@ -241,7 +250,10 @@ impl Journal {
             }
         }
         messages.sort_unstable_by_key(|m| m.1);
-        Ok(Replay { messages, through: s.seq })
+        Ok(Replay {
+            messages,
+            through: s.seq,
+        })
     }
 
     /// Up to `limit` retained messages of concrete `topic` after `since`,
@@ -252,7 +264,12 @@ impl Journal {
             return (Vec::new(), s.lost_floor <= since);
         };
         let at = ring.msgs.partition_point(|m| m.0 <= since);
-        let page = ring.msgs.range(at..).take(limit).map(|m| (m.0, m.2.clone())).collect();
+        let page = ring
+            .msgs
+            .range(at..)
+            .take(limit)
+            .map(|m| (m.0, m.2.clone()))
+            .collect();
         (page, ring.lost_through <= since && s.lost_floor <= since)
     }
 }
@@ -260,7 +277,9 @@ impl Journal {
 impl State {
     /// Drops `seq` from `topic`'s ring if it is still its oldest message.
     fn drop_head(&mut self, topic: &str, seq: u64) {
-        let Some(ring) = self.topics.get_mut(topic) else { return };
+        let Some(ring) = self.topics.get_mut(topic) else {
+            return;
+        };
         if ring.msgs.front().is_none_or(|m| m.0 != seq) {
             return;
         }
@@ -282,8 +301,11 @@ impl State {
             return;
         }
         let topics = &self.topics;
-        self.order
-            .retain(|(seq, t)| topics.get(t).is_some_and(|r| r.msgs.front().is_some_and(|m| m.0 <= *seq)));
+        self.order.retain(|(seq, t)| {
+            topics
+                .get(t)
+                .is_some_and(|r| r.msgs.front().is_some_and(|m| m.0 <= *seq))
+        });
     }
 }
 
@@ -348,14 +370,20 @@ mod tests {
         }
         put(&j, "b", &r, 0);
         // a lost seq 1: from 0 it is gone, from 1 nothing is.
-        assert_eq!(j.replay("a", From::Since(0), 9), Err(Refusal::Unrecovered(Unrecovered::TooOld)));
+        assert_eq!(
+            j.replay("a", From::Since(0), 9),
+            Err(Refusal::Unrecovered(Unrecovered::TooOld))
+        );
         assert_eq!(j.replay("a", From::Since(1), 9).unwrap().messages.len(), 2);
         assert_eq!(j.replay("b", From::Since(0), 9).unwrap().messages.len(), 1);
         // Age: everything on `c` expires; the floor remembers it.
         let aged = rule(None, Some(1));
         put(&j, "c", &aged, 0);
         j.prune_at(5_000);
-        assert_eq!(j.replay("c", From::Since(4), 9), Err(Refusal::Unrecovered(Unrecovered::TooOld)));
+        assert_eq!(
+            j.replay("c", From::Since(4), 9),
+            Err(Refusal::Unrecovered(Unrecovered::TooOld))
+        );
         assert_eq!(j.size().0, 3);
     }
 

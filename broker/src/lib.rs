@@ -35,9 +35,7 @@
 //! - [`journal`]: history in memory (embedded): a ring per history
 //!   topic, one sequence, a byte cap; and the words replays share.
 //! - [`stream`]: history in a cluster: the JetStream stream, its epoch,
-//!   and replays from it.
-//! - [`sequencer`]: a history topic's messages from NATS put back in
-//!   stream order.
+//!   the node's ordered feed from it, and replays.
 //! - [`store`]: the history topics and where they are kept.
 //! - [`hub`]: the node's fan-out table: sharded topics, wildcard patterns.
 //! - [`subjects`]: the cluster link's NATS subscriptions, one per key with
@@ -103,7 +101,6 @@ pub mod recovery;
 pub mod roster;
 pub mod router;
 pub mod server;
-pub mod sequencer;
 pub mod session;
 pub mod sessions;
 pub mod shared;

@@ -55,9 +55,7 @@ pub struct Metrics {
     pub nats_publish_failures: AtomicU64,
     /// History publishes the stream did not store (delivered live).
     pub history_failures: AtomicU64,
-    /// History messages that reached the node after a later one of their
-    /// topic had been delivered (delivered anyway).
-    pub history_late: AtomicU64,
+
     /// Subscriptions that recovered everything they missed.
     pub recoveries: AtomicU64,
     /// Recoveries answered `recovered:false`.
@@ -233,12 +231,6 @@ impl Metrics {
                 "counter",
                 "History messages replayed to recovering and last-value subscriptions.",
                 get(&self.replayed),
-            ),
-            (
-                "herald_history_late_total",
-                "counter",
-                "History messages that arrived after a later one of their topic was delivered (out of order).",
-                get(&self.history_late),
             ),
             (
                 "herald_history_failures_total",

@@ -14,7 +14,6 @@ use tokio::sync::Semaphore;
 use crate::admission::Admission;
 use crate::auth::{Auth, KeyError};
 use crate::bus::{Bus, LinkAuth, LinkError};
-use crate::store::HistorySettings;
 use crate::config::Config;
 use crate::hub::{Body, Hub};
 use crate::metrics::Metrics;
@@ -22,6 +21,7 @@ use crate::roster::Change;
 use crate::router::Router;
 use crate::sessions::Sessions;
 use crate::snapshots::Assembler;
+use crate::store::HistorySettings;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]

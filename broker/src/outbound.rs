@@ -35,14 +35,19 @@ pub enum Outbound {
         topic: String,
         /// The data.
         payload: Bytes,
+        /// Told the message's `seq` once stored, or why not.
+        done: Option<Confirm>,
     },
     /// Answered once everything queued before it is written to NATS.
     Flush(oneshot::Sender<()>),
 }
 
-type Acks = futures_util::stream::FuturesUnordered<
-    Pin<Box<dyn std::future::Future<Output = (String, Bytes, Result<u64, String>)> + Send>>,
->;
+/// Where a history publish's outcome goes: its `seq`, or why it was not
+/// stored.
+pub type Confirm = oneshot::Sender<Result<u64, String>>;
+
+type Acked = (String, Bytes, Option<Confirm>, Result<u64, String>);
+type Acks = futures_util::stream::FuturesUnordered<Pin<Box<dyn std::future::Future<Output = Acked> + Send>>>;
 
 /// Hands publishes to the NATS client in order. History publishes go to
 /// the stream; their acks are awaited alongside, and one that fails is
@@ -59,10 +64,8 @@ pub async fn send_loop(
     loop {
         let o = tokio::select! {
             o = rx.recv() => match o { Some(o) => o, None => break },
-            Some((topic, payload, r)) = acks.next(), if !acks.is_empty() => {
-                if let Err(e) = r {
-                    stored_failed(&client, &prefix, &metrics, stream.as_ref(), &topic, payload, &e).await;
-                }
+            Some(acked) = acks.next(), if !acks.is_empty() => {
+                settle(&client, &prefix, &metrics, stream.as_ref(), acked).await;
                 continue;
             }
         };
@@ -72,7 +75,7 @@ pub async fn send_loop(
                 headers,
                 payload,
             } => (subject, headers, payload),
-            Outbound::Stored { topic, payload } => {
+            Outbound::Stored { topic, payload, done } => {
                 queued.fetch_sub(payload.len(), Relaxed);
                 let Some((s, _)) = &stream else { continue };
                 match s.publish(&topic, payload.clone()).await {
@@ -80,10 +83,13 @@ pub async fn send_loop(
                         metrics.nats_messages_out.fetch_add(1, Relaxed);
                         acks.push(Box::pin(async move {
                             let r = ack.await.map(|a| a.sequence).map_err(|e| e.to_string());
-                            (topic, payload, r)
+                            (topic, payload, done, r)
                         }));
                     }
-                    Err(e) => stored_failed(&client, &prefix, &metrics, stream.as_ref(), &topic, payload, &e).await,
+                    Err(e) => {
+                        let acked = (topic, payload, done, Err(e));
+                        settle(&client, &prefix, &metrics, stream.as_ref(), acked).await;
+                    }
                 }
                 continue;
             }
@@ -92,10 +98,8 @@ pub async fn send_loop(
                 // the last publish (a bare flush only empties the buffer);
                 // and every history publish stored (or delivered live).
                 barrier(&client, &prefix).await;
-                while let Some((topic, payload, r)) = acks.next().await {
-                    if let Err(e) = r {
-                        stored_failed(&client, &prefix, &metrics, stream.as_ref(), &topic, payload, &e).await;
-                    }
+                while let Some(acked) = acks.next().await {
+                    settle(&client, &prefix, &metrics, stream.as_ref(), acked).await;
                 }
                 let _ = done.send(());
                 continue;
@@ -118,18 +122,29 @@ pub async fn send_loop(
     }
 }
 
-/// A history publish the stream did not store: the stream is marked
-/// unreachable and the message goes out live, to this node's subscribers
-/// and the others'.
-async fn stored_failed(
+/// A history publish's outcome, told to whoever waits for it. One the
+/// stream did not store marks the stream unreachable and goes out live, to
+/// this node's subscribers and the others'.
+async fn settle(
     client: &async_nats::Client,
     prefix: &str,
     metrics: &Metrics,
     stream: Option<&(Arc<StreamHistory>, Hub)>,
-    topic: &str,
-    payload: Bytes,
-    error: &str,
+    (topic, payload, done, result): Acked,
 ) {
+    let error = match result {
+        Ok(seq) => {
+            if let Some(done) = done {
+                let _ = done.send(Ok(seq));
+            }
+            return;
+        }
+        Err(e) => e,
+    };
+    if let Some(done) = done {
+        let _ = done.send(Err(error.clone()));
+    }
+    let topic = topic.as_str();
     metrics.history_failures.fetch_add(1, Relaxed);
     tracing::warn!(%error, topic, "history publish not stored; delivered live without a position");
     let Some((s, hub)) = stream else { return };

@@ -19,9 +19,9 @@ use herald_protocol::message::{self, ErrorCode};
 use herald_protocol::position::{self, Unrecovered};
 
 use crate::bus::Bus;
-use crate::store::Store;
 use crate::journal::{overlaps, From, Refusal, Replay};
 use crate::metrics::Metrics;
+use crate::store::Store;
 use crate::subscriber::Subscriber;
 
 /// What a `sub` asked of the history.
@@ -77,7 +77,11 @@ pub async fn recover(
     match ask {
         Ask::Since { .. } => {
             let ack = outcome.as_ref().map(|_| ()).map_err(|w| *w);
-            let counter = if ack.is_ok() { &metrics.recoveries } else { &metrics.recoveries_refused };
+            let counter = if ack.is_ok() {
+                &metrics.recoveries
+            } else {
+                &metrics.recoveries_refused
+            };
             counter.fetch_add(1, Relaxed);
             sub.push(position::encode_recovery_ack(id, pattern, ack, epoch, through));
         }
@@ -96,7 +100,12 @@ pub async fn recover(
 }
 
 /// Reads the store: the replay, or why not; and the history's epoch.
-async fn read(bus: &Bus, pattern: &str, ask: &Ask, max: usize) -> (Result<Replay, Refusal>, Option<Arc<str>>) {
+async fn read(
+    bus: &Bus,
+    pattern: &str,
+    ask: &Ask,
+    max: usize,
+) -> (Result<Replay, Refusal>, Option<Arc<str>>) {
     let unavailable = Err(Refusal::Unrecovered(Unrecovered::HistoryUnavailable));
     let Some(history) = bus.history() else {
         return (unavailable, None);
@@ -170,9 +179,16 @@ pub async fn page(bus: &Bus, topic: &str, since: u64, limit: usize) -> Result<St
                 .filter(|_| s.available())
                 .ok_or_else(|| unavailable("the history stream cannot be reached"))?;
             match s.page(topic, since, limit).await {
-                Ok((r, complete)) => (epoch, r.messages.into_iter().map(|m| (m.1, m.2)).collect(), complete),
+                Ok((r, complete)) => (
+                    epoch,
+                    r.messages.into_iter().map(|m| (m.1, m.2)).collect(),
+                    complete,
+                ),
                 Err(Refusal::Future(at)) => {
-                    return Err((ErrorCode::BadRequest, format!("since is ahead of the history: it is at {at}")))
+                    return Err((
+                        ErrorCode::BadRequest,
+                        format!("since is ahead of the history: it is at {at}"),
+                    ))
                 }
                 Err(Refusal::Unrecovered(_)) => return Err(unavailable("the history stream cannot be read")),
             }

@@ -208,7 +208,17 @@ impl Router {
             };
             let inner = &router.inner;
             let max = inner.max_replay;
-            match recovery::recover(&inner.bus, &inner.metrics, &sub, &pattern, &ask, max, ack.as_deref()).await {
+            match recovery::recover(
+                &inner.bus,
+                &inner.metrics,
+                &sub,
+                &pattern,
+                &ask,
+                max,
+                ack.as_deref(),
+            )
+            .await
+            {
                 Ok(()) => router.subscribed(&sub, &pattern, who, None, true),
                 Err(_) => {
                     // Never announced: dropped without a leave notice.
@@ -358,6 +368,18 @@ impl Router {
     /// subscriber in the cluster; returns the local deliveries.
     pub fn publish(&self, topic: &str, data: Bytes) -> Result<usize, BusError> {
         self.inner.bus.publish(topic, data)
+    }
+
+    /// Publishes several messages in a row on one topic, with a receiver
+    /// per message bound for the history stream (see
+    /// [`Bus::publish_confirmed`]).
+    pub fn publish_confirmed(
+        &self,
+        topic: &str,
+        datas: &[Bytes],
+        confirms: &mut Vec<tokio::sync::oneshot::Receiver<Result<u64, String>>>,
+    ) -> Result<usize, BusError> {
+        self.inner.bus.publish_confirmed(topic, datas, confirms)
     }
 
     /// Publishes several messages in a row on one topic (see

@@ -23,9 +23,9 @@ use crate::auth::Identity;
 use crate::deadlines::Due;
 use crate::rate::RateLimit;
 use crate::rawstatus;
+use crate::recovery::Ask;
 use crate::router::Who;
 pub use crate::shared::Shared;
-use crate::recovery::Ask;
 use crate::subjects::Live;
 use crate::subscriber::Subscriber;
 use crate::writer::discard;
@@ -400,7 +400,12 @@ impl Session {
                 self.error(e.code, &e.message, e.id);
                 return Next::Go;
             }
-            Ok(Request::Sub { topic, id, since, last }) => {
+            Ok(Request::Sub {
+                topic,
+                id,
+                since,
+                last,
+            }) => {
                 if let Some(refusal) = self.forbids(topic.as_str(), false) {
                     self.error(ErrorCode::Forbidden, &refusal, id);
                     return Next::Go;

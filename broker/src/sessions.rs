@@ -132,7 +132,11 @@ impl Sessions {
         let mut waits = Vec::new();
         for p in params.subs.iter().chain(params.raw_topic.iter()) {
             // Validated and counted against the limit with the URL.
-            if let Ok(Some(live)) = shared.router.subscribe(session.conn(), p, session.who(), None, params.ask.as_ref()) {
+            if let Ok(Some(live)) =
+                shared
+                    .router
+                    .subscribe(session.conn(), p, session.who(), None, params.ask.as_ref())
+            {
                 waits.push(live);
             }
         }

@@ -2,12 +2,18 @@
 //!
 //! A publish on a history topic goes to the topic's intake subject
 //! (`herald-history.chat.lobby` under the default prefix), which only the
-//! stream captures. The stream stores it, gives it the next stream
-//! sequence, and republishes it on the topic's ordinary subject
-//! (`herald.chat.lobby`) with a `Nats-Sequence` header, where every node's
-//! interest subscriptions take it as usual. So `seq` is the same on every
-//! node for the same message, and a topic's messages reach every node in
-//! stream order whoever published them.
+//! stream captures. The stream stores it and gives it the next stream
+//! sequence. Each node reads the stream from its end with one ordered
+//! consumer (the [`StreamHistory::feed`]) and delivers what comes to its
+//! local subscribers. So `seq` is the same on every node for the same
+//! message, and every node delivers history messages in stream order,
+//! across topics too, whoever published them: a wildcard subscriber's
+//! last `seq` marks everything before it. (The stream's republish would
+//! route by interest, but nats-server delivers concurrent publishes'
+//! republished copies out of order under load; and an ordered consumer
+//! resumes where it was after a NATS outage, where core subscriptions lose
+//! what was published meanwhile.) The price: every node receives every
+//! history message, wanted or not.
 //!
 //! The stream is created or updated at start and checked every few
 //! seconds; its creation time is the epoch, so a new stream means a new
@@ -21,8 +27,8 @@
 //! that window or the stream's lost something the client needed.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -34,12 +40,6 @@ use herald_protocol::topic;
 use crate::journal::{epoch_of, From, Refusal, Replay};
 use crate::values::Retention;
 
-/// The header a republished message carries its stream sequence in.
-pub const HEADER_SEQUENCE: &str = "Nats-Sequence";
-/// The header naming the stream sequence of the topic's previous message
-/// (0: none, or deleted).
-pub const HEADER_LAST_SEQUENCE: &str = "Nats-Last-Sequence";
-
 /// How long a replay waits for the stream to hand over a batch.
 const FETCH_WAIT: Duration = Duration::from_secs(2);
 
@@ -47,8 +47,6 @@ const FETCH_WAIT: Duration = Duration::from_secs(2);
 pub struct StreamHistory {
     js: jetstream::Context,
     name: String,
-    /// The ordinary subject prefix (`herald`).
-    prefix: String,
     /// The intake prefix (`herald-history`).
     intake: String,
     rules: Vec<Retention>,
@@ -57,22 +55,32 @@ pub struct StreamHistory {
     /// The stream's epoch, once it has been reached.
     epoch: RwLock<Option<Arc<str>>>,
     available: AtomicBool,
+    /// The stream's last `seq` when this node first reached it: the feed
+    /// delivers everything after it.
+    start: AtomicU64,
 }
 
 impl StreamHistory {
     /// The history of a node linked by `client`, not yet reached: call
     /// [`StreamHistory::keep`] to create and watch the stream.
-    pub fn new(client: async_nats::Client, name: &str, prefix: &str, rules: Vec<Retention>, max_bytes: u64, replicas: u8) -> Self {
+    pub fn new(
+        client: async_nats::Client,
+        name: &str,
+        prefix: &str,
+        rules: Vec<Retention>,
+        max_bytes: u64,
+        replicas: u8,
+    ) -> Self {
         StreamHistory {
             js: jetstream::new(client),
             name: name.to_owned(),
-            prefix: prefix.to_owned(),
             intake: format!("{prefix}-history"),
             rules,
             max_bytes,
             replicas,
             epoch: RwLock::new(None),
             available: AtomicBool::new(false),
+            start: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -104,11 +112,6 @@ impl StreamHistory {
             storage: stream::StorageType::File,
             num_replicas: usize::from(self.replicas),
             discard: stream::DiscardPolicy::Old,
-            republish: Some(stream::Republish {
-                source: format!("{}.>", self.intake),
-                destination: format!("{}.>", self.prefix),
-                headers_only: false,
-            }),
             ..Default::default()
         }
     }
@@ -120,19 +123,25 @@ impl StreamHistory {
         loop {
             let result = if made {
                 match self.js.get_stream(&self.name).await {
-                    Ok(mut s) => s.info().await.map(|i| i.created).map_err(|e| e.to_string()),
+                    Ok(mut s) => s
+                        .info()
+                        .await
+                        .map(|i| (i.created, i.state.last_sequence))
+                        .map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 }
             } else {
                 self.js
                     .create_or_update_stream(self.config())
                     .await
-                    .map(|i| i.created)
+                    .map(|i| (i.created, i.state.last_sequence))
                     .map_err(|e| e.to_string())
             };
             match result {
-                Ok(created) => {
+                Ok((created, last)) => {
                     made = true;
+                    // Set once, before the stream counts as available.
+                    let _ = self.start.compare_exchange(u64::MAX, last, Relaxed, Relaxed);
                     let epoch: Arc<str> = epoch_of(created.unix_timestamp_nanos() as u64).into();
                     let mut e = self.epoch.write().unwrap_or_else(|p| p.into_inner());
                     if e.as_deref() != Some(&*epoch) {
@@ -158,6 +167,67 @@ impl StreamHistory {
         }
     }
 
+    /// Delivers every message the stream stores after the node first
+    /// reached it, in stream order, to `deliver(topic, seq, data)`: one
+    /// ordered consumer, made again (from the last `seq` delivered)
+    /// whenever it fails.
+    pub async fn feed(self: Arc<Self>, deliver: impl Fn(&str, u64, &[u8])) {
+        while !self.available() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut last = self.start.load(Relaxed);
+        loop {
+            if !self.available() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            let start = consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: last + 1,
+            };
+            let config = consumer::push::OrderedConfig {
+                deliver_subject: self.js.client().new_inbox(),
+                filter_subject: format!("{}.>", self.intake),
+                deliver_policy: start,
+                ..Default::default()
+            };
+            let messages = match self.js.get_stream(&self.name).await {
+                Ok(s) => match s.create_consumer(config).await {
+                    Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            let mut messages = match messages {
+                Ok(m) => m,
+                Err(error) => {
+                    tracing::warn!(%error, "history feed not started; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            tracing::info!(from = last + 1, "history feed reading the stream");
+            while let Some(m) = messages.next().await {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(error) => {
+                        tracing::warn!(%error, "history feed interrupted; resuming");
+                        break;
+                    }
+                };
+                let Ok(info) = m.info() else { continue };
+                let seq = info.stream_sequence;
+                if seq <= last {
+                    continue;
+                }
+                last = seq;
+                if let Some(topic) = topic::from_subject(&self.intake, m.subject.as_str()) {
+                    deliver(&topic, seq, &m.payload);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Marks the stream unreachable after a failed publish, until the next
     /// check finds it.
     pub fn lost(&self) {
@@ -166,7 +236,11 @@ impl StreamHistory {
 
     /// Publishes `data` on history `topic` through the stream; resolves to
     /// its `seq` once stored.
-    pub async fn publish(&self, topic: &str, data: bytes::Bytes) -> Result<jetstream::context::PublishAckFuture, String> {
+    pub async fn publish(
+        &self,
+        topic: &str,
+        data: bytes::Bytes,
+    ) -> Result<jetstream::context::PublishAckFuture, String> {
         self.js
             .publish(self.intake_subject(topic), data)
             .await
@@ -187,7 +261,13 @@ impl StreamHistory {
             Err(Refusal::Unrecovered(Unrecovered::TooOld)) => {
                 let r = self.read(topic, From::Since(0), limit, true).await?;
                 let kept: Vec<_> = r.messages.into_iter().filter(|m| m.1 > since).collect();
-                Ok((Replay { messages: kept, through: r.through }, false))
+                Ok((
+                    Replay {
+                        messages: kept,
+                        through: r.through,
+                    },
+                    false,
+                ))
             }
             Err(e) => Err(e),
         }
@@ -198,8 +278,17 @@ impl StreamHistory {
             tracing::warn!(error = %e, "history replay failed");
             Refusal::Unrecovered(Unrecovered::HistoryUnavailable)
         };
-        let mut stream = self.js.get_stream(&self.name).await.map_err(|e| unavailable(e.to_string()))?;
-        let state = stream.info().await.map_err(|e| unavailable(e.to_string()))?.state.clone();
+        let mut stream = self
+            .js
+            .get_stream(&self.name)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?
+            .state
+            .clone();
         let start = match from {
             From::Since(since) => {
                 if since > state.last_sequence {

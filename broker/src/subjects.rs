@@ -16,7 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use herald_protocol::{message, topic};
@@ -26,8 +26,6 @@ use tokio::task::JoinHandle;
 use crate::hub::{Body, Hub, Interest};
 use crate::metrics::Metrics;
 use crate::roster::Member;
-use crate::sequencer::Sequencer;
-use crate::stream::{StreamHistory, HEADER_LAST_SEQUENCE, HEADER_SEQUENCE};
 
 /// Presence notices travel as empty messages with these headers.
 pub const HEADER_EVENT: &str = "Herald-Event";
@@ -173,21 +171,9 @@ pub struct Receiver {
     pub prefix: String,
     /// Larger payloads are dropped (and counted).
     pub max_message_bytes: usize,
-    /// The history stream, whose republished messages carry their
-    /// position.
-    pub history: Option<Arc<StreamHistory>>,
 }
 
 impl Receiver {
-    /// A republished history message's `seq` and its topic's previous one.
-    fn position(&self, msg: &async_nats::Message) -> Option<(u64, u64)> {
-        self.history.as_ref()?;
-        let h = msg.headers.as_ref()?;
-        let seq = h.get(HEADER_SEQUENCE)?.as_str().parse().ok()?;
-        let prev = h.get(HEADER_LAST_SEQUENCE).and_then(|v| v.as_str().parse().ok()).unwrap_or(0);
-        Some((seq, prev))
-    }
-
     fn on_message(&self, key: &str, wildcard: bool, msg: async_nats::Message) {
         let m = &self.metrics;
         m.nats_messages_in.fetch_add(1, Relaxed);
@@ -229,33 +215,35 @@ impl Receiver {
             }
             return;
         }
-        if msg.payload.len() > self.max_message_bytes {
-            m.nats_dropped.fetch_add(1, Relaxed);
-            tracing::debug!(subject = %msg.subject, "dropped: over --max-message-bytes");
-            return;
+        if let Some(data) = usable(&msg.payload, self.max_message_bytes, m, &msg.subject) {
+            self.hub.deliver_via(key, wildcard, &topic, Body::Data(&data));
         }
-        let stored = self.history.as_ref().and_then(|h| {
-            let seq = header(HEADER_SEQUENCE)?.parse::<u64>().ok()?;
-            Some((seq, h.epoch()?))
-        });
-        let text;
-        let data: &[u8] = if message::validate_json(&msg.payload).is_ok() {
-            &msg.payload
-        } else if let Ok(t) = std::str::from_utf8(&msg.payload) {
-            // A plain NATS publisher sent text: deliver it as a JSON string.
-            text = message::json_string(t);
-            &text
-        } else {
-            m.nats_dropped.fetch_add(1, Relaxed);
-            tracing::debug!(subject = %msg.subject, "dropped: payload is not UTF-8");
-            return;
-        };
-        let body = match &stored {
-            Some((seq, epoch)) => Body::Stored { data, seq: *seq, epoch },
-            None => Body::Data(data),
-        };
-        self.hub.deliver_via(key, wildcard, &topic, body);
     }
+}
+
+/// A payload from NATS as data to deliver: JSON byte for byte, other
+/// UTF-8 text as a JSON string (a plain NATS publisher sent text); `None`
+/// (counted as dropped) when over `max` bytes or not UTF-8.
+pub fn usable<'a>(
+    payload: &'a [u8],
+    max: usize,
+    m: &Metrics,
+    subject: &str,
+) -> Option<std::borrow::Cow<'a, [u8]>> {
+    if payload.len() > max {
+        m.nats_dropped.fetch_add(1, Relaxed);
+        tracing::debug!(subject, "dropped: over --max-message-bytes");
+        return None;
+    }
+    if message::validate_json(payload).is_ok() {
+        return Some(payload.into());
+    }
+    if let Ok(t) = std::str::from_utf8(payload) {
+        return Some(message::json_string(t).into());
+    }
+    m.nats_dropped.fetch_add(1, Relaxed);
+    tracing::debug!(subject, "dropped: payload is not UTF-8");
+    None
 }
 
 /// Waits until the NATS server has applied every command this connection
@@ -277,32 +265,8 @@ pub async fn barrier(client: &async_nats::Client, prefix: &str) {
     }
 }
 
-/// Reads one subject subscription; history messages pass through a
-/// [`Sequencer`] so each topic's go out in stream order.
 async fn read_subject(mut sub: async_nats::Subscriber, key: Box<str>, wildcard: bool, receiver: Receiver) {
-    let mut order: Sequencer<async_nats::Message> = Sequencer::default();
-    let mut ready = Vec::new();
-    loop {
-        let deadline = order.deadline();
-        tokio::select! {
-            m = sub.next() => {
-                let Some(msg) = m else { break };
-                match receiver.position(&msg) {
-                    Some((seq, prev)) => {
-                        let subject = msg.subject.to_string();
-                        if order.offer(&subject, seq, prev, msg, Instant::now(), &mut ready) {
-                            receiver.metrics.history_late.fetch_add(1, Relaxed);
-                        }
-                    }
-                    None => ready.push(msg),
-                }
-            }
-            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
-                order.expire(Instant::now(), &mut ready);
-            }
-        }
-        for msg in ready.drain(..) {
-            receiver.on_message(&key, wildcard, msg);
-        }
+    while let Some(msg) = sub.next().await {
+        receiver.on_message(&key, wildcard, msg);
     }
 }

@@ -88,7 +88,9 @@ impl Retention {
         for part in spec.split('/') {
             let part = part.trim();
             if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
-                let n: u64 = part.parse().map_err(|_| format!("{part:?}: count out of range"))?;
+                let n: u64 = part
+                    .parse()
+                    .map_err(|_| format!("{part:?}: count out of range"))?;
                 if n == 0 || count.replace(n).is_some() {
                     return Err(format!("{s:?}: one count of at least 1; {example}"));
                 }
@@ -196,16 +198,24 @@ mod tests {
     #[test]
     fn retention_rules() {
         let r = Retention::parse("chat:*=1000/10m").unwrap();
-        assert_eq!((r.pattern.as_str(), r.count, r.age), ("chat:*", Some(1000), Some(Duration::from_secs(600))));
+        assert_eq!(
+            (r.pattern.as_str(), r.count, r.age),
+            ("chat:*", Some(1000), Some(Duration::from_secs(600)))
+        );
         let r = Retention::parse("orders:>=1h").unwrap();
         assert_eq!((r.count, r.age), (None, Some(Duration::from_secs(3600))));
         let r = Retention::parse("todo:count=1").unwrap();
         assert_eq!((r.count, r.age), (Some(1), None));
         assert_eq!(Retention::parse("a=10m/5").unwrap().count, Some(5));
-        for bad in ["chat:*", "chat:*=", "a..b=1", "a=0", "a=1/2", "a=1m/2m", "a=500ms", "a=ten", "a=1/x"] {
+        for bad in [
+            "chat:*", "chat:*=", "a..b=1", "a=0", "a=1/2", "a=1m/2m", "a=500ms", "a=ten", "a=1/x",
+        ] {
             assert!(Retention::parse(bad).is_err(), "{bad}");
         }
-        let rules = [Retention::parse("chat:*=1").unwrap(), Retention::parse(">=2").unwrap()];
+        let rules = [
+            Retention::parse("chat:*=1").unwrap(),
+            Retention::parse(">=2").unwrap(),
+        ];
         assert_eq!(Retention::find(&rules, "chat:x").unwrap().count, Some(1));
         assert_eq!(Retention::find(&rules, "a:b:c").unwrap().count, Some(2));
     }

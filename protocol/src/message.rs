@@ -314,9 +314,16 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
                     None => None,
                     Some(raw) => {
                         let p: WireSince<'_> = serde_json::from_str(raw.get()).map_err(|_| {
-                            err(ErrorCode::BadRequest, "since must be {\"seq\":N,\"epoch\":\"E\"}", id)
+                            err(
+                                ErrorCode::BadRequest,
+                                "since must be {\"seq\":N,\"epoch\":\"E\"}",
+                                id,
+                            )
                         })?;
-                        Some(Position::new(p.seq, p.epoch).map_err(|e| err(ErrorCode::BadRequest, format!("since: {e}"), id))?)
+                        Some(
+                            Position::new(p.seq, p.epoch)
+                                .map_err(|e| err(ErrorCode::BadRequest, format!("since: {e}"), id))?,
+                        )
                     }
                 };
                 let last = match wire.last.0.map(RawValue::get) {
@@ -325,9 +332,18 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
                     Some(_) => return Err(err(ErrorCode::BadRequest, "last must be true or false", id)),
                 };
                 if last && since.is_some() {
-                    return Err(err(ErrorCode::BadRequest, "`since` and `last` do not go together", id));
+                    return Err(err(
+                        ErrorCode::BadRequest,
+                        "`since` and `last` do not go together",
+                        id,
+                    ));
                 }
-                Ok(Request::Sub { topic, id, since, last })
+                Ok(Request::Sub {
+                    topic,
+                    id,
+                    since,
+                    last,
+                })
             } else {
                 Ok(Request::Unsub { topic, id })
             }
@@ -655,7 +671,10 @@ mod tests {
             Request::Sub {
                 topic: Pattern::parse("chat:>").unwrap(),
                 id: None,
-                since: Some(Position { seq: 1742, epoch: "k3f9" }),
+                since: Some(Position {
+                    seq: 1742,
+                    epoch: "k3f9"
+                }),
                 last: false,
             }
         );

@@ -66,7 +66,8 @@ pub fn put_delivery_at(out: &mut BytesMut, topic: &str, data: &[u8], seq: u64, e
     const EPOCH: &[u8] = b",\"epoch\":\"";
     let digits = itoa(seq);
     let n = digits.len();
-    let len = OPEN.len() + topic.len() + DATA.len() + data.len() + SEQ.len() + n + EPOCH.len() + epoch.len() + 2;
+    let len =
+        OPEN.len() + topic.len() + DATA.len() + data.len() + SEQ.len() + n + EPOCH.len() + epoch.len() + 2;
     out.reserve(ws::header_len(len) + len);
     ws::put_header(out, OpCode::Text, len);
     out.extend_from_slice(OPEN);
@@ -189,7 +190,10 @@ mod tests {
     #[test]
     fn encodes_positions() {
         let f = encode_delivery_at("chat:lobby", br#"{"a":1}"#, 1742, "k3f9");
-        assert_eq!(text(&f), r#"{"topic":"chat:lobby","data":{"a":1},"seq":1742,"epoch":"k3f9"}"#);
+        assert_eq!(
+            text(&f),
+            r#"{"topic":"chat:lobby","data":{"a":1},"seq":1742,"epoch":"k3f9"}"#
+        );
         let f = encode_delivery_at("t", b"0", 0, "e");
         assert_eq!(text(&f), r#"{"topic":"t","data":0,"seq":0,"epoch":"e"}"#);
         let f = encode_delivery_at("t", b"0", u64::MAX, "e");
@@ -205,13 +209,31 @@ mod tests {
             r#"{"op":"ack","id":1,"topic":"chat:>","recovered":false,"reason":"too_old","epoch":"k3f9","seq":9}"#
         );
         let a = encode_recovery_ack(None, "a", Ok(()), "e", 0);
-        assert_eq!(text(&a), r#"{"op":"ack","topic":"a","recovered":true,"epoch":"e","seq":0}"#);
+        assert_eq!(
+            text(&a),
+            r#"{"op":"ack","topic":"a","recovered":true,"epoch":"e","seq":0}"#
+        );
     }
 
     #[test]
     fn parses_url_positions() {
-        assert_eq!(Position::parse_url("k3f9:1742").unwrap(), Position { seq: 1742, epoch: "k3f9" });
-        for bad in ["", "k3f9", ":1", "k3f9:", "k3f9:-1", "k3f9:x", "a-b:1", "k3f9:99999999999999999999"] {
+        assert_eq!(
+            Position::parse_url("k3f9:1742").unwrap(),
+            Position {
+                seq: 1742,
+                epoch: "k3f9"
+            }
+        );
+        for bad in [
+            "",
+            "k3f9",
+            ":1",
+            "k3f9:",
+            "k3f9:-1",
+            "k3f9:x",
+            "a-b:1",
+            "k3f9:99999999999999999999",
+        ] {
             assert!(Position::parse_url(bad).is_err(), "{bad}");
         }
         assert!(Position::new(1, &"a".repeat(33)).is_err());
