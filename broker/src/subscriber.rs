@@ -26,8 +26,9 @@ pub struct Subscriber {
     /// Set once the socket holds a wildcard subscription, so fan-out knows
     /// when it must check for a second match.
     wildcard: AtomicBool,
-    /// Set while a subscription recovers: live history deliveries it
-    /// covers wait in its [`Hold`] until the replay is out.
+    /// Set while a subscription recovers (live history deliveries it
+    /// covers wait in its [`Hold`] until the replay is out) or has just
+    /// recovered (it drops live deliveries the replay already gave).
     recovering: AtomicBool,
     /// Node clock (ms) when anything last arrived from the client.
     last_seen: AtomicU64,
@@ -50,6 +51,10 @@ pub struct Subscription {
     pub wildcard: bool,
     /// Live deliveries held back while the subscription recovers.
     pub hold: Option<Box<Hold>>,
+    /// After a recovery: live history deliveries up to this `seq` were in
+    /// the replay (a node's feed may still bring them), so they are
+    /// dropped; 0 once one above it arrived.
+    pub floor: u64,
 }
 
 /// Live history deliveries that arrived while a replay was being read and
@@ -67,6 +72,7 @@ impl Subscription {
             pattern: pattern.into(),
             wildcard: pattern.contains(['*', '>']),
             hold: None,
+            floor: 0,
         }
     }
 
@@ -186,44 +192,64 @@ impl Subscriber {
     }
 
     /// Offers a live delivery of history message `seq` on `topic`: while a
-    /// subscription covering it recovers, the frame waits in its hold
-    /// (true). Past four times the queue bound the socket is closed as a
-    /// slow consumer.
+    /// subscription covering it recovers, the frame waits in its hold;
+    /// just after, one the replay already gave is dropped. Returns whether
+    /// the frame was taken (held or dropped). Past four times the queue
+    /// bound a hold closes the socket as a slow consumer.
     pub fn offer(self: &Arc<Self>, topic: &str, seq: u64, frame: &Bytes) -> bool {
         if !self.recovering.load(Acquire) {
             return false;
         }
         let mut subs = self.subs();
-        let hold = subs
+        let Some(s) = subs
             .iter_mut()
-            .filter(|s| herald_protocol::topic::matches(&s.pattern, topic))
-            .find_map(|s| s.hold.as_mut());
-        let Some(hold) = hold else { return false };
-        hold.bytes += frame.len();
-        hold.frames.push((seq, frame.clone()));
-        if hold.bytes > 4 * self.outbox.limit() {
-            drop(subs);
-            self.writers.metrics.slow_consumers.fetch_add(1, Relaxed);
-            self.close(Disconnect::SlowConsumer);
+            .filter(|s| s.hold.is_some() || s.floor > 0)
+            .find(|s| herald_protocol::topic::matches(&s.pattern, topic))
+        else {
+            return false;
+        };
+        if let Some(hold) = s.hold.as_mut() {
+            hold.bytes += frame.len();
+            hold.frames.push((seq, frame.clone()));
+            if hold.bytes > 4 * self.outbox.limit() {
+                drop(subs);
+                self.writers.metrics.slow_consumers.fetch_add(1, Relaxed);
+                self.close(Disconnect::SlowConsumer);
+            }
+            return true;
         }
-        true
+        if seq <= s.floor {
+            return true;
+        }
+        // Live has passed the replay: history arrives in stream order.
+        s.floor = 0;
+        self.settle(&subs);
+        false
     }
 
     /// Ends `pattern`'s recovery: queues what its hold kept with a `seq`
     /// above `through` (the rest was in the replay), in order, before any
-    /// later live delivery can pass it.
+    /// later live delivery can pass it; later ones up to `through` are
+    /// dropped as they come.
     pub fn release(self: &Arc<Self>, pattern: &str, through: u64) {
         let mut subs = self.subs();
-        let held = subs
-            .iter_mut()
-            .find(|s| &*s.pattern == pattern)
-            .and_then(|s| s.hold.take());
+        let Some(s) = subs.iter_mut().find(|s| &*s.pattern == pattern) else {
+            self.settle(&subs);
+            return;
+        };
+        let held = s.hold.take();
+        s.floor = through;
         for (seq, frame) in held.map(|h| h.frames).unwrap_or_default() {
             if seq > through {
                 self.push(frame);
+                s.floor = 0;
             }
         }
-        let any = subs.iter().any(|s| s.hold.is_some());
+        self.settle(&subs);
+    }
+
+    fn settle(&self, subs: &[Subscription]) {
+        let any = subs.iter().any(|s| s.hold.is_some() || s.floor > 0);
         self.recovering.store(any, Release);
     }
 
