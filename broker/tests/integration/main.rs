@@ -16,4 +16,5 @@ mod presence;
 mod pubsub;
 mod raw;
 mod rawstatus;
+mod recovery;
 mod status;
