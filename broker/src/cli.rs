@@ -180,12 +180,14 @@ pub async fn subscribe(
     data_only: bool,
     count: Option<u64>,
     once: bool,
+    from: Resume,
 ) -> anyhow::Result<()> {
     let mut seen = 0u64;
     let mut attempt = 0u32;
+    let mut from = from;
     loop {
         let mut subscribed = false;
-        match sub_session(target, topics, data_only, count, &mut seen, &mut subscribed).await {
+        match sub_session(target, topics, data_only, count, &mut seen, &mut subscribed, &mut from).await {
             SubEnd::Done => return Ok(()),
             SubEnd::Terminal(e) => return Err(e),
             SubEnd::Retry(e) if once => return Err(e),
@@ -207,6 +209,38 @@ pub async fn subscribe(
     }
 }
 
+/// Where `herald sub` starts in the history: its last position (from
+/// `--since`, then from every delivery that carries one, so a reconnect
+/// recovers what was missed), or the current values (`--last`).
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    /// `(epoch, seq)` of the last message had.
+    pub position: Option<(String, u64)>,
+    /// Ask for each topic's latest message when there is no position.
+    pub last: bool,
+}
+
+impl Resume {
+    fn sub_request(&self, topic: &str, id: u64) -> String {
+        let mut req = serde_json::json!({"op": "sub", "topic": topic, "id": id});
+        if let Some((epoch, seq)) = &self.position {
+            req["since"] = serde_json::json!({"seq": seq, "epoch": epoch});
+        } else if self.last {
+            req["last"] = true.into();
+        }
+        req.to_string()
+    }
+
+    fn track(&mut self, v: &Value) {
+        if let (Some(seq), Some(epoch)) = (v["seq"].as_u64(), v["epoch"].as_str()) {
+            let newer = self.position.as_ref().is_none_or(|(e, s)| e != epoch || seq > *s);
+            if newer {
+                self.position = Some((epoch.to_owned(), seq));
+            }
+        }
+    }
+}
+
 async fn sub_session(
     target: &Target,
     topics: &[String],
@@ -214,28 +248,18 @@ async fn sub_session(
     count: Option<u64>,
     seen: &mut u64,
     subscribed: &mut bool,
+    from: &mut Resume,
 ) -> SubEnd {
     let mut ws = match connect(target, "").await {
         Ok(ws) => ws,
         Err(e) => return SubEnd::Retry(e),
     };
     for (i, t) in topics.iter().enumerate() {
-        let id = i as u64 + 1;
-        let req = format!(r#"{{"op":"sub","topic":{},"id":{id}}}"#, Value::from(t.as_str()));
-        if let Err(e) = send_text(&mut ws, req).await {
+        if let Err(e) = send_text(&mut ws, from.sub_request(t, i as u64 + 1)).await {
             return SubEnd::Retry(e);
         }
-        match answer(&mut ws, id).await {
-            Ok(None) => {}
-            Ok(Some((code, msg))) if code == "rate_limited" => {
-                return SubEnd::Retry(anyhow!("subscribing to {t}: {code}: {msg}"))
-            }
-            Ok(Some((code, msg))) => return SubEnd::Terminal(anyhow!("subscribing to {t}: {code}: {msg}")),
-            Err(e) => return SubEnd::Retry(e),
-        }
     }
-    *subscribed = true;
-    eprintln!("subscribed to {}", topics.join(", "));
+    let mut waiting = topics.len();
     let stdout = std::io::stdout();
     loop {
         if count.is_some_and(|c| *seen >= c) {
@@ -248,12 +272,37 @@ async fn sub_session(
         };
         match frame.opcode {
             OpCode::Text => {
+                let v: Value = serde_json::from_slice(&frame.payload).unwrap_or_default();
+                match v["op"].as_str() {
+                    Some("ack") => {
+                        if v["recovered"] == false {
+                            let reason = v["reason"].as_str().unwrap_or("?");
+                            eprintln!("herald sub: {}: not recovered ({reason}): messages may be missing", v["topic"]);
+                            from.track(&v);
+                        }
+                        waiting = waiting.saturating_sub(1);
+                        if waiting == 0 && !*subscribed {
+                            *subscribed = true;
+                            eprintln!("subscribed to {}", topics.join(", "));
+                        }
+                        continue;
+                    }
+                    Some("error") => {
+                        let (code, msg) = (v["code"].as_str().unwrap_or(""), v["message"].as_str().unwrap_or(""));
+                        let topic = v["id"].as_u64().and_then(|i| topics.get(i as usize - 1));
+                        let Some(t) = topic else {
+                            eprintln!("herald sub: {code}: {msg}");
+                            continue;
+                        };
+                        let e = anyhow!("subscribing to {t}: {code}: {msg}");
+                        return if code == "rate_limited" { SubEnd::Retry(e) } else { SubEnd::Terminal(e) };
+                    }
+                    _ => {}
+                }
+                from.track(&v);
                 let mut out = stdout.lock();
                 let written = if data_only {
-                    match serde_json::from_slice::<Value>(&frame.payload)
-                        .ok()
-                        .and_then(|v| v.get("data").cloned())
-                    {
+                    match v.get("data") {
                         Some(d) => writeln!(out, "{d}"),
                         None => continue,
                     }

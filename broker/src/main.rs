@@ -74,10 +74,23 @@ enum Command {
         /// 1 on an error.
         #[arg(long)]
         once: bool,
+        /// Start after this history position (EPOCH:SEQ, as deliveries
+        /// carry them): what was published since is replayed first. A
+        /// reconnect always recovers from the last position seen.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<(String, u64)>,
+        /// First print each matching topic's latest retained message.
+        #[arg(long, conflicts_with = "since")]
+        last: bool,
         /// Topics or patterns (todo:*, chat:>).
         #[arg(required = true)]
         topics: Vec<String>,
     },
+}
+
+fn parse_since(s: &str) -> Result<(String, u64), String> {
+    let p = herald_protocol::position::Position::parse_url(s).map_err(|e| e.to_string())?;
+    Ok((p.epoch.to_owned(), p.seq))
 }
 
 fn init_logs(config: &Config) {
@@ -168,8 +181,13 @@ fn main() -> anyhow::Result<()> {
                 data_only,
                 count,
                 once,
+                since,
+                last,
                 topics,
-            } => cli::subscribe(&target, &topics, data_only, count, once).await,
+            } => {
+                let from = cli::Resume { position: since, last };
+                cli::subscribe(&target, &topics, data_only, count, once, from).await
+            }
         }
     })
 }

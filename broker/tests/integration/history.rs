@@ -528,3 +528,38 @@ async fn without_jetstream_live_goes_on_and_recovery_says_unavailable() {
     let (status, _) = nodes[0].get("/v1/history?topic=room:a").await;
     assert_eq!(status, 503);
 }
+
+#[tokio::test]
+async fn herald_sub_starts_from_a_position_or_the_last_value() {
+    let h = Herald::start(&["--history", "room:*=100"]);
+    let mut c = h.connect("").await;
+    c.sub("room:a").await;
+    publish_numbered(&h, "room:a", 4).await;
+    let first = c.recv().await;
+    let since = format!("{}:{}", first["epoch"].as_str().unwrap(), first["seq"]);
+    let url = h.url("");
+    let run = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new(herald_bin())
+            .arg("sub")
+            .args(args)
+            .output();
+        let out = tokio::time::timeout(WAIT, out).await.expect("herald sub finished").expect("herald sub");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> = ["--url", &url, "--data-only"].iter().map(|s| s.to_string()).collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let replayed = run(args(&["--count", "3", "--since", &since, "room:a"])).await;
+    assert_eq!(replayed, "{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n");
+    let last = run(args(&["--count", "1", "--last", "room:*"])).await;
+    assert_eq!(last, "{\"n\":3}\n");
+    let out = std::process::Command::new(herald_bin())
+        .args(["sub", "--url", &url, "--since", "nocolon", "room:a"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("EPOCH:SEQ"));
+}
