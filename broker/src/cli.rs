@@ -187,7 +187,17 @@ pub async fn subscribe(
     let mut from = from;
     loop {
         let mut subscribed = false;
-        match sub_session(target, topics, data_only, count, &mut seen, &mut subscribed, &mut from).await {
+        match sub_session(
+            target,
+            topics,
+            data_only,
+            count,
+            &mut seen,
+            &mut subscribed,
+            &mut from,
+        )
+        .await
+        {
             SubEnd::Done => return Ok(()),
             SubEnd::Terminal(e) => return Err(e),
             SubEnd::Retry(e) if once => return Err(e),
@@ -277,7 +287,10 @@ async fn sub_session(
                     Some("ack") => {
                         if v["recovered"] == false {
                             let reason = v["reason"].as_str().unwrap_or("?");
-                            eprintln!("herald sub: {}: not recovered ({reason}): messages may be missing", v["topic"]);
+                            eprintln!(
+                                "herald sub: {}: not recovered ({reason}): messages may be missing",
+                                v["topic"]
+                            );
                             from.track(&v);
                         }
                         waiting = waiting.saturating_sub(1);
@@ -288,14 +301,21 @@ async fn sub_session(
                         continue;
                     }
                     Some("error") => {
-                        let (code, msg) = (v["code"].as_str().unwrap_or(""), v["message"].as_str().unwrap_or(""));
+                        let (code, msg) = (
+                            v["code"].as_str().unwrap_or(""),
+                            v["message"].as_str().unwrap_or(""),
+                        );
                         let topic = v["id"].as_u64().and_then(|i| topics.get(i as usize - 1));
                         let Some(t) = topic else {
                             eprintln!("herald sub: {code}: {msg}");
                             continue;
                         };
                         let e = anyhow!("subscribing to {t}: {code}: {msg}");
-                        return if code == "rate_limited" { SubEnd::Retry(e) } else { SubEnd::Terminal(e) };
+                        return if code == "rate_limited" {
+                            SubEnd::Retry(e)
+                        } else {
+                            SubEnd::Terminal(e)
+                        };
                     }
                     _ => {}
                 }

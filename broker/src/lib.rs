@@ -40,6 +40,8 @@
 //! - [`hub`]: the node's fan-out table: sharded topics, wildcard patterns.
 //! - [`subjects`]: the cluster link's NATS subscriptions, one per key with
 //!   local interest, when each is live, and what arrives on them.
+//! - [`link`]: the cluster link's NATS connection: addresses,
+//!   credentials, TLS, reconnects, connection events.
 //! - [`outbound`]: the link's sender task: publishes to NATS in order,
 //!   history publishes to the stream with their acks.
 //! - [`bus`]: how a publish reaches every node (embedded: in-process;
@@ -87,6 +89,7 @@ pub mod history;
 pub mod http;
 pub mod hub;
 pub mod journal;
+pub mod link;
 pub mod members;
 pub mod metrics;
 pub mod node;

@@ -185,7 +185,10 @@ fn main() -> anyhow::Result<()> {
                 last,
                 topics,
             } => {
-                let from = cli::Resume { position: since, last };
+                let from = cli::Resume {
+                    position: since,
+                    last,
+                };
                 cli::subscribe(&target, &topics, data_only, count, once, from).await
             }
         }

@@ -13,9 +13,10 @@ use tokio::sync::Semaphore;
 
 use crate::admission::Admission;
 use crate::auth::{Auth, KeyError};
-use crate::bus::{Bus, LinkAuth, LinkError};
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::hub::{Body, Hub};
+use crate::link::{LinkAuth, LinkError};
 use crate::metrics::Metrics;
 use crate::roster::Change;
 use crate::router::Router;

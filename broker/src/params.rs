@@ -110,10 +110,7 @@ pub fn parse(query: &str, max_subs: usize) -> Result<SessionParams, (ErrorCode, 
             "format" => format = Some(v),
             "since" => {
                 let at = Position::parse_url(&v).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
-                p.ask = Some(Ask::Since {
-                    seq: at.seq,
-                    epoch: at.epoch.to_owned(),
-                });
+                p.ask = Ask::from_request(Some(at), false);
             }
             "last" => {
                 if !matches!(v.as_str(), "1" | "true") {

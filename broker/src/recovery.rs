@@ -38,6 +38,19 @@ pub enum Ask {
     Last,
 }
 
+impl Ask {
+    /// What a `sub` request asked for: `since` a position, or `last`.
+    pub fn from_request(since: Option<position::Position<'_>>, last: bool) -> Option<Ask> {
+        match since {
+            Some(p) => Some(Ask::Since {
+                seq: p.seq,
+                epoch: p.epoch.to_owned(),
+            }),
+            None => last.then_some(Ask::Last),
+        }
+    }
+}
+
 /// Why a recovery ended the subscription instead.
 #[derive(Debug)]
 pub struct Ahead {

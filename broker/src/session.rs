@@ -410,13 +410,7 @@ impl Session {
                     self.error(ErrorCode::Forbidden, &refusal, id);
                     return Next::Go;
                 }
-                let ask = match since {
-                    Some(p) => Some(Ask::Since {
-                        seq: p.seq,
-                        epoch: p.epoch.to_owned(),
-                    }),
-                    None => last.then_some(Ask::Last),
-                };
+                let ask = Ask::from_request(since, last);
                 match router.subscribe(&self.conn, topic.as_str(), who, id, ask.as_ref()) {
                     Ok(Some(live)) => return Next::Wait(live),
                     Ok(None) => return Next::Go,
@@ -435,13 +429,7 @@ impl Session {
                     None => router.presence(topic.as_str(), stats, self.shared.config.presence_max_members),
                 };
                 match answer {
-                    Ok(mut v) => {
-                        v["op"] = "ack".into();
-                        if let Some(id) = id {
-                            v["id"] = serde_json::from_str(id).unwrap_or_default();
-                        }
-                        self.send(ws::encode_frame(OpCode::Text, v.to_string().as_bytes()));
-                    }
+                    Ok(v) => self.send(message::encode_ack_with(id, v)),
                     Err((code, msg)) => self.error(code, &msg, id),
                 }
                 return Next::Go;

@@ -89,6 +89,8 @@ export interface HeraldEventMap {
   error: HeraldErrorEvent;
   /** The token was refreshed in band. */
   refreshed: Event;
+  /** A subscription could not recover what it missed (see Subscription `gap`). */
+  gap: GapEvent;
 }
 
 /** What `subscribe()` returns: call it to unsubscribe. */
@@ -100,10 +102,33 @@ export interface Subscription {
   readonly state: 'subscribing' | 'subscribed' | 'error' | 'unsubscribed';
   /** Resolves once the node has the subscription in effect; rejects with the node's refusal. */
   ready(): Promise<void>;
-  /** `subscribed` after every (re)subscribe; `error` when the node refuses the pattern. */
+  /** The last history position seen on this subscription's topics (`--history` topics only). */
+  readonly position: Position | null;
+  /** After a (re)subscribe that asked for what was missed: whether the node replayed all of it. */
+  readonly recovered: boolean | undefined;
+  /** `subscribed` after every (re)subscribe; `error` when the node refuses the pattern; `gap` when messages were missed for good. */
   addEventListener(type: 'subscribed', listener: (ev: Event) => void): void;
   addEventListener(type: 'error', listener: (ev: HeraldErrorEvent) => void): void;
-  removeEventListener(type: 'subscribed' | 'error', listener: (ev: never) => void): void;
+  addEventListener(type: 'gap', listener: (ev: GapEvent) => void): void;
+  removeEventListener(type: 'subscribed' | 'error' | 'gap', listener: (ev: never) => void): void;
+}
+
+/** A place in the history: `seq` within `epoch`. */
+export interface Position {
+  seq: number;
+  epoch: string;
+}
+
+/** Why a recovery could not give everything that was missed. */
+export type GapReason = 'epoch_changed' | 'too_old' | 'too_many' | 'history_unavailable';
+
+export interface GapEvent extends Event {
+  detail: { pattern: string; reason: GapReason };
+}
+
+export interface SubscribeOptions {
+  /** First deliver each matching topic's latest retained message. */
+  last?: boolean;
 }
 
 export class Herald extends EventTarget {
@@ -111,7 +136,7 @@ export class Herald extends EventTarget {
   readonly url: string;
   readonly state: HeraldState;
   /** Calls handler for every message on topics matching pattern; returns a Subscription (callable to unsubscribe). */
-  subscribe(pattern: string, handler: (data: unknown, topic: string) => void): Subscription;
+  subscribe(pattern: string, handler: (data: unknown, topic: string) => void, options?: SubscribeOptions): Subscription;
   /** Calls handler for join/leave notices on topics matching pattern; returns a Subscription. */
   presence(pattern: string, handler: (notice: PresenceNotice, topic: string) => void): Subscription;
   /** Who is on topic now, cluster-wide. */

@@ -107,9 +107,19 @@ export class Herald extends EventTarget {
    * `subscribing`, `subscribed`, `error` or `unsubscribed`; it dispatches
    * `subscribed` after every (re)subscribe (the moment to refetch what was
    * missed) and `error` (with `error.pattern`) when the node refuses it.
+   *
+   * On topics the node keeps history for (`--history`), every message
+   * carries its position; the subscription keeps the last one
+   * (`position`) and every reconnect asks for what was missed since. The
+   * node replays it before live messages, each once and in order;
+   * `recovered` is then true. When it cannot (`recovered` false: the
+   * history was lost, or is too short, or the gap too long), the
+   * subscription and the client dispatch `gap` with `detail.reason`:
+   * reload the state. `{last: true}` first delivers each matching topic's
+   * latest retained message (a counter, a price: the current value).
    */
-  subscribe(pattern, handler) {
-    return this._add(pattern, 'data', handler);
+  subscribe(pattern, handler, options = {}) {
+    return this._add(pattern, 'data', handler, options);
   }
 
   /**
@@ -180,10 +190,19 @@ export class Herald extends EventTarget {
 
   // --- internals ---
 
-  _add(pattern, kind, handler) {
+  _add(pattern, kind, handler, options = {}) {
     let entry = this._subs.get(pattern);
     if (!entry) {
-      entry = { data: new Set(), presence: new Set(), state: 'subscribing', error: null, events: new EventTarget() };
+      entry = {
+        data: new Set(),
+        presence: new Set(),
+        state: 'subscribing',
+        error: null,
+        events: new EventTarget(),
+        position: null,
+        recovered: undefined,
+        last: options.last === true,
+      };
       this._subs.set(pattern, entry);
       if (this.state === 'open') this._subscribe(pattern, entry);
     }
@@ -205,6 +224,8 @@ export class Herald extends EventTarget {
     sub.unsubscribe = unsubscribe;
     sub.pattern = pattern;
     Object.defineProperty(sub, 'state', { get: () => (removed ? 'unsubscribed' : entry.state) });
+    Object.defineProperty(sub, 'position', { get: () => (entry.position ? { ...entry.position } : null) });
+    Object.defineProperty(sub, 'recovered', { get: () => entry.recovered });
     sub.addEventListener = (...a) => entry.events.addEventListener(...a);
     sub.removeEventListener = (...a) => entry.events.removeEventListener(...a);
     sub.ready = () =>
@@ -228,10 +249,23 @@ export class Herald extends EventTarget {
   _subscribe(pattern, entry) {
     entry.state = 'subscribing';
     entry.error = null;
-    this._request({ op: 'sub', topic: pattern }).then(
-      () => {
+    const req = { op: 'sub', topic: pattern };
+    if (entry.position) req.since = entry.position;
+    else if (entry.last) req.last = true;
+    this._request(req).then(
+      (ack) => {
         if (this._subs.get(pattern) !== entry) return;
         entry.state = 'subscribed';
+        if (typeof ack.recovered === 'boolean') {
+          entry.recovered = ack.recovered;
+          if (!ack.recovered) {
+            // Live from here: the history's current position.
+            entry.position = ack.seq > 0 ? { seq: ack.seq, epoch: ack.epoch } : null;
+            const detail = { pattern, reason: ack.reason };
+            entry.events.dispatchEvent(Object.assign(new Event('gap'), { detail }));
+            this.dispatchEvent(Object.assign(new Event('gap'), { detail }));
+          }
+        }
         entry.events.dispatchEvent(new Event('subscribed'));
       },
       (error) => {
@@ -559,8 +593,16 @@ export class Herald extends EventTarget {
     }
     if (typeof msg.topic !== 'string') return;
     const kind = msg.event ? 'presence' : 'data';
+    const seq = typeof msg.seq === 'number' && typeof msg.epoch === 'string' ? msg.seq : null;
     for (const [pattern, entry] of this._subs) {
       if (!matches(pattern, msg.topic)) continue;
+      if (seq !== null) {
+        // Had already (a `last` replay of what another subscription
+        // delivered live): history arrives in seq order, so never twice.
+        const p = entry.position;
+        if (p && p.epoch === msg.epoch && seq <= p.seq) continue;
+        entry.position = { seq, epoch: msg.epoch };
+      }
       for (const fn of entry[kind]) {
         try {
           if (kind === 'data') fn(msg.data, msg.topic);

@@ -584,6 +584,16 @@ pub fn encode_ack(id: &str) -> Bytes {
     f.finish()
 }
 
+/// An answer with a body: the JSON object `body` with `"op":"ack"` (and
+/// `"id"` when given) added, as a whole text frame.
+pub fn encode_ack_with(id: Option<&str>, mut body: serde_json::Value) -> Bytes {
+    body["op"] = "ack".into();
+    if let Some(id) = id {
+        body["id"] = serde_json::from_str(id).unwrap_or_default();
+    }
+    ws::encode_frame(OpCode::Text, body.to_string().as_bytes())
+}
+
 /// `{"op":"error","code":C,"message":M}` (with `"id"` when known) as a whole
 /// text frame.
 pub fn encode_error(code: ErrorCode, message: &str, id: Option<&str>) -> Bytes {

@@ -543,12 +543,18 @@ async fn herald_sub_starts_from_a_position_or_the_last_value() {
             .arg("sub")
             .args(args)
             .output();
-        let out = tokio::time::timeout(WAIT, out).await.expect("herald sub finished").expect("herald sub");
+        let out = tokio::time::timeout(WAIT, out)
+            .await
+            .expect("herald sub finished")
+            .expect("herald sub");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
     let args = |extra: &[&str]| {
-        let mut a: Vec<String> = ["--url", &url, "--data-only"].iter().map(|s| s.to_string()).collect();
+        let mut a: Vec<String> = ["--url", &url, "--data-only"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };

@@ -193,6 +193,7 @@ test('close() rejects publishes still waiting for their ack', async () => {
   const h = client(n.url, { requestTimeout: 60_000 });
   await next(h, 'open');
   n.stop(); // the node takes the publish but cannot answer
+  await sleep(50); // the signal has landed
   const p = h.publish('t', 1);
   await sleep(50);
   h.close();
@@ -425,12 +426,59 @@ test('presence(topic) and presenceStats(topic) ask who is here', async () => {
   const n = await node(['--presence', 'chat:*']);
   const a = client(`${n.url}?name=ann`);
   const b = client(`${n.url}?name=bob`);
-  a.subscribe('chat:lobby', () => {});
+  const mine = a.subscribe('chat:lobby', () => {});
   const sub = b.subscribe('chat:lobby', () => {});
-  await sub.ready();
+  await Promise.all([mine.ready(), sub.ready()]);
   await until('both in the room', async () => (await a.presenceStats('chat:lobby')).clients === 2);
   const list = await a.presence('chat:lobby');
   assert.deepEqual(list.members.map((m) => m.name).sort(), ['ann', 'bob']);
   assert.equal(list.users, 2);
   await assert.rejects(a.presence('news:x'), (e) => e.code === 'bad_request');
+});
+
+test('history: a reconnect recovers what was missed, once and in order; a lost history is a gap', async () => {
+  const n = await node(['--history', 'feed:*=1000']);
+  const win = new EventTarget();
+  globalThis.window = win;
+  try {
+    const h = client(n.url, { minReconnectDelay: 60_000, maxReconnectDelay: 60_000 });
+    const got = [];
+    const sub = h.subscribe('feed:*', (data, topic) => got.push(`${topic}/${data.n}`));
+    await sub.ready();
+    for (let i = 0; i < 3; i++) await n.publish('feed:a', { n: i });
+    await until('live', () => got.length === 3);
+    assert.equal(sub.position.seq, 3);
+    // The network goes; messages are published meanwhile; it comes back.
+    win.dispatchEvent(new Event('offline'));
+    for (let i = 3; i < 8; i++) await n.publish(i % 2 ? 'feed:b' : 'feed:a', { n: i });
+    win.dispatchEvent(new Event('online'));
+    await until('recovered', () => got.length === 8);
+    assert.equal(sub.recovered, true);
+    assert.deepEqual(got.slice(3), ['feed:b/3', 'feed:a/4', 'feed:b/5', 'feed:a/6', 'feed:b/7']);
+    await n.publish('feed:a', { n: 8 });
+    await until('live again', () => got.length === 9);
+    await sleep(100);
+    assert.equal(got.length, 9, 'nothing twice');
+
+    // The node restarts: its in-memory history is gone.
+    const gaps = [];
+    h.addEventListener('gap', (e) => gaps.push(e.detail));
+    win.dispatchEvent(new Event('offline'));
+    await n.restart();
+    win.dispatchEvent(new Event('online'));
+    await until('gap told', () => gaps.length === 1);
+    assert.deepEqual(gaps[0], { pattern: 'feed:*', reason: 'epoch_changed' });
+    assert.equal(sub.recovered, false);
+
+    // last: the current value first.
+    await n.publish('feed:price', { n: 42 });
+    const prices = [];
+    const p = h.subscribe('feed:price', (data) => prices.push(data.n), { last: true });
+    await p.ready();
+    await until('current value', () => prices.length === 1);
+    await sleep(100);
+    assert.deepEqual(prices, [42], 'once, though it also came live');
+  } finally {
+    delete globalThis.window;
+  }
 });
