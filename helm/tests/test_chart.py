@@ -418,7 +418,8 @@ def rendered_node(docs, tmp_path, files=None, extra_env=None):
     confs = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-nats-config")]
     if confs:
         conf = confs[0]["data"]["nats.conf"]
-        conf = re.sub(r"cluster \{.*?\n    \}\n", "", conf, flags=re.S)  # no peers here
+        conf, n = re.subn(r"(?ms)^cluster \{.*?^\}\n", "", conf)  # no peers here
+        assert n == 1, "the cluster block was found and removed"
         conf = conf.replace("/var/run/nats/", f"{tmp_path}/").replace("/etc/nats-tls/", f"{tmp_path}/")
         (tmp_path / "nats.conf").write_text(conf)
         sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
@@ -526,7 +527,8 @@ def test_every_herald_serve_setting_is_settable():
     docs = render({"config": {"presence": "chat:*", "rootTopic": "chat:lobby",
                               "allowedOrigins": ["https://app.example.com", "https://*.example.org"],
                               "exec": ["/count=/usr/local/bin/count", "/tail=tail -f /var/log/x"],
-                              "execShell": ["/sh=echo a; echo b"], "rawStatus": "chat:*"},
+                              "execShell": ["/sh=echo a; echo b"], "rawStatus": "chat:*",
+                              "history": "chat:*=100/10m"},
                    "auth": {"existingSecret": "s", "apiKeysFileKey": "keys",
                             "tokens": {"secretName": "t", "hmacKey": "h", "publicKey": "p", "jwksKey": "j",
                                        "audience": "a", "issuer": "i"},
@@ -604,3 +606,38 @@ def test_rendered_exec_presence_and_raw_status_settings_are_read_by_a_real_heral
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"http://{addr}/v1/presence?topic=news:x")
         assert e.value.code == 400
+
+
+def test_history_runs_on_the_bundled_jetstream(tmp_path):
+    """The bundled NATS renders JetStream on a volume per server, and a real
+    nats-server running that config (store_dir pointed at a temp dir) with a
+    real herald on the rendered env keeps history: a late subscriber gets
+    what was published, with positions, over HTTP."""
+    docs = render({"config": {"history": "chat:*=100/10m"}, "nats": {"replicas": 1}})
+    sts = one(docs, "StatefulSet")
+    claim = sts["spec"]["volumeClaimTemplates"][0]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    mounts = {m["name"]: m["mountPath"] for m in sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["data"] == "/data"
+    cm = one(docs, "ConfigMap", suffix="live-herald")["data"]
+    assert cm["HERALD_HISTORY_REPLICAS"] == "1", "one server, one copy"
+    assert one(render({"config": {"history": "a=1"}}), "ConfigMap", suffix="live-herald")["data"][
+        "HERALD_HISTORY_REPLICAS"] == "3", "three servers, three copies"
+    for i, d in enumerate(by_kind(docs, "ConfigMap")):
+        if d["metadata"]["name"].endswith("-nats-config"):
+            conf = d["data"]["nats.conf"].replace("store_dir: /data", f"store_dir: {tmp_path}/js")
+            d["data"]["nats.conf"] = conf
+    with rendered_node(docs, tmp_path) as (addr, _):
+        deadline = time.time() + 10
+        while b"stream available" not in urllib.request.urlopen(f"http://{addr}/readyz").read():
+            assert time.time() < deadline, "the history stream never came up"
+            time.sleep(0.05)
+        for n in range(3):
+            req = urllib.request.Request(f"http://{addr}/v1/publish", data=f'{{"topic":"chat:a","data":{n}}}'.encode(),
+                                         method="POST")
+            with urllib.request.urlopen(req) as r:
+                assert r.status == 200
+        page = json.loads(urllib.request.urlopen(f"http://{addr}/v1/history?topic=chat:a&since=0").read())
+        assert [m["data"] for m in page["messages"]] == [0, 1, 2]
+        assert page["complete"] is True
+        assert [m["seq"] for m in page["messages"]] == sorted(m["seq"] for m in page["messages"])

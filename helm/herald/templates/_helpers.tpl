@@ -124,3 +124,18 @@ and the API keys file (a key of the API key Secret). Checks the settings.
 {{- define "herald.natsSecretName" -}}
 {{- default (printf "%s-nats-auth" (include "herald.fullname" .)) .Values.nats.auth.existingSecret }}
 {{- end }}
+
+{{/*
+Copies of the history stream: config.historyReplicas, or (0) 3 with a
+bundled NATS of 3 or more servers, else 1.
+*/}}
+{{- define "herald.historyReplicas" -}}
+{{- $r := int .Values.config.historyReplicas -}}
+{{- if gt $r 0 -}}
+{{- $r -}}
+{{- else if and .Values.nats.enabled (ge (int .Values.nats.replicas) 3) -}}
+3
+{{- else -}}
+1
+{{- end -}}
+{{- end }}
