@@ -129,18 +129,28 @@ impl Sessions {
             _ => {}
         }
         let session = Session::new(shared.clone(), conn, params.name, access);
-        let mut waits = Vec::new();
+        let (mut waits, mut replays) = (Vec::new(), Vec::new());
         for p in params.subs.iter().chain(params.raw_topic.iter()) {
             // Validated and counted against the limit with the URL.
-            if let Ok(Some(live)) =
-                shared
-                    .router
-                    .subscribe(session.conn(), p, session.who(), None, params.ask.as_ref())
+            let ask = params.ask.as_ref();
+            if let Ok(Some(live)) = shared
+                .router
+                .subscribe(session.conn(), p, session.who(), None, ask)
             {
-                waits.push(live);
+                // A recovery's live deliveries wait in its hold, so nothing
+                // is lost; its replay needs the socket's writer, after the 101.
+                match ask {
+                    Some(_) => replays.push(live),
+                    None => waits.push(live),
+                }
             }
         }
-        Accepted { session, waits }
+        Accepted {
+            session,
+            waits,
+            replays,
+            tracker: shared.tracker.clone(),
+        }
     }
 
     /// Closes the sockets whose token expired (4003) or that sent none in
@@ -185,6 +195,10 @@ pub struct Accepted {
     session: Session,
     /// URL subscriptions the cluster link has yet to confirm.
     waits: Vec<Live>,
+    /// URL subscriptions that recover (`since`, `last`): replayed once the
+    /// socket is open.
+    replays: Vec<Live>,
+    tracker: tokio_util::task::TaskTracker,
 }
 
 impl Accepted {
@@ -199,6 +213,14 @@ impl Accepted {
     /// Starts the session on the upgraded TCP stream (see [`Session::start`]).
     pub fn start(self, stream: TcpStream, early: &[u8]) {
         self.session.start(stream, early);
+        if !self.replays.is_empty() {
+            let replays = self.replays;
+            self.tracker.spawn(async move {
+                for r in replays {
+                    r.await;
+                }
+            });
+        }
     }
 
     /// The upgrade failed: leave every topic and release the slot.

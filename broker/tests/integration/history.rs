@@ -342,6 +342,17 @@ async fn a_replay_larger_than_the_queue_is_paced_not_cut() {
         assert_eq!(v["data"]["n"], n, "{}", v["topic"]);
         n += 1;
     }
+    // The URL form, the same replay: paced after the socket opens.
+    let mut u = h.connect(&format!("sub=big:a&since={epoch}:{seq}")).await;
+    let ack = u.recv().await;
+    assert_eq!(
+        (ack["recovered"].clone(), ack["topic"].clone()),
+        (json!(true), json!("big:a")),
+        "{ack}"
+    );
+    for n in 1..=2000 {
+        assert_eq!(u.recv().await["data"]["n"], n);
+    }
     assert_eq!(h.metric("herald_slow_consumer_disconnects_total").await, 0.0);
 }
 
