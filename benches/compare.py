@@ -20,7 +20,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(ROOT, "benches", "peers")
@@ -87,13 +89,16 @@ def nats_path():
     return shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
-def start_herald(nodes=1, extra=()):
+def start_herald(nodes=1, extra=(), js=False):
     s = System("herald" if nodes == 1 else f"herald x{nodes}", "herald")
     nats_url = None
     if nodes > 1:
         port = free_port()
-        p = subprocess.Popen([nats_path(), "-a", "127.0.0.1", "-p", str(port)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cmd = [nats_path(), "-a", "127.0.0.1", "-p", str(port)]
+        if js:
+            store = tempfile.mkdtemp(prefix="herald-bench-js-")
+            cmd += ["-js", "-sd", store]
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(port, p, "nats-server")
         s.procs.append(p)
         s.link = p
@@ -111,6 +116,13 @@ def start_herald(nodes=1, extra=()):
         s.urls.append(f"ws://127.0.0.1:{port}/ws")
     if nodes > 1:
         time.sleep(1.0)  # let the links connect
+    if js and "--history" in extra:
+        for u in s.urls:
+            base = u.replace("ws://", "http://").rsplit("/", 1)[0]
+            for _ in range(100):
+                if b"stream available" in urllib.request.urlopen(base + "/readyz").read():
+                    break
+                time.sleep(0.05)
     return s
 
 
@@ -288,6 +300,112 @@ def auth_section(quick):
     return L
 
 
+HISTORY_BEGIN = "<!-- history:begin -->"
+HISTORY_END = "<!-- history:end -->"
+HISTORY = ["--history", "load:*=20000"]
+
+
+
+def http_post(base, path, body):
+    req = urllib.request.Request(base + path, data=body.encode(), method="POST")
+    return json.loads(urllib.request.urlopen(req).read())
+
+
+def history_section(quick):
+    """History against plain topics, side by side in one run: fan-out to
+    5,000 subscribers on one node and across a 3-node cluster (nats-server
+    -js), and 1,000 clients of a killed node recovering 10,000 missed
+    messages from the two survivors."""
+    dur = "3s" if quick else "10s"
+    subs = "500" if quick else "5000"
+    rows = []
+    setups = (("1 node, plain", 1, ()), ("1 node, history", 1, HISTORY),
+              ("3 nodes, plain", 3, ()), ("3 nodes, history (JetStream)", 3, HISTORY))
+    for rate in ("200", "0"):
+        for label, nodes, extra in setups:
+            s = start_herald(nodes, extra, js=nodes > 1)
+            try:
+                args = ["--workers", "2", "--duration", dur, "fanout" if nodes == 1 else "cluster",
+                        "--subscribers", subs, "--publishers", "1", "--rate", rate, "--size", "64"]
+                shown = f"{label}, {'200 msg/s' if rate == '200' else 'flat out'}"
+                rows.append((shown, run(s, args, measure_pids=s.pids())))
+            finally:
+                s.stop()
+    report = "reports/history-fanout.html"
+    html_report(os.path.join(ROOT, "docs", report), "Fan-out on history topics", rows)
+    # Recovery after a node kill, with and without each node's in-memory tail.
+    missed, clients = (2000, 200) if quick else (10000, 1000)
+    recs = [("tail (default)", recover_run(missed, clients, ())),
+            ("no tail: a consumer per recovery", recover_run(missed, clients, ("--history-tail-bytes", "0")))]
+    L = [HISTORY_BEGIN, "## History and recovery\n",
+         "All from one run of `python3 benches/compare.py --section history`. Fan-out: "
+         f"`herald-loadgen --workers 2 --duration {dur} fanout|cluster --subscribers {subs} --publishers 1 "
+         "--rate 200|0 --size 64` against nodes without and with `--history 'load:*=20000'` (one node: history "
+         "in memory; three nodes on one `nats-server -js`: the JetStream stream, subscribers on two nodes, the "
+         "publisher on the third). Each row a fresh node set. At 200 msg/s (1 M deliveries/s offered) every "
+         "row must deliver everything; flat out shows the ceiling, with what was lost.\n",
+         f"Latency histograms and deliveries per second: [{report}]({report}).\n",
+         "| setup | delivered / expected | lost | deliveries/s | vs plain | p50 | p99 | node CPU per delivery |",
+         "|---|---|---|---|---|---|---|---|"]
+    plain = {}
+    for label, r in rows:
+        parts = label.split(", ")
+        key = (parts[0], parts[-1])
+        rate = r["deliveries_per_sec"]
+        plain.setdefault(key, rate)
+        lost = r["expected"] - r["delivered"]
+        cpu = r["server"].get("cpu_us_per_delivery") or 0
+        L.append(f"| {label} | {r['delivered']:,} / {r['expected']:,} | {max(0, lost):,} | {fmt_rate(rate)} | "
+                 f"{rate / plain[key]:.2f}x | {lat(r, 'p50')} | {lat(r, 'p99')} | {cpu:.2f} µs |")
+    L += ["",
+          f"Recovery: three nodes on `nats-server -js`; {missed:,} messages published on `load:t0`; the node "
+          f"holding the clients is SIGKILLed and {clients:,} clients come back at once to the two survivors "
+          f"with their last position (`?sub=load:t0&since=EPOCH:SEQ`), each reading until it has all {missed:,}: "
+          f"`herald-loadgen --duration 120s --url B --url C recover --sockets {clients} --since EPOCH:SEQ "
+          f"--expect {missed}`; once with the nodes' in-memory tail of the stream (the default), once with "
+          "`--history-tail-bytes 0`.\n",
+          "| nodes | caught up | refused | recovered messages | all caught up after | per client p50 | p99 | "
+          "recovered/s | CPU: node B, node C, nats-server |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for name, rec in recs:
+        cpu = rec["server_cpu_seconds"]
+        L.append(f"| {name} | {rec['caught_up']:,} / {rec['sockets']:,} | {rec['refused']} | "
+                 f"{rec['delivered']:,} / {rec['expected']:,} | {rec['all_caught_up_ms'] / 1000:.2f} s | "
+                 f"{rec['catch_up_us']['p50'] / 1000:.0f} ms | {rec['catch_up_us']['p99'] / 1000:.0f} ms | "
+                 f"{fmt_rate(rec['recovered_per_sec'])} | {cpu[0]:.2f} s, {cpu[1]:.2f} s, {cpu[2]:.2f} s |")
+    L += ["",
+          "With the tail, a node serves a recovery from memory when its copy of the stream's latest messages "
+          "covers the client's position; without it, each recovery reads the stream through a consumer of its "
+          "own. Either way the replay is paced by the client's queue. The load generator shares the two "
+          "cores.\n",
+          HISTORY_END]
+    return L
+
+
+def recover_run(missed, clients, extra):
+    """Three nodes on nats-server -js; `missed` messages published; one
+    node killed; `clients` recover from the two others. Returns the
+    load generator's report."""
+    s = start_herald(3, HISTORY + list(extra), js=True)
+    try:
+        base = s.urls[0].replace("ws://", "http://").rsplit("/", 1)[0]
+        for _ in range(missed // 100):
+            body = json.dumps([{"topic": "load:t0", "data": "x" * 64} for _ in range(100)])
+            http_post(base, "/v1/publish", body)
+        page = json.loads(urllib.request.urlopen(base + "/v1/history?topic=load:t0&since=0&limit=1").read())
+        since = f"{page['epoch']}:{page['messages'][0]['seq'] - 1}"
+        s.procs[1].kill()  # the clients' node dies; they come back to the survivors
+        s.procs[1].wait()
+        cmd = [LOADGEN, "--duration", "120s", "--url", s.urls[1], "--url", s.urls[2]]
+        for pid in (s.procs[2].pid, s.procs[3].pid, s.procs[0].pid):
+            cmd += ["--server-pid", str(pid)]
+        cmd += ["recover", "--sockets", str(clients), "--since", since, "--expect", str(missed)]
+        print("+", " ".join(cmd), file=sys.stderr)
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout)
+    finally:
+        s.stop()
+
+
 def splice(path, lines, begin=HOSTILE_BEGIN, end=HOSTILE_END):
     text = open(path).read() if os.path.exists(path) else ""
     block = "\n".join(lines)
@@ -310,12 +428,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small shapes for a smoke check")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
-    ap.add_argument("--section", choices=["hostile", "auth"],
+    ap.add_argument("--section", choices=["hostile", "auth", "history"],
                     help="run only this section and replace it in --out")
     a = ap.parse_args()
     install()
     if a.section == "auth":
         splice(a.out, auth_section(a.quick), AUTH_BEGIN, AUTH_END)
+        return
+    if a.section == "history":
+        splice(a.out, history_section(a.quick), HISTORY_BEGIN, HISTORY_END)
         return
     if a.section == "hostile":
         splice(a.out, hostile_section(a.quick))
@@ -376,6 +497,7 @@ def main():
     write(a.out, scenarios, results, cluster, q, scale)
     splice(a.out, hostile_section(q))
     splice(a.out, auth_section(q), AUTH_BEGIN, AUTH_END)
+    splice(a.out, history_section(q), HISTORY_BEGIN, HISTORY_END)
 
 
 def machine():

@@ -143,6 +143,7 @@ impl Bus {
                 prefix,
                 history.rules.clone(),
                 history.bytes,
+                history.tail_bytes,
                 history.replicas,
             ));
             tokio::spawn(s.clone().keep());

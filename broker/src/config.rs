@@ -118,6 +118,13 @@ pub struct Config {
     #[arg(long, env = "HERALD_HISTORY_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub history_replicas: u8,
 
+    /// Cluster: bytes of the history stream's latest messages each node
+    /// also keeps in memory, so recoveries of the last minutes (a killed
+    /// node's clients coming back) are served without reading the stream;
+    /// 0 reads the stream for every recovery.
+    #[arg(long, env = "HERALD_HISTORY_TAIL_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub history_tail_bytes: u64,
+
     /// Name of the JetStream stream that holds the history (created or
     /// updated at start).
     #[arg(long, env = "HERALD_HISTORY_STREAM", default_value = "HERALD", value_parser = parse_stream)]

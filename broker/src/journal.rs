@@ -74,6 +74,8 @@ pub struct Journal {
 struct State {
     /// The last `seq` given.
     seq: u64,
+    /// The first `seq` inserted from elsewhere (0: none).
+    first: u64,
     topics: HashMap<Arc<str>, Ring>,
     /// Every stored message in `seq` order, for the byte cap; entries
     /// whose message already left its ring are skipped (and compacted).
@@ -136,6 +138,34 @@ impl Journal {
     /// `seq`, under the journal's lock: deliveries leave in `seq` order.
     pub fn append<R>(&self, topic: &str, rule: &Retention, data: Bytes, deliver: impl FnOnce(u64) -> R) -> R {
         self.append_at(topic, rule, data, self.now_ms(), deliver)
+    }
+
+    /// Stores `data` on `topic` at a `seq` given elsewhere (a cluster
+    /// node's copy of the stream's tail): ignored unless above every
+    /// `seq` held.
+    pub fn insert(&self, topic: &str, rule: &Retention, seq: u64, data: Bytes) {
+        let now = self.now_ms();
+        let mut s = self.lock();
+        if seq <= s.seq {
+            return;
+        }
+        if s.first != 0 && seq != s.seq + 1 {
+            // A hole (the copy missed messages): it covers only from here.
+            *s = State::default();
+        }
+        if s.first == 0 {
+            s.first = seq;
+        }
+        s.seq = seq - 1;
+        drop(s);
+        self.append_at(topic, rule, data, now, |_| ());
+    }
+
+    /// Whether a replay after `since` lies within what was inserted: from
+    /// the first `seq` on, up to the last.
+    pub fn covers(&self, since: u64) -> bool {
+        let s = self.lock();
+        s.first > 0 && since + 1 >= s.first && since <= s.seq
     }
 
     fn append_at<R>(
@@ -403,6 +433,24 @@ mod tests {
             put(&j, "z", &rule(Some(1), None), 0);
         }
         assert!(j.lock().order.len() < 3000, "order is compacted");
+    }
+
+    #[test]
+    fn a_copy_of_a_tail_covers_from_its_first_insert() {
+        let j = Journal::new(1 << 20);
+        let r = rule(Some(10), None);
+        assert!(!j.covers(0));
+        j.insert("a", &r, 41, Bytes::from_static(b"1"));
+        j.insert("b", &r, 42, Bytes::from_static(b"2"));
+        j.insert("a", &r, 42, Bytes::from_static(b"again"));
+        assert!(j.covers(40) && j.covers(42) && !j.covers(39) && !j.covers(43));
+        let got = j.replay(">", From::Since(40), 10).unwrap();
+        assert_eq!(got.messages.iter().map(|m| m.1).collect::<Vec<_>>(), [41, 42]);
+        assert_eq!(got.through, 42);
+        // A hole: coverage starts over after it.
+        j.insert("a", &r, 50, Bytes::from_static(b"3"));
+        assert!(!j.covers(42) && j.covers(49) && j.covers(50));
+        assert_eq!(j.replay(">", From::Since(49), 10).unwrap().messages.len(), 1);
     }
 
     #[test]

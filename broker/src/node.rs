@@ -75,6 +75,7 @@ impl Node {
             rules: config.history.clone(),
             bytes: config.history_bytes,
             replicas: config.history_replicas,
+            tail_bytes: config.history_tail_bytes,
             stream: config.history_stream.clone(),
         };
         let (bus, client_suffix) = if config.nats.is_empty() {

@@ -18,6 +18,8 @@ pub struct HistorySettings {
     pub bytes: u64,
     /// `--history-replicas`.
     pub replicas: u8,
+    /// `--history-tail-bytes`.
+    pub tail_bytes: u64,
     /// `--history-stream`.
     pub stream: String,
 }

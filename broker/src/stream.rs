@@ -37,7 +37,7 @@ use futures_util::StreamExt;
 use herald_protocol::position::Unrecovered;
 use herald_protocol::topic;
 
-use crate::journal::{epoch_of, From, Refusal, Replay};
+use crate::journal::{epoch_of, From, Journal, Refusal, Replay};
 use crate::values::Retention;
 
 /// How long a replay waits for the stream to hand over a batch.
@@ -58,6 +58,10 @@ pub struct StreamHistory {
     /// The stream's last `seq` when this node first reached it: the feed
     /// delivers everything after it.
     start: AtomicU64,
+    /// The stream's tail as the feed brought it, so most recoveries (all
+    /// of a node kill's clients, asking for the same last minutes) are
+    /// served from memory instead of a consumer each.
+    tail: Option<Journal>,
 }
 
 impl StreamHistory {
@@ -69,6 +73,7 @@ impl StreamHistory {
         prefix: &str,
         rules: Vec<Retention>,
         max_bytes: u64,
+        tail_bytes: u64,
         replicas: u8,
     ) -> Self {
         StreamHistory {
@@ -81,6 +86,7 @@ impl StreamHistory {
             epoch: RwLock::new(None),
             available: AtomicBool::new(false),
             start: AtomicU64::new(u64::MAX),
+            tail: (tail_bytes > 0).then(|| Journal::new(tail_bytes)),
         }
     }
 
@@ -176,6 +182,7 @@ impl StreamHistory {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let mut last = self.start.load(Relaxed);
+        let mut pruned = std::time::Instant::now();
         loop {
             if !self.available() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -221,6 +228,13 @@ impl StreamHistory {
                 }
                 last = seq;
                 if let Some(topic) = topic::from_subject(&self.intake, m.subject.as_str()) {
+                    if let (Some(tail), Some(rule)) = (&self.tail, Retention::find(&self.rules, &topic)) {
+                        tail.insert(&topic, rule, seq, m.payload.clone());
+                        if pruned.elapsed() > Duration::from_secs(1) {
+                            tail.prune();
+                            pruned = std::time::Instant::now();
+                        }
+                    }
                     deliver(&topic, seq, &m.payload);
                 }
             }
@@ -250,6 +264,18 @@ impl StreamHistory {
     /// What a subscription to `pattern` missed after `from`, at most `max`
     /// messages.
     pub async fn replay(&self, pattern: &str, from: From, max: usize) -> Result<Replay, Refusal> {
+        if let (Some(tail), From::Since(since)) = (&self.tail, from) {
+            if tail.covers(since) {
+                match tail.replay(pattern, from, max) {
+                    // Gone from the tail is not gone from the stream: ask it.
+                    Ok(r) => return Ok(r),
+                    Err(Refusal::Unrecovered(Unrecovered::TooMany)) => {
+                        return Err(Refusal::Unrecovered(Unrecovered::TooMany))
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
         self.read(pattern, from, max, false).await
     }
 

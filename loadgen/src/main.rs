@@ -7,6 +7,7 @@
 //! and merges their counts and latency histograms into one report.
 
 mod hostile;
+mod recover;
 mod report;
 mod storm;
 mod wire;
@@ -168,6 +169,22 @@ enum Scenario {
         #[command(flatten)]
         flow: Flow,
     },
+    /// Herald only: N sockets come back at once with a history position
+    /// (`?sub=TOPIC&since=EPOCH:SEQ`) and each reads until it has
+    /// --expect messages; reports the time until all are caught up and
+    /// each server's CPU. --duration bounds the wait.
+    Recover {
+        #[arg(long, default_value_t = 1000)]
+        sockets: usize,
+        #[arg(long, default_value = "load:t0")]
+        topic: String,
+        /// The position the sockets had (EPOCH:SEQ).
+        #[arg(long)]
+        since: String,
+        /// Messages each socket must get.
+        #[arg(long)]
+        expect: u64,
+    },
     /// Internal: one worker process.
     #[command(hide = true)]
     Worker {
@@ -207,6 +224,35 @@ fn main() -> anyhow::Result<()> {
         if let Scenario::Worker { spec } = &cli.scenario {
             let spec: Spec = serde_json::from_str(spec).context("worker spec")?;
             return worker::run(spec).await;
+        }
+        if let Scenario::Recover {
+            sockets,
+            topic,
+            since,
+            expect,
+        } = &cli.scenario
+        {
+            let c = &cli.common;
+            let r = recover::run(
+                &c.urls,
+                *sockets,
+                topic,
+                since,
+                *expect,
+                c.duration,
+                &c.server_pids,
+            )
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            if r.caught_up < r.sockets {
+                bail!(
+                    "{} of {} sockets did not catch up: {:?}",
+                    r.sockets - r.caught_up,
+                    r.sockets,
+                    r.first_error
+                );
+            }
+            return Ok(());
         }
         let report = coordinate(&cli).await?;
         if let Some(path) = &cli.common.html {
@@ -286,7 +332,7 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
                 None,
             )
         }
-        Scenario::Worker { .. } => unreachable!("handled in main"),
+        Scenario::Worker { .. } | Scenario::Recover { .. } => unreachable!("handled in main"),
     };
     let topics = if c.target == Target::WsBroadcast {
         1

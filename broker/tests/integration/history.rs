@@ -435,6 +435,13 @@ async fn cluster_seam_loses_nothing_across_nodes() {
 }
 
 #[tokio::test]
+async fn cluster_seam_loses_nothing_reading_the_stream_itself() {
+    // No in-memory tail: every recovery is a JetStream consumer.
+    let (_nats, nodes) = js_cluster(&["--history-tail-bytes", "0"]).await;
+    seam_trials(&nodes[0], &[&nodes[1], &nodes[2]], 4).await;
+}
+
+#[tokio::test]
 async fn cluster_recovers_a_wildcard_over_fifty_topics() {
     let (_nats, nodes) = js_cluster(&[]).await;
     let mut c = nodes[1].connect("").await;
@@ -579,4 +586,36 @@ async fn herald_sub_starts_from_a_position_or_the_last_value() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("EPOCH:SEQ"));
+}
+
+#[tokio::test]
+async fn cluster_last_gives_the_current_value_of_a_thousand_topics() {
+    let (_nats, nodes) = js_cluster(&[]).await;
+    let items: Vec<String> = (0..1000)
+        .flat_map(|i| [0, 1].map(move |n| format!(r#"{{"topic":"room:p{i}","data":{{"n":{n},"i":{i}}}}}"#)))
+        .collect();
+    for chunk in items.chunks(200) {
+        let (status, body) = nodes[0]
+            .post("/v1/publish", "", &format!("[{}]", chunk.join(",")))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut c = nodes[1].connect("").await;
+    let ack = c
+        .request(json!({"op":"sub","topic":"room:>","id":1,"last":true}))
+        .await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let mut t = Tracker::new();
+    read_until(&mut c, &mut t, |t| t.got.len() == 1000).await;
+    assert!(t.got.iter().all(|(_, n)| *n == 1), "only each topic's latest");
+    let topics: std::collections::HashSet<_> = t.got.iter().map(|(topic, _)| topic.clone()).collect();
+    assert_eq!(topics.len(), 1000);
+    assert!(t.seqs.windows(2).all(|w| w[0] < w[1]));
+    // Then live, from another node.
+    publish_numbered(&nodes[2], "room:p7", 1).await;
+    let v = c.recv().await;
+    assert_eq!(
+        (v["topic"].as_str(), v["data"]["n"].as_u64()),
+        (Some("room:p7"), Some(0))
+    );
 }

@@ -274,3 +274,36 @@ test('in Chromium, a hidden tab whose timers fire once a minute keeps a healthy 
     await n.kill();
   }
 });
+
+test('in Chromium, a page that loses its network recovers what was published meanwhile, once and in order', async () => {
+  const n = await Node.start(['--history', 'feed:*=1000']);
+  try {
+    const page = await browser.newPage();
+    await page.goto(`${n.http}/herald.js`);
+    await page.evaluate(async () => {
+      const { Herald } = await import('/herald.js');
+      window.got = [];
+      // A backoff longer than the test: only `online` brings it back.
+      const h = new Herald(`ws://${location.host}/ws`, { minReconnectDelay: 60_000, maxReconnectDelay: 60_000 });
+      window.sub = h.subscribe('feed:*', (d, t) => window.got.push(`${t}/${d}`));
+      window.h = h;
+      await window.sub.ready();
+    });
+    for (let i = 0; i < 2; i++) await n.publish('feed:a', i);
+    await page.waitForFunction(() => window.got.length === 2);
+    await page.evaluate(() => window.dispatchEvent(new Event('offline')));
+    await page.waitForFunction(() => window.h.state === 'reconnecting');
+    for (let i = 2; i < 5; i++) await n.publish(i % 2 ? 'feed:b' : 'feed:a', i);
+    await page.evaluate(() => window.dispatchEvent(new Event('online')));
+    await page.waitForFunction(() => window.got.length === 5);
+    await n.publish('feed:a', 5);
+    await page.waitForFunction(() => window.got.length === 6);
+    await sleep(100);
+    const got = await page.evaluate(() => window.got);
+    assert.deepEqual(got, ['feed:a/0', 'feed:a/1', 'feed:a/2', 'feed:b/3', 'feed:a/4', 'feed:a/5']);
+    assert.equal(await page.evaluate(() => window.sub.recovered), true);
+    await page.close();
+  } finally {
+    await n.kill();
+  }
+});
