@@ -95,6 +95,12 @@ struct Common {
     /// URL (`?token=`), to measure handshakes with access control on.
     #[arg(long, global = true, env = "HERALD_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Herald only: every subscriber also holds this topic (in its URL),
+    /// and once everyone is connected one message is published on it
+    /// (through the first URL): the report gives the time to its first and
+    /// last delivery and how many sockets it reached.
+    #[arg(long, global = true)]
+    shared: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -362,6 +368,7 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
     let rss_before: u64 = c.server_pids.iter().filter_map(|p| report::rss_kb(*p)).sum();
     let cpu_start: f64 = c.server_pids.iter().filter_map(|p| report::cpu_seconds(*p)).sum();
     let exe = std::env::current_exe()?;
+    let spawned = Instant::now();
     let mut children = Vec::new();
     for i in 0..c.workers {
         let (sub_first, sub_count) = split(subs, c.workers, i);
@@ -394,6 +401,7 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
                 Scenario::Storm { jitter, .. } => jitter.as_millis() as u64,
                 _ => 0,
             },
+            shared: c.shared.clone(),
         };
         let child = tokio::process::Command::new(&exe)
             .args(["worker", "--spec", &serde_json::to_string(&spec)?])
@@ -438,6 +446,7 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
     if tty {
         eprintln!();
     }
+    let connect_ms = spawned.elapsed().as_secs_f64() * 1e3;
     let mut rss_after = 0;
     if kind == Kind::Idle {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -465,6 +474,23 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
         s.flush().await?;
     }
     let started = Instant::now();
+    // The broadcast, half a second into the run.
+    let broadcast = c.shared.clone().map(|topic| {
+        let url = first_url.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_nanos(
+                start_ns.saturating_sub(wire::now_ns()) + 500_000_000,
+            ))
+            .await;
+            let mut conn = wire::connect(&url, "", None).await?;
+            conn.wr
+                .text(format!(r#"{{"op":"pub","topic":"{topic}","data":"broadcast"}}"#).as_bytes());
+            let sent = wire::now_ns();
+            conn.wr.flush().await?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            anyhow::Ok((topic, sent))
+        })
+    });
 
     // Progress and final reports.
     let delivered = Arc::new(AtomicU64::new(0));
@@ -571,8 +597,25 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
         churn_ops,
         connected,
         connect_errors,
+        connect_ms,
         ..Default::default()
     };
+    if let Some(b) = broadcast {
+        let (topic, sent) = b.await?.context("publishing the broadcast")?;
+        let first = reports
+            .iter()
+            .map(|r| r.broadcast_first_ns)
+            .min()
+            .unwrap_or(u64::MAX);
+        let last = reports.iter().map(|r| r.broadcast_last_ns).max().unwrap_or(0);
+        let ms = |t: u64| t.saturating_sub(sent) as f64 / 1e6;
+        out.broadcast = Some(report::Broadcast {
+            topic,
+            reached: reports.iter().map(|r| r.broadcast_count).sum(),
+            first_ms: if first == u64::MAX { 0.0 } else { ms(first) },
+            last_ms: ms(last),
+        });
+    }
     for r in &reports {
         out.published += r.published;
         out.delivered += r.delivered;

@@ -47,6 +47,14 @@ pub struct WorkerReport {
     pub connect_latency: Hist,
     #[serde(default)]
     pub storm: crate::storm::StormReport,
+    /// The `--shared` broadcast: when its first and last copy arrived (ns
+    /// since the epoch; first is `u64::MAX` when none did), and how many.
+    #[serde(default)]
+    pub broadcast_first_ns: u64,
+    #[serde(default)]
+    pub broadcast_last_ns: u64,
+    #[serde(default)]
+    pub broadcast_count: u64,
 }
 
 /// Percentiles of a latency histogram, in microseconds.
@@ -102,6 +110,18 @@ pub struct ServerStats {
     pub bytes_per_socket: Option<f64>,
 }
 
+/// One message on the `--shared` topic, published once everyone is
+/// connected: how long it took to reach the first and the last socket.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Broadcast {
+    pub topic: String,
+    /// Sockets it reached.
+    pub reached: u64,
+    /// From its publish to its first and last delivery.
+    pub first_ms: f64,
+    pub last_ms: f64,
+}
+
 /// The merged result of a run.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Report {
@@ -136,6 +156,10 @@ pub struct Report {
     pub server: ServerStats,
     /// The storm scenario's reconnects.
     pub storm: crate::storm::StormReport,
+    /// From starting the workers to every socket connected and subscribed.
+    pub connect_ms: f64,
+    /// The `--shared` broadcast, when asked for.
+    pub broadcast: Option<Broadcast>,
     /// Milliseconds from the first lost socket to the last one subscribed
     /// again (storm).
     pub storm_recovery_ms: Option<f64>,

@@ -49,6 +49,9 @@ pub struct Spec {
     pub reconnect_urls: Vec<String>,
     #[serde(default)]
     pub jitter_ms: u64,
+    /// A topic every subscriber also holds (`--shared`).
+    #[serde(default)]
+    pub shared: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -68,6 +71,11 @@ pub fn topic_name(i: usize) -> String {
 }
 
 struct Shared {
+    /// `{"topic":"<--shared>"`: how a broadcast delivery starts.
+    broadcast: Option<Vec<u8>>,
+    broadcast_first_ns: AtomicU64,
+    broadcast_last_ns: AtomicU64,
+    broadcast_count: AtomicU64,
     delivered: AtomicU64,
     last_delivery_ns: AtomicU64,
     published: AtomicU64,
@@ -90,6 +98,13 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
         .map(|u| Url::parse(u))
         .collect::<Result<_, _>>()?;
     let shared = Arc::new(Shared {
+        broadcast: spec
+            .shared
+            .as_ref()
+            .map(|t| format!(r#"{{"topic":"{t}""#).into_bytes()),
+        broadcast_first_ns: AtomicU64::new(u64::MAX),
+        broadcast_last_ns: AtomicU64::new(0),
+        broadcast_count: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
         last_delivery_ns: AtomicU64::new(0),
         published: AtomicU64::new(0),
@@ -120,6 +135,10 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
         let url = urls[spec.sub_urls[g % spec.sub_urls.len()]].clone();
         let topic = topic_name(g % spec.topics.max(1));
         let (target, source, sem) = (spec.target, spec.source, sem.clone());
+        let query = match &spec.shared {
+            Some(t) => format!("{}&sub={t}", target.url_query(&topic)),
+            None => target.url_query(&topic),
+        };
         let storm = (spec.kind == Kind::Storm).then(|| {
             (
                 storm_urls.clone(),
@@ -130,7 +149,7 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
         });
         connecting.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let mut c = wire::connect(&url, &target.url_query(&topic), source).await?;
+            let mut c = wire::connect(&url, &query, source).await?;
             target.subscribe(&mut c, &topic).await?;
             if let Some((urls, stats, end, jitter)) = storm {
                 let task = tokio::spawn(crate::storm::socket(
@@ -289,6 +308,9 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
         }
     }
     progress.abort();
+    report.broadcast_first_ns = shared.broadcast_first_ns.load(Relaxed);
+    report.broadcast_last_ns = shared.broadcast_last_ns.load(Relaxed);
+    report.broadcast_count = shared.broadcast_count.load(Relaxed);
     report.delivered = shared.delivered.load(Relaxed);
     report.last_delivery_ns = shared.last_delivery_ns.load(Relaxed);
     report.published = shared.published.load(Relaxed);
@@ -353,7 +375,11 @@ async fn read_deliveries(mut c: wire::Conn, target: Target, shared: Arc<Shared>,
                     let p = payload.to_vec();
                     c.wr.frame(OpCode::Pong, &p);
                 } else if next.opcode == 0x1 {
-                    if let Some(ts) = wire::timestamp(payload) {
+                    if shared.broadcast.as_ref().is_some_and(|b| payload.starts_with(b)) {
+                        shared.broadcast_first_ns.fetch_min(now, Relaxed);
+                        shared.broadcast_last_ns.fetch_max(now, Relaxed);
+                        shared.broadcast_count.fetch_add(1, Relaxed);
+                    } else if let Some(ts) = wire::timestamp(payload) {
                         local.push(now.saturating_sub(ts) / 1000);
                     }
                 }

@@ -130,14 +130,14 @@ fn fanout_rooms_connect_idle() {
     assert!(r["server"]["rss_after_kb"].as_u64().unwrap() > 0, "{r}");
 }
 
-#[test]
-fn cluster_scenario_crosses_nodes() {
+/// A nats-server and two nodes linked by it, both ready.
+fn linked_pair() -> (Child, Proc, Proc) {
     let nats_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut nats = Command::new("nats-server")
+    let nats = Command::new("nats-server")
         .args(["-a", "127.0.0.1", "-p", &nats_port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -146,18 +146,21 @@ fn cluster_scenario_crosses_nodes() {
     let url = format!("nats://127.0.0.1:{nats_port}");
     let a = herald(&["--nats", &url]);
     let b = herald(&["--nats", &url]);
-    // The loadgen subscribes before it publishes; give the links a moment to
-    // connect by polling readiness.
+    // The loadgen subscribes before it publishes: wait until both links
+    // are up.
     for p in [a.port, b.port] {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            if get(p, "/readyz").contains("nats: connected") {
-                break;
-            }
+        while !get(p, "/readyz").contains("nats: connected") {
             assert!(std::time::Instant::now() < deadline, "node never linked");
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
+    (nats, a, b)
+}
+
+#[test]
+fn cluster_scenario_crosses_nodes() {
+    let (mut nats, a, b) = linked_pair();
     // Subscribers on b, publisher on a: every delivery crossed NATS.
     let r = loadgen(
         &[a.port, b.port],
@@ -214,4 +217,41 @@ fn html_report_carries_its_charts_data() {
     assert!(!seconds.is_empty(), "{seconds:?}");
     let per_second: u64 = seconds.iter().map(|v| v.as_u64().unwrap()).sum();
     assert!(per_second > 0 && per_second <= report["delivered"].as_u64().unwrap());
+}
+
+/// The million-socket run's code path at 10,000 sockets (what CI can
+/// hold): two nodes linked by NATS, two load workers, every socket on its
+/// own topic and the shared one; everyone connects, the broadcast reaches
+/// every socket, and the per-socket messages all arrive.
+#[test]
+fn ten_thousand_sockets_on_the_million_path() {
+    let (mut nats, a, b) = linked_pair();
+    let r = loadgen(
+        &[a.port, b.port],
+        a.child.id(),
+        &[
+            "--workers",
+            "2",
+            "--shared",
+            "load:all",
+            "rooms",
+            "--topics",
+            "10000",
+            "--subscribers-per-topic",
+            "1",
+            "--publishers",
+            "1",
+            "--rate",
+            "200",
+        ],
+    );
+    let _ = nats.kill();
+    let _ = nats.wait();
+    assert_eq!(r["connected"], 10000, "{r}");
+    assert_eq!(r["connect_errors"], 0, "{r}");
+    assert!(r["connect_ms"].as_f64().unwrap() > 0.0);
+    let b = &r["broadcast"];
+    assert_eq!(b["reached"], 10000, "the broadcast reached every socket: {b}");
+    assert!(b["last_ms"].as_f64().unwrap() >= b["first_ms"].as_f64().unwrap());
+    assert_all_delivered(&r);
 }
