@@ -601,7 +601,13 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
         ..Default::default()
     };
     if let Some(b) = broadcast {
-        let (topic, sent) = b.await?.context("publishing the broadcast")?;
+        let (topic, sent) = match b.await? {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("herald-loadgen: the broadcast was not published: {e:#}");
+                (c.shared.clone().unwrap_or_default(), u64::MAX)
+            }
+        };
         let first = reports
             .iter()
             .map(|r| r.broadcast_first_ns)
@@ -617,6 +623,7 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
         });
     }
     for r in &reports {
+        out.connect_retries += r.connect_retries;
         out.published += r.published;
         out.delivered += r.delivered;
         out.errors += r.errors;

@@ -35,6 +35,9 @@ impl Hist {
 pub struct WorkerReport {
     pub connected: u64,
     pub connect_errors: u64,
+    /// Handshakes answered 503 (a node shedding a storm) and tried again.
+    #[serde(default)]
+    pub connect_retries: u64,
     pub published: u64,
     pub published_per_topic: Vec<u64>,
     pub delivered: u64,
@@ -143,6 +146,8 @@ pub struct Report {
     pub churn_ops: u64,
     pub connected: u64,
     pub connect_errors: u64,
+    /// Handshakes answered 503 (a node shedding a storm) and tried again.
+    pub connect_retries: u64,
     pub published: u64,
     pub expected: u64,
     pub delivered: u64,

@@ -128,6 +128,7 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
 
     // 1. Subscribers (and idle sockets), a bounded number connecting at once.
     let mut subs = Vec::with_capacity(spec.sub_count);
+    let retried = Arc::new(AtomicU64::new(0));
     let sem = Arc::new(tokio::sync::Semaphore::new(256));
     let mut connecting = Vec::new();
     for k in 0..spec.sub_count {
@@ -135,6 +136,7 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
         let url = urls[spec.sub_urls[g % spec.sub_urls.len()]].clone();
         let topic = topic_name(g % spec.topics.max(1));
         let (target, source, sem) = (spec.target, spec.source, sem.clone());
+        let retried = retried.clone();
         let query = match &spec.shared {
             Some(t) => format!("{}&sub={t}", target.url_query(&topic)),
             None => target.url_query(&topic),
@@ -149,7 +151,20 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
         });
         connecting.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let mut c = wire::connect(&url, &query, source).await?;
+            // A node shedding a connection storm answers 503 with
+            // Retry-After: come back, as clients do.
+            let mut attempt = 0;
+            let mut c = loop {
+                match wire::connect(&url, &query, source).await {
+                    Ok(c) => break c,
+                    Err(e) if attempt < 30 && e.to_string().contains(" 503 ") => {
+                        attempt += 1;
+                        retried.fetch_add(1, Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50 * attempt.min(20))).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             target.subscribe(&mut c, &topic).await?;
             if let Some((urls, stats, end, jitter)) = storm {
                 let task = tokio::spawn(crate::storm::socket(
@@ -194,6 +209,7 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
     let mut report = WorkerReport {
         connected: (subs.len() + storm_tasks.len()) as u64,
         connect_errors,
+        connect_retries: retried.load(Relaxed),
         ..Default::default()
     };
     let progress = {
