@@ -637,7 +637,10 @@ def write(path, scenarios, results, cluster, quick, scale=None, sustained=None):
                      f"{lat(r, 'p99')} | {r['server']['cpu_us_per_delivery'] or 0:.3f} µs | {seen} |")
         h, n = sustained.get("herald"), sustained.get("nats-server")
         if h and n and h[0] and n[0]:
-            L.append(f"\nHerald sustains {h[0][0] / n[0][0]:.2f}x nats-server's rate under the same bound.\n")
+            L.append(f"\nHerald sustains {h[0][0] / n[0][0]:.2f}x nats-server's rate under the same bound. The bound "
+                     "is the point: without it both deliver 200 msg/s to the same subscribers without loss (the "
+                     "200 msg/s table below), nats-server with a p99 over 100 ms. The ratio is what each pushes "
+                     "while every message arrives within 100 ms, not raw capacity.\n")
         L.append("")
     for title, shape, args in scenarios:
         L.append(f"## {title}\n")
