@@ -42,6 +42,22 @@ use crate::values::Retention;
 
 /// How long a replay waits for the stream to hand over a batch.
 const FETCH_WAIT: Duration = Duration::from_secs(2);
+/// Replays read from the stream at once, node-wide: each is a consumer on
+/// the NATS server and its messages in this node's memory. Others wait.
+const MAX_READS: usize = 16;
+/// The longest a replay may take to read (waiting for its turn included);
+/// past it the recovery answers `history_unavailable`.
+const READ_DEADLINE: Duration = Duration::from_secs(30);
+/// The most bytes one replay holds; past it the recovery answers
+/// `too_many`, as past `--max-replay` messages.
+pub const MAX_REPLAY_BYTES: usize = 64 * 1024 * 1024;
+
+/// A read of the stream that failed: logged, and answered
+/// `history_unavailable`.
+fn unavailable(e: impl std::fmt::Display) -> Refusal {
+    tracing::warn!(error = %e, "history replay failed");
+    Refusal::Unrecovered(Unrecovered::HistoryUnavailable)
+}
 
 /// The cluster's history, as one node sees it.
 pub struct StreamHistory {
@@ -58,6 +74,10 @@ pub struct StreamHistory {
     /// The stream's last `seq` when this node first reached it: the feed
     /// delivers everything after it.
     start: AtomicU64,
+    /// Bounds the replays read from the stream at once.
+    reads: tokio::sync::Semaphore,
+    /// The stream's own per-subject limit (-1: none).
+    per_subject: i64,
     /// The stream's tail as the feed brought it, so most recoveries (all
     /// of a node kill's clients, asking for the same last minutes) are
     /// served from memory instead of a consumer each.
@@ -87,7 +107,15 @@ impl StreamHistory {
             available: AtomicBool::new(false),
             start: AtomicU64::new(u64::MAX),
             tail: (tail_bytes > 0).then(|| Journal::new(tail_bytes)),
+            reads: tokio::sync::Semaphore::new(MAX_READS),
+            per_subject: -1,
         }
+        .with_limits()
+    }
+
+    fn with_limits(mut self) -> Self {
+        self.per_subject = self.config().max_messages_per_subject;
+        self
     }
 
     /// Whether the stream was reached at the last check.
@@ -299,22 +327,28 @@ impl StreamHistory {
         }
     }
 
+    /// One read of the stream, in its turn (at most [`MAX_READS`] at once)
+    /// and within [`READ_DEADLINE`].
     async fn read(&self, pattern: &str, from: From, max: usize, truncate: bool) -> Result<Replay, Refusal> {
-        let unavailable = |e: String| {
-            tracing::warn!(error = %e, "history replay failed");
-            Refusal::Unrecovered(Unrecovered::HistoryUnavailable)
+        let read = async {
+            let _turn = self.reads.acquire().await.map_err(unavailable)?;
+            self.read_now(pattern, from, max, truncate).await
         };
-        let mut stream = self
-            .js
-            .get_stream(&self.name)
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        let state = stream
-            .info()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?
-            .state
-            .clone();
+        match tokio::time::timeout(READ_DEADLINE, read).await {
+            Ok(r) => r,
+            Err(_) => Err(unavailable(format!("no replay within {READ_DEADLINE:?}"))),
+        }
+    }
+
+    async fn read_now(
+        &self,
+        pattern: &str,
+        from: From,
+        max: usize,
+        truncate: bool,
+    ) -> Result<Replay, Refusal> {
+        let mut stream = self.js.get_stream(&self.name).await.map_err(unavailable)?;
+        let state = stream.info().await.map_err(unavailable)?.state.clone();
         let start = match from {
             From::Since(since) => {
                 if since > state.last_sequence {
@@ -337,16 +371,13 @@ impl StreamHistory {
             memory_storage: true,
             ..Default::default()
         };
-        let mut c = stream
-            .create_consumer(config)
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
+        let mut c = stream.create_consumer(config).await.map_err(unavailable)?;
         let result = self.fetch(&mut c, from, max, truncate, state.last_sequence).await;
         let _ = stream.delete_consumer(&c.cached_info().name).await;
         let replay = result?;
         if let From::Since(since) = from {
             // Anything the stream dropped while we read is reported.
-            let after = stream.info().await.map_err(|e| unavailable(e.to_string()))?;
+            let after = stream.info().await.map_err(unavailable)?;
             if since + 1 < after.state.first_sequence {
                 return Err(Refusal::Unrecovered(Unrecovered::TooOld));
             }
@@ -374,6 +405,7 @@ impl StreamHistory {
             through: last,
         };
         let mut per_topic: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut bytes = 0;
         while replay.messages.len() < pending {
             let want = (pending - replay.messages.len()).min(1000);
             let mut batch = c
@@ -382,15 +414,22 @@ impl StreamHistory {
                 .expires(FETCH_WAIT)
                 .messages()
                 .await
-                .map_err(|e| Refusal::Unrecovered(self.failed(e.to_string())))?;
+                .map_err(unavailable)?;
             let mut got = 0;
             let mut done = false;
             while let Some(m) = batch.next().await {
-                let m = m.map_err(|e| Refusal::Unrecovered(self.failed(e.to_string())))?;
+                let m = m.map_err(unavailable)?;
                 let Ok(info) = m.info() else { continue };
                 let (seq, left) = (info.stream_sequence, info.pending);
                 got += 1;
                 if let Some(t) = topic::from_subject(&self.intake, m.subject.as_str()) {
+                    bytes += m.payload.len();
+                    if bytes > MAX_REPLAY_BYTES {
+                        if truncate {
+                            return Ok(replay);
+                        }
+                        return Err(Refusal::Unrecovered(Unrecovered::TooMany));
+                    }
                     let t: Arc<str> = t.into();
                     *per_topic.entry(t.clone()).or_default() += 1;
                     replay.through = replay.through.max(seq);
@@ -410,15 +449,10 @@ impl StreamHistory {
         Ok(replay)
     }
 
-    fn failed(&self, e: String) -> Unrecovered {
-        tracing::warn!(error = %e, "history replay failed");
-        Unrecovered::HistoryUnavailable
-    }
-
     /// A topic that needs more than its rule keeps has lost messages;
     /// one that fills the stream's own per-subject limit may have.
     fn check_counts(&self, per_topic: &HashMap<Arc<str>, u64>) -> Result<(), Refusal> {
-        let stream_max = self.config().max_messages_per_subject;
+        let stream_max = self.per_subject;
         for (t, n) in per_topic {
             let rule = Retention::find(&self.rules, t).and_then(|r| r.count);
             let over_rule = rule.is_some_and(|c| *n > c);

@@ -29,17 +29,20 @@ struct Seen {
 }
 
 /// A subscriber through `url` to `room:*` that reconnects with its last
-/// position until `done` is set and nothing came for a while.
+/// position until it has every id in `done` (the publisher's acknowledged
+/// ids, sent once it has stopped). No silence is taken for the end: a
+/// subscriber that misses an acknowledged message fails at the deadline.
 async fn subscriber(
     url: String,
     ready: Arc<tokio::sync::Semaphore>,
-    mut done: watch::Receiver<bool>,
+    done: watch::Receiver<Option<Arc<HashSet<u64>>>>,
 ) -> Result<Seen, String> {
     let mut seen = Seen::default();
     let mut position: Option<(String, u64)> = None;
     let mut last_per_topic: HashMap<String, u64> = HashMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let mut first = true;
+    let mut have = HashSet::new();
     loop {
         if tokio::time::Instant::now() > deadline {
             return Err(format!("gave up; position {position:?}"));
@@ -57,14 +60,19 @@ async fn subscriber(
         if ws.send(Message::Text(sub.to_string())).await.is_err() {
             continue;
         }
-        let mut idle = 0;
         loop {
+            let complete = done
+                .borrow()
+                .as_ref()
+                .is_some_and(|acked| acked.iter().all(|id| have.contains(id)));
+            if complete {
+                return Ok(seen);
+            }
             let next = tokio::time::timeout(Duration::from_millis(500), ws.next()).await;
             let text = match next {
                 Err(_) => {
-                    idle += 1;
-                    if *done.borrow_and_update() && idle >= 3 {
-                        return Ok(seen);
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(format!("gave up waiting; position {position:?}"));
                     }
                     continue;
                 }
@@ -72,7 +80,6 @@ async fn subscriber(
                 Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => break,
                 Ok(Some(Ok(_))) => continue,
             };
-            idle = 0;
             let v: Value = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
             if v["op"] == "ack" {
                 if v.get("recovered").is_some() && v["recovered"] != true {
@@ -101,6 +108,7 @@ async fn subscriber(
             let at = position.as_ref().map_or(0, |p| p.1).max(seq);
             position = Some((epoch, at));
             seen.ids.push(id);
+            have.insert(id);
         }
         seen.reconnects += 1;
     }
@@ -165,7 +173,7 @@ async fn rolling_restart(kill: bool) {
     let lb = Haproxy::start(&addrs).await;
     let lb_addr: SocketAddr = ([127, 0, 0, 1], lb.port).into();
 
-    let (done_tx, done_rx) = watch::channel(false);
+    let (done_tx, done_rx) = watch::channel(None);
     let ready = Arc::new(tokio::sync::Semaphore::new(0));
     let subscribers = 300;
     let tasks: Vec<_> = (0..subscribers)
@@ -201,7 +209,7 @@ async fn rolling_restart(kill: bool) {
     }
     stop_tx.send_replace(true);
     let (acked, unsure) = publishing.await.expect("publisher");
-    done_tx.send_replace(true);
+    done_tx.send_replace(Some(Arc::new(acked.clone())));
     assert!(acked.len() > 2000, "published {} acknowledged", acked.len());
     let mut reconnects = 0;
     for t in tasks {
