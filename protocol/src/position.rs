@@ -64,7 +64,8 @@ pub fn put_delivery_at(out: &mut BytesMut, topic: &str, data: &[u8], seq: u64, e
     const DATA: &[u8] = b"\",\"data\":";
     const SEQ: &[u8] = b",\"seq\":";
     const EPOCH: &[u8] = b",\"epoch\":\"";
-    let digits = itoa(seq);
+    // Once per message, not per recipient.
+    let digits = seq.to_string();
     let n = digits.len();
     let len =
         OPEN.len() + topic.len() + DATA.len() + data.len() + SEQ.len() + n + EPOCH.len() + epoch.len() + 2;
@@ -86,34 +87,6 @@ pub fn encode_delivery_at(topic: &str, data: &[u8], seq: u64, epoch: &str) -> By
     let mut out = BytesMut::new();
     put_delivery_at(&mut out, topic, data, seq, epoch);
     out.freeze()
-}
-
-fn itoa(n: u64) -> Digits {
-    let mut d = Digits { buf: [0; 20], at: 20 };
-    let mut n = n;
-    loop {
-        d.at -= 1;
-        d.buf[d.at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break d;
-        }
-    }
-}
-
-struct Digits {
-    buf: [u8; 20],
-    at: usize,
-}
-
-impl Digits {
-    fn len(&self) -> usize {
-        20 - self.at
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[self.at..]
-    }
 }
 
 /// Why a recovery could not give the client everything it missed.

@@ -239,6 +239,10 @@ async fn refusals_say_why_and_keep_the_socket() {
         .http(&upgrade_request("/ws?sub=room:a&since=nocolon", &host, ""))
         .await;
     assert_eq!(status, 400, "{body}");
+    // A pattern the socket holds already: acked as a plain sub, no replay.
+    let again = d.request(ask("room:a", seq - 1, &epoch)).await;
+    assert_eq!(again["op"], "ack", "{again}");
+    assert!(again.get("recovered").is_none(), "{again}");
     // The socket still works.
     d.sub("room:f").await;
     publish_numbered(&h, "room:f", 1).await;
