@@ -47,7 +47,7 @@ const FETCH_WAIT: Duration = Duration::from_secs(2);
 const MAX_READS: usize = 16;
 /// The longest a replay may take to read (waiting for its turn included);
 /// past it the recovery answers `history_unavailable`.
-const READ_DEADLINE: Duration = Duration::from_secs(30);
+const READ_DEADLINE: Duration = Duration::from_secs(60);
 /// The most bytes one replay holds; past it the recovery answers
 /// `too_many`, as past `--max-replay` messages.
 pub const MAX_REPLAY_BYTES: usize = 64 * 1024 * 1024;
