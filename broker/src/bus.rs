@@ -404,6 +404,12 @@ impl Bus {
         }
     }
 
+    /// Whether the node is linked to others (its messages arrive once per
+    /// matching key, in no order between keys).
+    pub fn is_cluster(&self) -> bool {
+        self.link.is_some()
+    }
+
     /// A future that resolves once messages published on `key` anywhere in
     /// the cluster reach this node; `None` when they already do (always on
     /// an embedded node).

@@ -329,6 +329,11 @@ struct Sent {
 
 impl Sent {
     fn push(&mut self, s: &Sub, frames: &Frames<'_>) {
+        // A retired subscription still lists the socket; the topic goes
+        // only where a live one wants it.
+        if s.has_retired() && !s.wants(frames.topic) {
+            return;
+        }
         let Some(f) = frames.for_format(s.raw) else {
             return;
         };

@@ -48,19 +48,6 @@ pub enum Refusal {
     Future(u64),
 }
 
-/// Whether some topic could match both patterns.
-pub fn overlaps(a: &str, b: &str) -> bool {
-    let (mut x, mut y) = (a.split(':'), b.split(':'));
-    loop {
-        match (x.next(), y.next()) {
-            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
-            (None, None) => return true,
-            (Some(p), Some(q)) if p == "*" || q == "*" || p == q => {}
-            _ => return false,
-        }
-    }
-}
-
 /// The embedded node's history.
 pub struct Journal {
     epoch: Arc<str>,
@@ -451,15 +438,5 @@ mod tests {
         j.insert("a", &r, 50, Bytes::from_static(b"3"));
         assert!(!j.covers(42) && j.covers(49) && j.covers(50));
         assert_eq!(j.replay(">", From::Since(49), 10).unwrap().messages.len(), 1);
-    }
-
-    #[test]
-    fn overlapping_patterns() {
-        assert!(overlaps("chat:*", "chat:>"));
-        assert!(overlaps("chat:lobby", "chat:*"));
-        assert!(overlaps(">", "a:b"));
-        assert!(!overlaps("chat:*", "orders:*"));
-        assert!(!overlaps("chat:*", "chat:a:b"));
-        assert!(!overlaps("a", "a:b"));
     }
 }

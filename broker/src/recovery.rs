@@ -19,7 +19,7 @@ use herald_protocol::message::{self, ErrorCode};
 use herald_protocol::position::{self, Unrecovered};
 
 use crate::bus::Bus;
-use crate::journal::{overlaps, From, Refusal, Replay};
+use crate::journal::{From, Refusal, Replay};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::subscriber::Subscriber;
@@ -123,7 +123,11 @@ async fn read(
     let Some(history) = bus.history() else {
         return (unavailable, None);
     };
-    if !history.rules.iter().any(|r| overlaps(&r.pattern, pattern)) {
+    if !history
+        .rules
+        .iter()
+        .any(|r| herald_protocol::topic::overlaps(&r.pattern, pattern))
+    {
         return (unavailable, None);
     }
     let epoch = match &history.store {

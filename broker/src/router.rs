@@ -153,9 +153,14 @@ impl Router {
         ack: Option<&str>,
         ask: Option<&Ask>,
     ) -> Result<Option<Live>, Refused> {
+        let revived = sub.has_retired() && self.unretire(sub, pattern, ask.is_some());
         let (held, count) = {
             let subs = sub.subs();
-            (subs.iter().any(|s| &*s.pattern == pattern), subs.len())
+            let live = subs.iter().filter(|s| !s.retired);
+            (
+                subs.iter().any(|s| !s.retired && &*s.pattern == pattern),
+                live.count(),
+            )
         };
         if !held {
             let max = self.inner.max_subscriptions;
@@ -182,10 +187,11 @@ impl Router {
             bus.interest(pattern, interest);
             self.inner.metrics.subscriptions.fetch_add(1, Relaxed);
         }
+        let new = !held || revived;
         let ask = ask.filter(|_| !held).cloned();
         let live = self.inner.bus.until_live(pattern);
         if live.is_none() && ask.is_none() {
-            self.subscribed(sub, pattern, who, ack, !held);
+            self.subscribed(sub, pattern, who, ack, new);
             return Ok(None);
         }
         let (router, sub) = (self.clone(), sub.clone());
@@ -204,7 +210,7 @@ impl Router {
                 user: user.as_deref(),
             };
             let Some(ask) = ask else {
-                return router.subscribed(&sub, &pattern, who, ack.as_deref(), !held);
+                return router.subscribed(&sub, &pattern, who, ack.as_deref(), new);
             };
             let inner = &router.inner;
             let max = inner.max_replay;
@@ -224,7 +230,7 @@ impl Router {
                     // Never announced: dropped without a leave notice.
                     let s = {
                         let mut subs = sub.subs();
-                        let at = subs.iter().position(|s| *s.pattern == *pattern);
+                        let at = subs.iter().position(|s| !s.retired && *s.pattern == *pattern);
                         at.map(|i| subs.remove(i))
                     };
                     if let Some(s) = s {
@@ -253,19 +259,30 @@ impl Router {
         who: Who<'_>,
         ack: Option<&str>,
     ) -> Result<(), Refused> {
-        let removed = {
-            let mut subs = sub.subs();
-            let at = subs.iter().position(|s| &*s.pattern == pattern);
-            // In order: the oldest matching subscription carries a topic
-            // (see `Subscriber::is_first_match`).
-            at.map(|i| subs.remove(i))
-        };
-        let Some(s) = removed else {
-            return Err(Refused::NotSubscribed(pattern.to_owned()));
-        };
-        // In effect before the ack: nothing on `pattern` reaches the socket
-        // after the client has it.
-        self.leave(sub, &s, Some(who));
+        // In a cluster, a subscription that a newer one overlaps stays as
+        // the carrier of their shared topics (see `Subscription::retired`).
+        let max = self.inner.max_subscriptions;
+        if self.inner.bus.is_cluster() && sub.retire(pattern, max) {
+            self.inner.metrics.subscriptions.fetch_sub(1, Relaxed);
+            self.announce(sub, &Subscription::new(pattern), "leave", who);
+        } else {
+            let removed = {
+                let mut subs = sub.subs();
+                let at = subs.iter().position(|s| !s.retired && &*s.pattern == pattern);
+                // In order: the oldest matching subscription carries a
+                // topic (see `Subscriber::is_first_match`).
+                at.map(|i| subs.remove(i))
+            };
+            let Some(s) = removed else {
+                return Err(Refused::NotSubscribed(pattern.to_owned()));
+            };
+            // In effect before the ack: nothing on `pattern` reaches the
+            // socket after the client has it.
+            self.leave(sub, &s, Some(who));
+        }
+        for s in sub.prune() {
+            self.leave(sub, &s, None);
+        }
         if let Some(id) = ack {
             sub.push(message::encode_ack(id));
         }
@@ -280,12 +297,40 @@ impl Router {
         }
     }
 
+    /// A `sub` to a pattern the socket keeps retired: made live again in
+    /// place, or, when it recovers (it must hold its deliveries from the
+    /// start), taken out first.
+    /// Returns whether it was made live again.
+    fn unretire(&self, sub: &Arc<Subscriber>, pattern: &str, recovers: bool) -> bool {
+        if !recovers {
+            // Counted and announced again; the hub never let it go.
+            let revived = sub.revive(pattern);
+            if revived {
+                self.inner.metrics.subscriptions.fetch_add(1, Relaxed);
+            }
+            return revived;
+        }
+        let taken = {
+            let mut subs = sub.subs();
+            let at = subs.iter().position(|s| s.retired && &*s.pattern == pattern);
+            at.map(|i| subs.remove(i))
+        };
+        if let Some(s) = taken {
+            self.leave(sub, &s, None);
+        }
+        false
+    }
+
     /// Ends one subscription; `who` announces the leave on a presence
-    /// topic (`None` for one that never announced its join).
+    /// topic (`None` for one that never announced its join). A retired
+    /// one was uncounted and announced when the client dropped it.
     fn leave(&self, sub: &Arc<Subscriber>, s: &Subscription, who: Option<Who<'_>>) {
         let bus = &self.inner.bus;
         let interest = bus.hub().unsubscribe(&s.pattern, s.wildcard, sub.id);
         bus.interest(&s.pattern, interest);
+        if s.retired {
+            return;
+        }
         self.inner.metrics.subscriptions.fetch_sub(1, Relaxed);
         if let Some(who) = who {
             self.announce(sub, s, "leave", who);

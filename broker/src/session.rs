@@ -354,7 +354,7 @@ impl Session {
             .set(self.conn.id, deadline, Due::TokenExpired);
         let grants = identity.grants.clone();
         self.access = Some(Arc::new(identity));
-        let held: Vec<String> = self.conn.subs().iter().map(|s| s.pattern.to_string()).collect();
+        let held = self.conn.patterns();
         for p in held.into_iter().filter(|p| !grants.may_subscribe(p)) {
             let _ = self.shared.router.unsubscribe(&self.conn, &p, self.who(), None);
             let msg = format!("forbidden: the token does not cover {p:?}; unsubscribed");

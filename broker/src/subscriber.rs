@@ -30,6 +30,10 @@ pub struct Subscriber {
     /// covers wait in its [`Hold`] until the replay is out) or has just
     /// recovered (it drops live deliveries the replay already gave).
     recovering: AtomicBool,
+    /// Set while the socket keeps a retired subscription (see
+    /// [`Subscription::retired`]): fan-out then checks that a topic is
+    /// still wanted.
+    retired: AtomicBool,
     /// Node clock (ms) when anything last arrived from the client.
     last_seen: AtomicU64,
     /// The socket's subscriptions. Written by its session; read by fan-out
@@ -55,6 +59,13 @@ pub struct Subscription {
     /// the replay (a node's feed may still bring them), so they are
     /// dropped; 0 once one above it arrived.
     pub floor: u64,
+    /// Unsubscribed by the client, but kept as the carrier of the topics
+    /// it shares with a newer subscription of the socket: in a cluster each
+    /// key has its own subject subscription with no order between them, so
+    /// handing those topics to the newer key at the unsub would lose or
+    /// repeat what is in flight on both. A retired subscription delivers
+    /// only topics a live one still matches, and goes once none overlaps it.
+    pub retired: bool,
 }
 
 /// Live history deliveries that arrived while a replay was being read and
@@ -73,6 +84,7 @@ impl Subscription {
             wildcard: pattern.contains(['*', '>']),
             hold: None,
             floor: 0,
+            retired: false,
         }
     }
 
@@ -109,6 +121,7 @@ impl Subscriber {
             outbox: Outbox::new(queue_limit),
             wildcard: AtomicBool::new(false),
             recovering: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             last_seen: AtomicU64::new(now_ms),
             subs: Mutex::new(Vec::new()),
             writers,
@@ -184,11 +197,92 @@ impl Subscriber {
     /// arrives once; and a subscription added later never takes a topic over
     /// from one that already carries it (it would, before its own subject
     /// is live: a gap), so adding a wildcard over a held topic loses nothing.
+    /// Dropping the older one leaves it carrying as a retired subscription
+    /// (see [`Subscription::retired`]) while a live one wants the topic.
     pub fn is_first_match(&self, key: &str, topic: &str) -> bool {
-        self.subs()
+        let subs = self.subs();
+        let mut matching = subs
             .iter()
-            .find(|s| herald_protocol::topic::matches(&s.pattern, topic))
-            .is_none_or(|first| &*first.pattern == key)
+            .filter(|s| herald_protocol::topic::matches(&s.pattern, topic));
+        let Some(first) = matching.next() else {
+            return true;
+        };
+        &*first.pattern == key && (!first.retired || matching.any(|s| !s.retired))
+    }
+
+    /// Whether a live (not retired) subscription of the socket matches
+    /// `topic`; checked by fan-out only for sockets keeping a retired one.
+    pub fn wants(&self, topic: &str) -> bool {
+        !self.retired.load(Acquire)
+            || self
+                .subs()
+                .iter()
+                .any(|s| !s.retired && herald_protocol::topic::matches(&s.pattern, topic))
+    }
+
+    /// The patterns the socket holds (not the retired ones), oldest first.
+    pub fn patterns(&self) -> Vec<String> {
+        let subs = self.subs();
+        let live = subs.iter().filter(|s| !s.retired);
+        live.map(|s| s.pattern.to_string()).collect()
+    }
+
+    /// Whether the socket keeps a retired subscription.
+    pub fn has_retired(&self) -> bool {
+        self.retired.load(Relaxed)
+    }
+
+    /// Retires the live subscription to `pattern` when a newer live one
+    /// overlaps it and fewer than `max` are retired already; returns
+    /// whether it did (else the caller removes it).
+    pub fn retire(&self, pattern: &str, max: usize) -> bool {
+        let mut subs = self.subs();
+        let Some(at) = subs.iter().position(|s| !s.retired && &*s.pattern == pattern) else {
+            return false;
+        };
+        let overlapped = subs[at + 1..]
+            .iter()
+            .any(|s| !s.retired && herald_protocol::topic::overlaps(&s.pattern, pattern));
+        if !overlapped || subs.iter().filter(|s| s.retired).count() >= max {
+            return false;
+        }
+        subs[at].retired = true;
+        self.retired.store(true, Release);
+        true
+    }
+
+    /// Makes the retired subscription to `pattern` live again (it never
+    /// stopped carrying its topics); returns whether there was one.
+    pub fn revive(&self, pattern: &str) -> bool {
+        let mut subs = self.subs();
+        let Some(s) = subs.iter_mut().find(|s| s.retired && &*s.pattern == pattern) else {
+            return false;
+        };
+        s.retired = false;
+        self.retired.store(subs.iter().any(|s| s.retired), Release);
+        true
+    }
+
+    /// Takes out the retired subscriptions that no live one newer than
+    /// them overlaps any more: they carry nothing the socket wants.
+    pub fn prune(&self) -> Vec<Subscription> {
+        let mut subs = self.subs();
+        let mut gone = Vec::new();
+        let mut i = 0;
+        while i < subs.len() {
+            let s = &subs[i];
+            let needed = !s.retired
+                || subs[i + 1..]
+                    .iter()
+                    .any(|l| !l.retired && herald_protocol::topic::overlaps(&l.pattern, &s.pattern));
+            if needed {
+                i += 1;
+            } else {
+                gone.push(subs.remove(i));
+            }
+        }
+        self.retired.store(subs.iter().any(|s| s.retired), Release);
+        gone
     }
 
     /// Offers a live delivery of history message `seq` on `topic`: while a
@@ -266,5 +360,44 @@ impl Subscriber {
     /// Records that something arrived from the client at `now_ms`.
     pub fn seen(&self, now_ms: u64) {
         self.last_seen.store(now_ms, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket(patterns: &[&str]) -> Subscriber {
+        let s = Subscriber::new(1, false, 1 << 16, 0, Default::default(), None);
+        for p in patterns {
+            s.add(Subscription::new(p));
+        }
+        s
+    }
+
+    #[test]
+    fn a_retired_subscription_carries_what_a_newer_one_wants() {
+        let s = socket(&["a:>", "a:*"]);
+        assert!(s.is_first_match("a:>", "a:x") && !s.is_first_match("a:*", "a:x"));
+        // Nothing newer overlaps `a:*`: it cannot retire.
+        assert!(!s.retire("a:*", 8));
+        assert!(s.retire("a:>", 8));
+        assert_eq!(s.patterns(), ["a:*"]);
+        assert!(s.prune().is_empty(), "`a:*` still overlaps it");
+        // `a:>` still carries `a:x`; `a:x:y` is wanted by nobody.
+        assert!(s.is_first_match("a:>", "a:x") && !s.is_first_match("a:*", "a:x"));
+        assert!(!s.is_first_match("a:>", "a:x:y") && !s.wants("a:x:y"));
+        assert!(s.wants("a:x"));
+        // Made live again in place, it still carries.
+        assert!(s.revive("a:>") && !s.has_retired());
+        assert!(s.is_first_match("a:>", "a:x:y"));
+        // The bound: none may retire past `max`.
+        assert!(!s.retire("a:>", 0));
+        assert!(s.retire("a:>", 1));
+        // The newer one goes: the retired one carries nothing wanted.
+        s.subs().retain(|x| &*x.pattern != "a:*");
+        let gone = s.prune();
+        assert_eq!(gone.len(), 1);
+        assert!(s.subs().is_empty() && !s.has_retired());
     }
 }

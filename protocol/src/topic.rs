@@ -185,6 +185,20 @@ pub fn covers(grant: &str, pattern: &str) -> bool {
     }
 }
 
+/// Whether some topic could match both patterns (both valid):
+/// `chat:lobby` and `chat:*` do, `chat:*` and `chat:a:b` do not.
+pub fn overlaps(a: &str, b: &str) -> bool {
+    let (mut x, mut y) = (a.split(':'), b.split(':'));
+    loop {
+        match (x.next(), y.next()) {
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (None, None) => return true,
+            (Some(p), Some(q)) if p == "*" || q == "*" || p == q => {}
+            _ => return false,
+        }
+    }
+}
+
 /// The NATS subject for a topic or pattern under `prefix`: `:` becomes `.`;
 /// `*` and `>` are NATS wildcards already.
 pub fn to_subject(prefix: &str, topic: &str) -> String {
@@ -213,6 +227,16 @@ pub fn from_subject(prefix: &str, subject: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_patterns() {
+        assert!(overlaps("chat:*", "chat:>"));
+        assert!(overlaps("chat:lobby", "chat:*"));
+        assert!(overlaps(">", "a:b"));
+        assert!(!overlaps("chat:*", "orders:*"));
+        assert!(!overlaps("chat:*", "chat:a:b"));
+        assert!(!overlaps("a", "a:b"));
+    }
 
     #[test]
     fn grants_cover_only_what_they_match() {

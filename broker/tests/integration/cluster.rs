@@ -498,3 +498,105 @@ async fn adding_a_wildcard_over_a_held_topic_loses_nothing() {
         assert_eq!(got, want, "trial {trial}: every message once, in order");
     }
 }
+
+/// Defect 3's other side: a socket holding an older subscription and a
+/// newer one that overlaps it drops the older while a backend publishes
+/// on NATS as fast as it can. The older subscription carried the topic;
+/// the newer one must take over with every message once, in order.
+#[tokio::test]
+async fn dropping_the_older_of_two_overlapping_subscriptions_loses_nothing() {
+    let nats = NatsServer::start().await;
+    let ns = nodes(1, &nats.url(), &[]);
+    wait_linked(&ns).await;
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+    const N: u64 = 3000;
+    for trial in 0..12u64 {
+        let topic = format!("t{trial}:lobby");
+        let older = if trial % 2 == 0 {
+            topic.clone()
+        } else {
+            format!("t{trial}:>")
+        };
+        let mut c = ns[0].connect("").await;
+        for (id, p) in [("a", older.clone()), ("b", format!("t{trial}:*"))] {
+            let ack = c.request(json!({"op":"sub","topic":p,"id":id})).await;
+            assert_eq!(ack["op"], "ack", "{ack}");
+        }
+        let publisher = {
+            let (nc, subject) = (nc.clone(), format!("herald.t{trial}.lobby"));
+            tokio::spawn(async move {
+                for seq in 0..N {
+                    nc.publish(subject.clone(), seq.to_string().into()).await.unwrap();
+                    if seq % 64 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                nc.flush().await.unwrap();
+            })
+        };
+        // Somewhere in the burst, drop the older subscription.
+        tokio::time::sleep(Duration::from_millis(1 + 3 * (trial % 4))).await;
+        let ack = c.request(json!({"op":"unsub","topic":older,"id":"u"})).await;
+        assert_eq!(ack["op"], "ack", "{ack}");
+        publisher.await.unwrap();
+        let mut got = Vec::new();
+        while got.last() != Some(&(N - 1)) {
+            let v = c.recv().await;
+            got.push(v["data"].as_u64().unwrap());
+        }
+        let want: Vec<u64> = (0..N).collect();
+        let missing: Vec<u64> = want.iter().copied().filter(|n| !got.contains(n)).collect();
+        assert_eq!(got.len() as u64, N, "trial {trial}: missing {missing:?}");
+        assert_eq!(got, want, "trial {trial}: every message once, in order");
+    }
+}
+
+/// A subscription kept as a carrier after its unsub delivers only what a
+/// live subscription of the socket still wants, comes back in place on a
+/// new `sub`, and goes (with its NATS subject) once nothing overlaps it.
+#[tokio::test]
+async fn a_retired_subscription_carries_only_what_is_still_wanted() {
+    let nats = NatsServer::start().await;
+    let ns = nodes(2, &nats.url(), &[]);
+    wait_linked(&ns).await;
+    let node = &ns[0];
+    let mut c = node.connect("").await;
+    c.sub("r:>").await;
+    c.sub("r:*").await;
+    let base = node.metric("herald_nats_subscriptions").await;
+    let ack = c.request(json!({"op":"unsub","topic":"r:>","id":"u"})).await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    assert_eq!(node.metric("herald_subscriptions").await, 1.0);
+    // `r:>` still carries `r:a` (its subject stays), but `r:a:b` is no
+    // longer wanted: published first, it must not arrive.
+    assert_eq!(node.metric("herald_nats_subscriptions").await, base);
+    ns[1].publish("r:a:b", "1").await;
+    ns[1].publish("r:a", "2").await;
+    let v = c.recv().await;
+    assert_eq!((v["topic"].as_str(), v["data"].as_u64()), (Some("r:a"), Some(2)), "{v}");
+    // A new `sub` to it makes it live again: `r:a:b` arrives.
+    c.sub("r:>").await;
+    assert_eq!(node.metric("herald_subscriptions").await, 2.0);
+    ns[1].publish("r:a:b", "3").await;
+    let v = c.recv().await;
+    assert_eq!((v["topic"].as_str(), v["data"].as_u64()), (Some("r:a:b"), Some(3)), "{v}");
+    // Retired again, then the newer one goes: both leave, and the node
+    // drops both subjects.
+    let ack = c.request(json!({"op":"unsub","topic":"r:>","id":"u2"})).await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let ack = c.request(json!({"op":"unsub","topic":"r:*","id":"u3"})).await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    assert_eq!(node.metric("herald_subscriptions").await, 0.0);
+    eventually("both subjects dropped", || async {
+        node.metric("herald_nats_subscriptions").await == base - 2.0
+    })
+    .await;
+    // Neither is held: a second unsub is refused, and nothing arrives.
+    let err = c.request(json!({"op":"unsub","topic":"r:>","id":"u4"})).await;
+    assert_eq!(err["op"], "error", "{err}");
+    ns[1].publish("r:a", "4").await;
+    c.sub("probe").await;
+    ns[1].publish("probe", "5").await;
+    let v = c.recv().await;
+    assert_eq!(v["topic"], "probe", "{v}");
+}
