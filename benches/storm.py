@@ -98,13 +98,38 @@ def probe(url, pid, duration):
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout)
 
 
+def children(pid):
+    """The processes whose parent is `pid` (the load generator's workers)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sockets", type=int, default=100_000)
     ap.add_argument("--nodes", type=int, default=7)
+    ap.add_argument("--jitter", default="2s", help="each lost socket's longest wait before its first attempt")
+    ap.add_argument("--connect-rate", type=int, action="append",
+                    help="the nodes' --connect-rate; repeat to compare (one storm each, default: 0 then 300)")
+    ap.add_argument("--spare-probe-node", action="store_true",
+                    help="keep the probe's node out of the HAProxies: does the storm slow it through the box alone?")
     ap.add_argument("--out", default=os.path.join(compare.ROOT, "docs", "benchmarks.md"))
     a = ap.parse_args()
     compare.install()
+    results = [run(a, rate) for rate in (a.connect_rate or [0, 300])]
+    print(json.dumps(results, indent=2))
+    write(a.out, results, " ".join(sys.argv[1:]))
+
+
+def run(a, rate):
     tmp = tempfile.mkdtemp(prefix="herald-storm-")
     procs, logs = [], []
     try:
@@ -119,7 +144,7 @@ def main():
             log = open(os.path.join(tmp, f"node{i}.log"), "w")
             logs.append(log.name)
             p = subprocess.Popen([compare.HERALD, "serve", "--listen", f"127.0.0.1:{port}", "--log-level", "warn",
-                                  "--nats", f"nats://127.0.0.1:{nats_port}"],
+                                  "--nats", f"nats://127.0.0.1:{nats_port}", "--connect-rate", str(rate)],
                                  stdout=subprocess.DEVNULL, stderr=log)
             compare.wait_port(port, p, "herald")
             nodes.append(p)
@@ -128,14 +153,15 @@ def main():
         proxies = []
         for _ in range(3):
             port = compare.free_port()
-            proxies.append((port, start_haproxy(port, ports, tmp)))
+            backends = [p for i, p in enumerate(ports) if not (a.spare_probe_node and i == 1)]
+            proxies.append((port, start_haproxy(port, backends, tmp)))
         procs += [p for _, p in proxies]
         time.sleep(1.5)  # links up, health checks passed
         workers = 6
         cmd = [compare.LOADGEN, "--json", "--workers", str(workers), "--duration", "40s"]
         for port in ports:
             cmd += ["--url", f"ws://127.0.0.1:{port}/ws"]
-        cmd += ["storm", "--sockets", str(a.sockets), "--jitter", "2s"]
+        cmd += ["storm", "--sockets", str(a.sockets), "--jitter", a.jitter]
         for port, _ in proxies:
             cmd += ["--reconnect-url", f"ws://127.0.0.1:{port}/ws"]
         print("+", " ".join(cmd), file=sys.stderr)
@@ -148,29 +174,31 @@ def main():
         survivors = [p.pid for p in nodes[1:]]
         calm = probe(f"ws://127.0.0.1:{ports[1]}/ws", nodes[1].pid, "8s")
         sampler = Sampler(survivors)
-        cpu_before = sum(cpu_seconds(p) for p in survivors)
+        # Where the machine's CPU goes during the storm probe, by group.
+        groups = {"survivors": survivors, "haproxy": [p.pid for _, p in proxies], "nats-server": [nats.pid],
+                  "storm clients": [storm.pid] + children(storm.pid)}
+        cpu_before = {g: sum(cpu_seconds(p) for p in ps) for g, ps in groups.items()}
         rss_before = sum(rss_kb(p) for p in survivors)
         sampler.start()
         killer = threading.Timer(1.0, lambda: nodes[0].kill())
         killer.start()
         stormy = probe(f"ws://127.0.0.1:{ports[1]}/ws", nodes[1].pid, "8s")
-        cpu_storm = sum(cpu_seconds(p) for p in survivors) - cpu_before
+        cpu = {g: sum(cpu_seconds(p) for p in ps) - cpu_before[g] for g, ps in groups.items()}
         sampler.stop.set()
         report = json.loads(storm.communicate(timeout=120)[0])
         accept_failed = sum(open(path).read().count("accept failed") for path in logs)
-        result = {
-            "sockets": a.sockets, "nodes": a.nodes, "connected": report["connected"],
+        return {
+            "sockets": a.sockets, "nodes": a.nodes, "connect_rate": rate, "jitter": a.jitter,
+            "connected": report["connected"],
             "connect_errors": report["connect_errors"], "storm": report["storm"],
             "recovery_ms": report.get("storm_recovery_ms"), "accept_failed": accept_failed,
             "survivor_rss_before_kb": rss_before, "survivor_rss_peak_kb": sampler.peak,
-            "survivor_cpu_during_probe_s": cpu_storm,
+            "survivor_cpu_during_probe_s": cpu["survivors"], "cpu_during_probe_s": cpu,
             "probe_calm": {"p50": calm["latency_us"]["p50"], "p99": calm["latency_us"]["p99"],
                            "delivered": calm["delivered"], "expected": calm["expected"]},
             "probe_storm": {"p50": stormy["latency_us"]["p50"], "p99": stormy["latency_us"]["p99"],
                             "delivered": stormy["delivered"], "expected": stormy["expected"]},
         }
-        print(json.dumps(result, indent=2))
-        write(a.out, result, " ".join(sys.argv[1:]))
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -182,31 +210,45 @@ def main():
                 p.kill()
 
 
-def write(path, r, args):
-    st = r["storm"]
-    ms = r["recovery_ms"]
+def write(path, rs, args):
+    r0 = rs[0]
     cmd = f"python3 benches/storm.py {args}".strip()
-    lines = [BEGIN, f"## A node dies under {r['sockets']:,} sockets\n",
+
+    def row(name, f):
+        return f"| {name} | " + " | ".join(f(r) for r in rs) + " |"
+
+    def rate(r):
+        return f"`--connect-rate {r['connect_rate']}`" if r["connect_rate"] else "no `--connect-rate`"
+
+    def p99(r, k):
+        p = r[k]
+        return f"{p['p99'] / 1000:.1f} ms ({p['delivered']:,} / {p['expected']:,})"
+
+    def ms(r):
+        return f"{r['recovery_ms'] / 1000:.1f} s" if r["recovery_ms"] else "—"
+
+    lines = [BEGIN, f"## A node dies under {r0['sockets']:,} sockets\n",
              f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')}: "
-             f"{r['nodes']} Herald nodes linked by one nats-server, three HAProxy instances in front; "
-             f"{r['sockets']:,} idle subscribed sockets straight to the nodes; then the first node is "
-             "SIGKILLed and its clients reconnect through the HAProxies with up to 2 s of jitter. A probe "
-             "(200 subscribers on a survivor, 200 msg/s) runs calm, then through the storm.\n",
-             "| figure | value |", "|---|---|",
-             f"| sockets connected before the kill | {r['connected']:,} ({r['connect_errors']} failed) |",
-             f"| sockets lost with the node | {st['lost']:,} |",
-             f"| subscribed again | {st['reconnected']:,} |",
-             f"| first loss to last resubscribe | {ms / 1000:.1f} s |" if ms else "| first loss to last resubscribe | — |",
-             f"| refused or failed attempts on the way | {st['failed_attempts']:,} |",
-             f"| `accept failed` in the nodes' logs | {r['accept_failed']} |",
-             f"| survivors' RSS: before, peak | {r['survivor_rss_before_kb'] / 1024:.0f} MiB, "
-             f"{r['survivor_rss_peak_kb'] / 1024:.0f} MiB |",
-             f"| survivors' CPU during the 8 s storm probe | {r['survivor_cpu_during_probe_s']:.1f} s |",
-             f"| probe p99, calm | {r['probe_calm']['p99'] / 1000:.1f} ms "
-             f"({r['probe_calm']['delivered']} / {r['probe_calm']['expected']} delivered) |",
-             f"| probe p99, through the storm | {r['probe_storm']['p99'] / 1000:.1f} ms "
-             f"({r['probe_storm']['delivered']} / {r['probe_storm']['expected']} delivered) |",
-             "", END]
+             f"{r0['nodes']} Herald nodes linked by one nats-server, three HAProxy instances in front; "
+             f"{r0['sockets']:,} idle subscribed sockets straight to the nodes; then the first node is "
+             f"SIGKILLed and its clients reconnect through the HAProxies with up to {r0['jitter']} of jitter. "
+             "A probe (200 subscribers on a survivor, 200 msg/s) runs calm, then through the storm. "
+             "One storm per column, each on fresh processes, in one run.\n",
+             "| figure | " + " | ".join(rate(r) for r in rs) + " |", "|---|" + "---|" * len(rs),
+             row("sockets connected before the kill", lambda r: f"{r['connected']:,} ({r['connect_errors']} failed)"),
+             row("sockets lost with the node", lambda r: f"{r['storm']['lost']:,}"),
+             row("subscribed again", lambda r: f"{r['storm']['reconnected']:,}"),
+             row("first loss to last resubscribe", ms),
+             row("refused or failed attempts on the way", lambda r: f"{r['storm']['failed_attempts']:,}"),
+             row("`accept failed` in the nodes' logs", lambda r: str(r["accept_failed"])),
+             row("survivors' RSS: before, peak",
+                 lambda r: f"{r['survivor_rss_before_kb'] / 1024:.0f} MiB, {r['survivor_rss_peak_kb'] / 1024:.0f} MiB"),
+             row("probe p99 (delivered / expected), calm", lambda r: p99(r, "probe_calm")),
+             row("probe p99 (delivered / expected), through the storm", lambda r: p99(r, "probe_storm")),
+             ]
+    for g in r0["cpu_during_probe_s"]:
+        lines.append(row(f"CPU s during the 8 s storm probe: {g}", lambda r, g=g: f"{r['cpu_during_probe_s'][g]:.1f}"))
+    lines += ["", END]
     text = open(path).read() if os.path.exists(path) else ""
     block = "\n".join(lines)
     if BEGIN in text:

@@ -32,6 +32,9 @@ pub struct Admission {
     table: DashMap<IpAddr, Entry>,
     max_per_ip: u32,
     rate_per_ip: u32,
+    /// `--connect-rate`, and its node-wide bucket.
+    rate: u32,
+    bucket: std::sync::Mutex<RateLimit>,
     trusted: Vec<Cidr>,
     epoch: Instant,
 }
@@ -84,6 +87,8 @@ impl Admission {
             table: DashMap::new(),
             max_per_ip: config.max_connections_per_ip,
             rate_per_ip: config.connect_rate_per_ip,
+            rate: config.connect_rate,
+            bucket: Default::default(),
             trusted: config.trusted_proxies.clone(),
             epoch: Instant::now(),
         }
@@ -96,6 +101,17 @@ impl Admission {
     /// Whether a proxy at `ip` is trusted to name the client.
     pub fn trusts(&self, ip: IpAddr) -> bool {
         self.trusted.iter().any(|c| c.contains(ip))
+    }
+
+    /// Takes a token of the node-wide `--connect-rate`: false (with the
+    /// rate) when new sockets come faster.
+    pub fn paced(&self) -> Result<(), u32> {
+        if self.rate == 0 {
+            return Ok(());
+        }
+        let now = self.now_ms();
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        b.allow(self.rate, now).then_some(()).ok_or(self.rate)
     }
 
     /// Counts a new socket from `ip`; `Ok(None)` when no per-address limit

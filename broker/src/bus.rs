@@ -4,8 +4,10 @@
 //! local hub. Cluster mode (`--nats URL`) adds a NATS link:
 //!
 //! - A publish is delivered to local subscribers at once, then published on
-//!   the topic's subject (`herald.chat.lobby`). The link connects with
-//!   `no_echo`, so NATS never hands a node its own messages back: local
+//!   the topic's subject (`herald.chat.lobby`). Topic traffic has a NATS
+//!   connection of its own ([`crate::natsio`]: every subscription and plain
+//!   publish, read in the server's order) with `echo:false`, so NATS never
+//!   hands a node its own messages back: local
 //!   subscribers get each message once, and the link's loss never stops local
 //!   delivery. A publish that cannot reach NATS is counted and reported.
 //! - Interest: the node holds one subject subscription per topic or pattern
@@ -19,14 +21,15 @@
 //! - Presence notices travel as empty messages with `Herald-Event`,
 //!   `Herald-Client` and `Herald-Name` headers.
 //!
-//! async-nats reconnects by itself and re-sends the subscriptions it holds.
+//! Both connections reconnect by themselves; the topic connection re-sends
+//! its subscriptions. JetStream (history) and the status page's samples
+//! use the async-nats client.
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use herald_protocol::topic;
 use tokio::sync::{mpsc, oneshot};
@@ -34,6 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::hub::{Body, Hub, Interest};
 use crate::link::{self, LinkAuth, LinkError};
 use crate::metrics::Metrics;
+use crate::natsio::{Headers, NatsIo};
 use crate::outbound::{send_loop, Confirm, Outbound};
 use crate::store::{History, HistorySettings, Store};
 use crate::stream::StreamHistory;
@@ -88,13 +92,15 @@ enum Forward {
     /// A message on an ordinary topic.
     Plain,
     /// A presence notice, in headers.
-    Notice(HeaderMap),
+    Notice(Headers),
     /// A message on a history topic, for the stream.
     Stored(Option<Confirm>),
 }
 
 struct Link {
     client: async_nats::Client,
+    /// Topic traffic: subscriptions and plain publishes.
+    io: Arc<NatsIo>,
     prefix: String,
     outbound: mpsc::Sender<Outbound>,
     /// Payload bytes waiting in `outbound`, bounded by [`OUTBOUND_BYTES`].
@@ -133,7 +139,8 @@ impl Bus {
         auth: &LinkAuth,
         history: &HistorySettings,
     ) -> Result<Self, LinkError> {
-        let client = link::connect(urls, auth, metrics.clone()).await?;
+        let client = link::connect(urls, auth).await?;
+        let io = NatsIo::new(urls, auth, metrics.clone())?;
         let (outbound, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
         let subjects = Arc::new(Subjects::default());
         let stream = (!history.rules.is_empty()).then(|| {
@@ -151,13 +158,14 @@ impl Bus {
         });
         let link = Arc::new(Link {
             client,
+            io: io.clone(),
             prefix: prefix.to_owned(),
             outbound,
             queued: Arc::default(),
             subjects: subjects.clone(),
         });
         tokio::spawn(send_loop(
-            link.client.clone(),
+            io.clone(),
             out_rx,
             link.queued.clone(),
             metrics.clone(),
@@ -187,7 +195,8 @@ impl Bus {
             prefix: prefix.to_owned(),
             max_message_bytes,
         };
-        tokio::spawn(subjects.run(link.client.clone(), receiver));
+        tokio::spawn(io.clone().run(Arc::new(receiver.clone())));
+        tokio::spawn(subjects.run(io, receiver));
         Ok(Bus {
             hub,
             metrics,
@@ -199,6 +208,11 @@ impl Bus {
                 })
             }),
         })
+    }
+
+    /// The link's topic connection (`None` on an embedded node).
+    pub fn natsio(&self) -> Option<Arc<NatsIo>> {
+        self.link.as_ref().map(|l| l.io.clone())
     }
 
     /// The hub this bus delivers into.
@@ -220,9 +234,7 @@ impl Bus {
     /// Whether this node is linked to others, and if so whether the link is
     /// up.
     pub fn link_state(&self) -> Option<bool> {
-        self.link
-            .as_ref()
-            .map(|l| l.client.connection_state() == async_nats::connection::State::Connected)
+        self.link.as_ref().map(|l| l.io.connected())
     }
 
     /// Publishes `data` (well-formed JSON) on concrete `topic`: to local
@@ -240,7 +252,7 @@ impl Bus {
             self.metrics.nats_publish_failures.fetch_add(1, Relaxed);
             Err(e)
         };
-        if link.client.connection_state() != async_nats::connection::State::Connected {
+        if !link.io.connected() {
             return fail(BusError::LinkDown { local });
         }
         // Counted by its own bytes: a copy, so a small message never pins
@@ -377,17 +389,15 @@ impl Bus {
             self.hub.deliver(topic, body);
         }
         if self.link.is_some() {
-            let mut h = HeaderMap::new();
-            h.insert(HEADER_EVENT, event);
-            h.insert(HEADER_CLIENT, client);
+            let mut h: Headers = vec![(HEADER_EVENT, event.into()), (HEADER_CLIENT, client.into())];
             if let Some(n) = name {
-                h.insert(HEADER_NAME, n);
+                h.push((HEADER_NAME, n.into()));
             }
             if let Some(u) = user {
-                h.insert(HEADER_USER, u);
+                h.push((HEADER_USER, u.into()));
             }
             if !notify {
-                h.insert(HEADER_QUIET, "1");
+                h.push((HEADER_QUIET, "1".into()));
             }
             // A lost notice is logged, not fatal: presence is advisory.
             if let Err(e) = self.forward(topic, Forward::Notice(h), Bytes::new(), 0) {

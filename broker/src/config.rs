@@ -215,6 +215,13 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
     pub max_connections_per_ip: u32,
 
+    /// Most new WebSocket connections per second on this node, from all
+    /// addresses together (burst of the same size); 0 = no limit. Past it:
+    /// 503 `overloaded` with Retry-After. Spreads a reconnect storm (a node
+    /// of the cluster died) so the sockets already held keep their latency.
+    #[arg(long, env = "HERALD_CONNECT_RATE", default_value_t = 0)]
+    pub connect_rate: u32,
+
     /// Most new WebSocket connections per second from one client address
     /// (burst of the same size); 0 = no limit. Past it: 429 with Retry-After.
     #[arg(long, env = "HERALD_CONNECT_RATE_PER_IP", default_value_t = 0)]

@@ -117,9 +117,16 @@ pub fn access<'a>(
     Ok(Some(identity))
 }
 
-/// Counts the socket against its client address's limits and the node's
-/// `--max-connections`; the slot holds both until the connection is gone.
+/// Paces new sockets to the node's `--connect-rate`, counts the socket
+/// against its client address's limits and the node's `--max-connections`; the slot holds both until the connection is gone.
 pub fn admit(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> Result<ConnectionSlot, Refused> {
+    if let Err(rate) = node.admission.paced() {
+        let msg =
+            format!("overloaded: this node takes at most {rate} new connections a second; retry shortly");
+        let mut r = refuse(node, StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, &msg);
+        r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return Err(r);
+    }
     let forwarded = header(req, &HeaderName::from_static("x-forwarded-for"));
     let client = node.admission.client_ip(remote.ip(), forwarded);
     let per_ip = match node.admission.admit(client) {

@@ -38,10 +38,13 @@
 //!   the node's ordered feed from it, and replays.
 //! - [`store`]: the history topics and where they are kept.
 //! - [`hub`]: the node's fan-out table: sharded topics, wildcard patterns.
+//! - [`link`]: the cluster link's NATS client (JetStream, status samples):
+//!   addresses, credentials, TLS, reconnects.
+//! - [`natsio`]: the link's topic traffic on a NATS connection of its
+//!   own: every subject subscription and plain publish on one socket,
+//!   read in the server's order by one task.
 //! - [`subjects`]: the cluster link's NATS subscriptions, one per key with
 //!   local interest, when each is live, and what arrives on them.
-//! - [`link`]: the cluster link's NATS connection: addresses,
-//!   credentials, TLS, reconnects, connection events.
 //! - [`outbound`]: the link's sender task: publishes to NATS in order,
 //!   history publishes to the stream with their acks.
 //! - [`bus`]: how a publish reaches every node (embedded: in-process;
@@ -92,6 +95,7 @@ pub mod journal;
 pub mod link;
 pub mod members;
 pub mod metrics;
+pub mod natsio;
 pub mod node;
 pub mod outbound;
 pub mod outbox;

@@ -208,7 +208,9 @@ impl Node {
     /// sockets of every change.
     pub async fn presence_sync(self: Arc<Self>) {
         let bus = self.router.bus();
-        let (Some(client), Some(prefix)) = (bus.nats_client(), bus.prefix()) else {
+        // Snapshots share the topic connection with the notices: a node's
+        // snapshot never overtakes a join it sent before it.
+        let (Some(io), Some(prefix)) = (bus.natsio(), bus.prefix()) else {
             return; // embedded: no other nodes
         };
         if self.config.presence.is_empty() && self.config.raw_status.is_empty() {
@@ -217,26 +219,22 @@ impl Node {
         let subject = format!("_herald.presence.{prefix}");
         let me = self.router.node_id().to_owned();
         let node = self.clone();
-        let (c, s, id) = (client.clone(), subject.clone(), me.clone());
-        tokio::spawn(async move {
-            use futures_util::StreamExt;
-            let Ok(mut sub) = c.subscribe(s).await else { return };
-            let parts = Assembler::default();
-            while let Some(msg) = sub.next().await {
-                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&msg.payload) else {
-                    continue;
-                };
-                let Some(from) = v["node"].as_str().filter(|n| *n != id) else {
-                    continue;
-                };
-                let roster = node.router.hub().roster();
-                roster.touch(from);
-                if let Some(whole) = parts.part(v) {
-                    let changes = roster.apply_snapshot(&whole);
-                    node.tell(changes);
-                }
+        let (id, parts) = (me.clone(), Assembler::default());
+        let handler = move |payload: &[u8]| {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+                return;
+            };
+            let Some(from) = v["node"].as_str().filter(|n| *n != id) else {
+                return;
+            };
+            let roster = node.router.hub().roster();
+            roster.touch(from);
+            if let Some(whole) = parts.part(v) {
+                let changes = roster.apply_snapshot(&whole);
+                node.tell(changes);
             }
-        });
+        };
+        io.subscribe_with(&subject, Arc::new(handler));
         let ttl = self.config.presence_ttl.max(Duration::from_millis(300));
         let every = ttl / 3;
         let mut tick = tokio::time::interval(Duration::from_millis(100).max(every / 5));
@@ -251,7 +249,7 @@ impl Node {
                 gen += 1;
                 // 2,000 members a message: ~130 KB, far below NATS's 1 MB.
                 for part in roster.snapshot_parts(&me, gen, 2000) {
-                    let _ = client.publish(subject.clone(), part.to_string().into()).await;
+                    let _ = io.publish(&subject, None, part.to_string().into()).await;
                 }
             }
             let gone = roster.expire(ttl);

@@ -7,7 +7,6 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use herald_protocol::topic;
@@ -15,8 +14,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::{Body, Hub};
 use crate::metrics::Metrics;
+use crate::natsio::{Headers, NatsIo};
 use crate::stream::StreamHistory;
-use crate::subjects::barrier;
 
 /// What the sender task is handed.
 pub enum Outbound {
@@ -25,7 +24,7 @@ pub enum Outbound {
         /// Where it goes.
         subject: String,
         /// Presence notices travel in headers.
-        headers: Option<HeaderMap>,
+        headers: Option<Headers>,
         /// The data.
         payload: Bytes,
     },
@@ -53,7 +52,7 @@ type Acks = futures_util::stream::FuturesUnordered<Pin<Box<dyn std::future::Futu
 /// the stream; their acks are awaited alongside, and one that fails is
 /// delivered live after all (without a position) so nothing is lost.
 pub async fn send_loop(
-    client: async_nats::Client,
+    io: Arc<NatsIo>,
     mut rx: mpsc::Receiver<Outbound>,
     queued: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
@@ -65,7 +64,7 @@ pub async fn send_loop(
         let o = tokio::select! {
             o = rx.recv() => match o { Some(o) => o, None => break },
             Some(acked) = acks.next(), if !acks.is_empty() => {
-                settle(&client, &prefix, &metrics, stream.as_ref(), acked).await;
+                settle(&io, &prefix, &metrics, stream.as_ref(), acked).await;
                 continue;
             }
         };
@@ -88,7 +87,7 @@ pub async fn send_loop(
                     }
                     Err(e) => {
                         let acked = (topic, payload, done, Err(e));
-                        settle(&client, &prefix, &metrics, stream.as_ref(), acked).await;
+                        settle(&io, &prefix, &metrics, stream.as_ref(), acked).await;
                     }
                 }
                 continue;
@@ -97,19 +96,16 @@ pub async fn send_loop(
                 // Written, and applied by the server: a round trip after
                 // the last publish (a bare flush only empties the buffer);
                 // and every history publish stored (or delivered live).
-                barrier(&client, &prefix).await;
+                io.barrier().await;
                 while let Some(acked) = acks.next().await {
-                    settle(&client, &prefix, &metrics, stream.as_ref(), acked).await;
+                    settle(&io, &prefix, &metrics, stream.as_ref(), acked).await;
                 }
                 let _ = done.send(());
                 continue;
             }
         };
         queued.fetch_sub(payload.len(), Relaxed);
-        let r = match headers {
-            Some(h) => client.publish_with_headers(subject, h, payload).await,
-            None => client.publish(subject, payload).await,
-        };
+        let r = io.publish(&subject, headers.as_ref(), payload).await;
         match r {
             Ok(()) => {
                 metrics.nats_messages_out.fetch_add(1, Relaxed);
@@ -126,7 +122,7 @@ pub async fn send_loop(
 /// stream did not store marks the stream unreachable and goes out live, to
 /// this node's subscribers and the others'.
 async fn settle(
-    client: &async_nats::Client,
+    io: &NatsIo,
     prefix: &str,
     metrics: &Metrics,
     stream: Option<&(Arc<StreamHistory>, Hub)>,
@@ -150,7 +146,7 @@ async fn settle(
     let Some((s, hub)) = stream else { return };
     s.lost();
     hub.deliver(topic, Body::Data(&payload));
-    if let Err(e) = client.publish(topic::to_subject(prefix, topic), payload).await {
+    if let Err(e) = io.publish(&topic::to_subject(prefix, topic), None, payload).await {
         metrics.nats_publish_failures.fetch_add(1, Relaxed);
         tracing::warn!(error = %e, "publish onto NATS failed");
     }

@@ -16,15 +16,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use futures_util::StreamExt;
 use herald_protocol::{message, topic};
 use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
 
 use crate::hub::{Body, Hub, Interest};
 use crate::metrics::Metrics;
+use crate::natsio::{Dispatch, NatsIo};
 use crate::roster::Member;
 
 /// Presence notices travel as empty messages with these headers.
@@ -37,10 +35,6 @@ pub const HEADER_NAME: &str = "Herald-Name";
 pub const HEADER_USER: &str = "Herald-User";
 /// Present on a notice that updates rosters only (no notice to sockets).
 pub const HEADER_QUIET: &str = "Herald-Quiet";
-
-/// Longest wait for NATS to confirm new subscriptions; past it they are
-/// taken as live (the client re-sends them on reconnect) so acks never hang.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Resolves once a key's subject subscription is live.
 pub type Live = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -99,11 +93,10 @@ impl Subjects {
     }
 
     /// The reconcile task: takes and drops subject subscriptions so that
-    /// the node holds exactly one per key with local interest, confirms
-    /// new ones with a flush, and retries failures.
-    pub async fn run(self: Arc<Self>, client: async_nats::Client, receiver: Receiver) {
-        let mut held: HashMap<Box<str>, JoinHandle<()>> = HashMap::new();
-        let mut backoff = Duration::from_millis(50);
+    /// the node holds exactly one per key with local interest, and
+    /// confirms new ones once the server has applied them.
+    pub async fn run(self: Arc<Self>, io: Arc<NatsIo>, receiver: Receiver) {
+        let mut held: HashMap<Box<str>, u64> = HashMap::new();
         loop {
             let keys: Vec<Box<str>> = lock(&self.dirty).drain().collect();
             if keys.is_empty() {
@@ -111,32 +104,20 @@ impl Subjects {
                 continue;
             }
             let mut taken = Vec::new();
-            let mut failed = false;
             for key in keys {
                 let wildcard = key.contains(['*', '>']);
                 let want = receiver.hub.has_key(&key, wildcard);
                 match (want, held.contains_key(&key)) {
                     (true, false) => {
                         let subject = topic::to_subject(&receiver.prefix, &key);
-                        match client.subscribe(subject).await {
-                            Ok(sub) => {
-                                receiver.metrics.nats_subscriptions.fetch_add(1, Relaxed);
-                                let task =
-                                    tokio::spawn(read_subject(sub, key.clone(), wildcard, receiver.clone()));
-                                held.insert(key.clone(), task);
-                                taken.push(key);
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, %key, "NATS subscribe failed; retrying");
-                                lock(&self.dirty).insert(key);
-                                failed = true;
-                            }
-                        }
+                        let sid = io.subscribe(&subject, &key, wildcard);
+                        receiver.metrics.nats_subscriptions.fetch_add(1, Relaxed);
+                        held.insert(key.clone(), sid);
+                        taken.push(key);
                     }
                     (false, true) => {
-                        if let Some(task) = held.remove(&key) {
-                            // Dropping the subscriber unsubscribes on NATS.
-                            task.abort();
+                        if let Some(sid) = held.remove(&key) {
+                            io.unsubscribe(sid);
                             receiver.metrics.nats_subscriptions.fetch_sub(1, Relaxed);
                         }
                     }
@@ -145,16 +126,14 @@ impl Subjects {
                 }
             }
             if !taken.is_empty() {
-                barrier(&client, &receiver.prefix).await;
+                // Down (or no answer in time): taken as live, so acks never
+                // hang; the SUBs are sent again on reconnect.
+                if io.connected() && !io.barrier().await {
+                    tracing::warn!("NATS did not confirm subscriptions; they resend on reconnect");
+                }
                 for key in &taken {
                     self.confirm(key);
                 }
-            }
-            if failed {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            } else {
-                backoff = Duration::from_millis(50);
             }
         }
     }
@@ -173,21 +152,16 @@ pub struct Receiver {
     pub max_message_bytes: usize,
 }
 
-impl Receiver {
-    fn on_message(&self, key: &str, wildcard: bool, msg: async_nats::Message) {
+impl Dispatch for Receiver {
+    fn message(&self, key: &str, wildcard: bool, subject: &str, headers: Option<&[u8]>, payload: &[u8]) {
         let m = &self.metrics;
         m.nats_messages_in.fetch_add(1, Relaxed);
-        let Some(topic) = topic::from_subject(&self.prefix, msg.subject.as_str()) else {
+        let Some(topic) = topic::from_subject(&self.prefix, subject) else {
             m.nats_dropped.fetch_add(1, Relaxed);
-            tracing::debug!(subject = %msg.subject, "dropped: subject is not a topic");
+            tracing::debug!(subject, "dropped: subject is not a topic");
             return;
         };
-        let header = |name: &str| {
-            msg.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
+        let header = |name: &str| headers.and_then(|h| header(h, name)).map(str::to_owned);
         if let (Some(event), Some(client)) = (header(HEADER_EVENT), header(HEADER_CLIENT)) {
             let (name, user) = (header(HEADER_NAME), header(HEADER_USER));
             // Client ids end in their node's tag: `c7-3f9a2c`.
@@ -215,7 +189,7 @@ impl Receiver {
             }
             return;
         }
-        if let Some(data) = usable(&msg.payload, self.max_message_bytes, m, &msg.subject) {
+        if let Some(data) = usable(payload, self.max_message_bytes, m, subject) {
             self.hub.deliver_via(key, wildcard, &topic, Body::Data(&data));
         }
     }
@@ -246,27 +220,11 @@ pub fn usable<'a>(
     None
 }
 
-/// Waits until the NATS server has applied every command this connection
-/// sent before: a request to a subject nobody serves is answered by the
-/// server itself ("no responders"), in order with the SUBs before it. (A
-/// flush only empties the client's buffer.) Gives up after
-/// [`CONFIRM_TIMEOUT`]: the client re-sends its subscriptions on reconnect.
-pub async fn barrier(client: &async_nats::Client, prefix: &str) {
-    use async_nats::RequestErrorKind;
-    let subject = format!("_{prefix}.barrier.{}", client.new_inbox());
-    let answer = tokio::time::timeout(CONFIRM_TIMEOUT, client.request(subject, bytes::Bytes::new())).await;
-    match answer {
-        Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {}
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "NATS did not confirm subscriptions; they resend on reconnect")
-        }
-        Err(_) => tracing::warn!("NATS did not confirm subscriptions in time; they resend on reconnect"),
-    }
-}
-
-async fn read_subject(mut sub: async_nats::Subscriber, key: Box<str>, wildcard: bool, receiver: Receiver) {
-    while let Some(msg) = sub.next().await {
-        receiver.on_message(&key, wildcard, msg);
-    }
+/// The value of header `name` in a raw header block.
+pub fn header<'a>(block: &'a [u8], name: &str) -> Option<&'a str> {
+    let text = std::str::from_utf8(block).ok()?;
+    text.split("\r\n").skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
 }

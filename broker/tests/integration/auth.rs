@@ -734,3 +734,46 @@ async fn behind_haproxy_the_limit_follows_the_real_client() {
         }
     }
 }
+
+/// `--connect-rate` paces new sockets node-wide, whatever their address:
+/// past the burst they get 503 `overloaded` with Retry-After, never more
+/// than the bucket allows for the time taken, and the sockets already held
+/// stay; a moment later new ones are taken again.
+#[tokio::test]
+async fn the_node_wide_connect_rate_sheds_a_burst_with_503() {
+    let h = Herald::start(&["--connect-rate", "20"]);
+    let mut held = h.connect("sub=kept").await;
+    let started = std::time::Instant::now();
+    let attempts = (0..200).map(|i| async move {
+        let mut s = connect_from(&format!("127.0.0.{}", 2 + i % 50), h.addr).await;
+        let (status, head) = handshake_on(&mut s, "/ws").await;
+        (s, status, head)
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let opened = results.iter().filter(|r| r.1 == 101).count();
+    let shed: Vec<_> = results.iter().filter(|r| r.1 == 503).collect();
+    assert_eq!(opened + shed.len(), 200, "only 101 or 503");
+    // The burst was spent by the first socket and these; the bucket
+    // refills at 20 a second.
+    assert!(
+        opened as f64 <= 20.0 + 20.0 * elapsed + 1.0,
+        "{opened} opened in {elapsed:.2} s"
+    );
+    assert!(!shed.is_empty());
+    for (_, _, head) in &shed {
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("retry-after: 1"), "{head}");
+    }
+    // Each refusal is counted under its code (the body names it too).
+    let counted = h.metric("herald_errors_total{code=\"overloaded\"}").await;
+    assert_eq!(counted, shed.len() as f64);
+    // The socket held before the burst still works.
+    h.publish("kept", "1").await;
+    assert_eq!(held.recv().await["data"], 1);
+    eventually("new sockets are taken again", || async {
+        let mut s = connect_from("127.0.0.1", h.addr).await;
+        handshake_on(&mut s, "/ws").await.0 == 101
+    })
+    .await;
+}

@@ -573,13 +573,21 @@ async fn a_retired_subscription_carries_only_what_is_still_wanted() {
     ns[1].publish("r:a:b", "1").await;
     ns[1].publish("r:a", "2").await;
     let v = c.recv().await;
-    assert_eq!((v["topic"].as_str(), v["data"].as_u64()), (Some("r:a"), Some(2)), "{v}");
+    assert_eq!(
+        (v["topic"].as_str(), v["data"].as_u64()),
+        (Some("r:a"), Some(2)),
+        "{v}"
+    );
     // A new `sub` to it makes it live again: `r:a:b` arrives.
     c.sub("r:>").await;
     assert_eq!(node.metric("herald_subscriptions").await, 2.0);
     ns[1].publish("r:a:b", "3").await;
     let v = c.recv().await;
-    assert_eq!((v["topic"].as_str(), v["data"].as_u64()), (Some("r:a:b"), Some(3)), "{v}");
+    assert_eq!(
+        (v["topic"].as_str(), v["data"].as_u64()),
+        (Some("r:a:b"), Some(3)),
+        "{v}"
+    );
     // Retired again, then the newer one goes: both leave, and the node
     // drops both subjects.
     let ack = c.request(json!({"op":"unsub","topic":"r:>","id":"u2"})).await;
