@@ -608,3 +608,41 @@ async fn a_retired_subscription_carries_only_what_is_still_wanted() {
     let v = c.recv().await;
     assert_eq!(v["topic"], "probe", "{v}");
 }
+
+/// What a plain NATS client sends reaches sockets intact and in order
+/// through the node's own reader: sizes from empty to half a megabyte
+/// (split across many reads), with a reply subject, with headers, and
+/// pipelined back to back.
+#[tokio::test]
+async fn the_link_reads_every_message_shape_nats_sends() {
+    let nats = NatsServer::start().await;
+    let ns = nodes(1, &nats.url(), &["--max-message-bytes", "1000000"]);
+    wait_linked(&ns).await;
+    let mut c = ns[0].connect("sub=shapes").await;
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+    let sizes: Vec<usize> = (0..60).map(|i| if i == 0 { 0 } else { 1 << (i % 20) }).collect();
+    for (i, n) in sizes.iter().enumerate() {
+        let body = format!("[{i},\"{}\"]", "x".repeat(*n));
+        match i % 3 {
+            0 => nc.publish("herald.shapes", body.into()).await.unwrap(),
+            1 => nc
+                .publish_with_reply("herald.shapes", "reply.to", body.into())
+                .await
+                .unwrap(),
+            _ => {
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("X-Other", "kept out of the data");
+                nc.publish_with_headers("herald.shapes", h, body.into())
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+    nc.flush().await.unwrap();
+    for (i, n) in sizes.iter().enumerate() {
+        let v = c.recv().await;
+        assert_eq!(v["topic"], "shapes");
+        assert_eq!(v["data"][0], i, "in order");
+        assert_eq!(v["data"][1].as_str().map(str::len), Some(*n), "message {i} intact");
+    }
+}
