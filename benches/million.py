@@ -36,7 +36,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402  (shared helpers: install, ports, paths)
-from storm import cpu_seconds, rss_kb  # noqa: E402
+from storm import children, cpu_seconds, rss_kb  # noqa: E402
+import threading  # noqa: E402
 
 BEGIN, END = "<!-- million:begin -->", "<!-- million:end -->"
 PER_PROCESS = 17_000  # sockets per node and per load worker (a node fits ~18,900 in 20,000 descriptors)
@@ -139,7 +140,21 @@ def run(sockets, rate, duration):
         cmd += ["rooms", "--topics", str(sockets), "--subscribers-per-topic", "1",
                 "--publishers", "1", "--rate", str(rate), "--size", "64"]
         print("+", " ".join(cmd[:12]), "...", file=sys.stderr)
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        peak = {"load_kb": 0, "slab_kb": 0, "used_kb": 0}
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.5):
+                kb = sum(rss_kb(p) for p in [load.pid] + children(load.pid))
+                mem = meminfo()
+                peak["load_kb"] = max(peak["load_kb"], kb)
+                peak["slab_kb"] = max(peak["slab_kb"], mem.get("Slab", 0))
+                peak["used_kb"] = max(peak["used_kb"], mem.get("MemTotal", 0) - mem.get("MemAvailable", 0))
+        threading.Thread(target=sample, daemon=True).start()
+        stdout, stderr = load.communicate(timeout=1800)
+        done.set()
+        out = subprocess.CompletedProcess(cmd, load.returncode, stdout, stderr)
         if out.returncode != 0:
             print(out.stderr[-4000:], file=sys.stderr)
         report = json.loads(out.stdout) if out.stdout.strip() else None
@@ -153,7 +168,7 @@ def run(sockets, rate, duration):
         shutdown = time.time() - t1
         return {"settings": settings, "nodes": n, "start_s": started, "report": report,
                 "stderr": out.stderr[-2000:], "nodes_rss_kb": nodes_rss, "nats_rss_kb": nats_rss,
-                "nats_cpu_s": nats_cpu, "exit_codes": codes, "shutdown_s": shutdown}
+                "nats_cpu_s": nats_cpu, "exit_codes": codes, "shutdown_s": shutdown, "peak": peak}
     finally:
         for p, _ in nodes:
             if p.poll() is None:
@@ -161,6 +176,30 @@ def run(sockets, rate, duration):
                 p.wait()
         nats.terminate()
         nats.wait()
+
+
+def hops(b):
+    """Where the broadcast's time goes: NATS hands it to each node (its
+    first delivery there), then each node fans it out (first to last)."""
+    nodes = [n for n in b.get("nodes", []) if n["reached"]]
+    if not nodes:
+        return []
+    firsts = sorted(n["first_ms"] for n in nodes)
+    spans = sorted(n["last_ms"] - n["first_ms"] for n in nodes)
+    return [f"| hop 1, publish → NATS → each node's first delivery | {firsts[0]:.0f}–{firsts[-1]:.0f} ms "
+            f"(median {firsts[len(firsts) // 2]:.0f}) |",
+            f"| hop 2, one node's fan-out (its first to last delivery) | median {spans[len(spans) // 2]:.0f} ms, "
+            f"longest {spans[-1]:.0f} ms ({len(nodes)} nodes, ~{sum(n['reached'] for n in nodes) // len(nodes):,} "
+            "sockets each) |"]
+
+
+def meminfo():
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            out[k] = int(v.split()[0])
+    return out
 
 
 def section(sockets, rate, duration, r):
@@ -185,9 +224,13 @@ def section(sockets, rate, duration, r):
          f"{max(r['nodes_rss_kb']) / 1024:.0f} MiB per node |",
          f"| bytes per socket (every node's baseline included) | {total_kb * 1024 / max(1, connected):,.0f} |",
          f"| nats-server RSS, CPU over the run | {r['nats_rss_kb'] / 1024:,.0f} MiB, {r['nats_cpu_s']:.1f} s |",
+         f"| load workers' peak RSS (the clients, same machine) | {r['peak']['load_kb'] / 1024:,.0f} MiB |",
+         f"| kernel slab, memory in use: peak | {r['peak']['slab_kb'] / 1024:,.0f} MiB, "
+         f"{r['peak']['used_kb'] / 1024:,.0f} MiB |",
          f"| one broadcast on `load:all`: publish to first delivery | {b.get('first_ms', 0):.0f} ms |",
          f"| publish to last delivery | {b.get('last_ms', 0):.0f} ms |",
          f"| sockets it reached | {b.get('reached', 0):,} of {connected:,} |",
+         *hops(b),
          f"| {rate} msg/s on per-socket topics: delivered / expected | {rep.get('delivered', 0):,} / "
          f"{rep.get('expected', 0):,} |",
          f"| their p50, p99 | {compare.lat(rep, 'p50') if rep else '—'}, {compare.lat(rep, 'p99') if rep else '—'} |",

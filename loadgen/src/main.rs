@@ -615,11 +615,27 @@ async fn coordinate(cli: &Cli) -> anyhow::Result<Report> {
             .unwrap_or(u64::MAX);
         let last = reports.iter().map(|r| r.broadcast_last_ns).max().unwrap_or(0);
         let ms = |t: u64| t.saturating_sub(sent) as f64 / 1e6;
+        let nodes = (0..c.urls.len())
+            .map(|i| {
+                let of = |k: usize| {
+                    reports
+                        .iter()
+                        .filter_map(move |r| r.broadcast_by_node.get(i).map(|v| v[k]))
+                };
+                let (first, last) = (of(0).min().unwrap_or(u64::MAX), of(1).max().unwrap_or(0));
+                report::NodeHop {
+                    reached: of(2).sum(),
+                    first_ms: if first == u64::MAX { 0.0 } else { ms(first) },
+                    last_ms: ms(last),
+                }
+            })
+            .collect();
         out.broadcast = Some(report::Broadcast {
             topic,
             reached: reports.iter().map(|r| r.broadcast_count).sum(),
             first_ms: if first == u64::MAX { 0.0 } else { ms(first) },
             last_ms: ms(last),
+            nodes,
         });
     }
     for r in &reports {

@@ -58,6 +58,9 @@ pub struct WorkerReport {
     pub broadcast_last_ns: u64,
     #[serde(default)]
     pub broadcast_count: u64,
+    /// The same per `--url` (node): first, last, count.
+    #[serde(default)]
+    pub broadcast_by_node: Vec<[u64; 3]>,
 }
 
 /// Percentiles of a latency histogram, in microseconds.
@@ -121,6 +124,20 @@ pub struct Broadcast {
     /// Sockets it reached.
     pub reached: u64,
     /// From its publish to its first and last delivery.
+    pub first_ms: f64,
+    pub last_ms: f64,
+    /// The same on each node (by `--url`): where the time goes, hop by
+    /// hop. A node's first delivery comes after NATS handed it the
+    /// message; its first to last is its own fan-out.
+    pub nodes: Vec<NodeHop>,
+}
+
+/// One node's share of a broadcast.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct NodeHop {
+    /// Sockets it reached there.
+    pub reached: u64,
+    /// From the publish to the node's first and last delivery.
     pub first_ms: f64,
     pub last_ms: f64,
 }

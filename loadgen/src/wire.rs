@@ -97,12 +97,13 @@ pub async fn connect(url: &Url, query: &str, source: Option<IpAddr>) -> anyhow::
     let mut c = Conn {
         rd: Reader {
             half: half_r,
-            buf: BytesMut::with_capacity(16 * 1024),
+            // Small until frames need more: a million idle sockets hold these.
+            buf: BytesMut::with_capacity(1024),
             consumed: 0,
         },
         wr: Writer {
             half: half_w,
-            out: Vec::with_capacity(4096),
+            out: Vec::new(),
             mask: 0x5a17_c3e9,
         },
     };
@@ -148,8 +149,8 @@ impl Reader {
                 }
                 self.buf.reserve(hl + len - self.buf.len());
             }
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(16 * 1024);
+            if self.buf.capacity() - self.buf.len() < 512 {
+                self.buf.reserve(8 * 1024);
             }
             if self.half.read_buf(&mut self.buf).await? == 0 {
                 return Ok(None);

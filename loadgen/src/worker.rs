@@ -76,6 +76,8 @@ struct Shared {
     broadcast_first_ns: AtomicU64,
     broadcast_last_ns: AtomicU64,
     broadcast_count: AtomicU64,
+    /// Per `--url` (node): first and last arrival, and count.
+    broadcast_by_node: Vec<[AtomicU64; 3]>,
     delivered: AtomicU64,
     last_delivery_ns: AtomicU64,
     published: AtomicU64,
@@ -105,6 +107,9 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
         broadcast_first_ns: AtomicU64::new(u64::MAX),
         broadcast_last_ns: AtomicU64::new(0),
         broadcast_count: AtomicU64::new(0),
+        broadcast_by_node: (0..urls.len())
+            .map(|_| [AtomicU64::new(u64::MAX), AtomicU64::new(0), AtomicU64::new(0)])
+            .collect(),
         delivered: AtomicU64::new(0),
         last_delivery_ns: AtomicU64::new(0),
         published: AtomicU64::new(0),
@@ -133,7 +138,8 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
     let mut connecting = Vec::new();
     for k in 0..spec.sub_count {
         let g = spec.sub_first + k;
-        let url = urls[spec.sub_urls[g % spec.sub_urls.len()]].clone();
+        let node = spec.sub_urls[g % spec.sub_urls.len()];
+        let url = urls[node].clone();
         let topic = topic_name(g % spec.topics.max(1));
         let (target, source, sem) = (spec.target, spec.source, sem.clone());
         let retried = retried.clone();
@@ -172,7 +178,7 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
                 ));
                 return anyhow::Ok(Err(task));
             }
-            anyhow::Ok(Ok(c))
+            anyhow::Ok(Ok((c, node)))
         }));
     }
     let mut connect_errors = 0u64;
@@ -246,7 +252,7 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
             report.storm = stats.report();
         }
         Kind::Idle => {
-            for mut c in subs {
+            for (mut c, _) in subs {
                 c.wr.close().await;
             }
         }
@@ -290,9 +296,9 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
             let topics_n = spec.topics.max(1);
             let mut published_per_topic = vec![0u64; topics_n];
             let mut readers = Vec::new();
-            for c in subs {
+            for (c, node) in subs {
                 let (shared, target) = (shared.clone(), spec.target);
-                readers.push(tokio::spawn(read_deliveries(c, target, shared, deadline)));
+                readers.push(tokio::spawn(read_deliveries(c, node, target, shared, deadline)));
             }
             let mut pubs = Vec::new();
             for k in 0..spec.pub_count {
@@ -327,6 +333,9 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
     report.broadcast_first_ns = shared.broadcast_first_ns.load(Relaxed);
     report.broadcast_last_ns = shared.broadcast_last_ns.load(Relaxed);
     report.broadcast_count = shared.broadcast_count.load(Relaxed);
+    report.broadcast_by_node = (shared.broadcast_by_node.iter())
+        .map(|[f, l, n]| [f.load(Relaxed), l.load(Relaxed), n.load(Relaxed)])
+        .collect();
     report.delivered = shared.delivered.load(Relaxed);
     report.last_delivery_ns = shared.last_delivery_ns.load(Relaxed);
     report.published = shared.published.load(Relaxed);
@@ -340,7 +349,13 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
 /// `stop_at` (the end of publishing plus a drain allowance), or earlier once
 /// publishing has ended and the stream has gone quiet. A target that is
 /// still flooding its backlog past `stop_at` is not waited for.
-async fn read_deliveries(mut c: wire::Conn, target: Target, shared: Arc<Shared>, end: tokio::time::Instant) {
+async fn read_deliveries(
+    mut c: wire::Conn,
+    node: usize,
+    target: Target,
+    shared: Arc<Shared>,
+    end: tokio::time::Instant,
+) {
     let stop_at = end + Duration::from_secs(3);
     let mut local: Vec<u64> = Vec::with_capacity(256);
     let mut nats = NatsStream::default();
@@ -395,6 +410,10 @@ async fn read_deliveries(mut c: wire::Conn, target: Target, shared: Arc<Shared>,
                         shared.broadcast_first_ns.fetch_min(now, Relaxed);
                         shared.broadcast_last_ns.fetch_max(now, Relaxed);
                         shared.broadcast_count.fetch_add(1, Relaxed);
+                        let [first, last, count] = &shared.broadcast_by_node[node];
+                        first.fetch_min(now, Relaxed);
+                        last.fetch_max(now, Relaxed);
+                        count.fetch_add(1, Relaxed);
                     } else if let Some(ts) = wire::timestamp(payload) {
                         local.push(now.saturating_sub(ts) / 1000);
                     }

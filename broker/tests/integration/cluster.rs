@@ -643,6 +643,10 @@ async fn the_link_reads_every_message_shape_nats_sends() {
         let v = c.recv().await;
         assert_eq!(v["topic"], "shapes");
         assert_eq!(v["data"][0], i, "in order");
-        assert_eq!(v["data"][1].as_str().map(str::len), Some(*n), "message {i} intact");
+        assert_eq!(
+            v["data"][1].as_str().map(str::len),
+            Some(*n),
+            "message {i} intact"
+        );
     }
 }
