@@ -152,6 +152,40 @@ impl Outbox {
         s.wake()
     }
 
+    /// A push that found the socket idle (no writer task; it got `wr`)
+    /// writes its one frame at once, without waiting: a broadcast to many
+    /// idle sockets then costs one system call each, no task. Returns
+    /// `wr` when a writer must still start (the socket would block, more
+    /// arrived, or a close waits), with the rest of the frame when only
+    /// part of it went out: that rest is owed whatever comes next (the
+    /// writer sends it first, even before a close that drops the queue).
+    /// Otherwise parks `wr` again.
+    pub fn write_now(&self, wr: OwnedWriteHalf) -> Option<(OwnedWriteHalf, Option<Bytes>)> {
+        let mut s = self.lock();
+        if s.close.is_some() || s.frames.len() != 1 {
+            return Some((wr, None));
+        }
+        let frame = &s.frames[0];
+        match wr.try_write(frame) {
+            Ok(n) if n == frame.len() => {
+                // An idle socket holds no queue.
+                s.frames = Vec::new();
+                s.bytes = 0;
+                s.parked = Some(wr);
+                s.running = false;
+                None
+            }
+            Ok(n) => {
+                let rest = frame.slice(n..);
+                s.frames = Vec::new();
+                s.bytes = 0;
+                Some((wr, Some(rest)))
+            }
+            // Would block (or failed): the writer takes it from here.
+            Err(_) => Some((wr, None)),
+        }
+    }
+
     /// A writer with nothing to do hands the write half back and ends;
     /// `Err` returns it when work arrived meanwhile (keep writing).
     pub(crate) fn park(&self, wr: OwnedWriteHalf) -> Result<(), OwnedWriteHalf> {
@@ -266,5 +300,32 @@ mod tests {
         let b = o.take(Vec::new()).await;
         assert_eq!(b.frames.len(), 1);
         assert_eq!(b.close, Some(Disconnect::GoingAway));
+    }
+
+    #[tokio::test]
+    async fn an_idle_socket_takes_a_frame_at_once_and_stays_idle() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (mut client, (server, _)) = (client.unwrap(), accepted.unwrap());
+        let (_rd, wr) = server.into_split();
+        let o = Outbox::new(1 << 20);
+        assert!(o.install(wr).is_none(), "nothing queued: parked");
+        for text in [&b"one"[..], b"two"] {
+            let (pushed, start) = o.push(Bytes::copy_from_slice(text));
+            assert_eq!(pushed, Pushed::Queued);
+            let wr = start.expect("idle: the push gets the write half");
+            assert!(o.write_now(wr).is_none(), "written at once, parked again");
+            assert!(o.try_take(Vec::new()).is_err(), "nothing left queued");
+        }
+        let mut got = [0u8; 6];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"onetwo");
+        // With a close waiting, the writer must run.
+        let (_, start) = o.push(Bytes::from_static(b"x"));
+        let wr = start.unwrap();
+        o.close(Disconnect::GoingAway);
+        assert!(matches!(o.write_now(wr), Some((_, None))));
     }
 }

@@ -138,7 +138,14 @@ impl Subscriber {
             self.writers.metrics.slow_consumers.fetch_add(1, Relaxed);
             tracing::info!(conn_id = self.id, "closing slow consumer");
         }
-        self.start_writer(start);
+        match (pushed, start) {
+            (Pushed::Queued, Some(wr)) => {
+                if let Some((wr, rest)) = self.outbox.write_now(wr) {
+                    self.spawn_writer(wr, rest);
+                }
+            }
+            (_, start) => self.start_writer(start),
+        }
         pushed
     }
 
@@ -159,11 +166,15 @@ impl Subscriber {
 
     fn start_writer(self: &Arc<Self>, wr: Option<OwnedWriteHalf>) {
         if let Some(wr) = wr {
-            let writers = self.writers.clone();
-            writers
-                .tracker
-                .spawn(writer::run(self.clone(), wr, self.writers.clone()));
+            self.spawn_writer(wr, None);
         }
+    }
+
+    fn spawn_writer(self: &Arc<Self>, wr: OwnedWriteHalf, rest: Option<Bytes>) {
+        let writers = self.writers.clone();
+        writers
+            .tracker
+            .spawn(writer::run(self.clone(), wr, rest, self.writers.clone()));
     }
 
     /// The socket's subscriptions, locked briefly (never across an await).

@@ -163,16 +163,38 @@ async fn write_batch(
     }
 }
 
-/// The writer task of the socket whose handle `owner` is: drains the
-/// outbox until a close is requested (then sends the close frame and shuts
-/// the write half, all within the close timeout), or until it has been
-/// idle for [`WRITER_IDLE`] (then parks the write half in the outbox and
-/// ends).
-pub async fn run<T: AsRef<Outbox>>(owner: Arc<T>, mut wr: OwnedWriteHalf, writers: Arc<Writers>) {
+/// The writer task of the socket whose handle `owner` is: sends `rest`
+/// (the end of a frame already partly on the wire, see
+/// [`Outbox::write_now`]) first, then drains the outbox until a close is
+/// requested (then sends the close frame and shuts the write half, all
+/// within the close timeout), or until it has been idle for
+/// [`WRITER_IDLE`] (then parks the write half in the outbox and ends).
+pub async fn run<T: AsRef<Outbox>>(
+    owner: Arc<T>,
+    mut wr: OwnedWriteHalf,
+    rest: Option<Bytes>,
+    writers: Arc<Writers>,
+) {
     let outbox: &Outbox = (*owner).as_ref();
     let mut spare = Vec::new();
     // Set once a close is requested: what the socket owes is due by then.
     let mut deadline: Option<Instant> = None;
+    if let Some(rest) = rest {
+        let frames = [rest];
+        let mut at = Cursor::default();
+        match write_batch(outbox, &writers, &mut wr, &frames, &mut at, &mut deadline).await {
+            Wrote::All => {}
+            // Owed even when nothing more of it went out: the frame began.
+            Wrote::Aborted => {
+                return aborted(outbox, wr, Some(frames[0].slice(at.offset..)), deadline, &writers).await
+            }
+            Wrote::TimedOut => return cut(outbox, wr, &writers),
+            Wrote::Failed => {
+                outbox.close(Disconnect::ConnectionLost);
+                return;
+            }
+        }
+    }
     loop {
         let ready = outbox.ready.notified();
         let mut batch = match outbox.try_take(spare) {
@@ -196,19 +218,8 @@ pub async fn run<T: AsRef<Outbox>>(owner: Arc<T>, mut wr: OwnedWriteHalf, writer
             match write_batch(outbox, &writers, &mut wr, &batch.frames, &mut at, &mut deadline).await {
                 Wrote::All => {}
                 Wrote::Aborted => {
-                    let why = outbox.take(Vec::new()).await.close;
-                    match why {
-                        // Stalled: nothing more will get through.
-                        Some(Disconnect::WriteTimeout) => return cut(outbox, wr, &writers),
-                        // Gone: nothing to send.
-                        Some(Disconnect::ConnectionLost) | None => return reset_on_drop(&wr),
-                        _ => {}
-                    }
-                    // Finish the frame on the wire so the close frame that
-                    // follows is readable, then close.
                     let partial = (at.offset > 0).then(|| batch.frames[at.frame].slice(at.offset..));
-                    let due = *deadline.get_or_insert_with(|| Instant::now() + writers.close_timeout);
-                    return Box::pin(finish(wr, partial, why, due, &writers)).await;
+                    return aborted(outbox, wr, partial, deadline, &writers).await;
                 }
                 Wrote::TimedOut => return cut(outbox, wr, &writers),
                 Wrote::Failed => {
@@ -227,6 +238,28 @@ pub async fn run<T: AsRef<Outbox>>(owner: Arc<T>, mut wr: OwnedWriteHalf, writer
             spare = Vec::new();
         }
     }
+}
+
+/// A close that drops the queue interrupted a write: finishes the frame
+/// on the wire (`partial`) so the close frame that follows is readable,
+/// then closes.
+async fn aborted(
+    outbox: &Outbox,
+    wr: OwnedWriteHalf,
+    partial: Option<Bytes>,
+    mut deadline: Option<Instant>,
+    writers: &Writers,
+) {
+    let why = outbox.take(Vec::new()).await.close;
+    match why {
+        // Stalled: nothing more will get through.
+        Some(Disconnect::WriteTimeout) => return cut(outbox, wr, writers),
+        // Gone: nothing to send.
+        Some(Disconnect::ConnectionLost) | None => return reset_on_drop(&wr),
+        _ => {}
+    }
+    let due = *deadline.get_or_insert_with(|| Instant::now() + writers.close_timeout);
+    Box::pin(finish(wr, partial, why, due, writers)).await
 }
 
 /// Gives up on a socket that did not take its bytes in time: resets the
