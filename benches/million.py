@@ -141,7 +141,7 @@ def run(sockets, rate, duration):
                 "--publishers", "1", "--rate", str(rate), "--size", "64"]
         print("+", " ".join(cmd[:12]), "...", file=sys.stderr)
         load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        peak = {"load_kb": 0, "slab_kb": 0, "used_kb": 0}
+        peak = {"load_kb": 0, "slab_kb": 0, "used_kb": 0, "stopped": None}
         done = threading.Event()
 
         def sample():
@@ -151,6 +151,11 @@ def run(sockets, rate, duration):
                 peak["load_kb"] = max(peak["load_kb"], kb)
                 peak["slab_kb"] = max(peak["slab_kb"], mem.get("Slab", 0))
                 peak["used_kb"] = max(peak["used_kb"], mem.get("MemTotal", 0) - mem.get("MemAvailable", 0))
+                # Bounded: stop before the OOM killer would pick a victim.
+                if mem.get("MemAvailable", 1 << 40) < 1_500_000 and peak["stopped"] is None:
+                    peak["stopped"] = f"memory: {mem['MemAvailable'] // 1024} MiB left"
+                    print(f"million: stopping the load, {peak['stopped']}", file=sys.stderr)
+                    load.terminate()
         threading.Thread(target=sample, daemon=True).start()
         stdout, stderr = load.communicate(timeout=1800)
         done.set()
@@ -215,6 +220,7 @@ def section(sockets, rate, duration, r):
          "the shared `load:all` in its URL; each load worker uses its own source address. Machine: "
          f"{compare.machine()}.\n",
          "| figure | value |", "|---|---|",
+         *([f"| **stopped early** | {r['peak']['stopped']} |"] if r["peak"].get("stopped") else []),
          f"| sockets connected | {connected:,} of {sockets:,} ({rep.get('connect_errors', 0):,} failed; "
          f"{rep.get('connect_retries', 0):,} handshakes answered 503 by a node shedding the storm, and retried) |",
          f"| time to connect and subscribe everyone | {rep.get('connect_ms', 0) / 1000:.1f} s "
