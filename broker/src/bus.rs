@@ -3,8 +3,9 @@
 //! Embedded mode (the default) is in-process: a publish goes straight to the
 //! local hub. Cluster mode (`--nats URL`) adds a NATS link:
 //!
-//! - A publish is delivered to local subscribers at once, then published on
-//!   the topic's subject (`herald.chat.lobby`). Topic traffic has a NATS
+//! - A publish is queued for the link, then delivered to local subscribers
+//!   at once (while the link sends it on), on the topic's subject
+//!   (`herald.chat.lobby`). Topic traffic has a NATS
 //!   connection of its own ([`crate::natsio`]: every subscription and plain
 //!   publish, read in the server's order) with `echo:false`, so NATS never
 //!   hands a node its own messages back: local
@@ -74,6 +75,13 @@ impl BusError {
     pub fn local(&self) -> usize {
         match self {
             BusError::LinkDown { local } | BusError::Backlog { local } => *local,
+        }
+    }
+
+    fn with_local(self, local: usize) -> Self {
+        match self {
+            BusError::LinkDown { .. } => BusError::LinkDown { local },
+            BusError::Backlog { .. } => BusError::Backlog { local },
         }
     }
 }
@@ -237,9 +245,9 @@ impl Bus {
         self.link.as_ref().map(|l| l.io.connected())
     }
 
-    /// Publishes `data` (well-formed JSON) on concrete `topic`: to local
-    /// subscribers at once, then to the other nodes. Returns the number of
-    /// local deliveries.
+    /// Publishes `data` (well-formed JSON) on concrete `topic`: queued for
+    /// the other nodes, then to local subscribers at once. Returns the
+    /// number of local deliveries.
     pub fn publish(&self, topic: &str, data: Bytes) -> Result<usize, BusError> {
         self.publish_batch(topic, std::slice::from_ref(&data))
     }
@@ -357,14 +365,20 @@ impl Bus {
                 }
             }
         }
-        let local = self.hub.deliver(topic, Body::Batch(datas));
-        let mut result = Ok(local);
+        // Handed to the link first: the other nodes fan out while this
+        // one does (a broadcast's slowest hop was waiting here for the
+        // local fan-out of thousands of sockets before leaving the node).
+        let mut failed = None;
         for d in datas {
-            if let Err(e) = self.forward(topic, Forward::Plain, d.clone(), local) {
-                result = Err(e);
+            if let Err(e) = self.forward(topic, Forward::Plain, d.clone(), 0) {
+                failed = Some(e);
             }
         }
-        result
+        let local = self.hub.deliver(topic, Body::Batch(datas));
+        match failed {
+            None => Ok(local),
+            Some(e) => Err(e.with_local(local)),
+        }
     }
 
     /// Tells every node that `client` joined or left `topic`; `notify`
