@@ -155,6 +155,10 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
                 Duration::from_millis(spec.jitter_ms),
             )
         });
+        // Subscribers read (and answer pings) from the moment they are
+        // subscribed, as storm sockets do: a connect phase of minutes
+        // would otherwise outlast the node's heartbeat.
+        let reader = (spec.kind == Kind::Pubsub).then(|| (shared.clone(), end_rx.clone()));
         connecting.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
             // A node shedding a connection storm answers 503 with
@@ -177,6 +181,9 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
                     c, g, topic, urls, source, jitter, stats, end,
                 ));
                 return anyhow::Ok(Err(task));
+            }
+            if let Some((shared, end)) = reader {
+                return anyhow::Ok(Err(tokio::spawn(read_deliveries(c, node, target, shared, end))));
             }
             anyhow::Ok(Ok((c, node)))
         }));
@@ -295,11 +302,8 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
         Kind::Pubsub => {
             let topics_n = spec.topics.max(1);
             let mut published_per_topic = vec![0u64; topics_n];
-            let mut readers = Vec::new();
-            for (c, node) in subs {
-                let (shared, target) = (shared.clone(), spec.target);
-                readers.push(tokio::spawn(read_deliveries(c, node, target, shared, deadline)));
-            }
+            let _ = end_tx.send(Some(deadline));
+            let readers = std::mem::take(&mut storm_tasks);
             let mut pubs = Vec::new();
             for k in 0..spec.pub_count {
                 let g = spec.pub_first + k;
@@ -354,8 +358,30 @@ async fn read_deliveries(
     node: usize,
     target: Target,
     shared: Arc<Shared>,
-    end: tokio::time::Instant,
+    mut run: crate::storm::End,
 ) {
+    // Until the run starts: answer pings, count nothing.
+    let end = loop {
+        if let Some(at) = *run.borrow_and_update() {
+            break at;
+        }
+        tokio::select! {
+            f = c.rd.next() => match f {
+                Ok(Some(f)) if f.opcode == 0x9 => {
+                    let p = c.rd.payload(&f).to_vec();
+                    c.wr.frame(OpCode::Pong, &p);
+                    if c.wr.flush().await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(_)) => {}
+                _ => return,
+            },
+            changed = run.changed() => if changed.is_err() {
+                return;
+            },
+        }
+    };
     let stop_at = end + Duration::from_secs(3);
     // Grows on first use: a million idle readers hold nothing here.
     let mut local: Vec<u64> = Vec::new();
