@@ -213,7 +213,8 @@ def section(sockets, rate, duration, r):
     connected = rep.get("connected", 0)
     total_kb = sum(r["nodes_rss_kb"])
     L = [BEGIN, f"## {sockets:,} sockets on one machine\n",
-         f"Produced by `python3 benches/million.py --sockets {sockets}` on {time.strftime('%Y-%m-%d')}: "
+         f"Produced by `python3 benches/million.py --sockets {sockets}"
+         f"{'' if duration == '10s' else ' --duration ' + duration}` on {time.strftime('%Y-%m-%d')}: "
          f"one nats-server, {r['nodes']} Herald nodes linked by it, and `herald-loadgen --workers {r['nodes']} "
          f"--duration {duration} --shared load:all rooms --topics {sockets} --subscribers-per-topic 1 "
          f"--publishers 1 --rate {rate}`: every socket subscribes its own topic (`load:tN`, a `user:N`) and "
