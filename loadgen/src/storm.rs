@@ -182,8 +182,15 @@ pub async fn socket(
                         .lock()
                         .unwrap()
                         .get_or_insert_with(|| e.to_string());
+                    // A node that says when to come back is taken at its
+                    // word (plus jitter, so the retries do not return as
+                    // one wave); otherwise the backoff doubles.
                     let cap = 100u64 << attempt.min(5);
-                    tokio::time::sleep(Duration::from_millis(cap / 2 + rng.below(cap))).await;
+                    let wait = match wire::asked_to_wait(&e) {
+                        Some(s) => s * 1000 + rng.below(s * 1000),
+                        None => cap / 2 + rng.below(cap),
+                    };
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
                     attempt += 1;
                 }
             }

@@ -124,7 +124,10 @@ pub async fn connect(url: &Url, query: &str, source: Option<IpAddr>) -> anyhow::
         if let Some(end) = c.rd.buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&c.rd.buf[..end]).into_owned();
             if !head.starts_with("HTTP/1.1 101") {
-                bail!("handshake refused: {}", head.lines().next().unwrap_or(""));
+                let retry = retry_after(&head)
+                    .map(|s| format!(" (retry after {s} s)"))
+                    .unwrap_or_default();
+                bail!("handshake refused: {}{retry}", head.lines().next().unwrap_or(""));
             }
             c.rd.buf.advance(end + 4);
             return Ok(c);
@@ -338,4 +341,21 @@ impl Target {
             Target::WsBroadcast => w.frame(OpCode::Text, body),
         }
     }
+}
+
+/// A refused handshake's `Retry-After` in seconds, if it has one.
+fn retry_after(head: &str) -> Option<u64> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("retry-after")
+            .then(|| v.trim().parse().ok())?
+    })
+}
+
+/// The seconds a refusal from [`connect`] asked to wait, if any.
+pub fn asked_to_wait(e: &anyhow::Error) -> Option<u64> {
+    let s = e.to_string();
+    let at = s.find(" (retry after ")? + " (retry after ".len();
+    s[at..].split(' ').next()?.parse().ok()
 }

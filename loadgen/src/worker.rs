@@ -170,7 +170,11 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
                     Err(e) if attempt < 30 && e.to_string().contains(" 503 ") => {
                         attempt += 1;
                         retried.fetch_add(1, Relaxed);
-                        tokio::time::sleep(Duration::from_millis(50 * attempt.min(20))).await;
+                        // Retry-After, spread over a second by the socket's
+                        // number so the retries do not come back as one wave.
+                        let spread = (g as u64).wrapping_mul(7919) % 1000;
+                        let ms = wire::asked_to_wait(&e).map_or(50 * attempt.min(20), |s| s * 1000 + spread);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
                     }
                     Err(e) => return Err(e),
                 }
