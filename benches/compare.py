@@ -303,6 +303,8 @@ def auth_section(quick):
 
 MILLION_BEGIN = "<!-- million:begin -->"
 MILLION_END = "<!-- million:end -->"
+STORM_BEGIN = "<!-- storm:begin -->"
+STORM_END = "<!-- storm:end -->"
 HISTORY_BEGIN = "<!-- history:begin -->"
 HISTORY_END = "<!-- history:end -->"
 HISTORY = ["--history", "load:*=20000"]
@@ -519,11 +521,11 @@ def main():
         finally:
             s.stop()
     sustained = {name: sustained_rate(start, q) for name, start in systems[:2]}
-    # The sections other scripts write (million.py) survive this rewrite.
+    # The sections other scripts write (million.py, storm.py) survive this rewrite.
     kept = {}
     if os.path.exists(a.out):
         text = open(a.out).read()
-        for begin, end in ((MILLION_BEGIN, MILLION_END),):
+        for begin, end in ((MILLION_BEGIN, MILLION_END), (STORM_BEGIN, STORM_END)):
             if begin in text:
                 kept[(begin, end)] = begin + text.split(begin, 1)[1].split(end, 1)[0] + end
     write(a.out, scenarios, results, cluster, q, scale, sustained)
@@ -730,33 +732,6 @@ In the idle row Herald holds 18,912 sockets,
 not 19,000: it reads the open-file limit (20,000 here) at start, keeps 64
 descriptors and `--max-pending-connections` (1,024) back, and answers the
 rest 503 instead of failing to accept.
-
-<!-- storm:begin -->
-## A node dies under 50,000 sockets
-
-Produced by `python3 benches/storm.py --sockets 50000` on 2026-11-28: 7 Herald nodes linked by one nats-server, three HAProxy instances in front; 50,000 idle subscribed sockets straight to the nodes; then the first node is SIGKILLed and its clients reconnect through the HAProxies with up to 2 s of jitter. A probe (200 subscribers on a survivor, 200 msg/s) runs calm, then through the storm.
-
-| figure | value |
-|---|---|
-| sockets connected before the kill | 50,000 (0 failed) |
-| sockets lost with the node | 7,143 |
-| subscribed again | 7,143 |
-| first loss to last resubscribe | 2.2 s |
-| refused or failed attempts on the way | 38 |
-| `accept failed` in the nodes' logs | 0 |
-| survivors' RSS: before, peak | 149 MiB, 189 MiB |
-| survivors' CPU during the 8 s storm probe | 7.0 s |
-| probe p99, calm | 19.4 ms (320200 / 320200 delivered) |
-| probe p99, through the storm | 614.9 ms (320400 / 320400 delivered) |
-
-At 100,000 sockets (`python3 benches/storm.py`) the run does not settle on
-this 2-core machine yet: with sixteen processes holding 100,000 live sockets
-that answer pings, some first handshakes time out (408) and sockets are lost
-well beyond the killed node's share, so no recovery time is claimed for it.
-Finding where that time goes is open work (issue 10).
-
-<!-- storm:end -->
-
 ## Micro-benchmarks
 
 `cargo bench -p herald-benches` (divan, with allocation counts): topic
@@ -799,8 +774,13 @@ to verify than ES256), or keep tokens on sockets that live long.
   write system call: the kernel's loopback send path, not Herald, is most of
   the server CPU per delivery there.
 - An idle socket holds one task (its reader), no read buffer (dropped when
-  empty) and no writer task (started only while there is something to
-  write), which is what keeps it under 3 KiB.
+  empty) and no writer task: a frame for an idle socket is written at once
+  by whoever queued it (one non-blocking system call), and a writer task
+  starts only when the socket would block. That is what keeps it under 3 KiB.
+- In a cluster, topic traffic travels on a NATS connection of Herald's own:
+  a topic or pattern a node holds is an entry in one table (a few hundred
+  bytes), read by one task in the server's order; a publish is handed to
+  that connection before the local fan-out, so every node fans out at once.
 - In flat-out runs the publisher outpaces what 5,000 subscribers on the same
   two cores can read: all three servers cut subscribers that fall behind
   (Herald past `--max-queue-bytes`), so "delivered" is well under "expected"

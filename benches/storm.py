@@ -172,11 +172,13 @@ def run(a, rate):
                 break
         threading.Thread(target=lambda: [sys.stderr.write(x) for x in storm.stderr], daemon=True).start()
         survivors = [p.pid for p in nodes[1:]]
-        calm = probe(f"ws://127.0.0.1:{ports[1]}/ws", nodes[1].pid, "8s")
-        sampler = Sampler(survivors)
-        # Where the machine's CPU goes during the storm probe, by group.
+        # Where the machine's CPU goes during each probe, by group.
         groups = {"survivors": survivors, "haproxy": [p.pid for _, p in proxies], "nats-server": [nats.pid],
                   "storm clients": [storm.pid] + children(storm.pid)}
+        calm_before = {g: sum(cpu_seconds(p) for p in ps) for g, ps in groups.items()}
+        calm = probe(f"ws://127.0.0.1:{ports[1]}/ws", nodes[1].pid, "8s")
+        cpu_calm = {g: sum(cpu_seconds(p) for p in ps) - calm_before[g] for g, ps in groups.items()}
+        sampler = Sampler(survivors)
         cpu_before = {g: sum(cpu_seconds(p) for p in ps) for g, ps in groups.items()}
         rss_before = sum(rss_kb(p) for p in survivors)
         sampler.start()
@@ -194,6 +196,7 @@ def run(a, rate):
             "recovery_ms": report.get("storm_recovery_ms"), "accept_failed": accept_failed,
             "survivor_rss_before_kb": rss_before, "survivor_rss_peak_kb": sampler.peak,
             "survivor_cpu_during_probe_s": cpu["survivors"], "cpu_during_probe_s": cpu,
+            "cpu_during_calm_probe_s": cpu_calm,
             "probe_calm": {"p50": calm["latency_us"]["p50"], "p99": calm["latency_us"]["p99"],
                            "delivered": calm["delivered"], "expected": calm["expected"]},
             "probe_storm": {"p50": stormy["latency_us"]["p50"], "p99": stormy["latency_us"]["p99"],
@@ -247,7 +250,8 @@ def write(path, rs, args):
              row("probe p99 (delivered / expected), through the storm", lambda r: p99(r, "probe_storm")),
              ]
     for g in r0["cpu_during_probe_s"]:
-        lines.append(row(f"CPU s during the 8 s storm probe: {g}", lambda r, g=g: f"{r['cpu_during_probe_s'][g]:.1f}"))
+        lines.append(row(f"CPU s in the 8 s probe, calm → storm: {g}",
+                         lambda r, g=g: f"{r['cpu_during_calm_probe_s'][g]:.1f} → {r['cpu_during_probe_s'][g]:.1f}"))
     lines += ["", END]
     text = open(path).read() if os.path.exists(path) else ""
     block = "\n".join(lines)

@@ -348,26 +348,34 @@ impl Node {
     /// Pings every socket each `--ping-interval` and reaps those from which
     /// nothing (not even a pong) arrived for two whole intervals, so one
     /// late pong on a busy machine is forgiven. One task for the node: no
-    /// timer per socket, and the ping frame is encoded once.
+    /// timer per socket, and the ping frame is encoded once. The sockets
+    /// are taken in twenty slices spread over the interval (by id), not all
+    /// at once: a node's pings and its clients' pongs would otherwise come
+    /// as one burst every interval, on every node at about the same time,
+    /// and every socket's latency would pay for it.
     pub async fn heartbeat(self: Arc<Self>) {
         let interval = self.config.ping_interval;
         if interval.is_zero() {
             return;
         }
         let ping = ws::encode_frame(OpCode::Ping, b"");
-        let mut tick = tokio::time::interval(interval);
+        let slices = (interval.as_millis() as u64 / 50).clamp(1, 20);
+        let mut tick = tokio::time::interval(interval / slices as u32);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
-        // Node clock at the previous two rounds: a socket silent since the
-        // older one missed a ping and a whole interval after it. Zero at
-        // first, so sockets accepted while this task starts are never reaped
-        // early.
-        let mut rounds = [0u64; 2];
-        loop {
+        let silent_ms = 2 * interval.as_millis() as u64;
+        for round in 0u64.. {
             tick.tick().await;
-            let now = self.sessions.now_ms();
-            let deadline = rounds[0];
-            for c in self.sessions.snapshot() {
+            // Silent since before this: it missed a ping and a whole
+            // interval after it.
+            let deadline = self.sessions.now_ms().saturating_sub(silent_ms);
+            let slice = round % slices;
+            for c in self
+                .sessions
+                .snapshot()
+                .into_iter()
+                .filter(|c| c.id % slices == slice)
+            {
                 if c.last_seen() < deadline {
                     if c.close(Disconnect::HeartbeatTimeout) {
                         self.metrics.heartbeat_timeouts.fetch_add(1, Relaxed);
@@ -376,7 +384,6 @@ impl Node {
                     c.push(ping.clone());
                 }
             }
-            rounds = [rounds[1], now];
         }
     }
 }

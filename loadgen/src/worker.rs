@@ -140,7 +140,12 @@ pub async fn run(spec: Spec) -> anyhow::Result<()> {
         let g = spec.sub_first + k;
         let node = spec.sub_urls[g % spec.sub_urls.len()];
         let url = urls[node].clone();
-        let topic = topic_name(g % spec.topics.max(1));
+        // Storm sockets hold topics of their own: a probe run beside them
+        // (another load generator on `load:t0`) must not fan out to them.
+        let topic = match spec.kind {
+            Kind::Storm => format!("storm:t{}", g % spec.topics.max(1)),
+            _ => topic_name(g % spec.topics.max(1)),
+        };
         let (target, source, sem) = (spec.target, spec.source, sem.clone());
         let retried = retried.clone();
         let query = match &spec.shared {
