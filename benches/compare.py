@@ -781,6 +781,10 @@ to verify than ES256), or keep tokens on sockets that live long.
   a topic or pattern a node holds is an entry in one table (a few hundred
   bytes), read by one task in the server's order; a publish is handed to
   that connection before the local fan-out, so every node fans out at once.
+- The heartbeat pings a twentieth of a node's sockets at a time, spread over
+  `--ping-interval`: pinging all at once made a burst of pings and pongs on
+  every node every interval, which alone took a probe's p99 beside 100,000
+  idle sockets from 13.7 ms to 868 ms.
 - In flat-out runs the publisher outpaces what 5,000 subscribers on the same
   two cores can read: all three servers cut subscribers that fall behind
   (Herald past `--max-queue-bytes`), so "delivered" is well under "expected"
