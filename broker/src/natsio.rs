@@ -37,8 +37,13 @@ pub trait Dispatch: Send + Sync + 'static {
     fn message(&self, key: &str, wildcard: bool, subject: &str, headers: Option<&[u8]>, payload: &[u8]);
 }
 
-/// A PING this often; two left unanswered end the connection.
-const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// A PING this often; [`MAX_UNANSWERED`] left unanswered end the
+/// connection. A server applies a connection's commands in order, so a
+/// PING waits behind the SUBs sent before it: a node subscribing 17,000
+/// topics to a server taking 2,000,000 waited more than 40 s for one.
+const PING_INTERVAL: Duration = Duration::from_secs(30);
+/// PINGs left unanswered that end the connection (90 s of silence).
+const MAX_UNANSWERED: usize = 3;
 /// Bytes of publishes queued for the writer: past it, publishers wait.
 const WRITE_BYTES: usize = 8 << 20;
 
@@ -293,8 +298,8 @@ impl NatsIo {
                 _ = ping.tick() => {
                     let mut st = self.state();
                     let unanswered = st.pending.iter().filter(|p| matches!(p, Pending::Keepalive)).count();
-                    if unanswered >= 2 {
-                        break io::Error::other("two PINGs unanswered");
+                    if unanswered >= MAX_UNANSWERED {
+                        break io::Error::other("PINGs unanswered for 90 s");
                     }
                     if out.send((Bytes::from_static(b"PING\r\n"), None)).is_ok() {
                         st.pending.push_back(Pending::Keepalive);
