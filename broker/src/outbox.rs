@@ -39,6 +39,8 @@ struct State {
     parked: Option<OwnedWriteHalf>,
     /// A writer task owns the write half.
     running: bool,
+    /// Writers' clock (ms, wrapping) of the last frame written at once.
+    inline_at: u32,
 }
 
 impl State {
@@ -154,17 +156,22 @@ impl Outbox {
 
     /// A push that found the socket idle (no writer task; it got `wr`)
     /// writes its one frame at once, without waiting: a broadcast to many
-    /// idle sockets then costs one system call each, no task. Returns
-    /// `wr` when a writer must still start (the socket would block, more
-    /// arrived, or a close waits), with the rest of the frame when only
-    /// part of it went out: that rest is owed whatever comes next (the
+    /// idle sockets then costs one system call each, no task. A socket
+    /// that had a frame written this way within the last second is busy:
+    /// it gets a writer task, which batches frames and stays a while.
+    /// Returns `wr` when a writer must start (busy, the socket would block,
+    /// more arrived, or a close waits), with the rest of the frame when
+    /// only part of it went out: that rest is owed whatever comes next (the
     /// writer sends it first, even before a close that drops the queue).
-    /// Otherwise parks `wr` again.
-    pub fn write_now(&self, wr: OwnedWriteHalf) -> Option<(OwnedWriteHalf, Option<Bytes>)> {
+    /// Otherwise parks `wr` again. `now_ms` is the writers' clock.
+    pub fn write_now(&self, wr: OwnedWriteHalf, now_ms: u64) -> Option<(OwnedWriteHalf, Option<Bytes>)> {
         let mut s = self.lock();
-        if s.close.is_some() || s.frames.len() != 1 {
+        let now = now_ms as u32;
+        let busy = s.inline_at != 0 && now.wrapping_sub(s.inline_at) < 1000;
+        if busy || s.close.is_some() || s.frames.len() != 1 {
             return Some((wr, None));
         }
+        s.inline_at = now.max(1);
         let frame = &s.frames[0];
         match wr.try_write(frame) {
             Ok(n) if n == frame.len() => {
@@ -312,20 +319,28 @@ mod tests {
         let (_rd, wr) = server.into_split();
         let o = Outbox::new(1 << 20);
         assert!(o.install(wr).is_none(), "nothing queued: parked");
-        for text in [&b"one"[..], b"two"] {
+        for (text, now) in [(&b"one"[..], 10_000), (b"two", 12_000)] {
             let (pushed, start) = o.push(Bytes::copy_from_slice(text));
             assert_eq!(pushed, Pushed::Queued);
             let wr = start.expect("idle: the push gets the write half");
-            assert!(o.write_now(wr).is_none(), "written at once, parked again");
+            assert!(o.write_now(wr, now).is_none(), "written at once, parked again");
             assert!(o.try_take(Vec::new()).is_err(), "nothing left queued");
         }
         let mut got = [0u8; 6];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"onetwo");
-        // With a close waiting, the writer must run.
+        // Another within the second: busy, a writer must run (and batch).
         let (_, start) = o.push(Bytes::from_static(b"x"));
         let wr = start.unwrap();
+        let Some((wr, None)) = o.write_now(wr, 12_500) else {
+            panic!("a busy socket gets a writer");
+        };
+        assert_eq!(o.try_take(Vec::new()).unwrap().frames.len(), 1, "still queued");
+        // With a close waiting, the writer must run.
+        assert!(o.park(wr).is_ok());
+        let (_, start) = o.push(Bytes::from_static(b"y"));
+        let wr = start.unwrap();
         o.close(Disconnect::GoingAway);
-        assert!(matches!(o.write_now(wr), Some((_, None))));
+        assert!(matches!(o.write_now(wr, 60_000), Some((_, None))));
     }
 }

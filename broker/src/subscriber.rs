@@ -140,7 +140,7 @@ impl Subscriber {
         }
         match (pushed, start) {
             (Pushed::Queued, Some(wr)) => {
-                if let Some((wr, rest)) = self.outbox.write_now(wr) {
+                if let Some((wr, rest)) = self.outbox.write_now(wr, self.writers.now_ms()) {
                     self.spawn_writer(wr, rest);
                 }
             }
