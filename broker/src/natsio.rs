@@ -46,6 +46,9 @@ const PING_INTERVAL: Duration = Duration::from_secs(30);
 const MAX_UNANSWERED: usize = 3;
 /// Bytes of publishes queued for the writer: past it, publishers wait.
 const WRITE_BYTES: usize = 8 << 20;
+/// The largest message the reader buffers (NATS's own max_payload
+/// ceiling is 64 MiB).
+const MAX_MESSAGE: usize = 64 << 20;
 
 /// A chunk for the writer; a publish holds its bytes' permits until written.
 type Chunk = (Bytes, Option<OwnedSemaphorePermit>);
@@ -340,7 +343,10 @@ impl NatsIo {
                 let total: usize = n.parse().map_err(bad)?;
                 let hlen: usize = hdr.map_or(Ok(0), |h| h.parse().map_err(bad))?;
                 let sid: u64 = args[1].parse().map_err(bad)?;
-                if hlen > total {
+                // The server bounds payloads by its max_payload; a size
+                // past any it could allow is a broken stream, not a buffer
+                // to grow for.
+                if hlen > total || total > MAX_MESSAGE {
                     return Err(io::Error::other(format!("bad {op} from NATS: {line:?}")));
                 }
                 if buf.len() < end + 2 + total + 2 {

@@ -369,13 +369,7 @@ impl Node {
             // Silent since before this: it missed a ping and a whole
             // interval after it.
             let deadline = self.sessions.now_ms().saturating_sub(silent_ms);
-            let slice = round % slices;
-            for c in self
-                .sessions
-                .snapshot()
-                .into_iter()
-                .filter(|c| c.id % slices == slice)
-            {
+            for c in self.sessions.slice(slices, round % slices) {
                 if c.last_seen() < deadline {
                     if c.close(Disconnect::HeartbeatTimeout) {
                         self.metrics.heartbeat_timeouts.fetch_add(1, Relaxed);

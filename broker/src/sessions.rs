@@ -177,7 +177,14 @@ impl Sessions {
     /// Every live socket, snapshotted so no map shard stays locked while
     /// the caller walks them.
     pub fn snapshot(&self) -> Vec<Arc<Subscriber>> {
-        self.shared.live.iter().map(|e| e.value().clone()).collect()
+        self.slice(1, 0)
+    }
+
+    /// The live sockets whose id is `k` modulo `of`, snapshotted likewise:
+    /// a walk over one slice clones only that slice's handles.
+    pub fn slice(&self, of: u64, k: u64) -> Vec<Arc<Subscriber>> {
+        let live = self.shared.live.iter().filter(|e| e.key() % of == k);
+        live.map(|e| e.value().clone()).collect()
     }
 
     /// Waits (up to `grace`) for every session task to end; returns false
