@@ -2,8 +2,8 @@
 //! signature dominates), and checking a subscription against grants.
 
 use divan::{black_box, Bencher};
-use herald_broker::auth::{Auth, Grants};
 use herald_broker::Config;
+use herald_broker::{Auth, Grants};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 #[global_allocator]
@@ -42,7 +42,7 @@ fn token(alg: Algorithm) -> (Auth, String) {
             EncodingKey::from_rsa_pem(&read("rsa.key")).unwrap(),
         ),
     };
-    let exp = herald_broker::auth::now_secs() + 3600;
+    let exp = herald_broker::now_secs() + 3600;
     let claims = serde_json::json!({"sub": "42", "exp": exp,
         "herald": {"subscribe": ["chat:*", "user:42:>"], "publish": ["chat:lobby"]}});
     let t = jsonwebtoken::encode(&Header::new(alg), &claims, &enc).unwrap();

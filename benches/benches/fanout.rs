@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use divan::{black_box, Bencher};
-use herald_broker::hub::{Body, Hub};
-use herald_broker::metrics::Metrics;
-use herald_broker::subscriber::Subscriber as Conn;
+use herald_broker::Metrics;
+use herald_broker::Subscriber as Conn;
+use herald_broker::{Body, Hub};
 
 #[global_allocator]
 static ALLOC: divan::AllocProfiler = divan::AllocProfiler::system();

@@ -4,7 +4,7 @@
 //! the snapshot a node publishes three times per `--presence-ttl`.
 
 use divan::{black_box, Bencher};
-use herald_broker::roster::{Member, Roster};
+use herald_broker::{Member, Roster};
 
 #[global_allocator]
 static ALLOC: divan::AllocProfiler = divan::AllocProfiler::system();

@@ -422,7 +422,7 @@ pub struct Mint {
     #[arg(long, value_delimiter = ',')]
     pub publish: Vec<String>,
     /// Lifetime (e.g. 1h, 15m).
-    #[arg(long, default_value = "1h", value_parser = herald_broker::config::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = herald_broker::parse_duration)]
     pub ttl: Duration,
     /// Audience (`aud`).
     #[arg(long)]
@@ -445,7 +445,7 @@ pub fn mint(m: &Mint) -> anyhow::Result<String> {
     for p in m.subscribe.iter().chain(&m.publish) {
         herald_protocol::Pattern::parse(p).map_err(|e| anyhow!("{p:?}: {e}"))?;
     }
-    let now = herald_broker::auth::now_secs();
+    let now = herald_broker::now_secs();
     let mut claims = serde_json::json!({
         "iat": now,
         "exp": now + m.ttl.as_secs().max(1),

@@ -8,6 +8,8 @@
 //! cut: the socket has one writer fed through a small bounded channel, so
 //! when the client stops reading, the writer waits, the channel fills, the
 //! node stops reading the pipe and the program blocks on its next write.
+//!
+//! Uses: `config`, `metrics`, `http`, `node`.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -27,7 +29,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use crate::config::ExecRoute;
-use crate::handshake::{self, Refused};
+use crate::http::handshake::{self, Refused};
 use crate::http::{self, Body};
 use crate::metrics::{ConnectionSlot, Metrics};
 use crate::node::Node;

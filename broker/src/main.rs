@@ -45,7 +45,7 @@ enum Command {
         #[arg(long)]
         token_key_file: Option<String>,
         /// How long to wait for the delivery.
-        #[arg(long, default_value = "10s", value_parser = herald_broker::config::parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = herald_broker::parse_duration)]
         timeout: std::time::Duration,
     },
     /// Mint a connection token signed with an HMAC key (HS256), for
@@ -55,7 +55,7 @@ enum Command {
     /// Wait, then exit (a preStop hook for images without a shell).
     #[command(hide = true)]
     Sleep {
-        #[arg(value_parser = herald_broker::config::parse_duration)]
+        #[arg(value_parser = herald_broker::parse_duration)]
         duration: std::time::Duration,
     },
     /// Subscribe to topics on a running node and print deliveries, one per line.

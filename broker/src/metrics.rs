@@ -3,6 +3,8 @@
 //! Plain atomics: the fan-out path adds once per message (a count of
 //! deliveries), never once per recipient, so no cache line bounces per
 //! delivery.
+//!
+//! Uses: nothing of the crate.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};

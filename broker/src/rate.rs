@@ -1,5 +1,7 @@
 //! A token bucket: the one rate limit every per-socket or per-address
 //! bound uses, 8 bytes so an idle socket can carry several.
+//!
+//! Uses: nothing of the crate.
 
 /// A token bucket in 8 bytes, for limits every socket carries (an idle
 /// socket's memory counts): whole tokens, and the time of the last refill

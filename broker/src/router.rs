@@ -5,6 +5,8 @@
 //! subject subscription), and presence. [`Router`] changes them together
 //! and in one order, for WebSocket sessions and HTTP alike, so no caller
 //! can forget one or do them in another order.
+//!
+//! Uses: `metrics`, `socket`, `presence`, `fanout`, `history`, `cluster`.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -12,13 +14,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use herald_protocol::message::{self, ErrorCode};
 
-use crate::bus::{Bus, BusError};
-use crate::hub::Hub;
+use crate::cluster::bus::{Bus, BusError};
+use crate::cluster::subjects::Live;
+use crate::fanout::hub::Hub;
+use crate::history::recovery::{self, Ask};
 use crate::metrics::Metrics;
-use crate::recovery::{self, Ask};
-use crate::roster::Member;
-use crate::subjects::Live;
-use crate::subscriber::{Subscriber, Subscription};
+use crate::presence::roster::Member;
+use crate::socket::subscriber::{Subscriber, Subscription};
 
 /// Why a subscription was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -144,7 +146,7 @@ impl Router {
     ///
     /// With `ask` (a new subscription that wants what it missed, or the
     /// current value), the future also replays from the history before
-    /// live deliveries flow (see [`crate::recovery`]).
+    /// live deliveries flow (see [`crate::history::recovery`]).
     pub fn subscribe(
         &self,
         sub: &Arc<Subscriber>,
@@ -215,7 +217,7 @@ impl Router {
             let inner = &router.inner;
             let max = inner.max_replay;
             match recovery::recover(
-                &inner.bus,
+                inner.bus.history(),
                 &inner.metrics,
                 &sub,
                 &pattern,

@@ -5,6 +5,8 @@
 //! as HTTP/1 with upgrades; `/ws` is checked (limits, URL parameters) before
 //! the 101 is sent, and the upgraded socket becomes a session tracked by the
 //! node so shutdown can drain it.
+//!
+//! Uses: `config`, `net`, `session`, `node`, `http`, `status`, `exec`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,14 +25,14 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission;
 use crate::config::Config;
 use crate::exec;
-use crate::handshake;
+use crate::http::handshake;
 use crate::http::{self, Body};
+use crate::net::admission;
+use crate::net::preread::{self, Head, Prefixed};
 use crate::node::{Error, Node};
-use crate::params;
-use crate::preread::{self, Head, Prefixed};
+use crate::session::params;
 use crate::status;
 
 /// Largest HTTP request head (request line and headers) a client may send.

@@ -1,155 +1,356 @@
-//! The broker's layering, checked: `broker/src/lib.rs` lists its modules
-//! bottom to top, and every `crate::` path in a module must name a module
-//! listed below it. So the `use crate::` arrows form no cycle, and a
-//! newcomer can read the layers off the crate docs.
+//! The broker's layering, checked from the tree.
+//!
+//! `broker/src/lib.rs` lists the crate's units (a folder or a file each)
+//! bottom to top. Each unit's root doc (`folder/mod.rs` or `file.rs`) has a
+//! `Uses:` line naming the units it may use, every one of them below it in
+//! that list; so the arrows between units form no cycle. Every `crate::`
+//! path in a unit's files must name the unit itself or one of its `Uses:`.
+//!
+//! Inside a folder, the root's doc lists its files (and subfolders) bottom
+//! to top, and a file may name only a sibling listed before it (as
+//! `super::x` or `crate::folder::x`); the folder's own root is open to all
+//! of them. Subfolders are checked the same way, recursively.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
-/// Files of the `herald` binary, which sits on top of the library.
+/// Files of the `herald` binary, which sits on top of the library and can
+/// reach only what lib.rs re-exports (the compiler holds that).
 const BINARY: &[&str] = &["main", "cli"];
-/// Roughly where a file holds two concepts and should be split.
-const MAX_LINES: usize = 480;
 
-fn src() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src"))
+fn src() -> PathBuf {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src")).to_owned()
 }
 
-/// Module names in the order the crate docs' Layout list gives them.
-fn layout(lib: &str) -> Vec<String> {
-    lib.lines()
-        .filter_map(|l| l.strip_prefix("//! - [`"))
+/// The doc lines (`//!`) a file opens with, joined.
+fn doc(text: &str) -> Vec<&str> {
+    text.lines()
+        .take_while(|l| l.starts_with("//!") || l.trim().is_empty() || l.starts_with("#!["))
+        .filter_map(|l| l.strip_prefix("//!"))
+        .collect()
+}
+
+/// The names of a doc's layout list (`- [`name`]: ...`), in order.
+fn listed(text: &str) -> Vec<String> {
+    doc(text)
+        .iter()
+        .filter_map(|l| l.trim_start().strip_prefix("- [`"))
         .filter_map(|l| l.split_once("`]").map(|(m, _)| m.to_owned()))
         .collect()
 }
 
-/// The crate modules a file's code (comments aside) refers to.
-fn references(text: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.starts_with("//")) {
-        let mut rest = line;
-        while let Some(at) = rest.find("crate::") {
-            rest = &rest[at + "crate::".len()..];
-            let names: Vec<&str> = if let Some(group) = rest.strip_prefix('{') {
-                // `use crate::{a, b::c};`
-                let group = group.split('}').next().unwrap_or("");
-                group
-                    .split(',')
-                    .map(|p| p.trim().split("::").next().unwrap_or(""))
-                    .collect()
-            } else {
-                vec![rest
-                    .split(|c: char| !c.is_alphanumeric() && c != '_')
-                    .next()
-                    .unwrap_or("")]
-            };
-            out.extend(names.into_iter().filter(|n| !n.is_empty()).map(str::to_owned));
+/// The units a root's `Uses:` paragraph names (in backticks), or `None`
+/// when the doc has no `Uses:` line.
+fn uses(text: &str) -> Option<BTreeSet<String>> {
+    let lines = doc(text);
+    let at = lines.iter().position(|l| l.trim_start().starts_with("Uses:"))?;
+    let mut para = String::new();
+    for l in &lines[at..] {
+        if l.trim().is_empty() {
+            break;
+        }
+        para.push_str(l);
+    }
+    Some(para.split('`').skip(1).step_by(2).map(str::to_owned).collect())
+}
+
+/// Every path a file's code (comments aside) names after `prefix`, as its
+/// segments: `crate::a::b::C` gives `[a, b, C]`; a group
+/// `crate::{a::b, c}` gives `[a, b]` and `[c]`.
+fn paths(text: &str, prefix: &str) -> Vec<Vec<String>> {
+    fn segments(s: &str) -> Vec<String> {
+        let s = s.trim_start();
+        let end = s
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(s.len());
+        s[..end]
+            .split("::")
+            .take_while(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+    fn group(s: &str) -> Vec<&str> {
+        // The items of a `{...}` group at depth 1.
+        let (mut depth, mut start, mut out) = (0, 0, Vec::new());
+        for (i, c) in s.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => {
+                    out.push(&s[start..i]);
+                    return out;
+                }
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    out.push(&s[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        out.push(&s[start..]);
+        out
+    }
+    let code: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut out = Vec::new();
+    let mut rest = code.as_str();
+    while let Some(at) = rest.find(prefix) {
+        let before = rest[..at].chars().last();
+        rest = &rest[at + prefix.len()..];
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
+            continue;
+        }
+        if let Some(g) = rest.strip_prefix('{') {
+            out.extend(group(g).into_iter().map(segments).filter(|s| !s.is_empty()));
+        } else {
+            let s = segments(rest);
+            if !s.is_empty() {
+                out.push(s);
+            }
         }
     }
     out
 }
 
-/// Each module file and the modules it refers to.
-fn graph() -> BTreeMap<String, BTreeSet<String>> {
-    let mut g = BTreeMap::new();
-    for entry in std::fs::read_dir(src()).expect("broker/src") {
-        let path = entry.expect("entry").path();
-        if path.extension().and_then(|e| e.to_str()) != Some("rs") {
-            continue;
-        }
-        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("").to_owned();
-        if name == "lib" || BINARY.contains(&name.as_str()) {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).expect("read");
-        let mut refs = references(&text);
-        refs.remove(&name);
-        g.insert(name, refs);
-    }
-    g
+/// The `.rs` files and folders directly in `dir`, as (module name, path).
+fn entries(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("entry").path())
+        .filter_map(|p| {
+            let name = if p.is_dir() {
+                p.file_name()?.to_str()?.to_owned()
+            } else if p.extension().and_then(|e| e.to_str()) == Some("rs") {
+                p.file_stem()?.to_str()?.to_owned()
+            } else {
+                return None;
+            };
+            Some((name, p))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
-/// A cycle in `g`, as the path that closes it, if there is one.
-fn find_cycle(g: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
-    fn visit(
-        n: &str,
-        g: &BTreeMap<String, BTreeSet<String>>,
-        stack: &mut Vec<String>,
-        done: &mut BTreeSet<String>,
-    ) -> Option<Vec<String>> {
-        if let Some(i) = stack.iter().position(|s| s == n) {
-            let mut cycle = stack[i..].to_vec();
-            cycle.push(n.to_owned());
-            return Some(cycle);
+/// The root file of a module at `path` (a folder's `mod.rs`, or the file).
+fn root(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join("mod.rs")
+    } else {
+        path.to_owned()
+    }
+}
+
+/// Every `.rs` file of a module, its root included.
+fn files(path: &Path) -> Vec<PathBuf> {
+    if !path.is_dir() {
+        return vec![path.to_owned()];
+    }
+    entries(path).into_iter().flat_map(|(_, p)| files(&p)).collect()
+}
+
+/// Checks one folder's order of files: each entry may name only siblings
+/// listed before it. `at` is the folder's crate path (`["fanout"]`).
+fn check_folder(dir: &Path, at: &[String], wrong: &mut Vec<String>) {
+    let text = std::fs::read_to_string(dir.join("mod.rs")).unwrap_or_default();
+    let order = listed(&text);
+    for (name, path) in entries(dir) {
+        if name == "mod" {
+            continue;
         }
-        if !done.insert(n.to_owned()) {
-            return None;
-        }
-        stack.push(n.to_owned());
-        for m in g.get(n).into_iter().flatten() {
-            if let Some(c) = visit(m, g, stack, done) {
-                return Some(c);
+        let Some(me) = order.iter().position(|m| *m == name) else {
+            wrong.push(format!(
+                "{}: {name} is missing from the folder's list",
+                dir.display()
+            ));
+            continue;
+        };
+        // `super::x` in the entry's root names a sibling; `crate::folder::x`
+        // anywhere in the entry does too.
+        let mut named: Vec<String> = paths(&std::fs::read_to_string(root(&path)).expect("read"), "super::")
+            .into_iter()
+            .filter_map(|p| p.first().cloned())
+            .collect();
+        for file in files(&path) {
+            let text = std::fs::read_to_string(&file).expect("read");
+            for p in paths(&text, "crate::") {
+                if p.len() > at.len() && p[..at.len()] == *at {
+                    named.push(p[at.len()].clone());
+                }
             }
         }
-        stack.pop();
-        None
+        for n in named.into_iter().filter(|n| *n != name) {
+            // A name the list lacks is an item of the folder's root.
+            if order.iter().position(|m| *m == n).is_some_and(|i| i > me) {
+                wrong.push(format!(
+                    "{}: {name} uses {n}, which is not listed before it",
+                    dir.display()
+                ));
+            }
+        }
+        if path.is_dir() {
+            let mut inner = at.to_vec();
+            inner.push(name);
+            check_folder(&path, &inner, wrong);
+        }
     }
-    let mut done = BTreeSet::new();
-    g.keys().find_map(|n| visit(n, g, &mut Vec::new(), &mut done))
 }
 
-#[test]
-fn crate_imports_form_no_cycle() {
-    let g = graph();
-    assert!(g.len() > 5, "found too few modules in {}", src().display());
-    if let Some(cycle) = find_cycle(&g) {
-        panic!("broker/src imports form a cycle: {}", cycle.join(" -> "));
+/// Every arrow against the declared layers in the crate rooted at `src`.
+fn check(src: &Path) -> (usize, Vec<String>) {
+    let lib = std::fs::read_to_string(src.join("lib.rs")).expect("lib.rs");
+    let order = listed(&lib);
+    let mut wrong = Vec::new();
+    let mut units = 0;
+    for (unit, path) in entries(src) {
+        if unit == "lib" || BINARY.contains(&unit.as_str()) {
+            continue;
+        }
+        units += 1;
+        let Some(me) = order.iter().position(|m| *m == unit) else {
+            wrong.push(format!("{unit} is missing from the Layout list in lib.rs"));
+            continue;
+        };
+        let text = std::fs::read_to_string(root(&path)).expect("read root");
+        let Some(allowed) = uses(&text) else {
+            wrong.push(format!("{unit}'s doc has no `Uses:` line"));
+            continue;
+        };
+        for u in &allowed {
+            match order.iter().position(|m| m == u) {
+                Some(i) if i < me => {}
+                Some(_) => wrong.push(format!(
+                    "{unit} says it uses {u}, which is not below it in lib.rs"
+                )),
+                None => wrong.push(format!("{unit} says it uses {u}, which lib.rs does not list")),
+            }
+        }
+        for file in files(&path) {
+            let text = std::fs::read_to_string(&file).expect("read");
+            for p in paths(&text, "crate::") {
+                let to = &p[0];
+                if *to != unit && !allowed.contains(to) {
+                    wrong.push(format!(
+                        "{} uses crate::{}, not in {unit}'s Uses",
+                        file.display(),
+                        p.join("::")
+                    ));
+                }
+            }
+        }
+        if path.is_dir() {
+            check_folder(&path, std::slice::from_ref(&unit), &mut wrong);
+        }
     }
+    (units, wrong)
 }
 
 #[test]
 fn every_import_points_down_the_documented_layers() {
-    let lib = std::fs::read_to_string(src().join("lib.rs")).expect("lib.rs");
-    let order = layout(&lib);
-    let g = graph();
-    let mut wrong = Vec::new();
-    for (module, refs) in &g {
-        let Some(at) = order.iter().position(|m| m == module) else {
-            wrong.push(format!("{module}.rs is missing from the Layout list in lib.rs"));
-            continue;
-        };
-        for r in refs {
-            match order.iter().position(|m| m == r) {
-                Some(i) if i < at => {}
-                Some(_) => wrong.push(format!("{module} uses crate::{r}, which is not below it")),
-                None => wrong.push(format!("{module} uses crate::{r}, which the Layout list lacks")),
-            }
-        }
-    }
+    let (units, wrong) = check(&src());
+    assert!(units > 10, "found only {units} units in {}", src().display());
     assert!(wrong.is_empty(), "layering broken:\n{}", wrong.join("\n"));
 }
 
-#[test]
-fn no_file_holds_two_concepts_by_size() {
-    for entry in std::fs::read_dir(src()).expect("broker/src") {
-        let path = entry.expect("entry").path();
-        if path.extension().and_then(|e| e.to_str()) == Some("rs") {
-            let lines = std::fs::read_to_string(&path).expect("read").lines().count();
-            assert!(
-                lines <= MAX_LINES,
-                "{} has {lines} lines: split it by concept",
-                path.display()
-            );
+/// A throwaway crate tree for the checker's own test.
+struct Tree(PathBuf);
+
+impl Tree {
+    fn new(name: &str, files: &[(&str, &str)]) -> Self {
+        let dir = std::env::temp_dir().join(format!("herald-layering-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (path, text) in files {
+            let p = dir.join(path);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, text).expect("write");
         }
+        Tree(dir)
     }
 }
 
+impl Drop for Tree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const LIB: &str = "//! - [`low`]: x\n//! - [`mid`]: y\n//! - [`top`]: z\n";
+const MID: &str =
+    "//! Mid.\n//!\n//! Uses: `low`.\n//!\n//! - [`a`]: first\n//! - [`b`]: second\n\nmod a;\nmod b;\n";
+
 #[test]
-fn the_checker_sees_imports_and_cycles() {
-    let refs = references("use crate::{hub::Hub, bus};\n// crate::writer\nlet x = crate::metrics::X;");
-    assert_eq!(refs.into_iter().collect::<Vec<_>>(), ["bus", "hub", "metrics"]);
-    let mut g = BTreeMap::new();
-    g.insert("a".to_owned(), BTreeSet::from(["b".to_owned()]));
-    g.insert("b".to_owned(), BTreeSet::from(["a".to_owned()]));
-    assert_eq!(find_cycle(&g).unwrap(), ["a", "b", "a"]);
+fn the_checker_refuses_a_wrong_way_import_across_folders() {
+    let t = Tree::new(
+        "across",
+        &[
+            ("lib.rs", LIB),
+            (
+                "low.rs",
+                "//! Low.\n//!\n//! Uses: nothing.\n\nuse crate::mid::a::A;\n",
+            ),
+            ("mid/mod.rs", MID),
+            ("mid/a.rs", "use crate::low::X;\n"),
+            ("mid/b.rs", "use super::a::A;\n"),
+            (
+                "top.rs",
+                "//! Top.\n//!\n//! Uses: `mid`, `low`.\n\nuse crate::{mid::b, low};\n",
+            ),
+            ("x.rs", "//! Unlisted.\n//!\n//! Uses: nothing.\n"),
+        ],
+    );
+    let (_, wrong) = check(&t.0);
+    assert_eq!(wrong.len(), 2, "{wrong:#?}");
+    assert!(
+        wrong[0].contains("low.rs uses crate::mid::a::A, not in low's Uses"),
+        "{wrong:#?}"
+    );
+    assert!(
+        wrong[1].contains("x is missing from the Layout list"),
+        "{wrong:#?}"
+    );
+}
+
+#[test]
+fn the_checker_refuses_a_wrong_way_import_inside_a_folder() {
+    let t = Tree::new(
+        "inside",
+        &[
+            ("lib.rs", LIB),
+            ("low.rs", "//! Low.\n//!\n//! Uses: nothing.\n"),
+            ("mid/mod.rs", MID),
+            ("mid/a.rs", "use super::b::B;\nfn f() { crate::mid::b::g(); }\n"),
+            ("mid/b.rs", "use super::a::A;\n"),
+            ("top.rs", "//! Top.\n//!\n//! Uses: `top`, `mid`.\n"),
+        ],
+    );
+    let (_, wrong) = check(&t.0);
+    assert_eq!(wrong.len(), 3, "{wrong:#?}");
+    assert!(
+        wrong
+            .iter()
+            .filter(|w| w.contains("a uses b, which is not listed before it"))
+            .count()
+            == 2,
+        "{wrong:#?}"
+    );
+    assert!(
+        wrong.iter().any(|w| w.contains("top says it uses top")),
+        "{wrong:#?}"
+    );
+}
+
+#[test]
+fn the_checker_reads_paths_and_groups() {
+    let p = paths(
+        "use crate::{hub::{Hub, Body}, bus};\n// crate::writer\nlet x = crate::metrics::X; my_crate::no;",
+        "crate::",
+    );
+    assert_eq!(p, [vec!["hub"], vec!["bus"], vec!["metrics", "X"]]);
+    assert_eq!(
+        uses("//! A.\n//!\n//! Uses: `a`,\n//! `b`.\n//!\n//! - [`x`]: y\n"),
+        Some(BTreeSet::from(["a".to_owned(), "b".to_owned()]))
+    );
 }

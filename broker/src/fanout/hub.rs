@@ -1,0 +1,397 @@
+//! The node's fan-out table: which local sockets receive a message.
+//!
+//! Concrete topics live in a sharded map from topic to its
+//! [`Members`](crate::fanout::members::Members): a chunked copy-on-write list, so a
+//! join or leave copies a bounded part, and fan-out clones one `Arc` under a
+//! brief shard read lock and then walks the snapshot with no lock held. Wildcard patterns live in one copy-on-write
+//! list read without locks (`ArcSwap`). A message is encoded once per format
+//! and the same `Bytes` is pushed to every recipient's queue.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use herald_protocol::{message, position, topic};
+
+use crate::fanout::members::{Members, Snapshot};
+use crate::fanout::patterns::{Change, Patterns};
+use crate::metrics::Metrics;
+use crate::presence::roster::Roster;
+use crate::socket::outbox::Pushed;
+use crate::socket::subscriber::Subscriber;
+
+/// A subscribed socket, as the hub holds it.
+type Sub = Arc<Subscriber>;
+
+/// What a message carries.
+#[derive(Debug, Clone, Copy)]
+pub enum Body<'a> {
+    /// Published JSON, delivered byte for byte.
+    Data(&'a [u8]),
+    /// A history message: delivered with its position, and held back
+    /// from a socket while a subscription of its recovers.
+    Stored {
+        /// The published JSON.
+        data: &'a [u8],
+        /// Its place in the history.
+        seq: u64,
+        /// The history's epoch.
+        epoch: &'a str,
+    },
+    /// Several messages published in a row on the same topic (from one read
+    /// of one publisher's socket): delivered as one buffer of frames, so
+    /// each recipient costs one queue push and its writer one write for all.
+    Batch(&'a [Bytes]),
+    /// A join or leave notice.
+    Presence {
+        /// `join` or `leave`.
+        event: &'a str,
+        /// The socket that joined or left.
+        client: &'a str,
+        /// Its token's user id, if it has one.
+        user: Option<&'a str>,
+        /// Its display name, if it gave one.
+        name: Option<&'a str>,
+    },
+}
+
+/// Whether a subscribe or unsubscribe changed the node's interest in a key:
+/// the first subscriber arrived or the last one left. The bus uses this to
+/// subscribe to and drop NATS subjects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interest {
+    /// The first local subscriber for this topic or pattern.
+    Gained,
+    /// The last local subscriber left.
+    Lost,
+    /// Others remain (or the call changed nothing).
+    Unchanged,
+}
+
+/// The routing table. Cloning is a refcount.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    exact: DashMap<Box<str>, Members>,
+    patterns: Patterns,
+    /// Most distinct wildcard patterns the node holds.
+    max_patterns: usize,
+    presence: Vec<String>,
+    /// Who is on the presence topics, cluster-wide.
+    roster: Roster,
+    metrics: Arc<Metrics>,
+}
+
+/// A new wildcard pattern was refused: the node holds `max` already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("pattern_limit: the node holds {max} distinct wildcard patterns")]
+pub struct PatternLimit {
+    /// `--max-patterns`.
+    pub max: usize,
+}
+
+impl Hub {
+    /// An empty hub. `presence` lists the patterns whose topics announce
+    /// joins and leaves; at most `max_patterns` distinct wildcard patterns
+    /// may be held.
+    pub fn new(metrics: Arc<Metrics>, presence: Vec<String>, max_patterns: usize) -> Self {
+        Hub {
+            inner: Arc::new(Inner {
+                exact: DashMap::new(),
+                patterns: Patterns::default(),
+                max_patterns,
+                presence,
+                roster: Roster::default(),
+                metrics,
+            }),
+        }
+    }
+
+    /// Whether `topic` announces joins and leaves.
+    pub fn has_presence(&self, topic: &str) -> bool {
+        self.inner.presence.iter().any(|p| topic::matches(p, topic))
+    }
+
+    /// Who is on the presence topics, cluster-wide.
+    pub fn roster(&self) -> &Roster {
+        &self.inner.roster
+    }
+
+    /// Adds `sub` under `pattern` (concrete or wildcard). Idempotent.
+    pub fn subscribe(&self, pattern: &str, wildcard: bool, sub: &Sub) -> Result<Interest, PatternLimit> {
+        if wildcard {
+            let max = self.inner.max_patterns;
+            return match self.inner.patterns.subscribe(pattern, sub, max) {
+                Change::Created => Ok(Interest::Gained),
+                Change::Full => Err(PatternLimit { max }),
+                Change::Removed | Change::Members => Ok(Interest::Unchanged),
+            };
+        }
+        Ok(match self.inner.exact.entry(pattern.into()) {
+            Entry::Occupied(mut e) => {
+                e.get_mut().insert(sub);
+                Interest::Unchanged
+            }
+            Entry::Vacant(e) => {
+                e.insert(Members::one(sub));
+                Interest::Gained
+            }
+        })
+    }
+
+    /// Removes socket `id` from `pattern`.
+    pub fn unsubscribe(&self, pattern: &str, wildcard: bool, id: u64) -> Interest {
+        if wildcard {
+            return match self.inner.patterns.unsubscribe(pattern, id) {
+                Change::Removed => Interest::Lost,
+                _ => Interest::Unchanged,
+            };
+        }
+        match self.inner.exact.entry(pattern.into()) {
+            Entry::Occupied(mut e) => {
+                e.get_mut().remove(id);
+                if e.get().is_empty() {
+                    e.remove();
+                    Interest::Lost
+                } else {
+                    Interest::Unchanged
+                }
+            }
+            Entry::Vacant(_) => Interest::Unchanged,
+        }
+    }
+
+    /// Whether any local socket holds `key` (a topic or pattern).
+    pub fn has_key(&self, key: &str, wildcard: bool) -> bool {
+        if wildcard {
+            self.inner.patterns.get(key).is_some()
+        } else {
+            self.inner.exact.contains_key(key)
+        }
+    }
+
+    /// Delivers a message that reached the node through its subscription to
+    /// `key` (the cluster link holds one subject subscription per key, so a
+    /// message arrives once per matching key). Each socket takes it only
+    /// through the first of its own subscriptions that match, so it
+    /// receives the message once.
+    pub fn deliver_via(&self, key: &str, wildcard: bool, topic: &str, body: Body<'_>) -> usize {
+        let list: Option<Snapshot> = if wildcard {
+            self.inner.patterns.get(key).and_then(|p| p.snapshot())
+        } else {
+            self.inner.exact.get(key).map(|r| r.value().snapshot())
+        };
+        let Some(list) = list else {
+            return 0;
+        };
+        let frames = Frames::new(topic, body);
+        let mut sent = Sent::default();
+        for s in list.iter().flat_map(|c| c.iter()) {
+            if !s.has_wildcard() || s.is_first_match(key, topic) {
+                sent.push(s, &frames);
+            }
+        }
+        self.count(&sent);
+        sent.count
+    }
+
+    fn count(&self, sent: &Sent) {
+        let m = &self.inner.metrics;
+        m.deliveries.fetch_add(sent.count as u64, Relaxed);
+        m.bytes_out.fetch_add(sent.bytes as u64, Relaxed);
+    }
+
+    /// Distinct concrete topics and wildcard patterns with local subscribers.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.inner.exact.len(), self.inner.patterns.len())
+    }
+
+    /// Delivers a message on concrete `topic` to every local subscriber, once
+    /// each even when several of its subscriptions match. Returns how many
+    /// sockets it was queued to.
+    pub fn deliver(&self, topic: &str, body: Body<'_>) -> usize {
+        let exact = self.inner.exact.get(topic).map(|r| r.value().snapshot());
+        let found = self.inner.patterns.matching(topic);
+        let matched: Vec<Snapshot> = found
+            .iter()
+            .flat_map(|f| f.iter())
+            .filter_map(|p| p.snapshot())
+            .collect();
+        if exact.is_none() && matched.is_empty() {
+            return 0;
+        }
+        let frames = Frames::new(topic, body);
+        let mut sent = Sent::default();
+        let lists = usize::from(exact.is_some()) + matched.len();
+        if lists == 1 {
+            // One list: nobody can be in it twice.
+            for s in exact
+                .iter()
+                .chain(matched.iter())
+                .flat_map(|l| l.iter().flat_map(|c| c.iter()))
+            {
+                sent.push(s, &frames);
+            }
+        } else {
+            // Only sockets holding a wildcard can be in more than one list.
+            let mut seen: HashSet<u64> = HashSet::new();
+            for s in exact.iter().flat_map(|l| l.iter().flat_map(|c| c.iter())) {
+                if s.has_wildcard() {
+                    seen.insert(s.id);
+                }
+                sent.push(s, &frames);
+            }
+            for list in matched {
+                for s in list.iter().flat_map(|c| c.iter()) {
+                    if seen.insert(s.id) {
+                        sent.push(s, &frames);
+                    }
+                }
+            }
+        }
+        self.count(&sent);
+        sent.count
+    }
+}
+
+/// The frames for one message, each encoded at most once.
+struct Frames<'a> {
+    topic: &'a str,
+    json: Bytes,
+    body: Body<'a>,
+    raw: std::cell::OnceCell<Option<Bytes>>,
+    /// Messages in `json` (one, or a batch's length).
+    messages: usize,
+}
+
+/// A burst's frames, encoded one after another into one buffer.
+fn encode_burst(datas: &[Bytes], put: impl Fn(&mut bytes::BytesMut, &[u8])) -> Bytes {
+    let estimate = datas.iter().map(|d| d.len() + 64).sum();
+    let mut out = bytes::BytesMut::with_capacity(estimate);
+    for d in datas {
+        put(&mut out, d);
+    }
+    out.freeze()
+}
+
+impl<'a> Frames<'a> {
+    fn new(topic: &'a str, body: Body<'a>) -> Self {
+        let (json, messages) = match body {
+            Body::Data(d) => (message::encode_delivery(topic, d), 1),
+            Body::Stored { data, seq, epoch } => (position::encode_delivery_at(topic, data, seq, epoch), 1),
+            Body::Batch(ds) => (
+                encode_burst(ds, |out, d| message::put_delivery(out, topic, d)),
+                ds.len(),
+            ),
+            Body::Presence {
+                event,
+                client,
+                user,
+                name,
+            } => (message::encode_presence(topic, event, client, user, name), 1),
+        };
+        Frames {
+            topic,
+            json,
+            body,
+            raw: std::cell::OnceCell::new(),
+            messages,
+        }
+    }
+
+    /// The frame for a socket in `raw` format, or `None` when the message
+    /// has no raw form (presence notices).
+    fn for_format(&self, raw: bool) -> Option<&Bytes> {
+        if !raw {
+            return Some(&self.json);
+        }
+        self.raw
+            .get_or_init(|| match self.body {
+                Body::Data(d) | Body::Stored { data: d, .. } => Some(message::encode_raw(d)),
+                Body::Batch(ds) => Some(encode_burst(ds, message::put_raw)),
+                Body::Presence { .. } => None,
+            })
+            .as_ref()
+    }
+}
+
+#[derive(Default)]
+struct Sent {
+    count: usize,
+    bytes: usize,
+}
+
+impl Sent {
+    fn push(&mut self, s: &Sub, frames: &Frames<'_>) {
+        // A retired subscription still lists the socket; the topic goes
+        // only where a live one wants it.
+        if s.has_retired() && !s.wants(frames.topic) {
+            return;
+        }
+        let Some(f) = frames.for_format(s.raw) else {
+            return;
+        };
+        if let Body::Stored { seq, .. } = frames.body {
+            if s.offer(frames.topic, seq, f) {
+                self.count += 1;
+                return;
+            }
+        }
+        match s.push(f.clone()) {
+            Pushed::Queued => {
+                self.count += frames.messages;
+                self.bytes += f.len();
+            }
+            Pushed::Overflowed | Pushed::Closing => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: u64) -> Sub {
+        Arc::new(Subscriber::new(id, false, 1 << 20, 0, Default::default(), None))
+    }
+
+    #[test]
+    fn interest_is_gained_by_the_first_and_lost_with_the_last() {
+        let hub = Hub::new(Arc::new(Metrics::default()), Vec::new(), 100);
+        let (a, b) = (conn(1), conn(2));
+        for (key, wild) in [("chat:lobby", false), ("chat:*", true)] {
+            assert_eq!(hub.subscribe(key, wild, &a), Ok(Interest::Gained));
+            assert_eq!(hub.subscribe(key, wild, &b), Ok(Interest::Unchanged));
+            assert_eq!(hub.subscribe(key, wild, &b), Ok(Interest::Unchanged));
+            assert!(hub.has_key(key, wild));
+            assert_eq!(hub.unsubscribe(key, wild, 1), Interest::Unchanged);
+            assert_eq!(hub.unsubscribe(key, wild, 1), Interest::Unchanged);
+            assert_eq!(hub.unsubscribe(key, wild, 2), Interest::Lost);
+            assert!(!hub.has_key(key, wild));
+        }
+        assert_eq!(hub.counts(), (0, 0));
+    }
+
+    #[test]
+    fn a_socket_matching_several_ways_gets_a_message_once() {
+        let hub = Hub::new(Arc::new(Metrics::default()), Vec::new(), 100);
+        let (a, b) = (conn(1), conn(2));
+        for p in ["chat:lobby", "chat:*", ">"] {
+            a.add(crate::socket::subscriber::Subscription::new(p));
+            hub.subscribe(p, p != "chat:lobby", &a).unwrap();
+        }
+        hub.subscribe("chat:lobby", false, &b).unwrap();
+        assert_eq!(hub.deliver("chat:lobby", Body::Data(b"1")), 2);
+        assert_eq!(hub.deliver("chat:other", Body::Data(b"2")), 1);
+        let batch = [Bytes::from_static(b"3"), Bytes::from_static(b"4")];
+        assert_eq!(hub.deliver("chat:lobby", Body::Batch(&batch)), 4);
+        let frames = a.outbox.try_take(Vec::new()).unwrap().frames;
+        assert_eq!(frames.len(), 3, "one push per message or batch");
+    }
+}

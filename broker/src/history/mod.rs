@@ -1,0 +1,17 @@
+//! History: the last messages of the `--history` topics, and a `sub`
+//! with `since` or `last` that replays them before live delivery.
+//!
+//! Uses: `config`, `metrics`, `socket`.
+//!
+//! - [`memory`]: history in memory (embedded): a ring per history topic,
+//!   one sequence, a byte cap; and the words replays share.
+//! - [`jetstream`]: history in a cluster: the JetStream stream, its epoch,
+//!   the node's ordered feed from it, and replays.
+//! - [`store`]: the history topics and where they are kept.
+//! - [`recovery`]: a `sub` with `since` or `last`: the replay, paced, and
+//!   the seam to live delivery.
+
+pub(crate) mod jetstream;
+pub(crate) mod memory;
+pub(crate) mod recovery;
+pub(crate) mod store;

@@ -1,0 +1,224 @@
+//! Recovery: a `sub` that asks for what it missed (`since`) or for the
+//! current value (`last`) gets retained messages first, then live, with
+//! no gap and no duplicate at the seam.
+//!
+//! The seam: the subscription is created holding its live history
+//! deliveries (see [`Subscriber::offer`]); once it is live cluster-wide,
+//! the store is read from the client's position up to its current end;
+//! the ack goes out, then the replay, paced by the socket's own queue (a
+//! large replay waits for the client, it never overflows it into a 4001);
+//! then the held deliveries above the replay's end. A live message
+//! published while the store was being read is either in the replay or in
+//! the hold (or both, and then sent once).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_protocol::message::{self, ErrorCode};
+use herald_protocol::position::{self, Unrecovered};
+
+use crate::history::memory::{From, Refusal, Replay};
+use crate::history::store::{History, Store};
+use crate::metrics::Metrics;
+use crate::socket::subscriber::Subscriber;
+
+/// What a `sub` asked of the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ask {
+    /// Everything after this position.
+    Since {
+        /// The last `seq` the client has.
+        seq: u64,
+        /// Its history's epoch.
+        epoch: String,
+    },
+    /// The latest retained message of each matching topic.
+    Last,
+}
+
+impl Ask {
+    /// What a `sub` request asked for: `since` a position, or `last`.
+    pub fn from_request(since: Option<position::Position<'_>>, last: bool) -> Option<Ask> {
+        match since {
+            Some(p) => Some(Ask::Since {
+                seq: p.seq,
+                epoch: p.epoch.to_owned(),
+            }),
+            None => last.then_some(Ask::Last),
+        }
+    }
+}
+
+/// Why a recovery ended the subscription instead.
+#[derive(Debug)]
+pub struct Ahead;
+
+/// Replays to `sub` what its new subscription to `pattern` asked for, then
+/// ends the subscription's hold. `id` is the request's (the ack echoes it).
+/// A position ahead of the history is answered `bad_request`; the caller
+/// then drops the subscription.
+pub async fn recover(
+    history: Option<&History>,
+    metrics: &Metrics,
+    sub: &Arc<Subscriber>,
+    pattern: &str,
+    ask: &Ask,
+    max: usize,
+    id: Option<&str>,
+) -> Result<(), Ahead> {
+    let (result, epoch) = read(history, pattern, ask, max).await;
+    let through = match &result {
+        Ok(r) => r.through,
+        Err(_) => 0,
+    };
+    let outcome = match result {
+        Err(Refusal::Future(at)) => {
+            let msg = format!("since is ahead of the history: it is at {at}");
+            sub.push(message::encode_error(ErrorCode::BadRequest, &msg, id));
+            sub.release(pattern, u64::MAX);
+            return Err(Ahead);
+        }
+        Err(Refusal::Unrecovered(why)) => Err(why),
+        Ok(replay) => Ok(replay),
+    };
+    let epoch = epoch.as_deref().unwrap_or("");
+    match ask {
+        Ask::Since { .. } => {
+            let ack = outcome.as_ref().map(|_| ()).map_err(|w| *w);
+            let counter = if ack.is_ok() {
+                &metrics.recoveries
+            } else {
+                &metrics.recoveries_refused
+            };
+            counter.fetch_add(1, Relaxed);
+            sub.push(position::encode_recovery_ack(id, pattern, ack, epoch, through));
+        }
+        Ask::Last => {
+            if let Some(id) = id {
+                sub.push(message::encode_ack(id));
+            }
+        }
+    }
+    if let Ok(replay) = outcome {
+        metrics.replayed.fetch_add(replay.messages.len() as u64, Relaxed);
+        send(sub, &replay, epoch).await;
+    }
+    sub.release(pattern, through);
+    Ok(())
+}
+
+/// Reads the store: the replay, or why not; and the history's epoch.
+async fn read(
+    history: Option<&History>,
+    pattern: &str,
+    ask: &Ask,
+    max: usize,
+) -> (Result<Replay, Refusal>, Option<Arc<str>>) {
+    let unavailable = Err(Refusal::Unrecovered(Unrecovered::HistoryUnavailable));
+    let Some(history) = history else {
+        return (unavailable, None);
+    };
+    if !history
+        .rules
+        .iter()
+        .any(|r| herald_protocol::topic::overlaps(&r.pattern, pattern))
+    {
+        return (unavailable, None);
+    }
+    let epoch = match &history.store {
+        Store::Memory(j) => Some(j.epoch()),
+        Store::Stream(s) if s.available() => s.epoch(),
+        Store::Stream(_) => None,
+    };
+    let Some(epoch) = epoch else {
+        return (unavailable, None);
+    };
+    let from = match ask {
+        Ask::Since { epoch: e, .. } if **e != *epoch => {
+            return (Err(Refusal::Unrecovered(Unrecovered::EpochChanged)), Some(epoch));
+        }
+        Ask::Since { seq, .. } => From::Since(*seq),
+        Ask::Last => From::Last,
+    };
+    let result = match &history.store {
+        Store::Memory(j) => j.replay(pattern, from, max),
+        Store::Stream(s) => s.replay(pattern, from, max).await,
+    };
+    (result, Some(epoch))
+}
+
+/// Queues the replay, waiting whenever the socket's queue is half full.
+async fn send(sub: &Arc<Subscriber>, replay: &Replay, epoch: &str) {
+    let limit = sub.outbox.limit();
+    for (topic, seq, data) in &replay.messages {
+        let frame = if sub.raw {
+            message::encode_raw(data)
+        } else {
+            position::encode_delivery_at(topic, data, *seq, epoch)
+        };
+        loop {
+            match sub.outbox.room() {
+                None => return,
+                Some(room) if room >= (limit / 2).max(frame.len()).min(limit) => break,
+                Some(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+        sub.push(frame);
+    }
+}
+
+/// One page of concrete `topic`'s history after `since` (at most `limit`
+/// messages), for `GET /v1/history`: `{"topic","epoch","messages":
+/// [{"seq","data"}..],"complete"}`, where `complete` is false when
+/// messages after `since` are no longer retained.
+pub async fn page(
+    history: Option<&History>,
+    topic: &str,
+    since: u64,
+    limit: usize,
+) -> Result<String, (ErrorCode, String)> {
+    let unavailable = |why: &str| (ErrorCode::HistoryUnavailable, why.to_owned());
+    let history = history.ok_or_else(|| unavailable("no history: the node has no --history rules"))?;
+    if crate::config::values::Retention::find(&history.rules, topic).is_none() {
+        let msg = format!("{topic:?} keeps no history: it is under none of the node's --history patterns");
+        return Err((ErrorCode::BadRequest, msg));
+    }
+    let (epoch, messages, complete) = match &history.store {
+        Store::Memory(j) => {
+            let (page, complete) = j.read(topic, since, limit);
+            (j.epoch(), page, complete)
+        }
+        Store::Stream(s) => {
+            let epoch = s
+                .epoch()
+                .filter(|_| s.available())
+                .ok_or_else(|| unavailable("the history stream cannot be reached"))?;
+            match s.page(topic, since, limit).await {
+                Ok((r, complete)) => (
+                    epoch,
+                    r.messages.into_iter().map(|m| (m.1, m.2)).collect(),
+                    complete,
+                ),
+                Err(Refusal::Future(at)) => {
+                    return Err((
+                        ErrorCode::BadRequest,
+                        format!("since is ahead of the history: it is at {at}"),
+                    ))
+                }
+                Err(Refusal::Unrecovered(_)) => return Err(unavailable("the history stream cannot be read")),
+            }
+        }
+    };
+    let mut out = format!("{{\"topic\":\"{topic}\",\"epoch\":\"{epoch}\",\"messages\":[");
+    for (i, (seq, data)) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!("{{\"seq\":{seq},\"data\":"));
+        out.push_str(std::str::from_utf8(data).unwrap_or("null"));
+        out.push('}');
+    }
+    out.push_str(&format!("],\"complete\":{complete}}}"));
+    Ok(out)
+}

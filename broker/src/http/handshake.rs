@@ -1,0 +1,188 @@
+//! What every WebSocket handshake goes through before its 101, whatever
+//! the socket will be (a pub/sub session, or a program's pipe in
+//! websocketd mode): the upgrade and draining checks, the page's origin,
+//! the token and its grants, the client address's limits and a connection
+//! slot; and, after the 101, the TCP stream taken back from hyper.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use herald_protocol::ErrorCode;
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, HOST, ORIGIN, RETRY_AFTER};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::auth::Identity;
+use crate::http::{self, Body};
+use crate::metrics::ConnectionSlot;
+use crate::net::preread::Prefixed;
+use crate::node::Node;
+use crate::session::params;
+
+/// A refused handshake: the HTTP answer to send instead of 101.
+pub type Refused = Box<Response<Body>>;
+
+fn refuse(node: &Node, status: StatusCode, code: ErrorCode, msg: &str) -> Refused {
+    node.metrics.error(code);
+    Box::new(http::error(status, code, msg))
+}
+
+fn header<'a>(req: &'a Request<Incoming>, name: &HeaderName) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The handshake is a WebSocket upgrade, the node is not draining, and the
+/// page's origin may open sockets here.
+pub fn screen(node: &Node, req: &Request<Incoming>) -> Result<(), Refused> {
+    if !fastwebsockets::upgrade::is_upgrade_request(req) {
+        let msg = format!(
+            "{} takes WebSocket connections (Upgrade: websocket)",
+            req.uri().path()
+        );
+        return Err(refuse(
+            node,
+            StatusCode::UPGRADE_REQUIRED,
+            ErrorCode::BadRequest,
+            &msg,
+        ));
+    }
+    if !node.ready.load(Relaxed) {
+        let msg = "node is draining; connect to another node";
+        return Err(refuse(
+            node,
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ShuttingDown,
+            msg,
+        ));
+    }
+    let origin = header(req, &ORIGIN);
+    if !params::origin_allowed(origin, header(req, &HOST), &node.config.allowed_origins) {
+        let msg = format!(
+            "origin_not_allowed: {:?} may not open sockets here (--allowed-origins)",
+            origin.unwrap_or("")
+        );
+        return Err(refuse(
+            node,
+            StatusCode::FORBIDDEN,
+            ErrorCode::OriginNotAllowed,
+            &msg,
+        ));
+    }
+    Ok(())
+}
+
+/// The handshake's bearer token (`Authorization: Bearer`), if any.
+pub fn bearer(req: &Request<Incoming>) -> Option<&str> {
+    header(req, &AUTHORIZATION).and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// What the socket may do: its token's identity, the anonymous grants
+/// without one, or `None` on a node without access control. A bad token is
+/// refused with 401, a pattern in `subs` outside the grants with 403.
+pub fn access<'a>(
+    node: &Node,
+    token: Option<&str>,
+    subs: impl IntoIterator<Item = &'a String>,
+) -> Result<Option<Arc<Identity>>, Refused> {
+    let Some(auth) = node.sessions.auth() else {
+        return Ok(None);
+    };
+    let identity = match token {
+        Some(t) => match auth.verify(t) {
+            Ok(i) => Arc::new(i),
+            Err(why) => {
+                let msg = format!("unauthorized: {why}");
+                return Err(refuse(
+                    node,
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthorized,
+                    &msg,
+                ));
+            }
+        },
+        None => match node.sessions.anonymous() {
+            Some(a) => a.clone(),
+            None => return Ok(None),
+        },
+    };
+    for p in subs {
+        if let Some(msg) = identity.forbids(p, false) {
+            return Err(refuse(node, StatusCode::FORBIDDEN, ErrorCode::Forbidden, &msg));
+        }
+    }
+    Ok(Some(identity))
+}
+
+/// Paces new sockets to the node's `--connect-rate`, counts the socket
+/// against its client address's limits and the node's `--max-connections`; the slot holds both until the connection is gone.
+pub fn admit(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> Result<ConnectionSlot, Refused> {
+    if let Err(rate) = node.admission.paced() {
+        let msg =
+            format!("overloaded: this node takes at most {rate} new connections a second; retry shortly");
+        let mut r = refuse(node, StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, &msg);
+        r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return Err(r);
+    }
+    let forwarded = header(req, &HeaderName::from_static("x-forwarded-for"));
+    let client = node.admission.client_ip(remote.ip(), forwarded);
+    let per_ip = match node.admission.admit(client) {
+        Ok(s) => s,
+        Err(refusal) => {
+            let mut r = refuse(
+                node,
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::RateLimited,
+                &refusal.to_string(),
+            );
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            return Err(r);
+        }
+    };
+    let Some(mut slot) = node.sessions.reserve() else {
+        let msg = format!(
+            "max_connections: node holds {} connections",
+            node.config.max_connections
+        );
+        return Err(refuse(
+            node,
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ConnectionLimit,
+            &msg,
+        ));
+    };
+    if let Some(per_ip) = per_ip {
+        slot.hold(Box::new(per_ip));
+    }
+    Ok(slot)
+}
+
+/// The TCP stream of an upgraded connection, with the bytes the client
+/// sent right behind its handshake; `None` if the upgrade failed.
+pub async fn stream(fut: fastwebsockets::upgrade::UpgradeFut) -> Option<(TcpStream, Bytes)> {
+    let upgraded = match fut.await {
+        Ok(ws) => ws.into_inner().into_inner(),
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return None;
+        }
+    };
+    match upgraded.downcast::<TokioIo<Prefixed>>() {
+        Ok(parts) => {
+            let Prefixed { prefix, inner } = parts.io.into_inner();
+            let early = if prefix.is_empty() {
+                parts.read_buf
+            } else {
+                Bytes::from([&prefix[..], &parts.read_buf[..]].concat())
+            };
+            Some((inner, early))
+        }
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            None
+        }
+    }
+}

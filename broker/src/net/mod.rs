@@ -1,0 +1,15 @@
+//! What a connection meets before it is a request of the node's: the
+//! PROXY header and the client address behind trusted proxies, per-address
+//! admission, and the first request head read under a deadline.
+//!
+//! The node holds the admission state, so this folder sits below
+//! [`crate::node`]; the handlers that need the node are in [`crate::http`].
+//!
+//! Uses: `config`, `metrics`, `rate`.
+//!
+//! - [`admission`]: per-address connection counts and rates, and the client
+//!   address behind a trusted proxy (PROXY protocol, X-Forwarded-For).
+//! - [`preread`]: the first request head, read under the handshake timeout.
+
+pub(crate) mod admission;
+pub(crate) mod preread;

@@ -1,0 +1,438 @@
+//! The node: everything one Herald process shares, built once at start;
+//! the heartbeat that pings and reaps its sockets, and the drain that
+//! closes them on shutdown.
+//!
+//! Uses: `config`, `metrics`, `auth`, `socket`, `presence`, `fanout`,
+//! `history`, `cluster`, `router`, `session`, `net`.
+//!
+//! - [`samples`]: the last minutes of the node's figures and its peers'
+//!   latest, for the status page.
+
+pub(crate) mod samples;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_protocol::ws::{self, OpCode};
+use herald_protocol::Disconnect;
+use tokio::sync::Semaphore;
+
+use crate::auth::{Auth, KeyError};
+use crate::cluster::bus::Bus;
+use crate::cluster::link::{LinkAuth, LinkError};
+use crate::config::Config;
+use crate::fanout::hub::{Body, Hub};
+use crate::history::store::HistorySettings;
+use crate::metrics::Metrics;
+use crate::net::admission::Admission;
+use crate::presence::roster::Change;
+use crate::presence::snapshots::Assembler;
+use crate::router::Router;
+use crate::session::live::Sessions;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The cluster link's settings are wrong.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// A key file (`--auth-*`, `--api-key-file`) could not be used.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// Binding or reading the listener failed.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// State shared by the accept loop, HTTP handlers and sessions.
+pub struct Node {
+    /// Settings.
+    pub config: Arc<Config>,
+    /// Subscriptions and publishes.
+    pub router: Router,
+    /// The live WebSocket sessions.
+    pub sessions: Arc<Sessions>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// False once shutdown began: `/readyz` fails and `/ws` refuses.
+    pub ready: AtomicBool,
+    /// One permit per TCP connection not yet upgraded (HTTP in progress).
+    pub pending: Arc<Semaphore>,
+    /// Per-address counts and the trusted proxies.
+    pub admission: Arc<Admission>,
+    /// Keys accepted by HTTP publish (`--api-key`, `--api-key-file`).
+    pub api_keys: std::sync::RwLock<Vec<String>>,
+    /// The last minutes of figures, for the status page.
+    pub history: crate::node::samples::History,
+    /// Cancelled when the node drains: `--exec` sockets close with 1001
+    /// and end their programs.
+    pub exec_stop: tokio_util::sync::CancellationToken,
+}
+
+impl Node {
+    /// A node: embedded, or linked to others through NATS when
+    /// `config.nats` names servers (the link connects in the background).
+    pub async fn new(mut config: Config) -> Result<Arc<Self>, Error> {
+        fit_to_descriptors(&mut config);
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::default());
+        let hub = Hub::new(metrics.clone(), config.presence.clone(), config.max_patterns);
+        let history = HistorySettings {
+            rules: config.history.clone(),
+            bytes: config.history_bytes,
+            replicas: config.history_replicas,
+            tail_bytes: config.history_tail_bytes,
+            stream: config.history_stream.clone(),
+        };
+        let (bus, client_suffix) = if config.nats.is_empty() {
+            (Bus::embedded(hub, metrics.clone(), &history), String::new())
+        } else {
+            let bus = Bus::cluster(
+                hub,
+                metrics.clone(),
+                &config.nats,
+                &config.nats_prefix,
+                config.max_message_bytes,
+                &LinkAuth {
+                    user: config.nats_user.clone().filter(|u| !u.is_empty()),
+                    password: config.nats_password.clone().filter(|p| !p.is_empty()),
+                    tls_ca: config.nats_tls_ca.clone(),
+                },
+                &history,
+            )
+            .await?;
+            (bus, format!("-{}", node_tag()))
+        };
+        let by_user = config.presence_by == "user";
+        let router = Router::new(
+            bus,
+            metrics.clone(),
+            client_suffix,
+            config.max_subscriptions,
+            by_user,
+            config.max_replay,
+        );
+        let auth = Auth::from_config(&config)?.map(Arc::new);
+        if auth.is_none() && !config.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %config.listen,
+                "no --auth-* key: anyone who can reach this address may subscribe and publish to every topic"
+            );
+        }
+        let api_keys = api_keys(&config)?;
+        let sessions = Arc::new(Sessions::new(
+            config.clone(),
+            router.clone(),
+            metrics.clone(),
+            auth,
+        ));
+        Ok(Arc::new(Node {
+            admission: Arc::new(Admission::new(&config)),
+            exec_stop: Default::default(),
+            history: Default::default(),
+            api_keys: std::sync::RwLock::new(api_keys),
+            pending: Arc::new(Semaphore::new(config.max_pending_connections)),
+            config,
+            router,
+            sessions,
+            metrics,
+            ready: AtomicBool::new(true),
+        }))
+    }
+}
+
+/// The HTTP publish keys: `--api-key` and the lines of `--api-key-file`
+/// (blank lines and `#` comments skipped; an empty key means none).
+fn api_keys(config: &Config) -> Result<Vec<String>, KeyError> {
+    let mut keys: Vec<String> = config.api_key.iter().cloned().collect();
+    if let Some(path) = &config.api_key_file {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    keys.retain(|k| !k.is_empty());
+    Ok(keys)
+}
+
+impl Node {
+    /// The `--exec` (or `--exec-shell`) route for `path`, if any.
+    pub fn exec_route(&self, path: &str) -> Option<crate::config::ExecRoute> {
+        let c = &self.config;
+        c.exec
+            .iter()
+            .chain(&c.exec_shell)
+            .find(|r| r.path == path)
+            .cloned()
+    }
+
+    /// Re-reads the key files (SIGHUP): the JWKS and `--api-key-file`. On
+    /// an error the keys in use stay.
+    pub fn reload_keys(&self) {
+        if let Some(auth) = self.sessions.auth() {
+            match auth.reload() {
+                Ok(n) => tracing::info!(keys = n, "token keys reloaded"),
+                Err(e) => tracing::error!(error = %e, "token keys not reloaded; the old ones stay"),
+            }
+        }
+        match api_keys(&self.config) {
+            Ok(keys) => *self.api_keys.write().unwrap_or_else(|e| e.into_inner()) = keys,
+            Err(e) => tracing::error!(error = %e, "API keys not reloaded; the old ones stay"),
+        }
+    }
+
+    /// Closes sockets whose token expired (4003) or that sent none in time
+    /// (4501), four times a second; forgets idle client addresses; reloads
+    /// key files that changed (every 5 s).
+    pub async fn watch_tokens(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rounds = 0u64;
+        loop {
+            tick.tick().await;
+            self.sessions.expire();
+            rounds += 1;
+            if rounds.is_multiple_of(240) {
+                self.admission.sweep(Duration::from_secs(60));
+            }
+            // A mounted Secret is updated in place: reload on change.
+            if rounds.is_multiple_of(20) && self.sessions.auth().is_some_and(|a| a.changed()) {
+                self.reload_keys();
+            }
+        }
+    }
+
+    /// Keeps presence right across the cluster: publishes this node's
+    /// members three times per `--presence-ttl`, applies the other nodes'
+    /// snapshots, and drops nodes silent past the TTL, telling this node's
+    /// sockets of every change.
+    pub async fn presence_sync(self: Arc<Self>) {
+        let bus = self.router.bus();
+        // Snapshots share the topic connection with the notices: a node's
+        // snapshot never overtakes a join it sent before it.
+        let (Some(io), Some(prefix)) = (bus.natsio(), bus.prefix()) else {
+            return; // embedded: no other nodes
+        };
+        if self.config.presence.is_empty() && self.config.raw_status.is_empty() {
+            return;
+        }
+        let subject = format!("_herald.presence.{prefix}");
+        let me = self.router.node_id().to_owned();
+        let node = self.clone();
+        let (id, parts) = (me.clone(), Assembler::default());
+        let handler = move |payload: &[u8]| {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+                return;
+            };
+            let Some(from) = v["node"].as_str().filter(|n| *n != id) else {
+                return;
+            };
+            let roster = node.router.hub().roster();
+            roster.touch(from);
+            if let Some(whole) = parts.part(v) {
+                let changes = roster.apply_snapshot(&whole);
+                node.tell(changes);
+            }
+        };
+        io.subscribe_with(&subject, Arc::new(handler));
+        let ttl = self.config.presence_ttl.max(Duration::from_millis(300));
+        let every = ttl / 3;
+        let mut tick = tokio::time::interval(Duration::from_millis(100).max(every / 5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = tokio::time::Instant::now() - every;
+        let mut gen = 0u64;
+        loop {
+            tick.tick().await;
+            let roster = self.router.hub().roster();
+            if last.elapsed() >= every {
+                last = tokio::time::Instant::now();
+                gen += 1;
+                // 2,000 members a message: ~130 KB, far below NATS's 1 MB.
+                for part in roster.snapshot_parts(&me, gen, 2000) {
+                    let _ = io.publish(&subject, None, part.to_string().into()).await;
+                }
+            }
+            let gone = roster.expire(ttl);
+            // A dead node's raw-status sockets: their last objects go out
+            // with status 0, once, from the first surviving node.
+            if !gone.is_empty() && roster.first_of_nodes(&me) {
+                for (topic, _, m) in &gone {
+                    if let Some(last) = &m.last {
+                        crate::session::rawstatus::publish_zero(&self.router, topic, last);
+                    }
+                }
+            }
+            self.tell(gone);
+        }
+    }
+
+    /// Tells this node's sockets of joins and leaves learnt from elsewhere
+    /// (with `--presence-by user`, only a user's first and last socket).
+    fn tell(&self, changes: Vec<Change>) {
+        let hub = self.router.hub();
+        for (topic, event, m) in changes {
+            if !hub.has_presence(&topic) {
+                continue; // a --raw-status member only
+            }
+            if let (true, Some(u)) = (self.router.by_user(), m.user.as_deref()) {
+                let now = hub.roster().sockets_of(&topic, u);
+                if (event == "join" && now != 1) || (event == "leave" && now != 0) {
+                    continue;
+                }
+            }
+            let body = Body::Presence {
+                event,
+                client: &m.client,
+                user: m.user.as_deref(),
+                name: m.name.as_deref(),
+            };
+            hub.deliver(&topic, body);
+        }
+    }
+
+    /// Closes every session with 1001, spread over `--drain-period` so
+    /// clients do not all reconnect at the same instant; then waits (a few
+    /// seconds at most) for their tasks to end.
+    pub async fn drain(&self) {
+        let period = self.config.drain_period;
+        self.exec_stop.cancel();
+        let conns = self.sessions.snapshot();
+        tracing::info!(sockets = conns.len(), ?period, "draining");
+        if !conns.is_empty() {
+            let steps = conns.len().min(50);
+            let per_step = conns.len().div_ceil(steps);
+            let pause = period / steps as u32;
+            for (i, chunk) in conns.chunks(per_step).enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(pause).await;
+                }
+                for c in chunk {
+                    c.close(Disconnect::GoingAway);
+                }
+            }
+        }
+        drop(conns);
+        if !self.sessions.wait(Duration::from_secs(5)).await {
+            tracing::warn!("sessions still open after the drain grace period; exiting anyway");
+        }
+        tracing::info!("drained");
+    }
+
+    /// Cuts sockets whose writer has had bytes in flight with no progress
+    /// for `--write-timeout`, checking a few times per timeout: the write
+    /// path itself arms no timer. A cut socket is reset (close code 1006
+    /// for the client) and counted in `herald_write_timeouts_total`.
+    pub async fn watch_writes(self: Arc<Self>) {
+        let limit = self.config.write_timeout;
+        if limit.is_zero() {
+            return;
+        }
+        let limit_ms = limit.as_millis() as u64;
+        let period = (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = self.sessions.writers_now_ms();
+            for c in self.sessions.snapshot() {
+                if c.outbox
+                    .stalled_since()
+                    .is_some_and(|t| now.saturating_sub(t) > limit_ms)
+                {
+                    c.close(Disconnect::WriteTimeout);
+                }
+            }
+        }
+    }
+
+    /// Pings every socket each `--ping-interval` and reaps those from which
+    /// nothing (not even a pong) arrived for two whole intervals, so one
+    /// late pong on a busy machine is forgiven. One task for the node: no
+    /// timer per socket, and the ping frame is encoded once. The sockets
+    /// are taken in twenty slices spread over the interval (by id), not all
+    /// at once: a node's pings and its clients' pongs would otherwise come
+    /// as one burst every interval, on every node at about the same time,
+    /// and every socket's latency would pay for it.
+    pub async fn heartbeat(self: Arc<Self>) {
+        let interval = self.config.ping_interval;
+        if interval.is_zero() {
+            return;
+        }
+        let ping = ws::encode_frame(OpCode::Ping, b"");
+        let slices = (interval.as_millis() as u64 / 50).clamp(1, 20);
+        let mut tick = tokio::time::interval(interval / slices as u32);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let silent_ms = 2 * interval.as_millis() as u64;
+        for round in 0u64.. {
+            tick.tick().await;
+            // Silent since before this: it missed a ping and a whole
+            // interval after it.
+            let deadline = self.sessions.now_ms().saturating_sub(silent_ms);
+            for c in self.sessions.slice(slices, round % slices) {
+                if c.last_seen() < deadline {
+                    if c.close(Disconnect::HeartbeatTimeout) {
+                        self.metrics.heartbeat_timeouts.fetch_add(1, Relaxed);
+                    }
+                } else {
+                    c.push(ping.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Descriptors kept back for the listener, the NATS link, logs and the
+/// brief refusals of connections over the limits.
+const FD_RESERVE: u64 = 64;
+
+/// The process's soft limit on open files, from `/proc/self/limits`.
+fn fd_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Lowers the connection bounds to what the descriptor limit can hold, so
+/// the node refuses with 503 before `accept` itself fails.
+fn fit_to_descriptors(config: &mut Config) {
+    let Some(limit) = fd_limit() else { return };
+    let budget = limit.saturating_sub(FD_RESERVE).max(2) as usize;
+    let wanted = config.max_connections + config.max_pending_connections;
+    if wanted <= budget {
+        return;
+    }
+    let pending = config.max_pending_connections.min(budget / 4).max(1);
+    let connections = budget - pending;
+    tracing::info!(
+        fd_limit = limit,
+        max_connections = connections,
+        max_pending_connections = pending,
+        "connection bounds fitted to the open-file limit"
+    );
+    config.max_connections = config.max_connections.min(connections);
+    config.max_pending_connections = pending;
+}
+
+/// A short tag that tells this node's sockets from other nodes' in a
+/// cluster: process id and start time, hashed.
+fn node_tag() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    format!("{:06x}", h.finish() & 0xff_ffff)
+}
