@@ -42,7 +42,7 @@ fn token(alg: Algorithm) -> (Auth, String) {
             EncodingKey::from_rsa_pem(&read("rsa.key")).unwrap(),
         ),
     };
-    let exp = herald_broker::now_secs() + 3600;
+    let exp = herald_broker::unix_secs() + 3600;
     let claims = serde_json::json!({"sub": "42", "exp": exp,
         "herald": {"subscribe": ["chat:*", "user:42:>"], "publish": ["chat:lobby"]}});
     let t = jsonwebtoken::encode(&Header::new(alg), &claims, &enc).unwrap();

@@ -445,7 +445,7 @@ pub fn mint(m: &Mint) -> anyhow::Result<String> {
     for p in m.subscribe.iter().chain(&m.publish) {
         herald_protocol::Pattern::parse(p).map_err(|e| anyhow!("{p:?}: {e}"))?;
     }
-    let now = herald_broker::now_secs();
+    let now = herald_broker::unix_secs();
     let mut claims = serde_json::json!({
         "iat": now,
         "exp": now + m.ttl.as_secs().max(1),

@@ -9,6 +9,9 @@
 //! cycle. Inside a folder, its doc lists the files bottom to top and the
 //! same test holds the files to that order.
 //!
+//! - [`sync`]: locks that ignore poisoning, one idiom in one place.
+//! - [`clock`]: the node's one clock (monotonic milliseconds, and the wall
+//!   clock where a time leaves the process).
 //! - [`config`]: every setting, as flags and `HERALD_*` variables, and the
 //!   setting types.
 //! - [`metrics`]: counters rendered in the Prometheus text format.
@@ -44,6 +47,7 @@
 #![warn(missing_docs)]
 
 mod auth;
+mod clock;
 mod cluster;
 mod config;
 mod exec;
@@ -60,8 +64,10 @@ mod server;
 mod session;
 mod socket;
 mod status;
+mod sync;
 
-pub use auth::{now_secs, Auth, Grants};
+pub use auth::{Auth, Grants};
+pub use clock::unix_secs;
 pub use config::{parse_duration, Config};
 pub use fanout::{Body, Hub};
 pub use metrics::Metrics;

@@ -8,10 +8,10 @@
 //! module picks the key, checks the claims Herald adds (`herald` grants,
 //! `iat`), and turns every failure into a short reason for the client.
 //!
-//! Uses: `config`.
+//! Uses: `sync`, `clock`, `config`.
 
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use herald_protocol::topic::covers;
 use herald_protocol::{ErrorCode, Pattern};
@@ -21,6 +21,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
 use crate::config::Config;
+use crate::sync::{Lock, ReadWrite};
 
 /// Longest token accepted, in bytes. A token with a few dozen grants is
 /// well under 2 KiB.
@@ -168,14 +169,6 @@ const RSA: [Algorithm; 6] = [
 const EC: [Algorithm; 2] = [Algorithm::ES256, Algorithm::ES384];
 const ED: [Algorithm; 1] = [Algorithm::EdDSA];
 
-/// Seconds since the Unix epoch.
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Auth {
     /// The node's token settings, or `None` when no key is configured (the
     /// node is open). Reads every key file once.
@@ -238,7 +231,7 @@ impl Auth {
     /// Whether a key file changed since it was read (a mounted Secret
     /// updated in place): the node then reloads without a SIGHUP.
     pub fn changed(&self) -> bool {
-        *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) != self.stamps()
+        *self.stamps.locked() != self.stamps()
     }
 
     /// Reads the key files again (SIGHUP, or a file changed: a rotated
@@ -299,8 +292,8 @@ impl Auth {
             }
         }
         let n = out.len();
-        *self.verifiers.write().unwrap_or_else(|e| e.into_inner()) = out;
-        *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = stamps;
+        *self.verifiers.writing() = out;
+        *self.stamps.locked() = stamps;
         Ok(n)
     }
 
@@ -312,7 +305,7 @@ impl Auth {
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| format!("malformed token: {}", reason(e.kind())))?;
-        let verifiers = self.verifiers.read().unwrap_or_else(|e| e.into_inner());
+        let verifiers = self.verifiers.reading();
         let verifier = match &header.kid {
             Some(kid) if verifiers.iter().any(|v| v.kid.is_some()) => verifiers
                 .iter()
@@ -357,7 +350,7 @@ impl Auth {
         }
         if let Some(iat) = claims.get("iat") {
             let iat = iat.as_u64().ok_or("iat must be a number of seconds")?;
-            if iat > now_secs() + self.leeway {
+            if iat > crate::clock::unix_secs() + self.leeway {
                 return Err("iat is in the future".into());
             }
         }

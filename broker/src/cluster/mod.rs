@@ -2,7 +2,7 @@
 //! what arrives from the others. Embedded nodes use only [`bus`]'s
 //! in-process path.
 //!
-//! Uses: `config`, `metrics`, `presence`, `fanout`, `history`.
+//! Uses: `sync`, `config`, `metrics`, `presence`, `fanout`, `history`.
 //!
 //! - [`link`]: the link's NATS client (JetStream, status samples):
 //!   addresses, credentials, TLS, reconnects.

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::cluster::link::{self, Io, LinkAuth, LinkError, Server, ANSWER_TIMEOUT, MAX_LINE};
 use crate::metrics::Metrics;
+use crate::sync::Lock;
 
 /// Headers of a message sent (presence notices): names and values
 /// without line breaks.
@@ -126,7 +127,7 @@ impl NatsIo {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 
     /// Whether the connection is up.

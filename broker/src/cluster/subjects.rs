@@ -24,6 +24,7 @@ use crate::cluster::natsio::{Dispatch, NatsIo};
 use crate::fanout::hub::{Body, Hub, Interest};
 use crate::metrics::Metrics;
 use crate::presence::roster::Member;
+use crate::sync::Lock;
 
 /// Presence notices travel as empty messages with these headers.
 pub const HEADER_EVENT: &str = "Herald-Event";
@@ -52,7 +53,7 @@ pub struct Subjects {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.locked()
 }
 
 impl Subjects {

@@ -1,7 +1,7 @@
 //! The node's local fan-out: which sockets want a topic, and handing
 //! every one of them the same encoded frame.
 //!
-//! Uses: `metrics`, `socket`, `presence`.
+//! Uses: `sync`, `metrics`, `socket`, `presence`.
 //!
 //! - [`members`]: one key's subscribers as a chunked copy-on-write list:
 //!   joins and leaves cost a bounded copy, fan-out walks a snapshot.

@@ -17,6 +17,7 @@ use dashmap::DashMap;
 
 use crate::fanout::members::{Members, Snapshot};
 use crate::socket::subscriber::Subscriber;
+use crate::sync::{Lock, ReadWrite};
 
 /// Topics whose matches are remembered; past it the cache starts over.
 const CACHE_ENTRIES: usize = 4096;
@@ -29,7 +30,7 @@ pub struct Pattern {
 
 impl Pattern {
     fn members(&self) -> MutexGuard<'_, Option<Members>> {
-        self.members.lock().unwrap_or_else(|p| p.into_inner())
+        self.members.locked()
     }
 
     /// Its members now (empty once it lost its last one).
@@ -139,11 +140,11 @@ pub enum Change {
 
 impl Patterns {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Tree> {
-        self.tree.read().unwrap_or_else(|p| p.into_inner())
+        self.tree.reading()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Tree> {
-        self.tree.write().unwrap_or_else(|p| p.into_inner())
+        self.tree.writing()
     }
 
     /// Distinct patterns held.

@@ -39,6 +39,7 @@ use herald_protocol::topic;
 
 use crate::config::values::Retention;
 use crate::history::memory::{epoch_of, From, Journal, Refusal, Replay};
+use crate::sync::ReadWrite;
 
 /// How long a replay waits for the stream to hand over a batch.
 const FETCH_WAIT: Duration = Duration::from_secs(2);
@@ -125,7 +126,7 @@ impl StreamHistory {
 
     /// The stream's epoch, if it has been reached.
     pub fn epoch(&self) -> Option<Arc<str>> {
-        self.epoch.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.epoch.reading().clone()
     }
 
     /// The subject a history topic's publishes go to.
@@ -177,7 +178,7 @@ impl StreamHistory {
                     // Set once, before the stream counts as available.
                     let _ = self.start.compare_exchange(u64::MAX, last, Relaxed, Relaxed);
                     let epoch: Arc<str> = epoch_of(created.unix_timestamp_nanos() as u64).into();
-                    let mut e = self.epoch.write().unwrap_or_else(|p| p.into_inner());
+                    let mut e = self.epoch.writing();
                     if e.as_deref() != Some(&*epoch) {
                         tracing::info!(stream = %self.name, %epoch, "history stream ready");
                     }

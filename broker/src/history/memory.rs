@@ -19,6 +19,7 @@ use herald_protocol::position::Unrecovered;
 use herald_protocol::topic;
 
 use crate::config::values::Retention;
+use crate::sync::Lock;
 
 /// Where a replay starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +52,6 @@ pub enum Refusal {
 /// The embedded node's history.
 pub struct Journal {
     epoch: Arc<str>,
-    /// The journal's clock starts here.
-    start: std::time::Instant,
     cap: u64,
     state: Mutex<State>,
 }
@@ -92,7 +91,6 @@ impl Journal {
         Journal {
             epoch: epoch_of(nanos ^ (u64::from(std::process::id()) << 40)).into(),
             cap,
-            start: std::time::Instant::now(),
             state: Mutex::new(State::default()),
         }
     }
@@ -103,7 +101,7 @@ impl Journal {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 
     /// Messages and bytes held.
@@ -113,21 +111,17 @@ impl Journal {
         (s.stored, s.bytes)
     }
 
-    fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
-    }
-
     /// Stores `data` on `topic` under `rule` and calls `deliver` with its
     /// `seq`, under the journal's lock: deliveries leave in `seq` order.
     pub fn append<R>(&self, topic: &str, rule: &Retention, data: Bytes, deliver: impl FnOnce(u64) -> R) -> R {
-        self.append_at(topic, rule, data, self.now_ms(), deliver)
+        self.append_at(topic, rule, data, crate::clock::now_ms(), deliver)
     }
 
     /// Stores `data` on `topic` at a `seq` given elsewhere (a cluster
     /// node's copy of the stream's tail): ignored unless above every
     /// `seq` held.
     pub fn insert(&self, topic: &str, rule: &Retention, seq: u64, data: Bytes) {
-        let now = self.now_ms();
+        let now = crate::clock::now_ms();
         let mut s = self.lock();
         if seq <= s.seq {
             return;
@@ -197,7 +191,7 @@ impl Journal {
 
     /// Drops messages older than their topic's age.
     pub fn prune(&self) {
-        self.prune_at(self.now_ms())
+        self.prune_at(crate::clock::now_ms())
     }
 
     fn prune_at(&self, now_ms: u64) {

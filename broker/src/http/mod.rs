@@ -1,7 +1,8 @@
 //! The plain HTTP endpoints: publish, health, readiness, metrics; and the
 //! parsing of `/ws` URL parameters.
 //!
-//! Uses: `config`, `metrics`, `auth`, `history`, `session`, `net`, `node`.
+//! Uses: `sync`, `config`, `metrics`, `auth`, `history`, `session`, `net`,
+//! `node`.
 //!
 //! - [`handshake`]: what every WebSocket handshake goes through before its
 //!   101 (origin, token, per-address limits, a connection slot).
@@ -22,6 +23,7 @@ use std::sync::Arc;
 
 use crate::auth::Identity;
 use crate::node::Node;
+use crate::sync::ReadWrite;
 
 /// Longest an HTTP publish on history topics waits for the stream.
 const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -179,7 +181,7 @@ fn publisher(node: &Node, req: &Request<Incoming>) -> Result<Option<Arc<Identity
     let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     let bearer = given.map(|g| g.strip_prefix("Bearer ").unwrap_or("").trim());
     let auth = node.sessions.auth();
-    let keys = node.api_keys.read().unwrap_or_else(|e| e.into_inner());
+    let keys = node.api_keys.reading();
     if auth.is_none() && keys.is_empty() {
         return Ok(None); // an open node
     }

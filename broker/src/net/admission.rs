@@ -7,13 +7,14 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::net::TcpStream;
 
 use crate::config::{Cidr, Config};
 use crate::rate::RateLimit;
+use crate::sync::Lock;
 
 /// Addresses tracked at most; past it, new addresses are refused until the
 /// sweep frees entries (a flood from many addresses cannot grow the map).
@@ -36,7 +37,6 @@ pub struct Admission {
     rate: u32,
     bucket: std::sync::Mutex<RateLimit>,
     trusted: Vec<Cidr>,
-    epoch: Instant,
 }
 
 /// Why a handshake was refused.
@@ -90,12 +90,7 @@ impl Admission {
             rate: config.connect_rate,
             bucket: Default::default(),
             trusted: config.trusted_proxies.clone(),
-            epoch: Instant::now(),
         }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
     }
 
     /// Whether a proxy at `ip` is trusted to name the client.
@@ -109,8 +104,8 @@ impl Admission {
         if self.rate == 0 {
             return Ok(());
         }
-        let now = self.now_ms();
-        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let now = crate::clock::now_ms();
+        let mut b = self.bucket.locked();
         b.allow(self.rate, now).then_some(()).ok_or(self.rate)
     }
 
@@ -123,7 +118,7 @@ impl Admission {
         if self.table.len() >= MAX_TRACKED && !self.table.contains_key(&ip) {
             return Err(Refusal::Crowded);
         }
-        let now = self.now_ms();
+        let now = crate::clock::now_ms();
         let mut e = self.table.entry(ip).or_default();
         e.last_ms = now;
         if self.max_per_ip > 0 && e.conns >= self.max_per_ip {
@@ -142,7 +137,7 @@ impl Admission {
     /// Forgets addresses that hold no socket and have not connected for
     /// `idle` (their rate bucket has refilled by then).
     pub fn sweep(&self, idle: Duration) {
-        let now = self.now_ms();
+        let now = crate::clock::now_ms();
         let idle = idle.as_millis() as u64;
         self.table
             .retain(|_, e| e.conns > 0 || now.saturating_sub(e.last_ms) < idle);

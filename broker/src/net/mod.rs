@@ -5,7 +5,7 @@
 //! The node holds the admission state, so this folder sits below
 //! [`crate::node`]; the handlers that need the node are in [`crate::http`].
 //!
-//! Uses: `config`, `metrics`, `rate`.
+//! Uses: `sync`, `clock`, `config`, `metrics`, `rate`.
 //!
 //! - [`admission`]: per-address connection counts and rates, and the client
 //!   address behind a trusted proxy (PROXY protocol, X-Forwarded-For).

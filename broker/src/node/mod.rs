@@ -2,8 +2,8 @@
 //! the heartbeat that pings and reaps its sockets, and the drain that
 //! closes them on shutdown.
 //!
-//! Uses: `config`, `metrics`, `auth`, `socket`, `presence`, `fanout`,
-//! `history`, `cluster`, `router`, `session`, `net`.
+//! Uses: `sync`, `clock`, `config`, `metrics`, `auth`, `socket`,
+//! `presence`, `fanout`, `history`, `cluster`, `router`, `session`, `net`.
 //!
 //! - [`samples`]: the last minutes of the node's figures and its peers'
 //!   latest, for the status page.
@@ -31,6 +31,7 @@ use crate::presence::roster::Change;
 use crate::presence::snapshots::Assembler;
 use crate::router::Router;
 use crate::session::live::Sessions;
+use crate::sync::ReadWrite;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +185,7 @@ impl Node {
             }
         }
         match api_keys(&self.config) {
-            Ok(keys) => *self.api_keys.write().unwrap_or_else(|e| e.into_inner()) = keys,
+            Ok(keys) => *self.api_keys.writing() = keys,
             Err(e) => tracing::error!(error = %e, "API keys not reloaded; the old ones stay"),
         }
     }
@@ -341,7 +342,7 @@ impl Node {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let now = self.sessions.writers_now_ms();
+            let now = crate::clock::now_ms();
             for c in self.sessions.snapshot() {
                 if c.outbox
                     .stalled_since()
@@ -376,7 +377,7 @@ impl Node {
             tick.tick().await;
             // Silent since before this: it missed a ping and a whole
             // interval after it.
-            let deadline = self.sessions.now_ms().saturating_sub(silent_ms);
+            let deadline = crate::clock::now_ms().saturating_sub(silent_ms);
             for c in self.sessions.slice(slices, round % slices) {
                 if c.last_seen() < deadline {
                     if c.close(Disconnect::HeartbeatTimeout) {

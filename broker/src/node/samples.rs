@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::sync::Lock;
+
 /// Samples kept: five minutes at one a second.
 pub const SAMPLES: usize = 300;
 
@@ -24,7 +26,7 @@ pub struct History {
 impl History {
     /// Adds this node's newest sample, dropping the oldest past [`SAMPLES`].
     pub fn push(&self, sample: Value) {
-        let mut s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.samples.locked();
         if s.len() == SAMPLES {
             s.pop_front();
         }
@@ -33,19 +35,19 @@ impl History {
 
     /// This node's samples, oldest first.
     pub fn samples(&self) -> Vec<Value> {
-        let s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.samples.locked();
         s.iter().cloned().collect()
     }
 
     /// Records a peer's latest sample.
     pub fn peer(&self, node: String, sample: Value) {
-        let mut p = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.peers.locked();
         p.insert(node, (Instant::now(), sample));
     }
 
     /// Peers heard from within [`PEER_TTL`], with how long ago, by name.
     pub fn peers(&self) -> Vec<(String, Duration, Value)> {
-        let mut p = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.peers.locked();
         p.retain(|_, (at, _)| at.elapsed() < PEER_TTL);
         let mut out: Vec<_> = p
             .iter()

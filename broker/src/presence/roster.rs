@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::sync::Lock;
+
 /// One socket on a presence topic.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Member {
@@ -118,11 +120,11 @@ impl Roster {
     /// Records a member joining `topic` on `node` (`""`: this node).
     pub fn join(&self, node: &str, topic: &str, m: Member) {
         if node.is_empty() {
-            let mut l = self.local.lock().unwrap_or_else(|e| e.into_inner());
+            let mut l = self.local.locked();
             l.entry(topic.to_owned()).or_default().insert(m);
             return;
         }
-        let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.remote.locked();
         let n = r.entry(node.to_owned()).or_insert_with(|| Remote {
             seen: Instant::now(),
             topics: Topics::new(),
@@ -160,13 +162,8 @@ impl Roster {
             }
         };
         if node.is_empty() {
-            remove(&mut self.local.lock().unwrap_or_else(|e| e.into_inner()));
-        } else if let Some(n) = self
-            .remote
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(node)
-        {
+            remove(&mut self.local.locked());
+        } else if let Some(n) = self.remote.locked().get_mut(node) {
             n.seen = Instant::now();
             remove(&mut n.topics);
         }
@@ -186,10 +183,10 @@ impl Roster {
                 out.push(m.clone());
             }
         };
-        if let Some(r) = self.local.lock().unwrap_or_else(|e| e.into_inner()).get(topic) {
+        if let Some(r) = self.local.locked().get(topic) {
             take(r);
         }
-        for n in self.remote.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        for n in self.remote.locked().values() {
             if let Some(r) = n.topics.get(topic) {
                 take(r);
             }
@@ -209,10 +206,10 @@ impl Roster {
             anonymous += r.members.len() - r.users.values().sum::<usize>();
             users.extend(r.users.keys().cloned());
         };
-        if let Some(r) = self.local.lock().unwrap_or_else(|e| e.into_inner()).get(topic) {
+        if let Some(r) = self.local.locked().get(topic) {
             count(r);
         }
-        for n in self.remote.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        for n in self.remote.locked().values() {
             if let Some(r) = n.topics.get(topic) {
                 count(r);
             }
@@ -223,11 +220,10 @@ impl Roster {
     /// Sockets of `user` on `topic`, cluster-wide: O(nodes).
     pub fn sockets_of(&self, topic: &str, user: &str) -> usize {
         let of = |r: Option<&Room>| r.and_then(|r| r.users.get(user)).copied().unwrap_or(0);
-        let local = of(self.local.lock().unwrap_or_else(|e| e.into_inner()).get(topic));
+        let local = of(self.local.locked().get(topic));
         let remote: usize = self
             .remote
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .values()
             .map(|n| of(n.topics.get(topic)))
             .sum();
@@ -236,7 +232,7 @@ impl Roster {
 
     /// This node's members, as the snapshot it publishes.
     pub fn snapshot(&self, node: &str) -> Value {
-        let l = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        let l = self.local.locked();
         let topics: serde_json::Map<String, Value> = l
             .iter()
             .map(|(t, r)| {
@@ -252,7 +248,7 @@ impl Roster {
     /// The snapshot cut into messages of at most `per_part` members (a big
     /// room must not pass NATS's payload limit), numbered within `gen`.
     pub fn snapshot_parts(&self, node: &str, gen: u64, per_part: usize) -> Vec<Value> {
-        let l = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        let l = self.local.locked();
         let mut parts: Vec<serde_json::Map<String, Value>> = vec![Default::default()];
         let mut in_part = 0;
         for (t, r) in l.iter() {
@@ -285,12 +281,7 @@ impl Roster {
     /// Notes that `node` is alive (a snapshot part arrived) without
     /// changing its members.
     pub fn touch(&self, node: &str) {
-        if let Some(n) = self
-            .remote
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(node)
-        {
+        if let Some(n) = self.remote.locked().get_mut(node) {
             n.seen = Instant::now();
         }
     }
@@ -318,7 +309,7 @@ impl Roster {
                 }
             }
         }
-        let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.remote.locked();
         let old = r
             .insert(
                 node.to_owned(),
@@ -334,7 +325,7 @@ impl Roster {
 
     /// Drops nodes not heard from for `ttl`; returns their members as leaves.
     pub fn expire(&self, ttl: Duration) -> Vec<Change> {
-        let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.remote.locked();
         let gone: Vec<String> = r
             .iter()
             .filter(|(_, n)| n.seen.elapsed() >= ttl)
@@ -353,13 +344,13 @@ impl Roster {
     /// Whether `me` is the first, by id, of the live nodes it knows: the one
     /// that publishes a dead node's `--raw-status` leave messages.
     pub fn first_of_nodes(&self, me: &str) -> bool {
-        let r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self.remote.locked();
         r.keys().all(|k| me < k.as_str())
     }
 
     /// Nodes other than this one currently known.
     pub fn nodes(&self) -> usize {
-        self.remote.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.remote.locked().len()
     }
 }
 

@@ -7,6 +7,8 @@ use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
+use crate::sync::Lock;
+
 /// Largest number of parts one snapshot may have.
 const MAX_PARTS: usize = 10_000;
 
@@ -31,7 +33,7 @@ impl Assembler {
         if parts == 0 || parts > MAX_PARTS || part >= parts {
             return None;
         }
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.pending.locked();
         let entry = p.entry(node.clone()).or_insert((gen, Vec::new()));
         if entry.0 != gen || entry.1.len() != parts {
             *entry = (gen, vec![None; parts]);

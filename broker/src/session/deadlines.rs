@@ -2,7 +2,7 @@
 //! or the end of its wait for one), kept in time order so one sweep a few
 //! times a second finds those due, without a timer per socket.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use crate::sync::Lock;
 
 /// What a socket's deadline ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub struct Deadlines {
 impl Deadlines {
     /// Sets (or moves) socket `id`'s deadline.
     pub fn set(&self, id: u64, at_ms: u64, due: Due) {
-        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        let mut order = self.order.locked();
         if let Some((old, _)) = self.current.insert(id, (at_ms, due)) {
             order.remove(&(old, id));
         }
@@ -33,16 +33,13 @@ impl Deadlines {
     /// Socket `id` has no deadline any more (it is gone).
     pub fn clear(&self, id: u64) {
         if let Some((_, (at, _))) = self.current.remove(&id) {
-            self.order
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&(at, id));
+            self.order.locked().remove(&(at, id));
         }
     }
 
     /// Removes and returns the sockets whose deadline is at or before `now_ms`.
     pub fn take_due(&self, now_ms: u64) -> Vec<(u64, Due)> {
-        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        let mut order = self.order.locked();
         let mut due = Vec::new();
         while let Some(&(at, id)) = order.first() {
             if at > now_ms {
@@ -55,12 +52,4 @@ impl Deadlines {
         }
         due
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -5,7 +5,7 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use herald_protocol::ws::{self, OpCode};
@@ -18,7 +18,7 @@ use crate::cluster::subjects::Live;
 use crate::config::Config;
 use crate::metrics::{ConnectionSlot, Metrics};
 use crate::router::Router;
-use crate::session::deadlines::{self, Due};
+use crate::session::deadlines::Due;
 use crate::session::params::SessionParams;
 use crate::session::read::{Session, Shared};
 use crate::socket::subscriber::Subscriber;
@@ -40,7 +40,6 @@ impl Sessions {
             write_timeout: config.write_timeout,
             close_timeout: config.close_timeout,
             metrics: metrics.clone(),
-            epoch: Instant::now(),
         });
         let anonymous = auth
             .as_ref()
@@ -57,7 +56,6 @@ impl Sessions {
                 anonymous,
                 live: DashMap::new(),
                 deadlines: Default::default(),
-                epoch: Instant::now(),
             }),
             next_id: AtomicU64::new(1),
         }
@@ -71,11 +69,6 @@ impl Sessions {
     /// What a socket without a token may do (`None`: no access control).
     pub fn anonymous(&self) -> Option<&Arc<Identity>> {
         self.shared.anonymous.as_ref()
-    }
-
-    /// Milliseconds since the node started: a cheap clock for heartbeats.
-    pub fn now_ms(&self) -> u64 {
-        self.shared.now_ms()
     }
 
     /// Reserves a connection slot; `None` when the node is full.
@@ -108,7 +101,7 @@ impl Sessions {
             id,
             params.raw_topic.is_some(),
             shared.config.max_queue_bytes,
-            shared.now_ms(),
+            crate::clock::now_ms(),
             shared.writers.clone(),
             Some(slot),
         ));
@@ -123,7 +116,7 @@ impl Sessions {
             // Access control on, no token, and nothing granted without one:
             // an `auth` frame must come within the handshake timeout.
             Some(a) if a.grants.is_empty() => {
-                let at = deadlines::now_ms() + shared.config.handshake_timeout.as_millis() as u64;
+                let at = crate::clock::unix_ms() + shared.config.handshake_timeout.as_millis() as u64;
                 shared.deadlines.set(id, at, Due::NoToken);
             }
             _ => {}
@@ -156,7 +149,7 @@ impl Sessions {
     /// Closes the sockets whose token expired (4003) or that sent none in
     /// time (4501); returns how many.
     pub fn expire(&self) -> usize {
-        let due = self.shared.deadlines.take_due(deadlines::now_ms());
+        let due = self.shared.deadlines.take_due(crate::clock::unix_ms());
         for (id, why) in &due {
             let Some(conn) = self.shared.live.get(id).map(|c| c.clone()) else {
                 continue;
@@ -167,11 +160,6 @@ impl Sessions {
             });
         }
         due.len()
-    }
-
-    /// Milliseconds on the clock writers stamp their progress with.
-    pub fn writers_now_ms(&self) -> u64 {
-        self.shared.writers.now_ms()
     }
 
     /// Every live socket, snapshotted so no map shard stays locked while

@@ -1,8 +1,8 @@
 //! WebSocket sessions: each socket's read loop and request handling, what
 //! every session shares, and the node's set of live sessions.
 //!
-//! Uses: `config`, `metrics`, `rate`, `auth`, `socket`, `presence`,
-//! `history`, `cluster`, `router`.
+//! Uses: `sync`, `clock`, `config`, `metrics`, `rate`, `auth`, `socket`,
+//! `presence`, `history`, `cluster`, `router`.
 //!
 //! - [`params`]: the `/ws` URL parameters, validated before the 101.
 //! - [`deadlines`]: each socket's next deadline (token expiry), in time

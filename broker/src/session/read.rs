@@ -188,7 +188,7 @@ impl Session {
             loop {
                 match reader.read(buf, limit) {
                     Ok(Some(msg)) => {
-                        self.conn.seen(self.shared.now_ms());
+                        self.conn.seen(crate::clock::now_ms());
                         match self.on_message(msg) {
                             Next::Go => {}
                             Next::Wait(live) => live.await,
@@ -386,7 +386,7 @@ impl Session {
         ) = &req
         {
             let rate = self.shared.config.subscribe_rate;
-            if !self.sub_rate.allow(rate, self.shared.now_ms()) {
+            if !self.sub_rate.allow(rate, crate::clock::now_ms()) {
                 let msg =
                     format!("subscribe_rate: at most {rate} sub, unsub, auth and refresh requests per second per socket");
                 self.error(ErrorCode::RateLimited, &msg, *id);
@@ -452,7 +452,7 @@ impl Session {
         }
         if !self
             .rate
-            .allow(self.shared.config.publish_rate, self.shared.now_ms())
+            .allow(self.shared.config.publish_rate, crate::clock::now_ms())
         {
             let msg = format!(
                 "publish_rate: at most {} publishes per second per socket",

@@ -3,7 +3,6 @@
 //! sockets, their token deadlines, and the writers' common state.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -39,13 +38,6 @@ pub struct Shared {
     pub writers: Arc<Writers>,
     /// The heartbeat word as a ready frame, shared by every reply.
     pub heartbeat_reply: Bytes,
-    /// Start of the node's millisecond clock.
-    pub epoch: Instant,
 }
 
-impl Shared {
-    /// Milliseconds since the node started: a cheap clock for heartbeats.
-    pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-}
+impl Shared {}

@@ -2,7 +2,7 @@
 //! queue of ready frames, the writer task that drains it, and the handle
 //! ([`Subscriber`]) that the fan-out, the heartbeat and shutdown hold.
 //!
-//! Uses: `metrics`.
+//! Uses: `sync`, `clock`, `metrics`.
 //!
 //! - [`outbox`]: a socket's bounded queue of ready frames, and its parked
 //!   write half.

@@ -18,6 +18,8 @@ use herald_protocol::Disconnect;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
+use crate::sync::Lock;
+
 /// What [`Outbox::push`] did with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -98,7 +100,7 @@ impl Outbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the state inconsistent
         // (every update is a single push or swap), so poisoning is ignored.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 
     /// Queues one frame. Never waits. When it returns a write half, no
@@ -163,7 +165,7 @@ impl Outbox {
     /// more arrived, or a close waits), with the rest of the frame when
     /// only part of it went out: that rest is owed whatever comes next (the
     /// writer sends it first, even before a close that drops the queue).
-    /// Otherwise parks `wr` again. `now_ms` is the writers' clock.
+    /// Otherwise parks `wr` again. `now_ms` is the node's clock ([`crate::clock`]).
     pub fn write_now(&self, wr: OwnedWriteHalf, now_ms: u64) -> Option<(OwnedWriteHalf, Option<Bytes>)> {
         let mut s = self.lock();
         let now = now_ms as u32;

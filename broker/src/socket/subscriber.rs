@@ -13,6 +13,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use crate::metrics::ConnectionSlot;
 use crate::socket::outbox::{Outbox, Pushed};
 use crate::socket::writer::{self, Writers};
+use crate::sync::Lock;
 
 /// A subscribed socket, shared as `Arc<Subscriber>`.
 #[derive(Debug)]
@@ -140,7 +141,7 @@ impl Subscriber {
         }
         match (pushed, start) {
             (Pushed::Queued, Some(wr)) => {
-                if let Some((wr, rest)) = self.outbox.write_now(wr, self.writers.now_ms()) {
+                if let Some((wr, rest)) = self.outbox.write_now(wr, crate::clock::now_ms()) {
                     self.spawn_writer(wr, rest);
                 }
             }
@@ -179,7 +180,7 @@ impl Subscriber {
 
     /// The socket's subscriptions, locked briefly (never across an await).
     pub fn subs(&self) -> MutexGuard<'_, Vec<Subscription>> {
-        self.subs.lock().unwrap_or_else(|p| p.into_inner())
+        self.subs.locked()
     }
 
     /// Marks the socket as holding a wildcard, before the hub lists it

@@ -31,8 +31,6 @@ pub struct Writers {
     pub close_timeout: Duration,
     /// Counts the cuts.
     pub metrics: Arc<Metrics>,
-    /// The clock writers stamp their progress with.
-    pub epoch: std::time::Instant,
 }
 
 impl Default for Writers {
@@ -42,17 +40,11 @@ impl Default for Writers {
             write_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
             metrics: Arc::default(),
-            epoch: std::time::Instant::now(),
         }
     }
 }
 
-impl Writers {
-    /// Milliseconds on the writers' clock.
-    pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-}
+impl Writers {}
 
 /// How long a writer with nothing to write waits before it hands the write
 /// half back and ends (an idle socket then holds no writer task).
@@ -65,17 +57,16 @@ struct Cursor {
     offset: usize,
 }
 
-/// Writes `frames` from `at` on, stamping `progress` (writers' clock, ms;
+/// Writes `frames` from `at` on, stamping `progress` (the node's clock, ms;
 /// never 0 while in flight) after each system call that moved bytes.
 async fn write_frames(
     wr: &mut OwnedWriteHalf,
     frames: &[Bytes],
     at: &mut Cursor,
     progress: &AtomicU64,
-    writers: &Writers,
 ) -> io::Result<()> {
     const MAX_IOV: usize = 64;
-    progress.store(writers.now_ms().max(1), Relaxed);
+    progress.store(crate::clock::now_ms().max(1), Relaxed);
     while at.frame < frames.len() {
         // The slices are built inside the poll so they never live in the
         // task's state: an idle writer stays small.
@@ -93,7 +84,7 @@ async fn write_frames(
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        progress.store(writers.now_ms().max(1), Relaxed);
+        progress.store(crate::clock::now_ms().max(1), Relaxed);
         while written > 0 {
             let left = frames[at.frame].len() - at.offset;
             if written >= left {
@@ -133,7 +124,7 @@ async fn write_batch(
     at: &mut Cursor,
     deadline: &mut Option<Instant>,
 ) -> Wrote {
-    let write = write_frames(wr, frames, at, &outbox.progress, writers);
+    let write = write_frames(wr, frames, at, &outbox.progress);
     tokio::pin!(write);
     let result = loop {
         if let Some(due) = *deadline {

@@ -7,7 +7,7 @@
 //! Open to loopback clients only (the client address after
 //! `--trusted-proxies`), or to whoever presents `--admin-key`.
 //!
-//! Uses: `session`, `http`, `node`.
+//! Uses: `clock`, `http`, `node`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -80,7 +80,7 @@ fn sample(node: &Node, name: &str, now: Counts, before: Counts, secs: f64) -> Va
     };
     json!({
         "node": name,
-        "t": crate::session::deadlines::now_ms(),
+        "t": crate::clock::unix_ms(),
         "connections": m.connections.load(Relaxed),
         "subscriptions": m.subscriptions.load(Relaxed),
         "topics": topics,
