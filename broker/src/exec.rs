@@ -219,7 +219,7 @@ async fn run(
     };
     let config = &node.config;
     let (log_path, max) = (route.path.clone(), config.max_message_bytes);
-    tokio::spawn(async move {
+    node.tasks.spawn(async move {
         // Bounded like stdout: a line without end cannot grow the node.
         let (mut r, mut line) = (BufReader::new(stderr), Vec::new());
         while let Ok(Some(())) = next_line(&mut r, &mut line, max).await {
@@ -228,7 +228,7 @@ async fn run(
     });
     let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
     let write_timeout = config.write_timeout;
-    let writer = tokio::spawn(async move {
+    let writer = node.tasks.spawn_owned(async move {
         while let Some(frame) = rx.recv().await {
             match tokio::time::timeout(write_timeout, wr.write_all(&frame)).await {
                 Ok(Ok(())) => {}

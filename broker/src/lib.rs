@@ -12,6 +12,7 @@
 //! - [`sync`]: locks that ignore poisoning, one idiom in one place.
 //! - [`clock`]: the node's one clock (monotonic milliseconds, and the wall
 //!   clock where a time leaves the process).
+//! - [`tasks`]: every task a node starts, owned and joined.
 //! - [`config`]: every setting, as flags and `HERALD_*` variables, and the
 //!   setting types.
 //! - [`metrics`]: counters rendered in the Prometheus text format.
@@ -65,6 +66,7 @@ mod session;
 mod socket;
 mod status;
 mod sync;
+mod tasks;
 
 pub use auth::{Auth, Grants};
 pub use clock::unix_secs;

@@ -75,17 +75,18 @@ pub async fn serve(
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let heartbeat = tokio::spawn(node.clone().heartbeat());
-    let tokens = tokio::spawn(node.clone().watch_tokens());
-    let reload = tokio::spawn(reload_on_hangup(node.clone()));
-    let watchdog = tokio::spawn(node.clone().watch_writes());
+    let tasks = &node.tasks;
+    tasks.spawn(node.clone().heartbeat());
+    tasks.spawn(node.clone().watch_tokens());
+    tasks.spawn(reload_on_hangup(node.clone()));
+    tasks.spawn(node.clone().watch_writes());
     let name = status::node_name(listener.local_addr().unwrap_or(node.config.listen));
-    let sampler = tokio::spawn(status::sampler(node.clone(), name));
-    let presence = tokio::spawn(node.clone().presence_sync());
+    tasks.spawn(status::sampler(node.clone(), name));
+    tasks.spawn(node.clone().presence_sync());
     let stop = CancellationToken::new();
     let http = TaskTracker::new();
-    let accept = tokio::spawn(accept_loop(node.clone(), listener, stop.clone(), http.clone()));
-    let admin = metrics.map(|l| tokio::spawn(admin_loop(node.clone(), l, stop.clone())));
+    let accept = tasks.spawn_owned(accept_loop(node.clone(), listener, stop.clone(), http.clone()));
+    let admin = metrics.map(|l| tasks.spawn_owned(admin_loop(node.clone(), l, stop.clone(), http.clone())));
     shutdown.await;
     node.ready.store(false, Relaxed);
     node.drain().await;
@@ -101,15 +102,15 @@ pub async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!("HTTP requests still running after the grace period; exiting anyway");
+        tracing::warn!("HTTP requests still running after the grace period; waiting for them");
+        http.wait().await;
     }
     node.router.bus().flush(Duration::from_secs(5)).await;
-    heartbeat.abort();
-    watchdog.abort();
-    tokens.abort();
-    reload.abort();
-    sampler.abort();
-    presence.abort();
+    // Then every task of the node ends, the sessions' and writers' last,
+    // and the NATS connections close: nothing of the node outlives this.
+    node.tasks.stop().await;
+    node.sessions.finish().await;
+    node.router.bus().close().await;
 }
 
 /// Re-reads the key files on each SIGHUP (key rotation).
@@ -150,7 +151,7 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationT
 
 /// Serves the `--metrics-listen` address: plain HTTP/1, one request at a
 /// time per connection, under the same pending-connection bound.
-async fn admin_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken) {
+async fn admin_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken, http: TaskTracker) {
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -165,7 +166,7 @@ async fn admin_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationTo
             continue;
         };
         let node = node.clone();
-        tokio::spawn(async move {
+        http.spawn(async move {
             let _permit = permit;
             let svc = service_fn(move |req| {
                 let node = node.clone();

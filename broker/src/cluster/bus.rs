@@ -35,7 +35,7 @@ use bytes::Bytes;
 use herald_protocol::topic;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cluster::link::{self, LinkAuth, LinkError};
+use crate::cluster::link::{self, LinkError, LinkSettings};
 use crate::cluster::natsio::{Headers, NatsIo};
 use crate::cluster::outbound::{send_loop, Confirm, Outbound};
 use crate::cluster::subjects::{
@@ -46,6 +46,7 @@ use crate::fanout::hub::{Body, Hub, Interest};
 use crate::history::jetstream::StreamHistory;
 use crate::history::store::{History, HistorySettings, Store};
 use crate::metrics::Metrics;
+use crate::tasks::Tasks;
 /// Publishes waiting for the link's sender task; past it a publish fails
 /// rather than queueing without bound.
 const OUTBOUND_CAPACITY: usize = 65_536;
@@ -120,8 +121,8 @@ struct Link {
 impl Bus {
     /// The in-process bus of an embedded node; history (if any rules)
     /// in memory.
-    pub fn embedded(hub: Hub, metrics: Arc<Metrics>, history: &HistorySettings) -> Self {
-        let history = History::embedded(history).map(Arc::new);
+    pub fn embedded(hub: Hub, metrics: Arc<Metrics>, history: &HistorySettings, tasks: &Tasks) -> Self {
+        let history = History::embedded(history, tasks).map(Arc::new);
         Bus {
             hub,
             metrics,
@@ -135,18 +136,18 @@ impl Bus {
         self.history.as_deref()
     }
 
-    /// A bus linked through NATS at `urls`. Returns at once: the link
+    /// A bus linked through NATS as `settings` say. Returns at once: the link
     /// connects (and reconnects) in the background, and the node serves its
     /// local subscribers meanwhile.
     pub async fn cluster(
         hub: Hub,
         metrics: Arc<Metrics>,
-        urls: &[String],
-        prefix: &str,
+        settings: &LinkSettings,
         max_message_bytes: usize,
-        auth: &LinkAuth,
         history: &HistorySettings,
+        tasks: &Tasks,
     ) -> Result<Self, LinkError> {
+        let (urls, prefix, auth) = (&settings.urls[..], settings.prefix.as_str(), &settings.auth);
         let client = link::connect(urls, auth).await?;
         let io = NatsIo::new(urls, auth, metrics.clone())?;
         let (outbound, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
@@ -161,7 +162,7 @@ impl Bus {
                 history.tail_bytes,
                 history.replicas,
             ));
-            tokio::spawn(s.clone().keep());
+            tasks.spawn(s.clone().keep());
             s
         });
         let link = Arc::new(Link {
@@ -172,7 +173,7 @@ impl Bus {
             queued: Arc::default(),
             subjects: subjects.clone(),
         });
-        tokio::spawn(send_loop(
+        tasks.spawn(send_loop(
             io.clone(),
             out_rx,
             link.queued.clone(),
@@ -182,7 +183,7 @@ impl Bus {
         ));
         if let Some(s) = &stream {
             let (hub, metrics, history) = (hub.clone(), metrics.clone(), s.clone());
-            tokio::spawn(s.clone().feed(move |topic, seq, payload| {
+            tasks.spawn(s.clone().feed(move |topic, seq, payload| {
                 metrics.nats_messages_in.fetch_add(1, Relaxed);
                 let Some(epoch) = history.epoch() else { return };
                 if let Some(data) = usable(payload, max_message_bytes, &metrics, topic) {
@@ -203,8 +204,8 @@ impl Bus {
             prefix: prefix.to_owned(),
             max_message_bytes,
         };
-        tokio::spawn(io.clone().run(Arc::new(receiver.clone())));
-        tokio::spawn(subjects.run(io, receiver));
+        tasks.spawn(io.clone().run(Arc::new(receiver.clone())));
+        tasks.spawn(subjects.run(io, receiver));
         Ok(Bus {
             hub,
             metrics,
@@ -216,6 +217,26 @@ impl Bus {
                 })
             }),
         })
+    }
+
+    /// Closes the link's NATS client connection (its topic connection
+    /// closed when the node's tasks stopped), flushing what it holds.
+    pub async fn close(&self) {
+        let Some(l) = &self.link else { return };
+        // The library closes in its own task; a flush fails once that task
+        // has ended (its command channel is gone), so wait for that.
+        let closed = async {
+            let _ = l.client.drain().await;
+            while l.client.flush().await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .is_err()
+        {
+            tracing::warn!("NATS client did not close within 5 s");
+        }
     }
 
     /// The link's topic connection (`None` on an embedded node).

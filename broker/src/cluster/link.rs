@@ -50,6 +50,17 @@ pub struct LinkAuth {
     pub tls_ca: Option<String>,
 }
 
+/// Where the link connects and what its subjects start with.
+#[derive(Debug, Default, Clone)]
+pub struct LinkSettings {
+    /// The NATS servers (`nats://host:port`).
+    pub urls: Vec<String>,
+    /// The subject prefix topics map under (`herald` by default).
+    pub prefix: String,
+    /// Credentials and TLS.
+    pub auth: LinkAuth,
+}
+
 /// Connects to NATS at `urls` (in the background: returns at once, and
 /// connects and reconnects for ever). This connection carries JetStream
 /// and the status page's samples; topic traffic has its own, which the

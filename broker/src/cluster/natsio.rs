@@ -265,7 +265,6 @@ impl NatsIo {
     async fn serve(&self, io: Io, dispatch: &dyn Dispatch) -> io::Error {
         let (mut rd, wr) = tokio::io::split(io);
         let (out, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_loop(wr, rx));
         {
             let mut st = self.state();
             let mut subs = BytesMut::new();
@@ -285,34 +284,41 @@ impl NatsIo {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let mut ping = tokio::time::interval(PING_INTERVAL);
         ping.tick().await;
-        let why = loop {
-            tokio::select! {
-                r = rd.read_buf(&mut buf) => match r {
-                    Ok(0) => break io::Error::other("closed by the server"),
-                    Ok(_) => {
-                        if let Err(e) = self.parse(&mut buf, &out, dispatch) {
-                            break e;
+        let reading = async {
+            loop {
+                tokio::select! {
+                    r = rd.read_buf(&mut buf) => match r {
+                        Ok(0) => break io::Error::other("closed by the server"),
+                        Ok(_) => {
+                            if let Err(e) = self.parse(&mut buf, &out, dispatch) {
+                                break e;
+                            }
+                            if buf.capacity() - buf.len() < 4096 {
+                                buf.reserve(64 * 1024);
+                            }
                         }
-                        if buf.capacity() - buf.len() < 4096 {
-                            buf.reserve(64 * 1024);
+                        Err(e) => break e,
+                    },
+                    _ = ping.tick() => {
+                        let mut st = self.state();
+                        let unanswered = st.pending.iter().filter(|p| matches!(p, Pending::Keepalive)).count();
+                        if unanswered >= MAX_UNANSWERED {
+                            break io::Error::other("PINGs unanswered for 90 s");
                         }
-                    }
-                    Err(e) => break e,
-                },
-                _ = ping.tick() => {
-                    let mut st = self.state();
-                    let unanswered = st.pending.iter().filter(|p| matches!(p, Pending::Keepalive)).count();
-                    if unanswered >= MAX_UNANSWERED {
-                        break io::Error::other("PINGs unanswered for 90 s");
-                    }
-                    if out.send((Bytes::from_static(b"PING\r\n"), None)).is_ok() {
-                        st.pending.push_back(Pending::Keepalive);
+                        if out.send((Bytes::from_static(b"PING\r\n"), None)).is_ok() {
+                            st.pending.push_back(Pending::Keepalive);
+                        }
                     }
                 }
             }
         };
-        writer.abort();
-        why
+        // The writer runs in this task, beside the reader: dropping the
+        // connection's future (the node stopping) ends both at once, and
+        // the socket closes with them.
+        tokio::select! {
+            why = reading => why,
+            () = write_loop(wr, rx) => io::Error::other("writing to the server failed"),
+        }
     }
 
     /// Handles every whole op in `buf`, leaving a partial one.

@@ -1,7 +1,7 @@
 //! History: the last messages of the `--history` topics, and a `sub`
 //! with `since` or `last` that replays them before live delivery.
 //!
-//! Uses: `sync`, `clock`, `config`, `metrics`, `socket`.
+//! Uses: `sync`, `clock`, `tasks`, `config`, `metrics`, `socket`.
 //!
 //! - [`memory`]: history in memory (embedded): a ring per history topic,
 //!   one sequence, a byte cap; and the words replays share.

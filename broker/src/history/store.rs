@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::config::values::Retention;
 use crate::history::jetstream::StreamHistory;
 use crate::history::memory::Journal;
+use crate::tasks::Tasks;
 
 /// The `--history` settings.
 #[derive(Debug, Clone, Default)]
@@ -44,13 +45,13 @@ pub enum Store {
 impl History {
     /// An embedded node's history, in memory, pruned by age every second;
     /// `None` without rules.
-    pub fn embedded(settings: &HistorySettings) -> Option<History> {
+    pub fn embedded(settings: &HistorySettings, tasks: &Tasks) -> Option<History> {
         if settings.rules.is_empty() {
             return None;
         }
         let journal = Arc::new(Journal::new(settings.bytes));
         let weak = Arc::downgrade(&journal);
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;

@@ -2,7 +2,7 @@
 //! the heartbeat that pings and reaps its sockets, and the drain that
 //! closes them on shutdown.
 //!
-//! Uses: `sync`, `clock`, `config`, `metrics`, `auth`, `socket`,
+//! Uses: `sync`, `clock`, `tasks`, `config`, `metrics`, `auth`, `socket`,
 //! `presence`, `fanout`, `history`, `cluster`, `router`, `session`, `net`.
 //!
 //! - [`samples`]: the last minutes of the node's figures and its peers'
@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::auth::{Auth, KeyError};
 use crate::cluster::bus::Bus;
-use crate::cluster::link::{LinkAuth, LinkError};
+use crate::cluster::link::{LinkAuth, LinkError, LinkSettings};
 use crate::config::Config;
 use crate::fanout::hub::{Body, Hub};
 use crate::history::store::HistorySettings;
@@ -32,6 +32,7 @@ use crate::presence::snapshots::Assembler;
 use crate::router::Router;
 use crate::session::live::Sessions;
 use crate::sync::ReadWrite;
+use crate::tasks::Tasks;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +71,8 @@ pub struct Node {
     /// Cancelled when the node drains: `--exec` sockets close with 1001
     /// and end their programs.
     pub exec_stop: tokio_util::sync::CancellationToken,
+    /// Every task the node starts; `run()` returns once all have ended.
+    pub tasks: Tasks,
 }
 
 impl Node {
@@ -80,6 +83,7 @@ impl Node {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let hub = Hub::new(metrics.clone(), config.presence.clone(), config.max_patterns);
+        let tasks = Tasks::default();
         let history = HistorySettings {
             rules: config.history.clone(),
             bytes: config.history_bytes,
@@ -88,20 +92,26 @@ impl Node {
             stream: config.history_stream.clone(),
         };
         let (bus, client_suffix) = if config.nats.is_empty() {
-            (Bus::embedded(hub, metrics.clone(), &history), String::new())
+            (
+                Bus::embedded(hub, metrics.clone(), &history, &tasks),
+                String::new(),
+            )
         } else {
             let bus = Bus::cluster(
                 hub,
                 metrics.clone(),
-                &config.nats,
-                &config.nats_prefix,
-                config.max_message_bytes,
-                &LinkAuth {
-                    user: config.nats_user.clone().filter(|u| !u.is_empty()),
-                    password: config.nats_password.clone().filter(|p| !p.is_empty()),
-                    tls_ca: config.nats_tls_ca.clone(),
+                &LinkSettings {
+                    urls: config.nats.clone(),
+                    prefix: config.nats_prefix.clone(),
+                    auth: LinkAuth {
+                        user: config.nats_user.clone().filter(|u| !u.is_empty()),
+                        password: config.nats_password.clone().filter(|p| !p.is_empty()),
+                        tls_ca: config.nats_tls_ca.clone(),
+                    },
                 },
+                config.max_message_bytes,
                 &history,
+                &tasks,
             )
             .await?;
             (bus, format!("-{}", node_tag()))
@@ -132,6 +142,7 @@ impl Node {
         Ok(Arc::new(Node {
             admission: Arc::new(Admission::new(&config)),
             exec_stop: Default::default(),
+            tasks,
             history: Default::default(),
             api_keys: std::sync::RwLock::new(api_keys),
             pending: Arc::new(Semaphore::new(config.max_pending_connections)),
@@ -227,9 +238,13 @@ impl Node {
         }
         let subject = format!("_herald.presence.{prefix}");
         let me = self.router.node_id().to_owned();
-        let node = self.clone();
+        // Weak: the handler lives in the link's subscription table, which
+        // the node owns; a strong reference would keep the node (and its
+        // JetStream context's task) alive after it stops.
+        let node = Arc::downgrade(&self);
         let (id, parts) = (me.clone(), Assembler::default());
         let handler = move |payload: &[u8]| {
+            let Some(node) = node.upgrade() else { return };
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
                 return;
             };

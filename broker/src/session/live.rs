@@ -175,6 +175,13 @@ impl Sessions {
         live.map(|e| e.value().clone()).collect()
     }
 
+    /// Waits, however long it takes, until every session and writer task
+    /// has ended.
+    pub async fn finish(&self) {
+        self.shared.tracker.close();
+        self.shared.tracker.wait().await;
+    }
+
     /// Waits (up to `grace`) for every session task to end; returns false
     /// if some were still running.
     pub async fn wait(&self, grace: Duration) -> bool {

@@ -102,37 +102,44 @@ fn sample(node: &Node, name: &str, now: Counts, before: Counts, secs: f64) -> Va
 pub async fn sampler(node: Arc<Node>, name: String) {
     let client = node.router.bus().nats_client();
     let subject = node.router.bus().prefix().map(subject);
-    if let (Some(c), Some(s)) = (&client, &subject) {
-        let (c, s, node, me) = (c.clone(), s.clone(), node.clone(), name.clone());
-        tokio::spawn(async move {
-            let Ok(mut sub) = c.subscribe(s).await else { return };
-            while let Some(msg) = sub.next().await {
-                let Ok(v) = serde_json::from_slice::<Value>(&msg.payload) else {
-                    continue;
-                };
-                match v["node"].as_str() {
-                    Some(n) if n != me && n.len() <= 256 => node.history.peer(n.to_owned(), v),
-                    _ => {}
-                }
+    // The other nodes' samples, read beside the sampling below (in this
+    // task, so both end when the node stops).
+    let peers = async {
+        let (Some(c), Some(s)) = (&client, &subject) else {
+            return;
+        };
+        let Ok(mut sub) = c.subscribe(s.clone()).await else {
+            return;
+        };
+        while let Some(msg) = sub.next().await {
+            let Ok(v) = serde_json::from_slice::<Value>(&msg.payload) else {
+                continue;
+            };
+            match v["node"].as_str() {
+                Some(n) if n != name && n.len() <= 256 => node.history.peer(n.to_owned(), v),
+                _ => {}
             }
-        });
-    }
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut before = counts(&node);
-    let mut at = tokio::time::Instant::now();
-    loop {
-        tick.tick().await;
-        let now = counts(&node);
-        let secs = at.elapsed().as_secs_f64().max(0.001);
-        at = tokio::time::Instant::now();
-        let s = sample(&node, &name, now, before, secs);
-        before = now;
-        if let (Some(c), Some(subj)) = (&client, &subject) {
-            let _ = c.publish(subj.clone(), s.to_string().into()).await;
         }
-        node.history.push(s);
-    }
+    };
+    let sampling = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut before = counts(&node);
+        let mut at = tokio::time::Instant::now();
+        loop {
+            tick.tick().await;
+            let now = counts(&node);
+            let secs = at.elapsed().as_secs_f64().max(0.001);
+            at = tokio::time::Instant::now();
+            let s = sample(&node, &name, now, before, secs);
+            before = now;
+            if let (Some(c), Some(subj)) = (&client, &subject) {
+                let _ = c.publish(subj.clone(), s.to_string().into()).await;
+            }
+            node.history.push(s);
+        }
+    };
+    tokio::join!(peers, sampling);
 }
 
 /// A name for this node on the status page.

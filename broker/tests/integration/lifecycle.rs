@@ -115,3 +115,93 @@ async fn logs_to_a_file_carry_no_escape_bytes() {
     assert!(text.windows(9).any(|w| w == b"listening"), "the log is empty");
     assert!(!text.contains(&0x1b), "escape bytes in a log written to a file");
 }
+
+/// `herald serve`'s settings, parsed as the binary parses them.
+#[derive(clap::Parser)]
+struct Serve {
+    #[command(flatten)]
+    config: herald_broker::Config,
+}
+
+/// `run()` returns only once every task it started has ended and its NATS
+/// connections are closed. A node with the cluster link, JetStream
+/// history, presence, a live socket and HTTP traffic runs inside this
+/// process, on a runtime of the test's own; after `run()` returns, the
+/// runtime holds no task but the test's, and nats-server shows no
+/// connection.
+#[test]
+fn run_returns_with_every_task_ended_and_nats_closed() {
+    use clap::Parser;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let alive = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let nats = crate::external::NatsServer::start_js().await;
+        let url = nats.url();
+        let Serve { config } = Serve::parse_from([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--nats",
+            &url,
+            "--history",
+            "h:*=100",
+            "--presence",
+            "room:*",
+            "--drain-period",
+            "100ms",
+        ]);
+        let listener = herald_broker::bind(config.listen, 128).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let before = alive();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let node = tokio::spawn(herald_broker::run(listener, None, config, async {
+            let _ = stopped.await;
+        }));
+
+        // Use what spawns tasks: the link (both NATS connections), the
+        // stream, a socket with its presence, an HTTP publish.
+        eventually("both NATS connections", || async { nats.connections().await == 2 }).await;
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?sub=room:a&sub=h:x"))
+            .await
+            .expect("ws");
+        let body = r#"{"topic":"h:x","data":1}"#;
+        let req = format!(
+            "POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        eventually("a stored publish delivered", || async {
+            let (status, _) = http(addr, req.as_bytes()).await;
+            status == 200
+        })
+        .await;
+        let got = tokio::time::timeout(WAIT, async {
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_text() && m.to_text().unwrap_or("").contains("\"h:x\"") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(got, Ok(true), "the socket got the stored message");
+        let during = alive();
+        assert!(during > before + 5, "the node runs tasks ({before} before, {during} now)");
+
+        stop.send(()).expect("node still running");
+        node.await.expect("run's task").expect("run");
+        // The NATS library's own helpers (its event relay and JetStream
+        // acker, which it gives no handle to join) end as their channels
+        // close with the node, within moments; a task of the node's would
+        // stay.
+        eventually("no task of the node left after run()", || async { alive() == before }).await;
+        eventually("nats-server shows no connection from the node", || async {
+            nats.connections().await == 0
+        })
+        .await;
+        drop(ws);
+    });
+}
