@@ -127,8 +127,17 @@ pub fn admit(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> Result
         r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return Err(r);
     }
-    let forwarded = header(req, &HeaderName::from_static("x-forwarded-for"));
-    let client = node.admission.client_ip(remote.ip(), forwarded);
+    let client = match node.admission.client_ip(remote.ip(), http::forwarded_for(req)) {
+        Ok(ip) => ip,
+        Err(e) => {
+            return Err(refuse(
+                node,
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                &e.to_string(),
+            ))
+        }
+    };
     let per_ip = match node.admission.admit(client) {
         Ok(s) => s,
         Err(refusal) => {

@@ -205,6 +205,16 @@ fn publisher(node: &Node, req: &Request<Incoming>) -> Result<Option<Arc<Identity
     }
 }
 
+/// Every `X-Forwarded-For` line of `req`, in the order received (a value
+/// that is not visible ASCII reads as one that names no address, so it is
+/// refused rather than skipped).
+pub fn forwarded_for<B>(req: &Request<B>) -> impl DoubleEndedIterator<Item = &str> {
+    req.headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+}
+
 /// Compares two secrets in time independent of where they differ.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

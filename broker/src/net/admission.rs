@@ -143,28 +143,61 @@ impl Admission {
             .retain(|_, e| e.conns > 0 || now.saturating_sub(e.last_ms) < idle);
     }
 
-    /// The client's address for a request that reached us from `peer`:
-    /// behind trusted proxies, the right-most `X-Forwarded-For` hop that is
-    /// not itself a trusted proxy.
-    pub fn client_ip(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
+    /// The client's address for a request that reached us from `peer`,
+    /// given every `X-Forwarded-For` header line in the order received.
+    ///
+    /// A proxy appends its hop to the end (HAProxy `option forwardfor` adds
+    /// a header line after any the client sent), so what the client wrote
+    /// comes first and the truth last: the lines are read as one list, right
+    /// to left, and the client is the right-most hop that is not itself a
+    /// trusted proxy (or the left-most hop, when every one is). A hop that is
+    /// not an IP address is refused, never skipped: what lies to its left is
+    /// the client's own claim, and falling back to the trusted peer would
+    /// hand every client the proxy's address.
+    pub fn client_ip<'a>(
+        &self,
+        peer: IpAddr,
+        forwarded_for: impl DoubleEndedIterator<Item = &'a str>,
+    ) -> Result<IpAddr, BadForwarded> {
         if !self.trusts(peer) {
-            return peer;
+            return Ok(peer);
         }
-        let Some(xff) = forwarded_for else {
-            return peer;
-        };
         let mut client = peer;
-        for hop in xff.rsplit(',') {
-            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
-                break;
-            };
-            client = ip;
-            if !self.trusts(ip) {
-                break;
+        for hop in forwarded_for.rev().flat_map(|line| line.rsplit(',')) {
+            let hop = hop.trim();
+            if hop.is_empty() {
+                continue; // an empty list element (RFC 9110, 5.6.1)
             }
+            let Some(ip) = parse_hop(hop) else {
+                return Err(BadForwarded {
+                    hop: hop.chars().take(64).collect(),
+                });
+            };
+            if !self.trusts(ip) {
+                return Ok(ip);
+            }
+            client = ip;
         }
-        client
+        Ok(client)
     }
+}
+
+/// An `X-Forwarded-For` from a trusted proxy that names no usable client.
+#[derive(Debug, thiserror::Error)]
+#[error("X-Forwarded-For names no client address: hop {hop:?} is not an IP address")]
+pub struct BadForwarded {
+    /// The hop that does not parse (at most 64 characters of it).
+    hop: String,
+}
+
+/// One hop: an IP address, or one with a port (`1.2.3.4:80`, `[::1]:80`);
+/// an IPv4 address mapped into IPv6 counts as the IPv4 one.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let ip = hop
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|a| a.ip()))?;
+    Some(ip.to_canonical())
 }
 
 /// The PROXY protocol v2 signature.
@@ -287,11 +320,45 @@ mod tests {
     fn forwarded_for_is_believed_only_from_trusted_proxies() {
         let a = admission(0, 0, &["10.0.0.0/8"]);
         let lb: IpAddr = "10.0.0.5".parse().unwrap();
-        let xff = Some("1.2.3.4, 5.6.7.8, 10.0.0.9");
-        assert_eq!(a.client_ip(lb, xff), "5.6.7.8".parse::<IpAddr>().unwrap());
-        let stranger: IpAddr = "9.9.9.9".parse().unwrap();
-        assert_eq!(a.client_ip(stranger, xff), stranger);
-        assert_eq!(a.client_ip(lb, None), lb);
-        assert_eq!(a.client_ip(lb, Some("junk")), lb);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let xff = ["1.2.3.4, 5.6.7.8, 10.0.0.9"];
+        assert_eq!(a.client_ip(lb, xff.into_iter()).unwrap(), ip("5.6.7.8"));
+        let stranger = ip("9.9.9.9");
+        assert_eq!(a.client_ip(stranger, xff.into_iter()).unwrap(), stranger);
+        assert_eq!(a.client_ip(lb, [].into_iter()).unwrap(), lb);
+        // The client's own line comes first; the proxy's line, last, wins.
+        let two = ["127.0.0.1", "203.0.113.7"];
+        assert_eq!(a.client_ip(lb, two.into_iter()).unwrap(), ip("203.0.113.7"));
+        // A hop that does not parse is refused, not skipped to the peer.
+        for bad in [
+            ["junk"].as_slice(),
+            &["unknown"],
+            &["1.2.3.4, unknown"],
+            &["127.0.0.1", "unknown"],
+        ] {
+            let e = a.client_ip(lb, bad.iter().copied()).unwrap_err();
+            assert!(
+                e.to_string().contains("unknown") || e.to_string().contains("junk"),
+                "{e}"
+            );
+        }
+        // Left of the client, anything goes: it is the client's own claim.
+        assert_eq!(
+            a.client_ip(lb, ["junk, 8.8.8.8"].into_iter()).unwrap(),
+            ip("8.8.8.8")
+        );
+        // Every hop trusted: the left-most is the client.
+        assert_eq!(
+            a.client_ip(lb, ["10.1.1.1, 10.2.2.2"].into_iter()).unwrap(),
+            ip("10.1.1.1")
+        );
+        assert_eq!(
+            a.client_ip(lb, ["[2001:db8::1]:443"].into_iter()).unwrap(),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            a.client_ip(lb, ["::ffff:198.51.100.9"].into_iter()).unwrap(),
+            ip("198.51.100.9")
+        );
     }
 }

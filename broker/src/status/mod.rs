@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use herald_protocol::ErrorCode;
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 
@@ -172,11 +172,9 @@ fn allowed(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> bool {
             .flatten()
             .any(|given| http::constant_time_eq(given.as_bytes(), key.as_bytes()));
     }
-    let forwarded = req
-        .headers()
-        .get(HeaderName::from_static("x-forwarded-for"))
-        .and_then(|v| v.to_str().ok());
-    node.admission.client_ip(remote.ip(), forwarded).is_loopback()
+    node.admission
+        .client_ip(remote.ip(), http::forwarded_for(req))
+        .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Serves `/status` and `/status.json`.

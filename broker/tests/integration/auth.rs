@@ -97,9 +97,14 @@ async fn publish(h: &Herald, topic: &str, data: &str) {
 /// Sends a handshake on `stream` and reads the response head: the status
 /// and the head's text. The stream stays open (a 101 holds the socket).
 async fn handshake_on(stream: &mut TcpStream, path: &str) -> (u16, String) {
+    handshake_with(stream, path, "").await
+}
+
+/// [`handshake_on`] with `extra` header lines (each ending in CRLF).
+async fn handshake_with(stream: &mut TcpStream, path: &str, extra: &str) -> (u16, String) {
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     );
     stream.write_all(req.as_bytes()).await.unwrap();
     let mut head = Vec::new();
@@ -714,14 +719,22 @@ async fn behind_haproxy_the_limit_follows_the_real_client() {
         let lb = crate::external::Haproxy::start_with(&[h.addr], server_opts, defaults).await;
         let to: SocketAddr = format!("127.0.0.1:{}", lb.port).parse().unwrap();
         let mut held = Vec::new();
+        // Each claims another address of its own: the proxy's own hop, last,
+        // is the one believed.
+        let forged = |i: usize| {
+            format!(
+                "X-Forwarded-For: 198.51.100.{i}\r\nX-Forwarded-For: 127.0.0.{}\r\n",
+                5 + i
+            )
+        };
         for i in 0..3 {
             let mut s = connect_from("127.0.0.2", to).await;
-            let (status, head) = handshake_on(&mut s, "/ws").await;
+            let (status, head) = handshake_with(&mut s, "/ws", &forged(i)).await;
             assert_eq!(status, 101, "{server_opts}{defaults} #{i}: {head}");
             held.push(s);
         }
         let mut s = connect_from("127.0.0.2", to).await;
-        let (status, head) = handshake_on(&mut s, "/ws").await;
+        let (status, head) = handshake_with(&mut s, "/ws", &forged(3)).await;
         assert_eq!(
             status, 429,
             "{server_opts}{defaults}: the 4th from one client: {head}"
@@ -732,6 +745,38 @@ async fn behind_haproxy_the_limit_follows_the_real_client() {
             assert_eq!(status, 101, "{server_opts}{defaults}: {from}: {head}");
             held.push(s);
         }
+    }
+}
+
+/// From a trusted proxy, an `X-Forwarded-For` hop that is not an address
+/// is refused with 400 naming it: the node never falls back to the proxy's
+/// own address (which would put every such client on one address, or make
+/// a remote client loopback).
+#[tokio::test]
+async fn a_forwarded_hop_that_does_not_parse_is_refused() {
+    let h = Herald::start(&[
+        "--max-connections-per-ip",
+        "1",
+        "--trusted-proxies",
+        "127.0.0.1/32",
+    ]);
+    for extra in [
+        "X-Forwarded-For: unknown\r\n",
+        "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-For: unknown\r\n",
+        "X-Forwarded-For: 203.0.113.9, _hidden\r\n",
+    ] {
+        let mut s = connect_from("127.0.0.1", h.addr).await;
+        let (status, head) = handshake_with(&mut s, "/ws", extra).await;
+        assert_eq!(status, 400, "{extra:?}: {head}");
+    }
+    // A good chain still works, and names the client: one socket each.
+    let mut held = Vec::new();
+    for client in ["203.0.113.9", "203.0.113.10"] {
+        let mut s = connect_from("127.0.0.1", h.addr).await;
+        let extra = format!("X-Forwarded-For: {client}\r\n");
+        let (status, head) = handshake_with(&mut s, "/ws", &extra).await;
+        assert_eq!(status, 101, "{client}: {head}");
+        held.push(s);
     }
 }
 

@@ -28,6 +28,23 @@ async fn loopback_or_the_admin_key_only() {
     // Through a trusted proxy, a remote client is not loopback.
     let (status, v) = status_json(&h, "X-Forwarded-For: 203.0.113.5\r\n").await;
     assert_eq!(status, 403, "{v}");
+    // A proxy appends its line after the client's: the client's own claim
+    // to be loopback, first, does not count; nor does a hop that does not
+    // parse fall back to the (loopback) proxy.
+    for forged in [
+        "X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-For: 203.0.113.5\r\n",
+        "X-Forwarded-For: 127.0.0.1, 203.0.113.5\r\n",
+        "X-Forwarded-For: unknown\r\n",
+        "X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-For: unknown\r\n",
+    ] {
+        let (status, v) = status_json(&h, forged).await;
+        assert_eq!(status, 403, "{forged:?}: {v}");
+    }
+    let (status, _) = status_json(&h, "X-Forwarded-For: 203.0.113.5, 127.0.0.2\r\n").await;
+    assert_eq!(
+        status, 200,
+        "the right-most untrusted hop is loopback (the proxy's client)"
+    );
 
     let k = Herald::start(&["--admin-key", "s3cret"]);
     assert_eq!(
