@@ -419,7 +419,42 @@ fn fd_limit() -> Option<u64> {
 
 /// Lowers the connection bounds to what the descriptor limit can hold, so
 /// the node refuses with 503 before `accept` itself fails.
+/// Raises the soft open-file limit to the hard one, as nats-server and the
+/// Go runtime do: a container or shell often starts a process at 1,024
+/// soft under a far higher hard limit, and every socket is a descriptor.
+/// Logs both limits.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let was = getrlimit(Resource::Nofile);
+    // An unlimited hard limit still stops at the kernel's nr_open.
+    let hard = was.maximum.or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    });
+    let mut soft = was.current;
+    if let Some(hard) = hard {
+        if soft.is_some_and(|s| s < hard) {
+            let raised = rustix::process::Rlimit {
+                current: Some(hard),
+                maximum: was.maximum,
+            };
+            match setrlimit(Resource::Nofile, raised) {
+                Ok(()) => soft = Some(hard),
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+            }
+        }
+    }
+    tracing::info!(
+        soft_was = ?was.current,
+        soft = ?soft,
+        hard = ?was.maximum,
+        "open-file limit"
+    );
+}
+
 fn fit_to_descriptors(config: &mut Config) {
+    raise_fd_limit();
     let Some(limit) = fd_limit() else { return };
     let budget = limit.saturating_sub(FD_RESERVE).max(2) as usize;
     let wanted = config.max_connections + config.max_pending_connections;

@@ -93,6 +93,18 @@ impl Herald {
         Self::spawn(cmd, "127.0.0.1:0", args)
     }
 
+    /// A node started under a soft open-file limit of `soft`, the hard one
+    /// left as it is.
+    pub fn start_with_soft_nofile(soft: u32, args: &[&str]) -> Herald {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            &format!("ulimit -Sn {soft} && exec \"$0\" \"$@\""),
+            herald_bin(),
+        ]);
+        Self::spawn(cmd, "127.0.0.1:0", args)
+    }
+
     fn spawn(mut cmd: Command, listen: &str, args: &[&str]) -> Herald {
         let mut child = cmd
             .arg("serve")

@@ -230,6 +230,44 @@ async fn the_descriptor_limit_is_met_with_a_clean_refusal() {
     eventually("a slot freed", || async { try_upgrade(h.addr).await.0.is_none() }).await;
 }
 
+/// A soft open-file limit below the hard one is raised to it at start (as
+/// nats-server does): a node started at 150 soft under this machine's hard
+/// limit holds the sockets a node at 150 cannot (see above).
+#[tokio::test]
+async fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
+    let limit = |pid: u32, field: usize| -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("line");
+        line.split_whitespace()
+            .nth(field)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    let hard = limit(std::process::id(), 4);
+    assert!(
+        hard > 400,
+        "this test needs a hard open-file limit above 400 (it is {hard})"
+    );
+    let h = Herald::start_with_soft_nofile(150, &[]);
+    // The listen line comes before the node is built; the limit is raised
+    // as it is.
+    eventually("soft raised to hard", || async {
+        limit(h.pid(), 3) == limit(h.pid(), 4)
+    })
+    .await;
+    let mut open = Vec::new();
+    for i in 0..200 {
+        match try_upgrade(h.addr).await {
+            (None, s) => open.push(s),
+            (Some((status, text)), _) => panic!("socket {i} refused: {status} {text}"),
+        }
+    }
+    assert_eq!(open.len(), 200);
+}
+
 /// `sub` and `unsub` are rate-limited per socket: with one per second, a
 /// burst gets at most one more ack than seconds it took, and the rest are
 /// refused with `rate_limited`, the socket staying open.
