@@ -27,6 +27,7 @@ use crate::fanout::hub::{Body, Hub};
 use crate::history::store::HistorySettings;
 use crate::metrics::Metrics;
 use crate::net::admission::Admission;
+use crate::net::routes::{Collision, Routes};
 use crate::presence::roster::Change;
 use crate::presence::snapshots::Assembler;
 use crate::router::Router;
@@ -42,6 +43,9 @@ pub enum Error {
     /// A key file (`--auth-*`, `--api-key-file`) could not be used.
     #[error(transparent)]
     Keys(#[from] KeyError),
+    /// An `--exec` path is a built-in route's, or given twice.
+    #[error(transparent)]
+    Routes(#[from] Collision),
     /// Binding or reading the listener failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
@@ -70,12 +74,18 @@ pub struct Node {
     /// Cancelled when the node drains: `--exec` sockets close with 1001
     /// and end their programs.
     pub exec_stop: tokio_util::sync::CancellationToken,
+    /// What answers each request: the built-in endpoints and the `--exec`
+    /// routes.
+    pub routes: Routes,
 }
 
 impl Node {
     /// A node: embedded, or linked to others through NATS when
     /// `config.nats` names servers (the link connects in the background).
     pub async fn new(mut config: Config) -> Result<Arc<Self>, Error> {
+        // First: a table without one answer per path is refused before
+        // anything connects.
+        let routes = Routes::new(&config)?;
         fit_to_descriptors(&mut config);
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
@@ -132,6 +142,7 @@ impl Node {
         Ok(Arc::new(Node {
             admission: Arc::new(Admission::new(&config)),
             exec_stop: Default::default(),
+            routes,
             history: Default::default(),
             api_keys: std::sync::RwLock::new(api_keys),
             pending: Arc::new(Semaphore::new(config.max_pending_connections)),
@@ -165,16 +176,6 @@ fn api_keys(config: &Config) -> Result<Vec<String>, KeyError> {
 }
 
 impl Node {
-    /// The `--exec` (or `--exec-shell`) route for `path`, if any.
-    pub fn exec_route(&self, path: &str) -> Option<crate::config::ExecRoute> {
-        let c = &self.config;
-        c.exec
-            .iter()
-            .chain(&c.exec_shell)
-            .find(|r| r.path == path)
-            .cloned()
-    }
-
     /// Re-reads the key files (SIGHUP): the JWKS and `--api-key-file`. On
     /// an error the keys in use stay.
     pub fn reload_keys(&self) {
