@@ -32,13 +32,15 @@
 //! - [`session`]: each socket's read loop, what sessions share, the set of
 //!   live sessions, raw status.
 //! - [`net`]: what a connection meets first: PROXY header, client address,
-//!   per-address admission, the pre-read head.
+//!   per-address admission, the pre-read head, the route table.
 //! - [`node`]: the state one process shares, built once; the heartbeat and
 //!   the drain.
-//! - [`http`]: the HTTP endpoints and the WebSocket handshake's checks.
+//! - [`http`]: the HTTP endpoints' handlers and the WebSocket handshake's
+//!   checks.
 //! - [`status`]: the live status page and its sampler.
 //! - [`exec`]: websocketd mode: a program per WebSocket.
-//! - [`server`]: accept, route, upgrade, shutdown.
+//! - [`server`]: accept, route (by the table in [`net`]), upgrade,
+//!   shutdown.
 //!
 //! Why a session ended, with its close code and whether the client should
 //! reconnect, is [`herald_protocol::Disconnect`]: the one place close codes
@@ -73,6 +75,7 @@ pub use clock::unix_secs;
 pub use config::{parse_duration, Config};
 pub use fanout::{Body, Hub};
 pub use metrics::Metrics;
+pub use net::routes::{Collision, Routes};
 pub use node::Error;
 pub use presence::{Member, Roster};
 pub use server::{bind, run};

@@ -125,6 +125,9 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(config) => {
                 init_logs(&config);
+                // Refused before the port is bound: the node builds the
+                // same table, and routes every request by it.
+                herald_broker::Routes::new(&config)?;
                 let listener = herald_broker::bind(config.listen, config.backlog)?;
                 let addr = listener.local_addr()?;
                 tracing::info!(%addr, "listening");

@@ -1,10 +1,22 @@
-//! Accepting connections, routing requests, the heartbeat, and shutdown.
+//! Accepting connections, routing requests, upgrading sockets, and
+//! shutdown.
 //!
-//! [`run`] takes a bound listener, a [`Config`] and a shutdown future, so
-//! tests and the binary start the same server. Each TCP connection is served
-//! as HTTP/1 with upgrades; `/ws` is checked (limits, URL parameters) before
-//! the 101 is sent, and the upgraded socket becomes a session tracked by the
-//! node so shutdown can drain it.
+//! [`run`] takes a bound listener, an optional `--metrics-listen` listener,
+//! a [`Config`] and a shutdown future, so tests and the binary start the
+//! same server. [`serve`] starts the node's background tasks (heartbeat,
+//! key reloads, the write watchdog, the status sampler, presence sync) and
+//! the accept loops, and drains on shutdown.
+//!
+//! Each public TCP connection is admitted (the pending-connection bound, a
+//! PROXY header from a trusted proxy, the first request head under the
+//! handshake timeout) and served as HTTP/1 with upgrades. Every request, on
+//! either listener, is decided once by the route table
+//! ([`crate::net::routes`]); [`route`] matches on that decision and calls
+//! the handler: the endpoints in [`crate::http`] and [`crate::status`], an
+//! `--exec` program ([`crate::exec`]), or a pub/sub WebSocket, whose
+//! handshake is checked (limits, URL parameters, token) before the 101 and
+//! whose socket then becomes a session the node tracks so shutdown can
+//! drain it.
 //!
 //! Uses: `config`, `net`, `session`, `node`, `http`, `status`, `exec`.
 
@@ -31,6 +43,7 @@ use crate::http::handshake;
 use crate::http::{self, Body};
 use crate::net::admission;
 use crate::net::preread::{self, Head, Prefixed};
+use crate::net::routes::{Listener, Route};
 use crate::node::{Error, Node};
 use crate::session::params;
 use crate::status;
@@ -150,14 +163,16 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationT
 }
 
 /// Serves the `--metrics-listen` address: plain HTTP/1, one request at a
-/// time per connection, under the same pending-connection bound.
+/// time per connection, under the same pending-connection bound; the route
+/// table's admin rows (`/metrics`, `/healthz`, `/readyz`), answered as the
+/// public listener answers them.
 async fn admin_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken, http: TaskTracker) {
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             a = listener.accept() => a,
         };
-        let Ok((stream, _)) = accepted else {
+        let Ok((stream, remote)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -168,10 +183,7 @@ async fn admin_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationTo
         let node = node.clone();
         http.spawn(async move {
             let _permit = permit;
-            let svc = service_fn(move |req| {
-                let node = node.clone();
-                async move { Ok::<_, std::convert::Infallible>(http::handle_admin(&node, req).await) }
-            });
+            let svc = service_fn(move |req| route(node.clone(), Listener::Admin, req, remote));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
@@ -234,7 +246,7 @@ async fn serve_http(
         }
     };
     let svc_node = node.clone();
-    let svc = service_fn(move |req| route(svc_node.clone(), req, remote));
+    let svc = service_fn(move |req| route(svc_node.clone(), Listener::Public, req, remote));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         // Later requests on a kept-alive connection get the same bound.
@@ -268,24 +280,36 @@ async fn serve_http(
     }
 }
 
+/// Answers one request: the route table decides, once, and this calls the
+/// handler it names.
 async fn route(
     node: Arc<Node>,
+    listener: Listener,
     req: Request<Incoming>,
     remote: SocketAddr,
 ) -> Result<Response<Body>, std::convert::Infallible> {
-    let path = req.uri().path();
-    if path == "/status" || path == "/status.json" {
-        return Ok(status::handle(&node, &req, remote));
-    }
-    if let Some(route) = node.exec_route(path) {
-        return Ok(exec::upgrade(node.clone(), req, remote, route).await);
-    }
-    Ok(match path {
-        "/ws" => upgrade(node, req, false, remote).await,
-        // A handshake on the bare address is served like /ws; plain GET /
-        // still serves the demo page.
-        "/" if fastwebsockets::upgrade::is_upgrade_request(&req) => upgrade(node, req, true, remote).await,
-        _ => http::handle(&node, req).await,
+    let handshake = fastwebsockets::upgrade::is_upgrade_request(&req);
+    let decided = node
+        .routes
+        .decide(listener, req.method(), req.uri().path(), handshake);
+    Ok(match decided {
+        Route::Socket { root } => upgrade(node, req, root, remote).await,
+        Route::Exec(i) => {
+            let exec = node.routes.exec(i).clone();
+            exec::upgrade(node, req, remote, exec).await
+        }
+        Route::Publish => http::publish(&node, req).await,
+        Route::Presence { stats } => http::presence(&node, &req, stats),
+        Route::History => http::history(&node, &req).await,
+        Route::Health => http::health(),
+        Route::Ready => http::ready(&node),
+        Route::Status { json } => status::handle(&node, &req, remote, json),
+        Route::Metrics => http::metrics(&node),
+        Route::MetricsElsewhere => http::metrics_elsewhere(),
+        Route::Demo => http::demo(),
+        Route::Client => http::client(),
+        Route::WrongMethod => http::wrong_method(req.method()),
+        Route::NotFound => http::not_found(&node, listener, req.uri().path()),
     })
 }
 

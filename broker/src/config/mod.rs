@@ -243,7 +243,9 @@ pub struct Config {
     /// websocketd mode: `PATH=PROGRAM ARGS...` (repeat the flag, or put
     /// one route a line in the variable). Each WebSocket to PATH starts PROGRAM (split on whitespace,
     /// never run through a shell): its stdout lines become text messages,
-    /// client messages become stdin lines. Trusted programs only.
+    /// client messages become stdin lines. Trusted programs only. A path
+    /// the node serves itself (/ws, /v1/history, /status, ...) is refused
+    /// at start.
     #[arg(long = "exec", env = "HERALD_EXEC", value_delimiter = '\n', value_parser = ExecRoute::parse)]
     pub exec: Vec<ExecRoute>,
 

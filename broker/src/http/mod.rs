@@ -1,5 +1,8 @@
-//! The plain HTTP endpoints: publish, health, readiness, metrics; and the
-//! parsing of `/ws` URL parameters.
+//! The handlers of the plain HTTP endpoints: publish, history, presence,
+//! health, readiness, metrics, the demo page and the browser client, and
+//! the 404 and 405 answers. Which one answers a request is not decided
+//! here: the route table ([`crate::net::routes`]) decides, and
+//! [`crate::server`] calls the handler it names.
 //!
 //! Uses: `sync`, `config`, `metrics`, `auth`, `history`, `session`, `net`,
 //! `node`.
@@ -22,6 +25,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use std::sync::Arc;
 
 use crate::auth::Identity;
+use crate::net::routes::Listener;
 use crate::node::Node;
 use crate::sync::ReadWrite;
 
@@ -53,8 +57,8 @@ pub fn error(status: StatusCode, code: ErrorCode, msg: &str) -> Response<Body> {
 const DEMO_PAGE: &str = include_str!("demo.html");
 const BROWSER_CLIENT: &str = include_str!("../../../clients/js/herald.js");
 
-/// The Prometheus exposition of the node's metrics.
-fn metrics(node: &Node) -> Response<Body> {
+/// `GET /metrics`: the Prometheus exposition of the node's metrics.
+pub fn metrics(node: &Node) -> Response<Body> {
     let (topics, patterns) = node.router.hub().counts();
     let cluster = node.router.bus().link_state().is_some();
     let text = node
@@ -63,114 +67,90 @@ fn metrics(node: &Node) -> Response<Body> {
     respond(StatusCode::OK, "text/plain; version=0.0.4", text)
 }
 
-/// Serves the `--metrics-listen` address: /metrics, /healthz and /readyz,
-/// answered as the main listener answers them.
-pub async fn handle_admin(node: &Node, req: Request<Incoming>) -> Response<Body> {
-    let get = req.method() == Method::GET || req.method() == Method::HEAD;
-    match req.uri().path() {
-        "/metrics" if get => metrics(node),
-        "/healthz" | "/readyz" => handle(node, req).await,
-        "/metrics" => error(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::BadRequest, "GET only"),
-        other => error(
-            StatusCode::NOT_FOUND,
-            ErrorCode::NotFound,
-            &format!("no route {other:?} on the metrics address; routes: /metrics, /healthz, /readyz"),
-        ),
+/// `GET /metrics` on the public address while `--metrics-listen` serves it.
+pub fn metrics_elsewhere() -> Response<Body> {
+    error(
+        StatusCode::NOT_FOUND,
+        ErrorCode::BadRequest,
+        "metrics are served on the --metrics-listen address",
+    )
+}
+
+/// `GET /`: the demo page.
+pub fn demo() -> Response<Body> {
+    respond(StatusCode::OK, "text/html; charset=utf-8", DEMO_PAGE)
+}
+
+/// `GET /herald.js`: the browser client.
+pub fn client() -> Response<Body> {
+    respond(StatusCode::OK, "text/javascript; charset=utf-8", BROWSER_CLIENT)
+}
+
+/// `GET /healthz`: the process runs.
+pub fn health() -> Response<Body> {
+    respond(StatusCode::OK, "text/plain", "ok\n")
+}
+
+/// `GET /readyz`: whether the node takes sockets, with its link's and its
+/// history's state.
+pub fn ready(node: &Node) -> Response<Body> {
+    // A node whose link was up and dropped stays ready: it still
+    // serves its own sockets, and async-nats reconnects. A node in
+    // cluster mode whose link never came up is not ready: behind a
+    // load balancer it would split the cluster silently.
+    let never_linked =
+        node.router.bus().link_state() == Some(false) && node.metrics.nats_connects.load(Relaxed) == 0;
+    let link = match node.router.bus().link_state() {
+        None => "",
+        Some(true) => "nats: connected\n",
+        Some(false) if never_linked => "nats: never connected\n",
+        Some(false) => "nats: disconnected\n",
+    };
+    let history = match node.router.bus().history().map(|h| &h.store) {
+        Some(crate::history::store::Store::Stream(s)) if s.available() => {
+            "history: jetstream stream available\n"
+        }
+        Some(crate::history::store::Store::Stream(_)) => {
+            "history: jetstream stream unavailable (is JetStream enabled? live delivery goes on)\n"
+        }
+        Some(crate::history::store::Store::Memory(_)) => "history: in memory\n",
+        None => "",
+    };
+    let link = format!("{link}{history}");
+    if !node.ready.load(Relaxed) {
+        respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("draining\n{link}"),
+        )
+    } else if never_linked {
+        respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("not ready\n{link}"),
+        )
+    } else {
+        respond(StatusCode::OK, "text/plain", format!("ready\n{link}"))
     }
 }
 
-/// Serves every path but `/ws`.
-pub async fn handle(node: &Node, req: Request<Incoming>) -> Response<Body> {
-    let get = req.method() == Method::GET || req.method() == Method::HEAD;
-    match req.uri().path() {
-        "/" if get && node.config.demo => respond(StatusCode::OK, "text/html; charset=utf-8", DEMO_PAGE),
-        "/herald.js" if get && node.config.demo => {
-            respond(StatusCode::OK, "text/javascript; charset=utf-8", BROWSER_CLIENT)
-        }
-        "/healthz" if get => respond(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" if get => {
-            // A node whose link was up and dropped stays ready: it still
-            // serves its own sockets, and async-nats reconnects. A node in
-            // cluster mode whose link never came up is not ready: behind a
-            // load balancer it would split the cluster silently.
-            let never_linked = node.router.bus().link_state() == Some(false)
-                && node.metrics.nats_connects.load(Relaxed) == 0;
-            let link = match node.router.bus().link_state() {
-                None => "",
-                Some(true) => "nats: connected\n",
-                Some(false) if never_linked => "nats: never connected\n",
-                Some(false) => "nats: disconnected\n",
-            };
-            let history = match node.router.bus().history().map(|h| &h.store) {
-                Some(crate::history::store::Store::Stream(s)) if s.available() => {
-                    "history: jetstream stream available\n"
-                }
-                Some(crate::history::store::Store::Stream(_)) => {
-                    "history: jetstream stream unavailable (is JetStream enabled? live delivery goes on)\n"
-                }
-                Some(crate::history::store::Store::Memory(_)) => "history: in memory\n",
-                None => "",
-            };
-            let link = format!("{link}{history}");
-            if !node.ready.load(Relaxed) {
-                respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!("draining\n{link}"),
-                )
-            } else if never_linked {
-                respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!("not ready\n{link}"),
-                )
-            } else {
-                respond(StatusCode::OK, "text/plain", format!("ready\n{link}"))
-            }
-        }
-        "/metrics" if get && node.config.metrics_listen.is_some() => error(
-            StatusCode::NOT_FOUND,
-            ErrorCode::BadRequest,
-            "metrics are served on the --metrics-listen address",
-        ),
-        "/metrics" if get => metrics(node),
-        "/v1/publish" if req.method() == Method::POST => publish(node, req).await,
-        "/v1/presence" | "/v1/presence/stats" if get => presence(node, &req),
-        "/v1/history" if get => history(node, &req).await,
-        "/healthz" | "/readyz" | "/metrics" | "/v1/publish" => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::BadRequest,
-            &format!("method {} not allowed here", req.method()),
-        ),
-        other => {
-            let mut routes = vec![
-                "/ws (WebSocket)",
-                "POST /v1/publish",
-                "GET /v1/presence?topic=",
-                "GET /v1/presence/stats?topic=",
-                "GET /v1/history?topic=&since=&limit=",
-                "/healthz",
-                "/readyz",
-                "/status (loopback or --admin-key)",
-            ];
-            if node.config.metrics_listen.is_none() {
-                routes.push("/metrics");
-            }
-            if node.config.demo {
-                routes.extend(["/ (the demo page)", "/herald.js (the browser client)"]);
-            }
-            let mut routes: Vec<String> = routes.into_iter().map(String::from).collect();
-            let c = &node.config;
-            routes.extend(
-                c.exec
-                    .iter()
-                    .chain(&c.exec_shell)
-                    .map(|r| format!("{} (WebSocket, --exec)", r.path)),
-            );
-            let msg = format!("no route {other:?}; routes: {}", routes.join(", "));
-            error(StatusCode::NOT_FOUND, ErrorCode::NotFound, &msg)
-        }
-    }
+/// A built-in path asked with a method it does not answer.
+pub fn wrong_method(method: &Method) -> Response<Body> {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::BadRequest,
+        &format!("method {method} not allowed here"),
+    )
+}
+
+/// No route for `path` on `listener`: the message lists the routes there.
+pub fn not_found(node: &Node, listener: Listener, path: &str) -> Response<Body> {
+    let routes = node.routes.listed(listener).join(", ");
+    let msg = match listener {
+        Listener::Public => format!("no route {path:?}; routes: {routes}"),
+        Listener::Admin => format!("no route {path:?} on the metrics address; routes: {routes}"),
+    };
+    error(StatusCode::NOT_FOUND, ErrorCode::NotFound, &msg)
 }
 
 /// What an HTTP publish may do: `Ok(None)` for any topic (an API key, or
@@ -250,7 +230,7 @@ async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError>
 /// history topic after `since` (0: from the oldest), at most `limit`
 /// (100 by default, at most `--max-replay`), with the same keys and grants
 /// as subscribing.
-async fn history(node: &Node, req: &Request<Incoming>) -> Response<Body> {
+pub async fn history(node: &Node, req: &Request<Incoming>) -> Response<Body> {
     let access = match publisher(node, req) {
         Ok(a) => a,
         Err(refused) => return refused,
@@ -298,9 +278,10 @@ async fn history(node: &Node, req: &Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// `GET /v1/presence?topic=T` (members) and `/v1/presence/stats?topic=T`
-/// (counts), with the same keys and grants as subscribing.
-fn presence(node: &Node, req: &Request<Incoming>) -> Response<Body> {
+/// `GET /v1/presence?topic=T` (members) and, with `stats`,
+/// `/v1/presence/stats?topic=T` (counts), with the same keys and grants as
+/// subscribing.
+pub fn presence(node: &Node, req: &Request<Incoming>, stats: bool) -> Response<Body> {
     let access = match publisher(node, req) {
         Ok(a) => a,
         Err(refused) => return refused,
@@ -324,11 +305,10 @@ fn presence(node: &Node, req: &Request<Incoming>) -> Response<Body> {
         node.metrics.error(ErrorCode::Forbidden);
         return error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, &msg);
     }
-    match node.router.presence(
-        topic,
-        req.uri().path().ends_with("/stats"),
-        node.config.presence_max_members,
-    ) {
+    match node
+        .router
+        .presence(topic, stats, node.config.presence_max_members)
+    {
         Ok(mut v) => {
             v["topic"] = topic.into();
             respond(StatusCode::OK, "application/json", v.to_string())
@@ -340,7 +320,9 @@ fn presence(node: &Node, req: &Request<Incoming>) -> Response<Body> {
     }
 }
 
-async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {
+/// `POST /v1/publish`: one message or an array of them, answered once
+/// every history topic's message is stored.
+pub async fn publish(node: &Node, req: Request<Incoming>) -> Response<Body> {
     let fail = |status, code, msg: &str| {
         node.metrics.error(code);
         error(status, code, msg)

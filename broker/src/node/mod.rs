@@ -27,6 +27,7 @@ use crate::fanout::hub::{Body, Hub};
 use crate::history::store::HistorySettings;
 use crate::metrics::Metrics;
 use crate::net::admission::Admission;
+use crate::net::routes::{Collision, Routes};
 use crate::presence::roster::Change;
 use crate::presence::snapshots::Assembler;
 use crate::router::Router;
@@ -43,6 +44,9 @@ pub enum Error {
     /// A key file (`--auth-*`, `--api-key-file`) could not be used.
     #[error(transparent)]
     Keys(#[from] KeyError),
+    /// An `--exec` path is a built-in route's, or given twice.
+    #[error(transparent)]
+    Routes(#[from] Collision),
     /// Binding or reading the listener failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
@@ -73,12 +77,18 @@ pub struct Node {
     pub exec_stop: tokio_util::sync::CancellationToken,
     /// Every task the node starts; `run()` returns once all have ended.
     pub tasks: Tasks,
+    /// What answers each request: the built-in endpoints and the `--exec`
+    /// routes.
+    pub routes: Routes,
 }
 
 impl Node {
     /// A node: embedded, or linked to others through NATS when
     /// `config.nats` names servers (the link connects in the background).
     pub async fn new(mut config: Config) -> Result<Arc<Self>, Error> {
+        // First: a table without one answer per path is refused before
+        // anything connects.
+        let routes = Routes::new(&config)?;
         fit_to_descriptors(&mut config);
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
@@ -143,6 +153,7 @@ impl Node {
             admission: Arc::new(Admission::new(&config)),
             exec_stop: Default::default(),
             tasks,
+            routes,
             history: Default::default(),
             api_keys: std::sync::RwLock::new(api_keys),
             pending: Arc::new(Semaphore::new(config.max_pending_connections)),
@@ -176,16 +187,6 @@ fn api_keys(config: &Config) -> Result<Vec<String>, KeyError> {
 }
 
 impl Node {
-    /// The `--exec` (or `--exec-shell`) route for `path`, if any.
-    pub fn exec_route(&self, path: &str) -> Option<crate::config::ExecRoute> {
-        let c = &self.config;
-        c.exec
-            .iter()
-            .chain(&c.exec_shell)
-            .find(|r| r.path == path)
-            .cloned()
-    }
-
     /// Re-reads the key files (SIGHUP): the JWKS and `--api-key-file`. On
     /// an error the keys in use stay.
     pub fn reload_keys(&self) {

@@ -177,15 +177,15 @@ fn allowed(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> bool {
         .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Serves `/status` and `/status.json`.
-pub fn handle(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+/// Serves `/status`, or with `json` `/status.json`.
+pub fn handle(node: &Node, req: &Request<Incoming>, remote: SocketAddr, json: bool) -> Response<Body> {
     if !allowed(node, req, remote) {
         node.metrics.error(ErrorCode::Forbidden);
         let msg =
             "forbidden: the status page answers loopback clients, or ?key= / a bearer matching --admin-key";
         return http::error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, msg);
     }
-    let (body, kind) = if req.uri().path() == "/status.json" {
+    let (body, kind) = if json {
         let samples = node.history.samples();
         let mut nodes: Vec<Value> = samples.last().cloned().into_iter().collect();
         for (name, age, mut v) in node.history.peers() {

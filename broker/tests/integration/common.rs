@@ -136,6 +136,42 @@ impl Herald {
         Herald { child, addr, metrics }
     }
 
+    /// Runs `herald serve` with `args`, expecting it to refuse to start:
+    /// its stderr. Fails if it starts listening or does not exit.
+    pub fn refusal(args: &[&str]) -> String {
+        let mut child = Command::new(herald_bin())
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn herald");
+        let deadline = std::time::Instant::now() + WAIT;
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("herald serve {args:?} started instead of refusing");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = child.wait_with_output().expect("output");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(!status.success(), "herald serve {args:?} exited 0: {stderr}");
+        assert!(
+            !stdout.contains("herald listening"),
+            "herald serve {args:?} bound its port before refusing: {stdout}"
+        );
+        stderr
+    }
+
     pub fn url(&self, query: &str) -> String {
         if query.is_empty() {
             format!("ws://{}/ws", self.addr)

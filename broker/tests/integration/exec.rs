@@ -160,3 +160,139 @@ async fn with_access_control_a_program_needs_a_token() {
     ws.send(Message::Text("hi".into())).await.unwrap();
     assert_eq!(next(&mut ws).await, Ok("hi".to_owned()));
 }
+
+/// An `--exec` path that is a built-in route's is refused at start, with
+/// the route named: it would otherwise shadow the API, or never be reached.
+#[test]
+fn an_exec_path_on_a_built_in_route_is_refused_at_start() {
+    let err = Herald::refusal(&["--exec", "/v1/history=cat"]);
+    assert!(
+        err.contains(r#"--exec /v1/history: the path is the built-in route "history" (GET /v1/history)"#),
+        "{err}"
+    );
+    let err = Herald::refusal(&["--exec", "/status=cat"]);
+    assert!(
+        err.contains(r#"--exec /status: the path is the built-in route "status""#),
+        "{err}"
+    );
+    for (flag, path) in [
+        ("--exec-shell", "/v1/presence"),
+        ("--exec", "/v1/presence/stats"),
+        ("--exec", "/status.json"),
+        ("--exec", "/ws"),
+        ("--exec", "/"),
+        ("--exec", "/metrics"),
+        ("--exec", "/herald.js"),
+    ] {
+        let err = Herald::refusal(&[flag, &format!("{path}=cat")]);
+        assert!(
+            err.contains(&format!("{flag} {path}: the path is the built-in route")),
+            "{flag} {path}: {err}"
+        );
+    }
+    // Off by a flag is still the node's: --demo false keeps /herald.js.
+    let err = Herald::refusal(&["--demo", "false", "--exec", "/herald.js=cat"]);
+    assert!(err.contains("built-in route"), "{err}");
+    // The same path twice has no one answer either.
+    let err = Herald::refusal(&["--exec", "/a=cat", "--exec-shell", "/a=cat"]);
+    assert!(
+        err.contains("--exec-shell /a: the path is given twice (also as --exec /a)"),
+        "{err}"
+    );
+}
+
+/// Beside `--exec` routes (one just off a built-in path), every built-in
+/// route answers as it did: the table sends each request to one of them.
+#[tokio::test]
+async fn built_in_routes_answer_beside_exec_routes() {
+    let h = Herald::start(&[
+        "--exec",
+        "/echo=cat",
+        "--exec",
+        "/v1/history/=echo exec",
+        "--history",
+        "log:*=10",
+        "--presence",
+        "room:*",
+        "--root-topic",
+        "raw:root",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let admin = h.metrics.expect("metrics address");
+    // The exec routes: a program per WebSocket, a plain GET told to upgrade.
+    let mut ws = open(&h, "/echo").await;
+    ws.send(Message::Text("hi".into())).await.unwrap();
+    assert_eq!(next(&mut ws).await, Ok("hi".to_owned()));
+    let mut near = open(&h, "/v1/history/").await;
+    assert_eq!(next(&mut near).await, Ok("exec".to_owned()));
+    assert_eq!(h.get("/echo").await.0, 426);
+
+    // WebSockets: /ws (subscribed in the URL) and the bare address.
+    let mut sub = h.connect("sub=log:a&sub=raw:root").await;
+    let mut root = Client::connect(&format!("ws://{}", h.addr)).await;
+    let _member = h.connect("sub=room:1").await;
+    h.publish("log:a", "1").await;
+    assert_eq!(sub.recv().await["data"], 1);
+    root.send("from the root").await;
+    assert_eq!(
+        sub.recv().await,
+        serde_json::json!({"topic":"raw:root","data":"from the root"})
+    );
+
+    let (status, body) = h.post("/v1/publish", "", r#"{"topic":"log:a","data":3}"#).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"published":1,"deliveries":1}"#)
+    );
+    let (status, body) = h.get("/v1/history?topic=log:a&since=0").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["messages"].as_array().map(Vec::len), Some(2), "{v}");
+    let (status, body) = h.get("/v1/presence?topic=room:1").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"members\""), "{body}");
+    let (status, body) = h.get("/v1/presence/stats?topic=room:1").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"clients\":1"), "{body}");
+
+    let (status, body) = h.get("/healthz").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, body) = h.get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("ready\n"), "{body}");
+    let (status, body) = h.get("/status").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("<html") || body.contains("<!doctype"), "a page");
+    let (status, body) = h.get("/status.json").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["history"].is_array());
+    let (status, body) = h.get("/").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("herald.js"), "the demo page");
+    let (status, body) = h.get("/herald.js").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("WebSocket"), "the browser client");
+
+    // Refusals as before: moved metrics, a wrong method, an unknown path.
+    assert_eq!(h.get("/metrics").await.0, 404);
+    assert_eq!(h.get("/v1/publish").await.0, 405);
+    assert_eq!(h.post("/healthz", "", "").await.0, 405);
+    assert_eq!(h.post("/v1/history", "", "").await.0, 404);
+    let (status, body) = h.get("/v1/history/x").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("/echo (WebSocket, --exec)"), "{body}");
+
+    // The metrics address: its three routes, nothing else.
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let (status, body) = http(admin, get("/metrics").as_bytes()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("herald_exec_processes"), "{body}");
+    assert_eq!(http(admin, get("/healthz").as_bytes()).await.0, 200);
+    assert_eq!(http(admin, get("/readyz").as_bytes()).await.0, 200);
+    for path in ["/echo", "/status", "/v1/history", "/"] {
+        let (status, body) = http(admin, get(path).as_bytes()).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(body.contains("on the metrics address"), "{body}");
+    }
+}
