@@ -11,7 +11,12 @@
 //! share the socket so that `echo:false` keeps the node's own messages
 //! from coming back to it. JetStream, the status page and presence
 //! snapshots keep the library's connection ([`crate::cluster::link`]).
+//!
+//! What goes over the wire, both ways, is [`herald_protocol::nats`]'s to
+//! read and write; this module does the I/O. The reader borrows each
+//! message from its buffer: a message costs no allocation.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -20,15 +25,16 @@ use std::time::Duration;
 
 use async_nats::rustls;
 use bytes::{Buf, Bytes, BytesMut};
+use herald_protocol::nats::{self, Decoded, ServerOp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::cluster::link::{self, Io, LinkAuth, LinkError, Server, ANSWER_TIMEOUT, MAX_LINE};
+use crate::cluster::link::{self, Io, LinkAuth, LinkError, Server, ANSWER_TIMEOUT, LIMITS};
 use crate::metrics::Metrics;
 use crate::sync::Lock;
 
-/// Headers of a message sent (presence notices): names and values
-/// without line breaks.
+/// Headers of a message sent (presence notices); line breaks in values
+/// are dropped when sent.
 pub type Headers = Vec<(&'static str, String)>;
 
 /// Where the reader hands what arrives.
@@ -47,9 +53,6 @@ const PING_INTERVAL: Duration = Duration::from_secs(30);
 const MAX_UNANSWERED: usize = 3;
 /// Bytes of publishes queued for the writer: past it, publishers wait.
 const WRITE_BYTES: usize = 8 << 20;
-/// The largest message the reader buffers (NATS's own max_payload
-/// ceiling is 64 MiB).
-const MAX_MESSAGE: usize = 64 << 20;
 
 /// A chunk for the writer; a publish holds its bytes' permits until written.
 type Chunk = (Bytes, Option<OwnedSemaphorePermit>);
@@ -152,6 +155,12 @@ impl NatsIo {
         let mut st = self.state();
         st.next_sid += 1;
         let sid = st.next_sid;
+        let mut line = BytesMut::new();
+        if let Err(e) = nats::sub(&mut line, subject, None, sid) {
+            // Subjects come from valid topics and prefixes: not expected.
+            tracing::error!(error = %e, "subscription not taken");
+            return sid;
+        }
         st.subs.insert(
             sid,
             Sub {
@@ -159,8 +168,7 @@ impl NatsIo {
                 subject: subject.into(),
             },
         );
-        let line = Bytes::from(format!("SUB {subject} {sid}\r\n"));
-        send_now(&st, line);
+        send_now(&st, line.freeze());
         sid
     }
 
@@ -168,7 +176,9 @@ impl NatsIo {
     pub fn unsubscribe(&self, sid: u64) {
         let mut st = self.state();
         if st.subs.remove(&sid).is_some() {
-            send_now(&st, Bytes::from(format!("UNSUB {sid}\r\n")));
+            let mut line = BytesMut::new();
+            nats::unsub(&mut line, sid, None);
+            send_now(&st, line.freeze());
         }
     }
 
@@ -182,7 +192,7 @@ impl NatsIo {
             let (tx, rx) = oneshot::channel();
             // Queued under the lock: PINGs and their pending entries stay
             // in the same order.
-            if out.send((Bytes::from_static(b"PING\r\n"), None)).is_err() {
+            if out.send((Bytes::from_static(nats::PING), None)).is_err() {
                 return false;
             }
             st.pending.push_back(Pending::Barrier(tx));
@@ -204,28 +214,20 @@ impl NatsIo {
             .await
             .map_err(|_| down())?;
         let out = self.state().out.clone().ok_or_else(down)?;
-        let mut head = BytesMut::with_capacity(subject.len() + 48);
+        // One chunk for line, headers, payload and end: nothing of another
+        // publisher can come between them.
+        let mut chunk = BytesMut::new();
         match headers {
-            None => head.extend_from_slice(format!("PUB {subject} {}\r\n", payload.len()).as_bytes()),
+            None => nats::publish(&mut chunk, subject, None, &payload),
             Some(h) => {
-                let mut block = String::from("NATS/1.0\r\n");
-                for (name, value) in h {
-                    block.push_str(name);
-                    block.push_str(": ");
-                    block.extend(value.chars().filter(|c| *c != '\r' && *c != '\n'));
-                    block.push_str("\r\n");
-                }
-                block.push_str("\r\n");
-                let total = block.len() + payload.len();
-                head.extend_from_slice(format!("HPUB {subject} {} {total}\r\n", block.len()).as_bytes());
-                head.extend_from_slice(block.as_bytes());
+                // Values come from clients (display names); a NATS header
+                // cannot hold a line break.
+                let h: Vec<(&str, Cow<'_, str>)> = h.iter().map(|(n, v)| (*n, one_line(v))).collect();
+                nats::hpub(&mut chunk, subject, None, &h, &payload)
             }
         }
-        // One chunk for head, payload and end: nothing of another
-        // publisher can come between them.
-        head.extend_from_slice(&payload);
-        head.extend_from_slice(b"\r\n");
-        out.send((head.freeze(), Some(permit))).map_err(|_| down())
+        .map_err(io::Error::other)?;
+        out.send((chunk.freeze(), Some(permit))).map_err(|_| down())
     }
 
     /// Connects, reads and reconnects for ever, handing messages to
@@ -270,7 +272,8 @@ impl NatsIo {
             let mut st = self.state();
             let mut subs = BytesMut::new();
             for (sid, s) in &st.subs {
-                subs.extend_from_slice(format!("SUB {} {sid}\r\n", s.subject).as_bytes());
+                // Checked when it was taken.
+                let _ = nats::sub(&mut subs, &s.subject, None, *sid);
             }
             if !subs.is_empty() {
                 let _ = out.send((subs.freeze(), None));
@@ -290,7 +293,7 @@ impl NatsIo {
                 r = rd.read_buf(&mut buf) => match r {
                     Ok(0) => break io::Error::other("closed by the server"),
                     Ok(_) => {
-                        if let Err(e) = self.parse(&mut buf, &out, dispatch) {
+                        if let Err(e) = self.read_ops(&mut buf, &out, dispatch) {
                             break e;
                         }
                         if buf.capacity() - buf.len() < 4096 {
@@ -305,7 +308,7 @@ impl NatsIo {
                     if unanswered >= MAX_UNANSWERED {
                         break io::Error::other("PINGs unanswered for 90 s");
                     }
-                    if out.send((Bytes::from_static(b"PING\r\n"), None)).is_ok() {
+                    if out.send((Bytes::from_static(nats::PING), None)).is_ok() {
                         st.pending.push_back(Pending::Keepalive);
                     }
                 }
@@ -315,82 +318,70 @@ impl NatsIo {
         why
     }
 
-    /// Handles every whole op in `buf`, leaving a partial one.
-    fn parse(
+    /// Handles every whole op in `buf`, leaving a partial one (with room
+    /// made for the rest of it).
+    fn read_ops(
         &self,
         buf: &mut BytesMut,
         out: &mpsc::UnboundedSender<Chunk>,
         dispatch: &dyn Dispatch,
     ) -> io::Result<()> {
         loop {
-            let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-                if buf.len() > MAX_LINE {
-                    return Err(io::Error::other("line too long from NATS"));
+            let len = match nats::decode(buf, &LIMITS) {
+                Ok(Decoded::Op { op, len }) => {
+                    self.handle(op, out, dispatch);
+                    len
                 }
-                return Ok(());
-            };
-            let line = std::str::from_utf8(&buf[..end]).map_err(io::Error::other)?;
-            let mut args = line.split_ascii_whitespace();
-            let op = args.next().unwrap_or("");
-            if op.eq_ignore_ascii_case("MSG") || op.eq_ignore_ascii_case("HMSG") {
-                let args: Vec<&str> = args.collect();
-                let headers = op.len() == 4;
-                let (n, hdr) = match (headers, args.len()) {
-                    (false, 3 | 4) => (args[args.len() - 1], None),
-                    (true, 4 | 5) => (args[args.len() - 1], Some(args[args.len() - 2])),
-                    _ => return Err(io::Error::other(format!("bad {op} from NATS: {line:?}"))),
-                };
-                let bad = |_| io::Error::other(format!("bad {op} from NATS: {line:?}"));
-                let total: usize = n.parse().map_err(bad)?;
-                let hlen: usize = hdr.map_or(Ok(0), |h| h.parse().map_err(bad))?;
-                let sid: u64 = args[1].parse().map_err(bad)?;
-                // The server bounds payloads by its max_payload; a size
-                // past any it could allow is a broken stream, not a buffer
-                // to grow for.
-                if hlen > total || total > MAX_MESSAGE {
-                    return Err(io::Error::other(format!("bad {op} from NATS: {line:?}")));
-                }
-                if buf.len() < end + 2 + total + 2 {
-                    buf.reserve(end + 2 + total + 2 - buf.len());
+                Ok(Decoded::Incomplete { need }) => {
+                    if let Some(need) = need {
+                        buf.reserve(need.saturating_sub(buf.len()));
+                    }
                     return Ok(());
                 }
-                let subject = args[0].to_owned();
-                buf.advance(end + 2);
-                let body = buf.split_to(total);
-                buf.advance(2);
+                Err(e) => return Err(io::Error::other(format!("bad input from NATS: {e}"))),
+            };
+            buf.advance(len);
+        }
+    }
+
+    /// Acts on one op from the server.
+    fn handle(&self, op: ServerOp<'_>, out: &mpsc::UnboundedSender<Chunk>, dispatch: &dyn Dispatch) {
+        match op {
+            ServerOp::Msg(m) => {
                 // The lock is not held while delivering.
-                let to = self.state().subs.get(&sid).map(|s| s.to.clone());
-                let (h, payload) = body.split_at(hlen);
+                let to = self.state().subs.get(&m.sid).map(|s| s.to.clone());
                 match to {
                     Some(Route::Key(key, wildcard)) => {
-                        dispatch.message(&key, wildcard, &subject, headers.then_some(h), payload)
+                        dispatch.message(&key, wildcard, m.subject, m.headers, m.payload)
                     }
-                    Some(Route::Handler(handle)) => handle(payload),
+                    Some(Route::Handler(handle)) => handle(m.payload),
                     None => {}
                 }
-                continue;
             }
-            match op {
-                "PING" => {
-                    let _ = out.send((Bytes::from_static(b"PONG\r\n"), None));
-                }
-                "PONG" => {
-                    if let Some(Pending::Barrier(tx)) = self.state().pending.pop_front() {
-                        let _ = tx.send(());
-                    }
-                }
-                "+OK" | "INFO" => {}
-                "-ERR" => {
-                    let e = line.to_owned();
-                    // Permission and parser errors end the connection
-                    // server-side; others (a slow consumer warning) are
-                    // logged.
-                    tracing::warn!(error = %e, "NATS said");
-                }
-                _ => return Err(io::Error::other(format!("unknown op from NATS: {line:?}"))),
+            ServerOp::Ping => {
+                let _ = out.send((Bytes::from_static(nats::PONG), None));
             }
-            buf.advance(end + 2);
+            ServerOp::Pong => {
+                if let Some(Pending::Barrier(tx)) = self.state().pending.pop_front() {
+                    let _ = tx.send(());
+                }
+            }
+            ServerOp::Ok | ServerOp::Info(_) => {}
+            ServerOp::Err(_) => {
+                // Permission and parser errors end the connection
+                // server-side; others (a slow consumer warning) are logged.
+                tracing::warn!(error = %op, "NATS said");
+            }
         }
+    }
+}
+
+/// `v` without line breaks.
+fn one_line(v: &str) -> Cow<'_, str> {
+    if v.contains(['\r', '\n']) {
+        v.replace(['\r', '\n'], "").into()
+    } else {
+        v.into()
     }
 }
 
@@ -420,5 +411,41 @@ async fn write_loop(mut wr: tokio::io::WriteHalf<Io>, mut rx: mpsc::UnboundedRec
             return;
         }
         drop(permits);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io() -> Arc<NatsIo> {
+        // Never connected: nothing here dials.
+        let urls = ["nats://127.0.0.1:4222".to_owned()];
+        NatsIo::new(&urls, &LinkAuth::default(), Arc::new(Metrics::default())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn publishes_are_whole_commands_with_line_breaks_kept_out_of_headers() {
+        let io = io();
+        let (out, mut sent) = mpsc::unbounded_channel();
+        io.state().out = Some(out);
+        io.publish("herald.a", None, Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        let headers: Headers = vec![
+            ("Herald-Event", "join".into()),
+            ("Herald-Name", "a\r\nB: c\n".into()),
+        ];
+        io.publish("herald.a", Some(&headers), Bytes::new())
+            .await
+            .unwrap();
+        let (plain, _) = sent.try_recv().unwrap();
+        assert_eq!(&plain[..], b"PUB herald.a 2\r\n{}\r\n");
+        let (notice, _) = sent.try_recv().unwrap();
+        assert_eq!(
+            std::str::from_utf8(&notice).unwrap(),
+            "HPUB herald.a 52 52\r\nNATS/1.0\r\nHerald-Event: join\r\nHerald-Name: aB: c\r\n\r\n\r\n"
+        );
+        assert!(io.publish("herald a", None, Bytes::new()).await.is_err());
     }
 }

@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
-use herald_protocol::{message, topic};
+use herald_protocol::{message, nats, topic};
 use tokio::sync::{watch, Notify};
 
 use crate::cluster::natsio::{Dispatch, NatsIo};
@@ -162,7 +162,7 @@ impl Dispatch for Receiver {
             tracing::debug!(subject, "dropped: subject is not a topic");
             return;
         };
-        let header = |name: &str| headers.and_then(|h| header(h, name)).map(str::to_owned);
+        let header = |name: &str| headers.and_then(|h| nats::header(h, name)).map(str::to_owned);
         if let (Some(event), Some(client)) = (header(HEADER_EVENT), header(HEADER_CLIENT)) {
             let (name, user) = (header(HEADER_NAME), header(HEADER_USER));
             // Client ids end in their node's tag: `c7-3f9a2c`.
@@ -219,13 +219,4 @@ pub fn usable<'a>(
     m.nats_dropped.fetch_add(1, Relaxed);
     tracing::debug!(subject, "dropped: payload is not UTF-8");
     None
-}
-
-/// The value of header `name` in a raw header block.
-pub fn header<'a>(block: &'a [u8], name: &str) -> Option<&'a str> {
-    let text = std::str::from_utf8(block).ok()?;
-    text.split("\r\n").skip(1).find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
 }
