@@ -14,12 +14,15 @@
 //!
 //! What goes over the wire, both ways, is [`herald_protocol::nats`]'s to
 //! read and write; this module does the I/O. The reader borrows each
-//! message from its buffer: a message costs no allocation.
+//! message from its buffer and finds the subscription's route in a table of
+//! its own, kept up to date from the changes subscribing and unsubscribing
+//! record: a message costs no allocation and no lock.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -58,7 +61,6 @@ const WRITE_BYTES: usize = 8 << 20;
 type Chunk = (Bytes, Option<OwnedSemaphorePermit>);
 
 /// Where a subscription's messages go.
-#[derive(Clone)]
 enum Route {
     /// To the [`Dispatch`], for a topic or pattern key.
     Key(Arc<str>, bool),
@@ -70,10 +72,9 @@ enum Route {
 /// Handles a message's payload, on the reader task.
 pub type Handler = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
-struct Sub {
-    to: Route,
-    subject: Box<str>,
-}
+/// The reader's own table of routes, by sid: brought up to date from
+/// [`State::changed`] when [`NatsIo::routes_changed`] says there is news.
+type Routes = HashMap<u64, Route>;
 
 /// What a PONG answers.
 enum Pending {
@@ -83,7 +84,12 @@ enum Pending {
 
 #[derive(Default)]
 struct State {
-    subs: HashMap<u64, Sub>,
+    /// Every subscription's subject, by sid: sent again on each reconnect.
+    subs: HashMap<u64, Box<str>>,
+    /// Routes taken (`Some`) or ended (`None`) since the reader last
+    /// looked. Sids are never reused, so a route ended before the reader
+    /// saw it is simply removed from here.
+    changed: HashMap<u64, Option<Route>>,
     next_sid: u64,
     pending: VecDeque<Pending>,
     /// The current connection's writer; `None` while down.
@@ -94,6 +100,8 @@ struct State {
 /// task (SUB, UNSUB, barriers) and its own task (connect, read, reconnect).
 pub struct NatsIo {
     state: Mutex<State>,
+    /// Set (under the state lock) when [`State::changed`] has news.
+    routes_changed: AtomicBool,
     connected: AtomicBool,
     /// Bounds the bytes of publishes waiting for the writer.
     budget: Arc<Semaphore>,
@@ -121,6 +129,7 @@ impl NatsIo {
         };
         Ok(Arc::new(NatsIo {
             state: Mutex::default(),
+            routes_changed: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             budget: Arc::new(Semaphore::new(WRITE_BYTES)),
             servers,
@@ -161,13 +170,9 @@ impl NatsIo {
             tracing::error!(error = %e, "subscription not taken");
             return sid;
         }
-        st.subs.insert(
-            sid,
-            Sub {
-                to,
-                subject: subject.into(),
-            },
-        );
+        st.subs.insert(sid, subject.into());
+        st.changed.insert(sid, Some(to));
+        self.routes_changed.store(true, Release);
         send_now(&st, line.freeze());
         sid
     }
@@ -176,9 +181,33 @@ impl NatsIo {
     pub fn unsubscribe(&self, sid: u64) {
         let mut st = self.state();
         if st.subs.remove(&sid).is_some() {
+            if st.changed.remove(&sid).is_none() {
+                // The reader holds the route: tell it to drop it.
+                st.changed.insert(sid, None);
+            }
+            self.routes_changed.store(true, Release);
             let mut line = BytesMut::new();
             nats::unsub(&mut line, sid, None);
             send_now(&st, line.freeze());
+        }
+    }
+
+    /// Applies the route changes recorded since the last call to the
+    /// reader's table; with none (the usual case), one atomic load.
+    fn take_routes(&self, routes: &mut Routes) {
+        if !self.routes_changed.load(Acquire) {
+            return;
+        }
+        let changed = {
+            let mut st = self.state();
+            self.routes_changed.store(false, Relaxed);
+            std::mem::take(&mut st.changed)
+        };
+        for (sid, to) in changed {
+            match to {
+                Some(to) => routes.insert(sid, to),
+                None => routes.remove(&sid),
+            };
         }
     }
 
@@ -233,6 +262,7 @@ impl NatsIo {
     /// Connects, reads and reconnects for ever, handing messages to
     /// `dispatch`.
     pub async fn run(self: Arc<Self>, dispatch: Arc<dyn Dispatch>) {
+        let mut routes = Routes::new();
         let mut attempt = 0usize;
         loop {
             let server = &self.servers[attempt % self.servers.len()];
@@ -240,7 +270,7 @@ impl NatsIo {
             match link::dial(server, self.tls.as_ref()).await {
                 Ok(io) => {
                     attempt = 0;
-                    let why = self.serve(io, dispatch.as_ref()).await;
+                    let why = self.serve(io, dispatch.as_ref(), &mut routes).await;
                     self.down();
                     tracing::warn!(error = %why, "NATS link lost; serving local subscribers, reconnecting");
                 }
@@ -264,16 +294,16 @@ impl NatsIo {
 
     /// Runs one connection: the writer, the SUBs again, then reads until
     /// it fails. Returns why it ended.
-    async fn serve(&self, io: Io, dispatch: &dyn Dispatch) -> io::Error {
+    async fn serve(&self, io: Io, dispatch: &dyn Dispatch, routes: &mut Routes) -> io::Error {
         let (mut rd, wr) = tokio::io::split(io);
         let (out, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_loop(wr, rx));
         {
             let mut st = self.state();
             let mut subs = BytesMut::new();
-            for (sid, s) in &st.subs {
+            for (sid, subject) in &st.subs {
                 // Checked when it was taken.
-                let _ = nats::sub(&mut subs, &s.subject, None, *sid);
+                let _ = nats::sub(&mut subs, subject, None, *sid);
             }
             if !subs.is_empty() {
                 let _ = out.send((subs.freeze(), None));
@@ -293,7 +323,7 @@ impl NatsIo {
                 r = rd.read_buf(&mut buf) => match r {
                     Ok(0) => break io::Error::other("closed by the server"),
                     Ok(_) => {
-                        if let Err(e) = self.read_ops(&mut buf, &out, dispatch) {
+                        if let Err(e) = self.read_ops(&mut buf, &out, dispatch, routes) {
                             break e;
                         }
                         if buf.capacity() - buf.len() < 4096 {
@@ -325,11 +355,12 @@ impl NatsIo {
         buf: &mut BytesMut,
         out: &mpsc::UnboundedSender<Chunk>,
         dispatch: &dyn Dispatch,
+        routes: &mut Routes,
     ) -> io::Result<()> {
         loop {
             let len = match nats::decode(buf, &LIMITS) {
                 Ok(Decoded::Op { op, len }) => {
-                    self.handle(op, out, dispatch);
+                    self.handle(op, out, dispatch, routes);
                     len
                 }
                 Ok(Decoded::Incomplete { need }) => {
@@ -345,14 +376,19 @@ impl NatsIo {
     }
 
     /// Acts on one op from the server.
-    fn handle(&self, op: ServerOp<'_>, out: &mpsc::UnboundedSender<Chunk>, dispatch: &dyn Dispatch) {
+    fn handle(
+        &self,
+        op: ServerOp<'_>,
+        out: &mpsc::UnboundedSender<Chunk>,
+        dispatch: &dyn Dispatch,
+        routes: &mut Routes,
+    ) {
         match op {
             ServerOp::Msg(m) => {
-                // The lock is not held while delivering.
-                let to = self.state().subs.get(&m.sid).map(|s| s.to.clone());
-                match to {
+                self.take_routes(routes);
+                match routes.get(&m.sid) {
                     Some(Route::Key(key, wildcard)) => {
-                        dispatch.message(&key, wildcard, m.subject, m.headers, m.payload)
+                        dispatch.message(key, *wildcard, m.subject, m.headers, m.payload)
                     }
                     Some(Route::Handler(handle)) => handle(m.payload),
                     None => {}
@@ -418,10 +454,109 @@ async fn write_loop(mut wr: tokio::io::WriteHalf<Io>, mut rx: mpsc::UnboundedRec
 mod tests {
     use super::*;
 
+    /// What reached the dispatch: key, wildcard, subject, headers, payload.
+    type Seen = Vec<(String, bool, String, Option<Vec<u8>>, Vec<u8>)>;
+
+    #[derive(Default)]
+    struct Record(Mutex<Seen>);
+
+    impl Dispatch for Record {
+        fn message(&self, key: &str, wildcard: bool, subject: &str, headers: Option<&[u8]>, payload: &[u8]) {
+            self.0.locked().push((
+                key.into(),
+                wildcard,
+                subject.into(),
+                headers.map(<[u8]>::to_vec),
+                payload.to_vec(),
+            ));
+        }
+    }
+
     fn io() -> Arc<NatsIo> {
         // Never connected: nothing here dials.
         let urls = ["nats://127.0.0.1:4222".to_owned()];
         NatsIo::new(&urls, &LinkAuth::default(), Arc::new(Metrics::default())).unwrap()
+    }
+
+    #[test]
+    fn the_reader_routes_by_sid_and_drops_what_was_unsubscribed() {
+        let io = io();
+        let record = Record::default();
+        let handled = Arc::new(Mutex::new(Vec::new()));
+        let a = io.subscribe("herald.a", "a", false);
+        let any = io.subscribe("herald.*", "*", true);
+        let h = handled.clone();
+        let own = io.subscribe_with(
+            "_herald.presence.herald",
+            Arc::new(move |p| h.locked().push(p.to_vec())),
+        );
+        let (out, mut sent) = mpsc::unbounded_channel();
+        let mut routes = Routes::new();
+        let mut buf = BytesMut::from(
+            format!(
+                "MSG herald.a {a} 2\r\nhi\r\n\
+                 HMSG herald.b {any} _INBOX.1 12 13\r\nNATS/1.0\r\n\r\n!\r\n\
+                 MSG _herald.presence.herald {own} 1\r\nx\r\n\
+                 MSG herald.a 99 1\r\ny\r\n\
+                 PING\r\n\
+                 MSG herald.a {a} 1000\r\npart"
+            )
+            .as_bytes(),
+        );
+        io.read_ops(&mut buf, &out, &record, &mut routes).unwrap();
+        assert_eq!(
+            *record.0.locked(),
+            vec![
+                ("a".into(), false, "herald.a".into(), None, b"hi".to_vec()),
+                (
+                    "*".into(),
+                    true,
+                    "herald.b".into(),
+                    Some(b"NATS/1.0\r\n\r\n".to_vec()),
+                    b"!".to_vec()
+                ),
+            ]
+        );
+        assert_eq!(*handled.locked(), vec![b"x".to_vec()]);
+        let (pong, _) = sent.try_recv().unwrap();
+        assert_eq!(&pong[..], nats::PONG);
+        // The partial message stays, with room made for all of it.
+        assert!(buf.starts_with(b"MSG herald.a"));
+        assert!(buf.capacity() >= format!("MSG herald.a {a} 1000\r\n").len() + 1002);
+
+        // Unsubscribed before the rest arrives: dropped.
+        io.unsubscribe(a);
+        buf.extend_from_slice(&[b'.'; 996]);
+        buf.extend_from_slice(format!("\r\nMSG herald.c {any} 1\r\nc\r\n").as_bytes());
+        io.read_ops(&mut buf, &out, &record, &mut routes).unwrap();
+        assert!(buf.is_empty());
+        let seen = record.0.locked();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[2].2, "herald.c");
+        drop(seen);
+        assert!(!routes.contains_key(&a));
+
+        buf.extend_from_slice(b"MSG herald.a 1 2\r\nhiXY");
+        assert!(io.read_ops(&mut buf, &out, &record, &mut routes).is_err());
+    }
+
+    #[test]
+    fn a_route_ended_before_the_reader_saw_it_leaves_nothing_behind() {
+        let io = io();
+        let sid = io.subscribe("herald.a", "a", false);
+        io.unsubscribe(sid);
+        assert!(io.state().changed.is_empty());
+        assert!(io.state().subs.is_empty());
+        let mut routes = Routes::new();
+        io.take_routes(&mut routes);
+        assert!(routes.is_empty());
+        // Seen, then ended: the reader is told.
+        let sid = io.subscribe("herald.a", "a", false);
+        io.take_routes(&mut routes);
+        assert!(routes.contains_key(&sid) && io.state().changed.is_empty());
+        io.unsubscribe(sid);
+        io.take_routes(&mut routes);
+        assert!(routes.is_empty());
     }
 
     #[tokio::test]
