@@ -151,7 +151,8 @@ pub fn tls_config(ca: &str) -> Result<rustls::ClientConfig, String> {
 /// Connects to `s` for the link's topic traffic: TCP (and TLS with
 /// `tls`, which a `tls://` URL or the server's INFO requires), INFO,
 /// CONNECT (`echo:false`, headers, credentials), and a PING answered.
-pub async fn dial(s: &Server, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Result<Io> {
+/// Returns the connection and what arrived after the answer.
+pub async fn dial(s: &Server, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Result<(Io, BytesMut)> {
     let tcp = tokio::time::timeout(
         ANSWER_TIMEOUT,
         tokio::net::TcpStream::connect((s.host.as_str(), s.port)),
@@ -213,7 +214,7 @@ pub async fn dial(s: &Server, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Re
             break;
         }
     }
-    Ok(io)
+    Ok((io, buf))
 }
 
 /// Reads until `buf` starts with a whole operation, and consumes it with

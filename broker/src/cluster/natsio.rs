@@ -268,9 +268,9 @@ impl NatsIo {
             let server = &self.servers[attempt % self.servers.len()];
             let delay = Duration::from_millis((100 * attempt as u64).min(1000));
             match link::dial(server, self.tls.as_ref()).await {
-                Ok(io) => {
+                Ok((io, early)) => {
                     attempt = 0;
-                    let why = self.serve(io, dispatch.as_ref(), &mut routes).await;
+                    let why = self.serve(io, early, dispatch.as_ref(), &mut routes).await;
                     self.down();
                     tracing::warn!(error = %why, "NATS link lost; serving local subscribers, reconnecting");
                 }
@@ -292,9 +292,16 @@ impl NatsIo {
         self.metrics.nats_connected.store(0, Relaxed);
     }
 
-    /// Runs one connection: the writer, the SUBs again, then reads until
-    /// it fails. Returns why it ended.
-    async fn serve(&self, io: Io, dispatch: &dyn Dispatch, routes: &mut Routes) -> io::Error {
+    /// Runs one connection: the writer, the SUBs again, then reads (from
+    /// what arrived with the server's answer to the handshake, `early`, on)
+    /// until it fails. Returns why it ended.
+    async fn serve(
+        &self,
+        io: Io,
+        early: BytesMut,
+        dispatch: &dyn Dispatch,
+        routes: &mut Routes,
+    ) -> io::Error {
         let (mut rd, wr) = tokio::io::split(io);
         let (out, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_loop(wr, rx));
@@ -315,9 +322,14 @@ impl NatsIo {
         self.metrics.nats_connected.store(1, Relaxed);
         self.metrics.nats_connects.fetch_add(1, Relaxed);
         tracing::info!("NATS link connected");
-        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut buf = early;
+        buf.reserve(64 * 1024);
         let mut ping = tokio::time::interval(PING_INTERVAL);
         ping.tick().await;
+        if let Err(e) = self.read_ops(&mut buf, &out, dispatch, routes) {
+            writer.abort();
+            return e;
+        }
         let why = loop {
             tokio::select! {
                 r = rd.read_buf(&mut buf) => match r {
