@@ -6,11 +6,13 @@
 //! channel and a task of its own (about 8 KB before any message arrives: a
 //! node holding 20,000 `user:N` topics spent 160 MB on them), and hands
 //! the messages of different subscriptions over in no common order. Here a
-//! subscription is a map entry, and a PING after SUBs is answered once the
-//! server has applied them: the barrier a `sub`'s ack waits for. Publishes
-//! share the socket so that `echo:false` keeps the node's own messages
-//! from coming back to it. JetStream, the status page and presence
-//! snapshots keep the library's connection ([`crate::cluster::link`]).
+//! subscription is two map entries (its subject, sent again on reconnect,
+//! and its route, in the reader's table), and a PING after SUBs is answered
+//! once the server has applied them: the barrier a `sub`'s ack waits for.
+//! Publishes share the socket so that `echo:false` keeps the node's own
+//! messages from coming back to it. JetStream, the status page and
+//! presence snapshots keep the library's connection
+//! ([`crate::cluster::link`]).
 //!
 //! What goes over the wire, both ways, is [`herald_protocol::nats`]'s to
 //! read and write; this module does the I/O. The reader borrows each
