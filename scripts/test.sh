@@ -68,6 +68,6 @@ cargo bench --workspace --profile ci --no-run
 
 log "fuzz the protocol parsers (60 s per target)"
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
-for target in frames requests; do
+for target in frames requests nats; do
     (cd protocol && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- -max_total_time=60 -print_final_stats=1 2>&1 | tail -3)
 done

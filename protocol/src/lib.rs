@@ -1,4 +1,5 @@
-//! Herald's client protocol, sans-I/O: bytes in, typed values out, and back.
+//! Herald's client protocol, and the NATS protocol its cluster link speaks,
+//! sans-I/O: bytes in, typed values out, and back.
 //!
 //! # Layout
 //!
@@ -8,6 +9,9 @@
 //!   from a caller-owned buffer, and encoders for unmasked server frames.
 //! - [`message`]: protocol v1 JSON: client requests (`sub`, `unsub`, `pub`)
 //!   and server frames (deliveries, acks, errors, presence notices).
+//! - [`nats`]: the NATS client protocol: a decoder for what a server sends
+//!   (`MSG`, `HMSG`, `PING`, ...) that borrows from a caller-owned buffer,
+//!   and encoders for what a client sends (`SUB`, `PUB`, `HPUB`, ...).
 //! - [`position`]: a place in a topic's history (`seq`, `epoch`), the
 //!   deliveries that carry it and the answer to a recovery.
 //! - [`disconnect`]: every way a node ends a session: close code, reason,
@@ -20,6 +24,7 @@
 
 pub mod disconnect;
 pub mod message;
+pub mod nats;
 pub mod position;
 pub mod topic;
 pub mod url;

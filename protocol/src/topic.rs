@@ -214,13 +214,24 @@ pub fn to_subject(prefix: &str, topic: &str) -> String {
 /// The topic for a NATS subject under `prefix`, or `None` when the subject is
 /// outside the prefix or is not a valid topic.
 pub fn from_subject(prefix: &str, subject: &str) -> Option<String> {
+    from_subject_in(prefix, subject, &mut [0; MAX_TOPIC_LEN]).map(str::to_owned)
+}
+
+/// [`from_subject`] without allocating: the topic is written into `buf`
+/// (no topic is longer), for a reader that converts every message's subject.
+pub fn from_subject_in<'b>(prefix: &str, subject: &str, buf: &'b mut [u8; MAX_TOPIC_LEN]) -> Option<&'b str> {
     let rest = if prefix.is_empty() {
         subject
     } else {
         subject.strip_prefix(prefix)?.strip_prefix('.')?
     };
-    let topic: String = rest.chars().map(|c| if c == '.' { ':' } else { c }).collect();
-    Topic::parse(&topic).ok()?;
+    let out = buf.get_mut(..rest.len())?;
+    for (o, b) in out.iter_mut().zip(rest.bytes()) {
+        *o = if b == b'.' { b':' } else { b };
+    }
+    // `.` and `:` are ASCII: the text stays UTF-8.
+    let topic = std::str::from_utf8(out).ok()?;
+    Topic::parse(topic).ok()?;
     Some(topic)
 }
 
@@ -335,5 +346,16 @@ mod tests {
         );
         assert_eq!(from_subject("herald", "other.todo"), None);
         assert_eq!(from_subject("herald", "herald.a..b"), None);
+        let mut buf = [0; MAX_TOPIC_LEN];
+        assert_eq!(
+            from_subject_in("herald", "herald.todo.count", &mut buf),
+            Some("todo:count")
+        );
+        assert_eq!(from_subject_in("", "a.b", &mut buf), Some("a:b"));
+        let longest = format!("herald.{}", "x".repeat(MAX_TOPIC_LEN));
+        assert_eq!(from_subject_in("herald", &longest, &mut buf), Some(&longest[7..]));
+        let over = format!("herald.{}", "x".repeat(MAX_TOPIC_LEN + 1));
+        assert_eq!(from_subject_in("herald", &over, &mut buf), None);
+        assert_eq!(from_subject("herald", &over), None);
     }
 }

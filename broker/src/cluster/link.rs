@@ -8,13 +8,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::rustls;
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
+use herald_protocol::nats::{self, Decoded, Limits, ServerOp};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// How long the server may take to greet, or to answer.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest line the server may send.
 pub const MAX_LINE: usize = 64 * 1024;
+/// What the link reads from the server: lines up to [`MAX_LINE`],
+/// messages up to NATS's own max_payload ceiling (64 MiB); a size past any
+/// a server could allow is a broken stream, not a buffer to grow for.
+pub const LIMITS: Limits = Limits {
+    max_line: MAX_LINE,
+    max_payload: nats::MAX_PAYLOAD,
+};
 
 /// The link's byte stream, plain or TLS.
 pub type Io = Pin<Box<dyn AsyncReadWrite>>;
@@ -154,7 +162,8 @@ pub fn tls_config(ca: &str) -> Result<rustls::ClientConfig, String> {
 /// Connects to `s` for the link's topic traffic: TCP (and TLS with
 /// `tls`, which a `tls://` URL or the server's INFO requires), INFO,
 /// CONNECT (`echo:false`, headers, credentials), and a PING answered.
-pub async fn dial(s: &Server, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Result<Io> {
+/// Returns the connection and what arrived after the answer.
+pub async fn dial(s: &Server, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Result<(Io, BytesMut)> {
     let tcp = tokio::time::timeout(
         ANSWER_TIMEOUT,
         tokio::net::TcpStream::connect((s.host.as_str(), s.port)),
@@ -164,13 +173,16 @@ pub async fn dial(s: &Server, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Re
     tcp.set_nodelay(true)?;
     let mut tcp = tcp;
     let mut buf = BytesMut::with_capacity(4096);
-    let info = tokio::time::timeout(ANSWER_TIMEOUT, read_line(&mut tcp, &mut buf))
+    let info = next_op(&mut tcp, &mut buf, |op| match op {
+        ServerOp::Info(json) => serde_json::from_str::<serde_json::Value>(json).map_err(io::Error::other),
+        op => {
+            let line = op.to_string();
+            Err(io::Error::other(format!("expected INFO, got {line:?}")))
+        }
+    });
+    let info = tokio::time::timeout(ANSWER_TIMEOUT, info)
         .await
-        .map_err(|_| io::Error::other("no INFO"))??;
-    let info = info
-        .strip_prefix("INFO ")
-        .ok_or_else(|| io::Error::other(format!("expected INFO, got {info:?}")))?;
-    let info: serde_json::Value = serde_json::from_str(info).map_err(io::Error::other)?;
+        .map_err(|_| io::Error::other("no INFO"))???;
     let server_tls = info["tls_required"].as_bool().unwrap_or(false);
     let mut io: Io = if s.tls || server_tls || tls.is_some() {
         let config = match tls {
@@ -196,30 +208,42 @@ pub async fn dial(s: &Server, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Re
         connect["user"] = u.as_str().into();
         connect["pass"] = p.as_str().into();
     }
-    io.write_all(format!("CONNECT {connect}\r\nPING\r\n").as_bytes())
-        .await?;
+    let mut hello = BytesMut::new();
+    nats::connect(&mut hello, &connect.to_string()).map_err(io::Error::other)?;
+    nats::ping(&mut hello);
+    io.write_all(&hello).await?;
     loop {
-        let line = tokio::time::timeout(ANSWER_TIMEOUT, read_line(&mut io, &mut buf))
+        let answer = next_op(&mut io, &mut buf, |op| match op {
+            ServerOp::Pong => Ok(true),
+            ServerOp::Ok | ServerOp::Info(_) => Ok(false),
+            op => Err(io::Error::other(format!("NATS refused the connection: {op}"))),
+        });
+        let pong = tokio::time::timeout(ANSWER_TIMEOUT, answer)
             .await
-            .map_err(|_| io::Error::other("no answer to CONNECT"))??;
-        match line.as_str() {
-            "PONG" => break,
-            "+OK" => {}
-            l if l.starts_with("INFO ") => {}
-            l => return Err(io::Error::other(format!("NATS refused the connection: {l}"))),
+            .map_err(|_| io::Error::other("no answer to CONNECT"))???;
+        if pong {
+            break;
         }
     }
-    Ok(io)
+    Ok((io, buf))
 }
 
-async fn read_line<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> io::Result<String> {
+/// Reads until `buf` starts with a whole operation, and consumes it with
+/// `take`.
+async fn next_op<R: AsyncRead + Unpin, T>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    take: impl FnOnce(ServerOp<'_>) -> T,
+) -> io::Result<T> {
     loop {
-        if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
-            let line = buf.split_to(end + 2);
-            return Ok(String::from_utf8_lossy(&line[..end]).into_owned());
-        }
-        if buf.len() > MAX_LINE {
-            return Err(io::Error::other("line too long from NATS"));
+        match nats::decode(buf, &LIMITS) {
+            Ok(Decoded::Op { op, len }) => {
+                let taken = take(op);
+                buf.advance(len);
+                return Ok(taken);
+            }
+            Ok(Decoded::Incomplete { .. }) => {}
+            Err(e) => return Err(io::Error::other(format!("bad input from NATS: {e}"))),
         }
         if io.read_buf(buf).await? == 0 {
             return Err(io::Error::other("closed by the server"));

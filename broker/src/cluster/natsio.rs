@@ -6,29 +6,40 @@
 //! channel and a task of its own (about 8 KB before any message arrives: a
 //! node holding 20,000 `user:N` topics spent 160 MB on them), and hands
 //! the messages of different subscriptions over in no common order. Here a
-//! subscription is a map entry, and a PING after SUBs is answered once the
-//! server has applied them: the barrier a `sub`'s ack waits for. Publishes
-//! share the socket so that `echo:false` keeps the node's own messages
-//! from coming back to it. JetStream, the status page and presence
-//! snapshots keep the library's connection ([`crate::cluster::link`]).
+//! subscription is two map entries (its subject, sent again on reconnect,
+//! and its route, in the reader's table), and a PING after SUBs is answered
+//! once the server has applied them: the barrier a `sub`'s ack waits for.
+//! Publishes share the socket so that `echo:false` keeps the node's own
+//! messages from coming back to it. JetStream, the status page and
+//! presence snapshots keep the library's connection
+//! ([`crate::cluster::link`]).
+//!
+//! What goes over the wire, both ways, is [`herald_protocol::nats`]'s to
+//! read and write; this module does the I/O. The reader borrows each
+//! message from its buffer and finds the subscription's route in a table of
+//! its own, kept up to date from the changes subscribing and unsubscribing
+//! record: a message costs no allocation and no lock.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::rustls;
 use bytes::{Buf, Bytes, BytesMut};
+use herald_protocol::nats::{self, Decoded, ServerOp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::cluster::link::{self, Io, LinkAuth, LinkError, Server, ANSWER_TIMEOUT, MAX_LINE};
+use crate::cluster::link::{self, Io, LinkAuth, LinkError, Server, ANSWER_TIMEOUT, LIMITS};
 use crate::metrics::Metrics;
 use crate::sync::Lock;
 
-/// Headers of a message sent (presence notices): names and values
-/// without line breaks.
+/// Headers of a message sent (presence notices); line breaks in values
+/// are dropped when sent.
 pub type Headers = Vec<(&'static str, String)>;
 
 /// Where the reader hands what arrives.
@@ -47,15 +58,11 @@ const PING_INTERVAL: Duration = Duration::from_secs(30);
 const MAX_UNANSWERED: usize = 3;
 /// Bytes of publishes queued for the writer: past it, publishers wait.
 const WRITE_BYTES: usize = 8 << 20;
-/// The largest message the reader buffers (NATS's own max_payload
-/// ceiling is 64 MiB).
-const MAX_MESSAGE: usize = 64 << 20;
 
 /// A chunk for the writer; a publish holds its bytes' permits until written.
 type Chunk = (Bytes, Option<OwnedSemaphorePermit>);
 
 /// Where a subscription's messages go.
-#[derive(Clone)]
 enum Route {
     /// To the [`Dispatch`], for a topic or pattern key.
     Key(Arc<str>, bool),
@@ -67,10 +74,9 @@ enum Route {
 /// Handles a message's payload, on the reader task.
 pub type Handler = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
-struct Sub {
-    to: Route,
-    subject: Box<str>,
-}
+/// The reader's own table of routes, by sid: brought up to date from
+/// [`State::changed`] when [`NatsIo::routes_changed`] says there is news.
+type Routes = HashMap<u64, Route>;
 
 /// What a PONG answers.
 enum Pending {
@@ -80,7 +86,12 @@ enum Pending {
 
 #[derive(Default)]
 struct State {
-    subs: HashMap<u64, Sub>,
+    /// Every subscription's subject, by sid: sent again on each reconnect.
+    subs: HashMap<u64, Box<str>>,
+    /// Routes taken (`Some`) or ended (`None`) since the reader last
+    /// looked. Sids are never reused, so a route ended before the reader
+    /// saw it is simply removed from here.
+    changed: HashMap<u64, Option<Route>>,
     next_sid: u64,
     pending: VecDeque<Pending>,
     /// The current connection's writer; `None` while down.
@@ -91,6 +102,8 @@ struct State {
 /// task (SUB, UNSUB, barriers) and its own task (connect, read, reconnect).
 pub struct NatsIo {
     state: Mutex<State>,
+    /// Set (under the state lock) when [`State::changed`] has news.
+    routes_changed: AtomicBool,
     connected: AtomicBool,
     /// Bounds the bytes of publishes waiting for the writer.
     budget: Arc<Semaphore>,
@@ -118,6 +131,7 @@ impl NatsIo {
         };
         Ok(Arc::new(NatsIo {
             state: Mutex::default(),
+            routes_changed: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             budget: Arc::new(Semaphore::new(WRITE_BYTES)),
             servers,
@@ -152,15 +166,16 @@ impl NatsIo {
         let mut st = self.state();
         st.next_sid += 1;
         let sid = st.next_sid;
-        st.subs.insert(
-            sid,
-            Sub {
-                to,
-                subject: subject.into(),
-            },
-        );
-        let line = Bytes::from(format!("SUB {subject} {sid}\r\n"));
-        send_now(&st, line);
+        let mut line = BytesMut::new();
+        if let Err(e) = nats::sub(&mut line, subject, None, sid) {
+            // Subjects come from valid topics and prefixes: not expected.
+            tracing::error!(error = %e, "subscription not taken");
+            return sid;
+        }
+        st.subs.insert(sid, subject.into());
+        st.changed.insert(sid, Some(to));
+        self.routes_changed.store(true, Release);
+        send_now(&st, line.freeze());
         sid
     }
 
@@ -168,7 +183,33 @@ impl NatsIo {
     pub fn unsubscribe(&self, sid: u64) {
         let mut st = self.state();
         if st.subs.remove(&sid).is_some() {
-            send_now(&st, Bytes::from(format!("UNSUB {sid}\r\n")));
+            if st.changed.remove(&sid).is_none() {
+                // The reader holds the route: tell it to drop it.
+                st.changed.insert(sid, None);
+            }
+            self.routes_changed.store(true, Release);
+            let mut line = BytesMut::new();
+            nats::unsub(&mut line, sid, None);
+            send_now(&st, line.freeze());
+        }
+    }
+
+    /// Applies the route changes recorded since the last call to the
+    /// reader's table; with none (the usual case), one atomic load.
+    fn take_routes(&self, routes: &mut Routes) {
+        if !self.routes_changed.load(Acquire) {
+            return;
+        }
+        let changed = {
+            let mut st = self.state();
+            self.routes_changed.store(false, Relaxed);
+            std::mem::take(&mut st.changed)
+        };
+        for (sid, to) in changed {
+            match to {
+                Some(to) => routes.insert(sid, to),
+                None => routes.remove(&sid),
+            };
         }
     }
 
@@ -182,7 +223,7 @@ impl NatsIo {
             let (tx, rx) = oneshot::channel();
             // Queued under the lock: PINGs and their pending entries stay
             // in the same order.
-            if out.send((Bytes::from_static(b"PING\r\n"), None)).is_err() {
+            if out.send((Bytes::from_static(nats::PING), None)).is_err() {
                 return false;
             }
             st.pending.push_back(Pending::Barrier(tx));
@@ -204,41 +245,34 @@ impl NatsIo {
             .await
             .map_err(|_| down())?;
         let out = self.state().out.clone().ok_or_else(down)?;
-        let mut head = BytesMut::with_capacity(subject.len() + 48);
+        // One chunk for line, headers, payload and end: nothing of another
+        // publisher can come between them.
+        let mut chunk = BytesMut::new();
         match headers {
-            None => head.extend_from_slice(format!("PUB {subject} {}\r\n", payload.len()).as_bytes()),
+            None => nats::publish(&mut chunk, subject, None, &payload),
             Some(h) => {
-                let mut block = String::from("NATS/1.0\r\n");
-                for (name, value) in h {
-                    block.push_str(name);
-                    block.push_str(": ");
-                    block.extend(value.chars().filter(|c| *c != '\r' && *c != '\n'));
-                    block.push_str("\r\n");
-                }
-                block.push_str("\r\n");
-                let total = block.len() + payload.len();
-                head.extend_from_slice(format!("HPUB {subject} {} {total}\r\n", block.len()).as_bytes());
-                head.extend_from_slice(block.as_bytes());
+                // Values come from clients (display names); a NATS header
+                // cannot hold a line break.
+                let h: Vec<(&str, Cow<'_, str>)> = h.iter().map(|(n, v)| (*n, one_line(v))).collect();
+                nats::hpub(&mut chunk, subject, None, &h, &payload)
             }
         }
-        // One chunk for head, payload and end: nothing of another
-        // publisher can come between them.
-        head.extend_from_slice(&payload);
-        head.extend_from_slice(b"\r\n");
-        out.send((head.freeze(), Some(permit))).map_err(|_| down())
+        .map_err(io::Error::other)?;
+        out.send((chunk.freeze(), Some(permit))).map_err(|_| down())
     }
 
     /// Connects, reads and reconnects for ever, handing messages to
     /// `dispatch`.
     pub async fn run(self: Arc<Self>, dispatch: Arc<dyn Dispatch>) {
+        let mut routes = Routes::new();
         let mut attempt = 0usize;
         loop {
             let server = &self.servers[attempt % self.servers.len()];
             let delay = Duration::from_millis((100 * attempt as u64).min(1000));
             match link::dial(server, self.tls.as_ref()).await {
-                Ok(io) => {
+                Ok((io, early)) => {
                     attempt = 0;
-                    let why = self.serve(io, dispatch.as_ref()).await;
+                    let why = self.serve(io, early, dispatch.as_ref(), &mut routes).await;
                     self.down();
                     tracing::warn!(error = %why, "NATS link lost; serving local subscribers, reconnecting");
                 }
@@ -260,16 +294,24 @@ impl NatsIo {
         self.metrics.nats_connected.store(0, Relaxed);
     }
 
-    /// Runs one connection: the writer, the SUBs again, then reads until
-    /// it fails. Returns why it ended.
-    async fn serve(&self, io: Io, dispatch: &dyn Dispatch) -> io::Error {
+    /// Runs one connection: the writer, the SUBs again, then reads (from
+    /// what arrived with the server's answer to the handshake, `early`, on)
+    /// until it fails. Returns why it ended.
+    async fn serve(
+        &self,
+        io: Io,
+        early: BytesMut,
+        dispatch: &dyn Dispatch,
+        routes: &mut Routes,
+    ) -> io::Error {
         let (mut rd, wr) = tokio::io::split(io);
         let (out, rx) = mpsc::unbounded_channel();
         {
             let mut st = self.state();
             let mut subs = BytesMut::new();
-            for (sid, s) in &st.subs {
-                subs.extend_from_slice(format!("SUB {} {sid}\r\n", s.subject).as_bytes());
+            for (sid, subject) in &st.subs {
+                // Checked when it was taken.
+                let _ = nats::sub(&mut subs, subject, None, *sid);
             }
             if !subs.is_empty() {
                 let _ = out.send((subs.freeze(), None));
@@ -281,31 +323,35 @@ impl NatsIo {
         self.metrics.nats_connected.store(1, Relaxed);
         self.metrics.nats_connects.fetch_add(1, Relaxed);
         tracing::info!("NATS link connected");
-        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut buf = early;
+        buf.reserve(64 * 1024);
         let mut ping = tokio::time::interval(PING_INTERVAL);
         ping.tick().await;
         let reading = async {
+            if let Err(e) = self.read_ops(&mut buf, &out, dispatch, routes) {
+                return e;
+            }
             loop {
                 tokio::select! {
                     r = rd.read_buf(&mut buf) => match r {
-                        Ok(0) => break io::Error::other("closed by the server"),
+                        Ok(0) => return io::Error::other("closed by the server"),
                         Ok(_) => {
-                            if let Err(e) = self.parse(&mut buf, &out, dispatch) {
-                                break e;
+                            if let Err(e) = self.read_ops(&mut buf, &out, dispatch, routes) {
+                                return e;
                             }
                             if buf.capacity() - buf.len() < 4096 {
                                 buf.reserve(64 * 1024);
                             }
                         }
-                        Err(e) => break e,
+                        Err(e) => return e,
                     },
                     _ = ping.tick() => {
                         let mut st = self.state();
                         let unanswered = st.pending.iter().filter(|p| matches!(p, Pending::Keepalive)).count();
                         if unanswered >= MAX_UNANSWERED {
-                            break io::Error::other("PINGs unanswered for 90 s");
+                            return io::Error::other("PINGs unanswered for 90 s");
                         }
-                        if out.send((Bytes::from_static(b"PING\r\n"), None)).is_ok() {
+                        if out.send((Bytes::from_static(nats::PING), None)).is_ok() {
                             st.pending.push_back(Pending::Keepalive);
                         }
                     }
@@ -321,82 +367,76 @@ impl NatsIo {
         }
     }
 
-    /// Handles every whole op in `buf`, leaving a partial one.
-    fn parse(
+    /// Handles every whole op in `buf`, leaving a partial one (with room
+    /// made for the rest of it).
+    fn read_ops(
         &self,
         buf: &mut BytesMut,
         out: &mpsc::UnboundedSender<Chunk>,
         dispatch: &dyn Dispatch,
+        routes: &mut Routes,
     ) -> io::Result<()> {
         loop {
-            let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-                if buf.len() > MAX_LINE {
-                    return Err(io::Error::other("line too long from NATS"));
+            let len = match nats::decode(buf, &LIMITS) {
+                Ok(Decoded::Op { op, len }) => {
+                    self.handle(op, out, dispatch, routes);
+                    len
                 }
-                return Ok(());
-            };
-            let line = std::str::from_utf8(&buf[..end]).map_err(io::Error::other)?;
-            let mut args = line.split_ascii_whitespace();
-            let op = args.next().unwrap_or("");
-            if op.eq_ignore_ascii_case("MSG") || op.eq_ignore_ascii_case("HMSG") {
-                let args: Vec<&str> = args.collect();
-                let headers = op.len() == 4;
-                let (n, hdr) = match (headers, args.len()) {
-                    (false, 3 | 4) => (args[args.len() - 1], None),
-                    (true, 4 | 5) => (args[args.len() - 1], Some(args[args.len() - 2])),
-                    _ => return Err(io::Error::other(format!("bad {op} from NATS: {line:?}"))),
-                };
-                let bad = |_| io::Error::other(format!("bad {op} from NATS: {line:?}"));
-                let total: usize = n.parse().map_err(bad)?;
-                let hlen: usize = hdr.map_or(Ok(0), |h| h.parse().map_err(bad))?;
-                let sid: u64 = args[1].parse().map_err(bad)?;
-                // The server bounds payloads by its max_payload; a size
-                // past any it could allow is a broken stream, not a buffer
-                // to grow for.
-                if hlen > total || total > MAX_MESSAGE {
-                    return Err(io::Error::other(format!("bad {op} from NATS: {line:?}")));
-                }
-                if buf.len() < end + 2 + total + 2 {
-                    buf.reserve(end + 2 + total + 2 - buf.len());
+                Ok(Decoded::Incomplete { need }) => {
+                    if let Some(need) = need {
+                        buf.reserve(need.saturating_sub(buf.len()));
+                    }
                     return Ok(());
                 }
-                let subject = args[0].to_owned();
-                buf.advance(end + 2);
-                let body = buf.split_to(total);
-                buf.advance(2);
-                // The lock is not held while delivering.
-                let to = self.state().subs.get(&sid).map(|s| s.to.clone());
-                let (h, payload) = body.split_at(hlen);
-                match to {
+                Err(e) => return Err(io::Error::other(format!("bad input from NATS: {e}"))),
+            };
+            buf.advance(len);
+        }
+    }
+
+    /// Acts on one op from the server.
+    fn handle(
+        &self,
+        op: ServerOp<'_>,
+        out: &mpsc::UnboundedSender<Chunk>,
+        dispatch: &dyn Dispatch,
+        routes: &mut Routes,
+    ) {
+        match op {
+            ServerOp::Msg(m) => {
+                self.take_routes(routes);
+                match routes.get(&m.sid) {
                     Some(Route::Key(key, wildcard)) => {
-                        dispatch.message(&key, wildcard, &subject, headers.then_some(h), payload)
+                        dispatch.message(key, *wildcard, m.subject, m.headers, m.payload)
                     }
-                    Some(Route::Handler(handle)) => handle(payload),
+                    Some(Route::Handler(handle)) => handle(m.payload),
                     None => {}
                 }
-                continue;
             }
-            match op {
-                "PING" => {
-                    let _ = out.send((Bytes::from_static(b"PONG\r\n"), None));
-                }
-                "PONG" => {
-                    if let Some(Pending::Barrier(tx)) = self.state().pending.pop_front() {
-                        let _ = tx.send(());
-                    }
-                }
-                "+OK" | "INFO" => {}
-                "-ERR" => {
-                    let e = line.to_owned();
-                    // Permission and parser errors end the connection
-                    // server-side; others (a slow consumer warning) are
-                    // logged.
-                    tracing::warn!(error = %e, "NATS said");
-                }
-                _ => return Err(io::Error::other(format!("unknown op from NATS: {line:?}"))),
+            ServerOp::Ping => {
+                let _ = out.send((Bytes::from_static(nats::PONG), None));
             }
-            buf.advance(end + 2);
+            ServerOp::Pong => {
+                if let Some(Pending::Barrier(tx)) = self.state().pending.pop_front() {
+                    let _ = tx.send(());
+                }
+            }
+            ServerOp::Ok | ServerOp::Info(_) => {}
+            ServerOp::Err(_) => {
+                // Permission and parser errors end the connection
+                // server-side; others (a slow consumer warning) are logged.
+                tracing::warn!(error = %op, "NATS said");
+            }
         }
+    }
+}
+
+/// `v` without line breaks.
+fn one_line(v: &str) -> Cow<'_, str> {
+    if v.contains(['\r', '\n']) {
+        v.replace(['\r', '\n'], "").into()
+    } else {
+        v.into()
     }
 }
 
@@ -426,5 +466,140 @@ async fn write_loop(mut wr: tokio::io::WriteHalf<Io>, mut rx: mpsc::UnboundedRec
             return;
         }
         drop(permits);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What reached the dispatch: key, wildcard, subject, headers, payload.
+    type Seen = Vec<(String, bool, String, Option<Vec<u8>>, Vec<u8>)>;
+
+    #[derive(Default)]
+    struct Record(Mutex<Seen>);
+
+    impl Dispatch for Record {
+        fn message(&self, key: &str, wildcard: bool, subject: &str, headers: Option<&[u8]>, payload: &[u8]) {
+            self.0.locked().push((
+                key.into(),
+                wildcard,
+                subject.into(),
+                headers.map(<[u8]>::to_vec),
+                payload.to_vec(),
+            ));
+        }
+    }
+
+    fn io() -> Arc<NatsIo> {
+        // Never connected: nothing here dials.
+        let urls = ["nats://127.0.0.1:4222".to_owned()];
+        NatsIo::new(&urls, &LinkAuth::default(), Arc::new(Metrics::default())).unwrap()
+    }
+
+    #[test]
+    fn the_reader_routes_by_sid_and_drops_what_was_unsubscribed() {
+        let io = io();
+        let record = Record::default();
+        let handled = Arc::new(Mutex::new(Vec::new()));
+        let a = io.subscribe("herald.a", "a", false);
+        let any = io.subscribe("herald.*", "*", true);
+        let h = handled.clone();
+        let own = io.subscribe_with(
+            "_herald.presence.herald",
+            Arc::new(move |p| h.locked().push(p.to_vec())),
+        );
+        let (out, mut sent) = mpsc::unbounded_channel();
+        let mut routes = Routes::new();
+        let mut buf = BytesMut::from(
+            format!(
+                "MSG herald.a {a} 2\r\nhi\r\n\
+                 HMSG herald.b {any} _INBOX.1 12 13\r\nNATS/1.0\r\n\r\n!\r\n\
+                 MSG _herald.presence.herald {own} 1\r\nx\r\n\
+                 MSG herald.a 99 1\r\ny\r\n\
+                 PING\r\n\
+                 MSG herald.a {a} 1000\r\npart"
+            )
+            .as_bytes(),
+        );
+        io.read_ops(&mut buf, &out, &record, &mut routes).unwrap();
+        assert_eq!(
+            *record.0.locked(),
+            vec![
+                ("a".into(), false, "herald.a".into(), None, b"hi".to_vec()),
+                (
+                    "*".into(),
+                    true,
+                    "herald.b".into(),
+                    Some(b"NATS/1.0\r\n\r\n".to_vec()),
+                    b"!".to_vec()
+                ),
+            ]
+        );
+        assert_eq!(*handled.locked(), vec![b"x".to_vec()]);
+        let (pong, _) = sent.try_recv().unwrap();
+        assert_eq!(&pong[..], nats::PONG);
+        // The partial message stays, with room made for all of it.
+        assert!(buf.starts_with(b"MSG herald.a"));
+        assert!(buf.capacity() >= format!("MSG herald.a {a} 1000\r\n").len() + 1002);
+
+        // Unsubscribed before the rest arrives: dropped.
+        io.unsubscribe(a);
+        buf.extend_from_slice(&[b'.'; 996]);
+        buf.extend_from_slice(format!("\r\nMSG herald.c {any} 1\r\nc\r\n").as_bytes());
+        io.read_ops(&mut buf, &out, &record, &mut routes).unwrap();
+        assert!(buf.is_empty());
+        let seen = record.0.locked();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[2].2, "herald.c");
+        drop(seen);
+        assert!(!routes.contains_key(&a));
+
+        buf.extend_from_slice(b"MSG herald.a 1 2\r\nhiXY");
+        assert!(io.read_ops(&mut buf, &out, &record, &mut routes).is_err());
+    }
+
+    #[test]
+    fn a_route_ended_before_the_reader_saw_it_leaves_nothing_behind() {
+        let io = io();
+        let sid = io.subscribe("herald.a", "a", false);
+        io.unsubscribe(sid);
+        assert!(io.state().changed.is_empty());
+        assert!(io.state().subs.is_empty());
+        let mut routes = Routes::new();
+        io.take_routes(&mut routes);
+        assert!(routes.is_empty());
+        // Seen, then ended: the reader is told.
+        let sid = io.subscribe("herald.a", "a", false);
+        io.take_routes(&mut routes);
+        assert!(routes.contains_key(&sid) && io.state().changed.is_empty());
+        io.unsubscribe(sid);
+        io.take_routes(&mut routes);
+        assert!(routes.is_empty());
+    }
+
+    #[tokio::test]
+    async fn publishes_are_whole_commands_with_line_breaks_kept_out_of_headers() {
+        let io = io();
+        let (out, mut sent) = mpsc::unbounded_channel();
+        io.state().out = Some(out);
+        io.publish("herald.a", None, Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        let headers: Headers = vec![
+            ("Herald-Event", "join".into()),
+            ("Herald-Name", "a\r\nB: c\n".into()),
+        ];
+        io.publish("herald.a", Some(&headers), Bytes::new())
+            .await
+            .unwrap();
+        let (plain, _) = sent.try_recv().unwrap();
+        assert_eq!(&plain[..], b"PUB herald.a 2\r\n{}\r\n");
+        let (notice, _) = sent.try_recv().unwrap();
+        assert_eq!(
+            std::str::from_utf8(&notice).unwrap(),
+            "HPUB herald.a 52 52\r\nNATS/1.0\r\nHerald-Event: join\r\nHerald-Name: aB: c\r\n\r\n\r\n"
+        );
+        assert!(io.publish("herald a", None, Bytes::new()).await.is_err());
     }
 }

@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
-use herald_protocol::{message, topic};
+use herald_protocol::{message, nats, topic};
 use tokio::sync::{watch, Notify};
 
 use crate::cluster::natsio::{Dispatch, NatsIo};
@@ -157,12 +157,14 @@ impl Dispatch for Receiver {
     fn message(&self, key: &str, wildcard: bool, subject: &str, headers: Option<&[u8]>, payload: &[u8]) {
         let m = &self.metrics;
         m.nats_messages_in.fetch_add(1, Relaxed);
-        let Some(topic) = topic::from_subject(&self.prefix, subject) else {
+        // The topic is spelled out on the stack: no allocation per message.
+        let mut spelled = [0; topic::MAX_TOPIC_LEN];
+        let Some(topic) = topic::from_subject_in(&self.prefix, subject, &mut spelled) else {
             m.nats_dropped.fetch_add(1, Relaxed);
             tracing::debug!(subject, "dropped: subject is not a topic");
             return;
         };
-        let header = |name: &str| headers.and_then(|h| header(h, name)).map(str::to_owned);
+        let header = |name: &str| headers.and_then(|h| nats::header(h, name));
         if let (Some(event), Some(client)) = (header(HEADER_EVENT), header(HEADER_CLIENT)) {
             let (name, user) = (header(HEADER_NAME), header(HEADER_USER));
             // Client ids end in their node's tag: `c7-3f9a2c`.
@@ -170,28 +172,28 @@ impl Dispatch for Receiver {
             let roster = self.hub.roster();
             if event == "join" {
                 let member = Member {
-                    client: client.clone(),
-                    user: user.clone(),
-                    name: name.clone(),
+                    client: client.to_owned(),
+                    user: user.map(str::to_owned),
+                    name: name.map(str::to_owned),
                     last: None,
                 };
-                roster.join(node, &topic, member);
+                roster.join(node, topic, member);
             } else {
-                roster.leave(node, &topic, &client);
+                roster.leave(node, topic, client);
             }
             if header(HEADER_QUIET).is_none() {
                 let body = Body::Presence {
-                    event: &event,
-                    client: &client,
-                    user: user.as_deref(),
-                    name: name.as_deref(),
+                    event,
+                    client,
+                    user,
+                    name,
                 };
-                self.hub.deliver_via(key, wildcard, &topic, body);
+                self.hub.deliver_via(key, wildcard, topic, body);
             }
             return;
         }
         if let Some(data) = usable(payload, self.max_message_bytes, m, subject) {
-            self.hub.deliver_via(key, wildcard, &topic, Body::Data(&data));
+            self.hub.deliver_via(key, wildcard, topic, Body::Data(&data));
         }
     }
 }
@@ -219,13 +221,4 @@ pub fn usable<'a>(
     m.nats_dropped.fetch_add(1, Relaxed);
     tracing::debug!(subject, "dropped: payload is not UTF-8");
     None
-}
-
-/// The value of header `name` in a raw header block.
-pub fn header<'a>(block: &'a [u8], name: &str) -> Option<&'a str> {
-    let text = std::str::from_utf8(block).ok()?;
-    text.split("\r\n").skip(1).find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
 }
