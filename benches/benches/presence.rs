@@ -4,7 +4,7 @@
 //! the snapshot a node publishes three times per `--presence-ttl`.
 
 use divan::{black_box, Bencher};
-use herald_broker::{Member, Roster};
+use herald_broker::{Member, On, Roster};
 
 #[global_allocator]
 static ALLOC: divan::AllocProfiler = divan::AllocProfiler::system();
@@ -32,7 +32,7 @@ fn member(i: usize) -> Member {
 fn room(n: usize) -> Roster {
     let r = Roster::default();
     for i in 0..n {
-        r.join("", "chat:lobby", member(i));
+        r.join(On::Here, "chat:lobby", member(i));
     }
     r
 }
@@ -43,8 +43,8 @@ fn join_and_leave(bencher: Bencher, members: usize) {
     let m = member(1_000_000);
     bencher.bench(|| {
         let first = r.sockets_of("chat:lobby", "user333333") == 0;
-        r.join("", "chat:lobby", black_box(m.clone()));
-        r.leave("", "chat:lobby", &m.client);
+        r.join(On::Here, "chat:lobby", black_box(m.clone()));
+        r.leave(On::Here, "chat:lobby", &m.client);
         first
     });
 }

@@ -77,6 +77,6 @@ pub use fanout::{Body, Hub};
 pub use metrics::Metrics;
 pub use net::routes::{Collision, Routes};
 pub use node::Error;
-pub use presence::{Member, Roster};
+pub use presence::{Member, On, Roster};
 pub use server::{bind, run};
 pub use socket::Subscriber;

@@ -19,7 +19,7 @@ use crate::cluster::subjects::Live;
 use crate::fanout::hub::Hub;
 use crate::history::recovery::{self, Ask};
 use crate::metrics::Metrics;
-use crate::presence::roster::Member;
+use crate::presence::roster::{Event, Member, On};
 use crate::socket::subscriber::{Subscriber, Subscription};
 
 /// Why a subscription was refused.
@@ -249,7 +249,7 @@ impl Router {
             sub.push(message::encode_ack(id));
         }
         if new {
-            self.announce(sub, &Subscription::new(pattern), "join", who);
+            self.announce(sub, &Subscription::new(pattern), Event::Join, who);
         }
     }
 
@@ -266,7 +266,7 @@ impl Router {
         let max = self.inner.max_subscriptions;
         if self.inner.bus.is_cluster() && sub.retire(pattern, max) {
             self.inner.metrics.subscriptions.fetch_sub(1, Relaxed);
-            self.announce(sub, &Subscription::new(pattern), "leave", who);
+            self.announce(sub, &Subscription::new(pattern), Event::Leave, who);
         } else {
             let removed = {
                 let mut subs = sub.subs();
@@ -335,14 +335,14 @@ impl Router {
         }
         self.inner.metrics.subscriptions.fetch_sub(1, Relaxed);
         if let Some(who) = who {
-            self.announce(sub, s, "leave", who);
+            self.announce(sub, s, Event::Leave, who);
         }
     }
 
     /// Records a join or leave on a presence topic in the roster and tells
     /// every node; with `--presence-by user`, sockets hear of a user's first
     /// socket joining and its last one leaving only.
-    fn announce(&self, sub: &Subscriber, s: &Subscription, event: &str, who: Who<'_>) {
+    fn announce(&self, sub: &Subscriber, s: &Subscription, event: Event, who: Who<'_>) {
         let bus = &self.inner.bus;
         if s.wildcard || !bus.hub().has_presence(&s.pattern) {
             return;
@@ -353,19 +353,19 @@ impl Router {
             (true, Some(u)) => Some(roster.sockets_of(topic, u)),
             _ => None,
         };
-        if event == "join" {
+        if event == Event::Join {
             let member = Member {
                 client: client.clone(),
                 user: who.user.map(String::from),
                 name: who.name.map(String::from),
                 last: None,
             };
-            roster.join("", topic, member);
+            roster.join(On::Here, topic, member);
         } else {
-            roster.leave("", topic, &client);
+            roster.leave(On::Here, topic, &client);
         }
         let notify = match before {
-            Some(n) if event == "join" => n == 0,
+            Some(n) if event == Event::Join => n == 0,
             Some(n) => n <= 1,
             None => true,
         };

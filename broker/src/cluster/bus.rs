@@ -38,14 +38,14 @@ use tokio::sync::{mpsc, oneshot};
 use crate::cluster::link::{self, LinkError, LinkSettings};
 use crate::cluster::natsio::{Headers, NatsIo};
 use crate::cluster::outbound::{send_loop, Confirm, Outbound};
-use crate::cluster::subjects::{
-    usable, Live, Receiver, Subjects, HEADER_CLIENT, HEADER_EVENT, HEADER_NAME, HEADER_QUIET, HEADER_USER,
-};
+use crate::cluster::subjects::{usable, Live, Receiver, Subjects};
 use crate::config::values::Retention;
 use crate::fanout::hub::{Body, Hub, Interest};
 use crate::history::jetstream::StreamHistory;
 use crate::history::store::{History, HistorySettings, Store};
 use crate::metrics::Metrics;
+use crate::presence::notice::Notice;
+use crate::presence::roster::Event;
 use crate::tasks::Tasks;
 /// Publishes waiting for the link's sender task; past it a publish fails
 /// rather than queueing without bound.
@@ -411,7 +411,7 @@ impl Bus {
     pub fn presence(
         &self,
         topic: &str,
-        event: &str,
+        event: Event,
         client: &str,
         user: Option<&str>,
         name: Option<&str>,
@@ -419,7 +419,7 @@ impl Bus {
     ) {
         if notify {
             let body = Body::Presence {
-                event,
+                event: event.as_str(),
                 client,
                 user,
                 name,
@@ -427,19 +427,17 @@ impl Bus {
             self.hub.deliver(topic, body);
         }
         if self.link.is_some() {
-            let mut h: Headers = vec![(HEADER_EVENT, event.into()), (HEADER_CLIENT, client.into())];
-            if let Some(n) = name {
-                h.push((HEADER_NAME, n.into()));
-            }
-            if let Some(u) = user {
-                h.push((HEADER_USER, u.into()));
-            }
-            if !notify {
-                h.push((HEADER_QUIET, "1".into()));
-            }
+            let notice = Notice {
+                event,
+                client,
+                user,
+                name,
+                quiet: !notify,
+            };
+            let h: Headers = notice.headers();
             // A lost notice is logged, not fatal: presence is advisory.
             if let Err(e) = self.forward(topic, Forward::Notice(h), Bytes::new()) {
-                tracing::debug!(error = %e, topic, event, "presence notice not forwarded");
+                tracing::debug!(error = %e, topic, event = event.as_str(), "presence notice not forwarded");
             }
         }
     }

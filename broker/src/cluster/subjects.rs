@@ -23,19 +23,9 @@ use tokio::sync::{watch, Notify};
 use crate::cluster::natsio::{Dispatch, NatsIo};
 use crate::fanout::hub::{Body, Hub, Interest};
 use crate::metrics::Metrics;
-use crate::presence::roster::Member;
+use crate::presence::notice::Notice;
+use crate::presence::roster::{Event, On};
 use crate::sync::Lock;
-
-/// Presence notices travel as empty messages with these headers.
-pub const HEADER_EVENT: &str = "Herald-Event";
-/// The client that joined or left.
-pub const HEADER_CLIENT: &str = "Herald-Client";
-/// Its display name.
-pub const HEADER_NAME: &str = "Herald-Name";
-/// The joining socket's user id (its token's `sub`).
-pub const HEADER_USER: &str = "Herald-User";
-/// Present on a notice that updates rosters only (no notice to sockets).
-pub const HEADER_QUIET: &str = "Herald-Quiet";
 
 /// Resolves once a key's subject subscription is live.
 pub type Live = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -165,28 +155,24 @@ impl Dispatch for Receiver {
             return;
         };
         let header = |name: &str| headers.and_then(|h| nats::header(h, name));
-        if let (Some(event), Some(client)) = (header(HEADER_EVENT), header(HEADER_CLIENT)) {
-            let (name, user) = (header(HEADER_NAME), header(HEADER_USER));
-            // Client ids end in their node's tag: `c7-3f9a2c`.
-            let node = client.rsplit_once('-').map_or("?", |(_, n)| n);
+        if let Some(notice) = Notice::parse(header) {
+            let Ok(notice) = notice else {
+                m.nats_dropped.fetch_add(1, Relaxed);
+                tracing::debug!(subject, "dropped: a presence notice of no known event");
+                return;
+            };
             let roster = self.hub.roster();
-            if event == "join" {
-                let member = Member {
-                    client: client.to_owned(),
-                    user: user.map(str::to_owned),
-                    name: name.map(str::to_owned),
-                    last: None,
-                };
-                roster.join(node, topic, member);
-            } else {
-                roster.leave(node, topic, client);
+            let on = On::Node(notice.node());
+            match notice.event {
+                Event::Join => roster.join(on, topic, notice.member()),
+                Event::Leave => roster.leave(on, topic, notice.client),
             }
-            if header(HEADER_QUIET).is_none() {
+            if !notice.quiet {
                 let body = Body::Presence {
-                    event,
-                    client,
-                    user,
-                    name,
+                    event: notice.event.as_str(),
+                    client: notice.client,
+                    user: notice.user,
+                    name: notice.name,
                 };
                 self.hub.deliver_via(key, wildcard, topic, body);
             }

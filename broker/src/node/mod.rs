@@ -28,7 +28,7 @@ use crate::history::store::HistorySettings;
 use crate::metrics::Metrics;
 use crate::net::admission::Admission;
 use crate::net::routes::{Collision, Routes};
-use crate::presence::roster::Change;
+use crate::presence::roster::{Change, Event};
 use crate::presence::snapshots::Assembler;
 use crate::router::Router;
 use crate::session::live::Sessions;
@@ -281,7 +281,7 @@ impl Node {
             // A dead node's raw-status sockets: their last objects go out
             // with status 0, once, from the first surviving node.
             if !gone.is_empty() && roster.first_of_nodes(&me) {
-                for (topic, _, m) in &gone {
+                for Change { topic, member: m, .. } in &gone {
                     if let Some(last) = &m.last {
                         crate::session::rawstatus::publish_zero(&self.router, topic, last);
                     }
@@ -295,18 +295,23 @@ impl Node {
     /// (with `--presence-by user`, only a user's first and last socket).
     fn tell(&self, changes: Vec<Change>) {
         let hub = self.router.hub();
-        for (topic, event, m) in changes {
+        for Change {
+            topic,
+            event,
+            member: m,
+        } in changes
+        {
             if !hub.has_presence(&topic) {
                 continue; // a --raw-status member only
             }
             if let (true, Some(u)) = (self.router.by_user(), m.user.as_deref()) {
                 let now = hub.roster().sockets_of(&topic, u);
-                if (event == "join" && now != 1) || (event == "leave" && now != 0) {
+                if (event == Event::Join && now != 1) || (event == Event::Leave && now != 0) {
                     continue;
                 }
             }
             let body = Body::Presence {
-                event,
+                event: event.as_str(),
                 client: &m.client,
                 user: m.user.as_deref(),
                 name: m.name.as_deref(),

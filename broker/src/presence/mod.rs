@@ -7,8 +7,10 @@
 //! - [`roster`]: the members of every presence topic and their changes.
 //! - [`snapshots`]: a node's presence snapshot put back together from its
 //!   parts.
+//! - [`notice`]: one join or leave between nodes, as NATS headers.
 
+pub(crate) mod notice;
 pub(crate) mod roster;
 pub(crate) mod snapshots;
 
-pub use roster::{Member, Roster};
+pub use roster::{Member, On, Roster};

@@ -103,8 +103,53 @@ struct Remote {
     topics: Topics,
 }
 
-/// A change to tell local sockets about: (topic, event, member).
-pub type Change = (String, &'static str, Member);
+/// A member arriving on a presence topic, or leaving it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Arrived.
+    Join,
+    /// Left.
+    Leave,
+}
+
+impl Event {
+    /// The word clients and other nodes see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Join => "join",
+            Event::Leave => "leave",
+        }
+    }
+
+    /// The event `word` names, if any.
+    pub fn parse(word: &str) -> Option<Event> {
+        match word {
+            "join" => Some(Event::Join),
+            "leave" => Some(Event::Leave),
+            _ => None,
+        }
+    }
+}
+
+/// Which node a member is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum On<'a> {
+    /// This node.
+    Here,
+    /// Another node, by its tag.
+    Node(&'a str),
+}
+
+/// A change to tell local sockets about.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// The presence topic.
+    pub topic: String,
+    /// Joined or left.
+    pub event: Event,
+    /// Who.
+    pub member: Member,
+}
 
 /// The cluster's members on presence topics.
 #[derive(Default)]
@@ -117,13 +162,13 @@ pub struct Roster {
 }
 
 impl Roster {
-    /// Records a member joining `topic` on `node` (`""`: this node).
-    pub fn join(&self, node: &str, topic: &str, m: Member) {
-        if node.is_empty() {
+    /// Records a member joining `topic` on node `on`.
+    pub fn join(&self, on: On<'_>, topic: &str, m: Member) {
+        let On::Node(node) = on else {
             let mut l = self.local.locked();
             l.entry(topic.to_owned()).or_default().insert(m);
             return;
-        }
+        };
         let mut r = self.remote.locked();
         let n = r.entry(node.to_owned()).or_insert_with(|| Remote {
             seen: Instant::now(),
@@ -151,8 +196,8 @@ impl Roster {
         self.lasts.remove(client);
     }
 
-    /// Records `client` leaving `topic` on `node`.
-    pub fn leave(&self, node: &str, topic: &str, client: &str) {
+    /// Records `client` leaving `topic` on node `on`.
+    pub fn leave(&self, on: On<'_>, topic: &str, client: &str) {
         let remove = |t: &mut Topics| {
             if let Some(room) = t.get_mut(topic) {
                 room.remove(client);
@@ -161,11 +206,14 @@ impl Roster {
                 }
             }
         };
-        if node.is_empty() {
-            remove(&mut self.local.locked());
-        } else if let Some(n) = self.remote.locked().get_mut(node) {
-            n.seen = Instant::now();
-            remove(&mut n.topics);
+        match on {
+            On::Here => remove(&mut self.local.locked()),
+            On::Node(node) => {
+                if let Some(n) = self.remote.locked().get_mut(node) {
+                    n.seen = Instant::now();
+                    remove(&mut n.topics);
+                }
+            }
         }
     }
 
@@ -360,14 +408,22 @@ fn diff(old: &Topics, new: &Topics) -> Vec<Change> {
     for (t, room) in old {
         for (c, m) in &room.members {
             if !new.get(t).is_some_and(|n| n.members.contains_key(c)) {
-                out.push((t.clone(), "leave", m.clone()));
+                out.push(Change {
+                    topic: t.clone(),
+                    event: Event::Leave,
+                    member: m.clone(),
+                });
             }
         }
     }
     for (t, room) in new {
         for (c, m) in &room.members {
             if !old.get(t).is_some_and(|o| o.members.contains_key(c)) {
-                out.push((t.clone(), "join", m.clone()));
+                out.push(Change {
+                    topic: t.clone(),
+                    event: Event::Join,
+                    member: m.clone(),
+                });
             }
         }
     }
@@ -390,9 +446,9 @@ mod tests {
     #[test]
     fn local_remote_snapshots_and_expiry() {
         let r = Roster::default();
-        r.join("", "room", m("c1-a", Some("42")));
-        r.join("b", "room", m("c1-b", Some("42")));
-        r.join("b", "room", m("c2-b", None));
+        r.join(On::Here, "room", m("c1-a", Some("42")));
+        r.join(On::Node("b"), "room", m("c1-b", Some("42")));
+        r.join(On::Node("b"), "room", m("c2-b", None));
         assert_eq!(r.members("room", 100).0.len(), 3);
         assert_eq!(r.members("room", 2), (r.members("room", 2).0, true), "capped");
         assert_eq!(r.members("room", 2).0.len(), 2);
@@ -402,13 +458,13 @@ mod tests {
         let snap = json!({"node": "b", "topics": {"room": [{"client": "c1-b", "user": "42"}]}});
         let changes = r.apply_snapshot(&snap);
         assert_eq!(changes.len(), 1);
-        assert_eq!(changes[0].1, "leave");
+        assert_eq!(changes[0].event, Event::Leave);
         assert!(r.apply_snapshot(&snap).is_empty(), "no duplicates");
         assert!(r.expire(Duration::from_secs(60)).is_empty());
         let gone = r.expire(Duration::ZERO);
         assert_eq!(gone.len(), 1);
         assert_eq!(r.members("room", 100).0, vec![m("c1-a", Some("42"))]);
-        r.leave("", "room", "c1-a");
+        r.leave(On::Here, "room", "c1-a");
         assert!(r.members("room", 100).0.is_empty());
         assert_eq!(r.snapshot("a")["topics"], json!({}));
     }

@@ -63,7 +63,7 @@ impl Assembler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::presence::roster::{Member, Roster};
+    use crate::presence::roster::{Member, On, Roster};
 
     fn m(c: &str) -> Member {
         Member {
@@ -78,9 +78,9 @@ mod tests {
     fn snapshots_travel_in_parts() {
         let a = Roster::default();
         for i in 0..25 {
-            a.join("", "room", m(&format!("c{i}-a")));
+            a.join(On::Here, "room", m(&format!("c{i}-a")));
         }
-        a.join("", "other", m("c99-a"));
+        a.join(On::Here, "other", m("c99-a"));
         let parts = a.snapshot_parts("a", 7, 10);
         assert_eq!(parts.len(), 3);
         let asm = Assembler::default();

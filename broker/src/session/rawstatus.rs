@@ -12,7 +12,7 @@ use herald_protocol::message;
 use herald_protocol::topic::matches;
 use serde_json::Value;
 
-use crate::presence::roster::Member;
+use crate::presence::roster::{Member, On};
 use crate::router::Router;
 use crate::socket::subscriber::Subscriber;
 
@@ -60,7 +60,7 @@ pub fn mark(
             name: None,
             last: None,
         };
-        roster.join("", topic, member);
+        roster.join(On::Here, topic, member);
         Box::new(Last {
             client,
             text: String::new(),
@@ -75,7 +75,7 @@ pub fn mark(
 /// The socket is gone: publish its last object with `"status":0`.
 pub fn leave(router: &Router, topic: &str, last: &Last) {
     let roster = router.hub().roster();
-    roster.leave("", topic, &last.client);
+    roster.leave(On::Here, topic, &last.client);
     roster.clear_last(&last.client);
     publish_zero(router, topic, &last.text);
 }
