@@ -162,8 +162,10 @@ pub fn tls_config(ca: &str) -> Result<rustls::ClientConfig, String> {
 /// Connects to `s` for the link's topic traffic: TCP (and TLS with
 /// `tls`, which a `tls://` URL or the server's INFO requires), INFO,
 /// CONNECT (`echo:false`, headers, credentials), and a PING answered.
-/// Returns the connection and what arrived after the answer.
-pub async fn dial(s: &Server, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Result<(Io, BytesMut)> {
+/// Returns the connection, what arrived after the answer, and the largest
+/// message (headers and payload) the server takes (its INFO's
+/// `max_payload`).
+pub async fn dial(s: &Server, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Result<(Io, BytesMut, usize)> {
     let tcp = tokio::time::timeout(
         ANSWER_TIMEOUT,
         tokio::net::TcpStream::connect((s.host.as_str(), s.port)),
@@ -184,6 +186,8 @@ pub async fn dial(s: &Server, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Re
         .await
         .map_err(|_| io::Error::other("no INFO"))???;
     let server_tls = info["tls_required"].as_bool().unwrap_or(false);
+    // NATS's default when a server does not say.
+    let max_payload = info["max_payload"].as_u64().unwrap_or(1 << 20) as usize;
     let mut io: Io = if s.tls || server_tls || tls.is_some() {
         let config = match tls {
             Some(c) => c.clone(),
@@ -225,7 +229,7 @@ pub async fn dial(s: &Server, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Re
             break;
         }
     }
-    Ok((io, buf))
+    Ok((io, buf, max_payload))
 }
 
 /// Reads until `buf` starts with a whole operation, and consumes it with

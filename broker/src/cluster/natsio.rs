@@ -23,8 +23,8 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -107,6 +107,10 @@ pub struct NatsIo {
     connected: AtomicBool,
     /// Bounds the bytes of publishes waiting for the writer.
     budget: Arc<Semaphore>,
+    /// The server's `max_payload` (from its INFO; NATS's default until the
+    /// first connection): a message larger than it would make the server
+    /// cut the connection, and with it every node's traffic on it.
+    max_payload: AtomicUsize,
     servers: Vec<Server>,
     tls: Option<Arc<rustls::ClientConfig>>,
     metrics: Arc<Metrics>,
@@ -134,6 +138,7 @@ impl NatsIo {
             routes_changed: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             budget: Arc::new(Semaphore::new(WRITE_BYTES)),
+            max_payload: AtomicUsize::new(1 << 20),
             servers,
             tls,
             metrics,
@@ -237,6 +242,19 @@ impl NatsIo {
     /// connection is down.
     pub async fn publish(&self, subject: &str, headers: Option<&Headers>, payload: Bytes) -> io::Result<()> {
         let down = || io::Error::other("NATS link down");
+        // What the server counts against max_payload: the header block
+        // (`NATS/1.0`, each `name: value`, the blank line) and the payload.
+        let size = payload.len()
+            + headers.map_or(0, |h| {
+                12 + h.iter().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>()
+            });
+        let max = self.max_payload();
+        if size > max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a message of {size} bytes is over the NATS server's max_payload of {max}"),
+            ));
+        }
         let len = (subject.len() + payload.len() + 64).min(WRITE_BYTES) as u32;
         let permit = self
             .budget
@@ -261,6 +279,11 @@ impl NatsIo {
         out.send((chunk.freeze(), Some(permit))).map_err(|_| down())
     }
 
+    /// The largest message the server takes, headers included.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload.load(Relaxed)
+    }
+
     /// Connects, reads and reconnects for ever, handing messages to
     /// `dispatch`.
     pub async fn run(self: Arc<Self>, dispatch: Arc<dyn Dispatch>) {
@@ -270,8 +293,9 @@ impl NatsIo {
             let server = &self.servers[attempt % self.servers.len()];
             let delay = Duration::from_millis((100 * attempt as u64).min(1000));
             match link::dial(server, self.tls.as_ref()).await {
-                Ok((io, early)) => {
+                Ok((io, early, max_payload)) => {
                     attempt = 0;
+                    self.max_payload.store(max_payload, Relaxed);
                     let why = self.serve(io, early, dispatch.as_ref(), &mut routes).await;
                     self.down();
                     tracing::warn!(error = %why, "NATS link lost; serving local subscribers, reconnecting");

@@ -272,8 +272,10 @@ impl Node {
             if last.elapsed() >= every {
                 last = tokio::time::Instant::now();
                 gen += 1;
-                // 2,000 members a message: ~130 KB, far below NATS's 1 MB.
-                for part in roster.snapshot_parts(&me, gen, 2000) {
+                // Each part within half the server's max_payload: a bigger
+                // message would make the server cut the link.
+                let max = (io.max_payload() / 2).clamp(4096, 512 << 10);
+                for part in roster.snapshot_parts(&me, gen, max) {
                     let _ = io.publish(&subject, None, part.to_string().into()).await;
                 }
             }

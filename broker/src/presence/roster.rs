@@ -293,29 +293,44 @@ impl Roster {
         json!({"node": node, "topics": topics})
     }
 
-    /// The snapshot cut into messages of at most `per_part` members (a big
-    /// room must not pass NATS's payload limit), numbered within `gen`.
-    pub fn snapshot_parts(&self, node: &str, gen: u64, per_part: usize) -> Vec<Value> {
+    /// This node's members in parts, each of at most `max_bytes` of JSON
+    /// (the link's server cuts a connection that sends a message over its
+    /// `max_payload`, so a snapshot must fit however big its rooms and the
+    /// members' `--raw-status` objects). A member too big for a part alone
+    /// goes without its `last` (a warning says so); it is still a member.
+    pub fn snapshot_parts(&self, node: &str, gen: u64, max_bytes: usize) -> Vec<Value> {
+        // Room for the envelope (`{"node":..,"gen":..,"part":..,"parts":..,"topics":{}}`).
+        let budget = max_bytes.saturating_sub(node.len() + 96).max(256);
         let l = self.local.locked();
         let mut parts: Vec<serde_json::Map<String, Value>> = vec![Default::default()];
-        let mut in_part = 0;
+        let mut size = 0;
         for (t, r) in l.iter() {
             for m in r.members.values() {
-                if in_part == per_part.max(1) {
+                let mut v = m.to_wire();
+                if let Some(last) = self.lasts.get(&m.client) {
+                    v["last"] = json!(*last);
+                }
+                let mut cost = v.to_string().len() + 1;
+                if cost + t.len() + 8 > budget {
+                    tracing::warn!(client = %m.client, topic = %t, bytes = cost, budget, "presence snapshot: a member's raw-status object is too big for a snapshot part; sent without it");
+                    v = m.to_wire();
+                    cost = v.to_string().len() + 1;
+                }
+                // A topic's key costs once per part it appears in.
+                let mut key = if parts.last().is_some_and(|p| p.contains_key(t)) {
+                    0
+                } else {
+                    t.len() + 8
+                };
+                if size > 0 && size + cost + key > budget {
                     parts.push(Default::default());
-                    in_part = 0;
+                    (size, key) = (0, t.len() + 8);
                 }
-                if let Some(part) = parts.last_mut() {
-                    let list = part.entry(t.clone()).or_insert_with(|| Value::Array(Vec::new()));
-                    if let Value::Array(a) = list {
-                        let mut v = m.to_wire();
-                        if let Some(last) = self.lasts.get(&m.client) {
-                            v["last"] = json!(*last);
-                        }
-                        a.push(v);
-                    }
+                let part = parts.last_mut().expect("a part");
+                if let Value::Array(a) = part.entry(t.clone()).or_insert_with(|| Value::Array(Vec::new())) {
+                    a.push(v);
                 }
-                in_part += 1;
+                size += cost + key;
             }
         }
         let n = parts.len();

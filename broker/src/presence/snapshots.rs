@@ -75,21 +75,42 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_travel_in_parts() {
+    fn snapshots_travel_in_parts_each_within_its_bytes() {
         let a = Roster::default();
         for i in 0..25 {
             a.join(On::Here, "room", m(&format!("c{i}-a")));
         }
         a.join(On::Here, "other", m("c99-a"));
-        let parts = a.snapshot_parts("a", 7, 10);
-        assert_eq!(parts.len(), 3);
+        // Raw-status objects make members big: every part stays within the
+        // bound, and one too big for a part alone goes without it.
+        a.set_last("c3-a", &format!("{{\"text\":\"{}\"}}", "x".repeat(300)));
+        a.set_last("c4-a", &format!("{{\"text\":\"{}\"}}", "y".repeat(5000)));
+        let max = 600;
+        let parts = a.snapshot_parts("a", 7, max);
+        assert!(parts.len() >= 2, "{} parts", parts.len());
+        for p in &parts {
+            assert!(
+                p.to_string().len() <= max,
+                "a part of {} bytes",
+                p.to_string().len()
+            );
+        }
         let asm = Assembler::default();
         let b = Roster::default();
-        assert!(asm.part(parts[2].clone()).is_none());
-        assert!(asm.part(parts[0].clone()).is_none());
-        let whole = asm.part(parts[1].clone()).expect("complete");
+        let (last, rest) = parts.split_last().expect("parts");
+        for p in rest.iter().rev() {
+            assert!(asm.part(p.clone()).is_none());
+        }
+        let whole = asm.part(last.clone()).expect("complete");
         let changes = b.apply_snapshot(&whole);
         assert_eq!(changes.len(), 26);
         assert_eq!(b.stats("room"), (25, 25));
+        let kept = whole["topics"]["room"]
+            .as_array()
+            .expect("room")
+            .iter()
+            .filter(|v| v.get("last").is_some())
+            .count();
+        assert_eq!(kept, 1, "c3's object travels, c4's is too big");
     }
 }

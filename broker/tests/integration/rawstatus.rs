@@ -148,3 +148,59 @@ async fn across_nodes_and_after_a_node_dies() {
         assert!(extra.is_empty(), "once, from one survivor: {extra:?}");
     }
 }
+
+/// A node's presence snapshot is cut into parts that each fit the NATS
+/// server's real `max_payload` (1 MB by default), however big the members'
+/// raw-status objects: 24 raw sockets holding 60 KB objects each (1.4 MB in
+/// all) never get the node's topic link cut, so no message between the
+/// nodes is lost and no false leave reaches the other node's sockets.
+#[tokio::test]
+async fn snapshot_parts_fit_the_servers_max_payload() {
+    let nats = NatsServer::start().await;
+    let args = [
+        "--root-topic",
+        "chat:lobby",
+        "--raw-status",
+        "chat:*",
+        "--presence-ttl",
+        "1s",
+    ];
+    let ns = nodes(2, &nats.url(), &args);
+    wait_linked(&ns).await;
+    let mut watch = raw(ns[1].addr).await;
+    let mut held = Vec::new();
+    let big = "x".repeat(60_000);
+    for i in 0..24 {
+        let mut ws = raw(ns[0].addr).await;
+        ws.send(Message::Text(format!(r#"{{"user":"u{i}","text":"{big}"}}"#)))
+            .await
+            .unwrap();
+        assert_eq!(json(&text(&mut watch).await)["status"], 1, "object {i}");
+        held.push(ws);
+    }
+    // Several snapshot rounds (every ttl/3) go by.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        ns[0].metric("herald_nats_connects_total").await,
+        1.0,
+        "node 0's topic link was cut and made again"
+    );
+    // Nothing was lost between the nodes, and node 1's socket heard of no
+    // leave (a status 0) while every sender is still there.
+    held[0]
+        .send(Message::Text(r#"{"user":"u0","text":"marker"}"#.into()))
+        .await
+        .unwrap();
+    loop {
+        let v = json(&text(&mut watch).await);
+        assert_ne!(
+            v["status"],
+            0,
+            "a false leave: {}",
+            &v.to_string()[..80.min(v.to_string().len())]
+        );
+        if v["text"] == "marker" {
+            break;
+        }
+    }
+}
