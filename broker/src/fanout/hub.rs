@@ -5,9 +5,14 @@
 //! join or leave copies a bounded part, and fan-out clones one `Arc` under a
 //! brief shard read lock and then walks the snapshot with no lock held. Wildcard patterns live in one copy-on-write
 //! list read without locks (`ArcSwap`). A message is encoded once per format
-//! and the same `Bytes` is pushed to every recipient's queue.
+//! and the same `Bytes` is pushed to every recipient's queue. A socket in
+//! several of a topic's lists (the topic's and a pattern's, or two
+//! patterns') is served once, by a set of ids each thread keeps and reuses:
+//! a fan-out allocates nothing per message beyond its frames.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -17,7 +22,7 @@ use dashmap::DashMap;
 use herald_protocol::{message, position, topic};
 
 use crate::fanout::members::{Members, Snapshot};
-use crate::fanout::patterns::{Change, Patterns};
+use crate::fanout::patterns::{Change, Pattern, Patterns};
 use crate::metrics::Metrics;
 use crate::presence::roster::Roster;
 use crate::socket::outbox::Pushed;
@@ -218,46 +223,77 @@ impl Hub {
     pub fn deliver(&self, topic: &str, body: Body<'_>) -> usize {
         let exact = self.inner.exact.get(topic).map(|r| r.value().snapshot());
         let found = self.inner.patterns.matching(topic);
-        let matched: Vec<Snapshot> = found
-            .iter()
-            .flat_map(|f| f.iter())
-            .filter_map(|p| p.snapshot())
-            .collect();
-        if exact.is_none() && matched.is_empty() {
+        let patterns: &[Arc<Pattern>] = found.as_deref().unwrap_or_default();
+        if exact.is_none() && patterns.is_empty() {
             return 0;
         }
         let frames = Frames::new(topic, body);
         let mut sent = Sent::default();
-        let lists = usize::from(exact.is_some()) + matched.len();
-        if lists == 1 {
+        match (exact, patterns) {
             // One list: nobody can be in it twice.
-            for s in exact
-                .iter()
-                .chain(matched.iter())
-                .flat_map(|l| l.iter().flat_map(|c| c.iter()))
-            {
-                sent.push(s, &frames);
-            }
-        } else {
-            // Only sockets holding a wildcard can be in more than one list.
-            let mut seen: HashSet<u64> = HashSet::new();
-            for s in exact.iter().flat_map(|l| l.iter().flat_map(|c| c.iter())) {
-                if s.has_wildcard() {
-                    seen.insert(s.id);
-                }
-                sent.push(s, &frames);
-            }
-            for list in matched {
-                for s in list.iter().flat_map(|c| c.iter()) {
-                    if seen.insert(s.id) {
-                        sent.push(s, &frames);
-                    }
+            (Some(list), []) => sent.all(&list, &frames),
+            (None, [p]) => {
+                if let Some(list) = p.snapshot() {
+                    sent.all(&list, &frames);
                 }
             }
+            (exact, patterns) => with_seen(|seen| sent.once_each(exact, patterns, &frames, seen)),
         }
         self.count(&sent);
         sent.count
     }
+}
+
+/// Socket ids, hashed by one multiplication: ids are the node's own
+/// counter, never chosen by a client, and a multiplication by an odd
+/// constant spreads consecutive ones over every bucket.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(self.0 ^ u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Seen = HashSet<u64, BuildHasherDefault<IdHasher>>;
+
+/// Entries past which a fan-out's set of served sockets is not kept for
+/// the next one (its table would hold a megabyte per thread).
+const SEEN_KEPT: usize = 1 << 16;
+
+thread_local! {
+    /// The sockets a fan-out through several lists has served: one set per
+    /// thread, emptied and reused, so such a fan-out allocates nothing for
+    /// it once the set has grown to its size.
+    static SEEN: RefCell<Seen> = RefCell::new(Seen::default());
+}
+
+/// Runs `f` with this thread's empty set of served sockets.
+fn with_seen<R>(f: impl FnOnce(&mut Seen) -> R) -> R {
+    SEEN.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut seen) => {
+            let r = f(&mut seen);
+            if seen.capacity() > SEEN_KEPT {
+                *seen = Seen::default();
+            } else {
+                seen.clear();
+            }
+            r
+        }
+        // Never nested today; if it were, the inner one gets its own.
+        Err(_) => f(&mut Seen::default()),
+    })
 }
 
 /// The frames for one message, each encoded at most once.
@@ -328,6 +364,56 @@ struct Sent {
 }
 
 impl Sent {
+    /// Delivers to every member of one list.
+    fn all(&mut self, list: &Snapshot, frames: &Frames<'_>) {
+        for s in list.iter().flat_map(|c| c.iter()) {
+            self.push(s, frames);
+        }
+    }
+
+    /// Delivers to the members of the topic's list (if any) and of each
+    /// matching pattern, once to each socket. Only a socket holding a
+    /// wildcard can be in more than one list, and a list holds a socket
+    /// once: so `seen` takes the wildcard holders of the topic's list and
+    /// every member of each pattern's list but the last, and the last list
+    /// only asks it (not at all when it is empty: the topic's subscribers
+    /// plus one pattern's, none of them holding a wildcard, hash nothing).
+    fn once_each(
+        &mut self,
+        exact: Option<Snapshot>,
+        patterns: &[Arc<Pattern>],
+        frames: &Frames<'_>,
+        seen: &mut Seen,
+    ) {
+        if let Some(list) = exact {
+            for s in list.iter().flat_map(|c| c.iter()) {
+                if s.has_wildcard() {
+                    seen.insert(s.id);
+                }
+                self.push(s, frames);
+            }
+        }
+        let Some((last, rest)) = patterns.split_last() else {
+            return;
+        };
+        for p in rest {
+            for s in p.snapshot().iter().flat_map(|l| l.iter().flat_map(|c| c.iter())) {
+                if seen.insert(s.id) {
+                    self.push(s, frames);
+                }
+            }
+        }
+        for s in last
+            .snapshot()
+            .iter()
+            .flat_map(|l| l.iter().flat_map(|c| c.iter()))
+        {
+            if seen.is_empty() || !seen.contains(&s.id) {
+                self.push(s, frames);
+            }
+        }
+    }
+
     fn push(&mut self, s: &Sub, frames: &Frames<'_>) {
         // A retired subscription still lists the socket; the topic goes
         // only where a live one wants it.
@@ -393,5 +479,43 @@ mod tests {
         assert_eq!(hub.deliver("chat:lobby", Body::Batch(&batch)), 4);
         let frames = a.outbox.try_take(Vec::new()).unwrap().frames;
         assert_eq!(frames.len(), 3, "one push per message or batch");
+    }
+
+    fn frames_of(c: &Sub) -> usize {
+        c.outbox.try_take(Vec::new()).map_or(0, |b| b.frames.len())
+    }
+
+    #[test]
+    fn a_socket_matching_by_two_patterns_gets_one_copy() {
+        let hub = Hub::new(Arc::new(Metrics::default()), Vec::new(), 100);
+        // 1: two patterns; 2: one; 3: the topic and a pattern; 4: the
+        // topic only; 5: all three.
+        let socks: Vec<Sub> = (1..=5).map(conn).collect();
+        let holds: [&[&str]; 5] = [
+            &["chat:*", "chat:>"],
+            &["chat:>"],
+            &["chat:lobby", "chat:*"],
+            &["chat:lobby"],
+            &["chat:>", "chat:lobby", "chat:*"],
+        ];
+        for (s, hold) in socks.iter().zip(holds) {
+            for p in hold {
+                s.add(crate::socket::subscriber::Subscription::new(p));
+                hub.subscribe(p, p.contains(['*', '>']), s).unwrap();
+            }
+        }
+        // Twice: the set of served sockets is reused, and must start empty.
+        for _ in 0..2 {
+            assert_eq!(hub.deliver("chat:lobby", Body::Data(b"1")), 5);
+            let got: Vec<usize> = socks.iter().map(frames_of).collect();
+            assert_eq!(got, [1, 1, 1, 1, 1]);
+            assert_eq!(hub.deliver("chat:other", Body::Data(b"2")), 4);
+            let got: Vec<usize> = socks.iter().map(frames_of).collect();
+            assert_eq!(got, [1, 1, 1, 0, 1]);
+            assert_eq!(hub.deliver("chat:a:b", Body::Data(b"3")), 3);
+            let got: Vec<usize> = socks.iter().map(frames_of).collect();
+            assert_eq!(got, [1, 1, 0, 0, 1]);
+        }
+        assert!(SEEN.with(|s| s.borrow().is_empty()));
     }
 }
