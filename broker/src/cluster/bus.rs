@@ -336,14 +336,19 @@ impl Bus {
                         let epoch = j.epoch();
                         let mut local = 0;
                         for d in datas {
-                            local += j.append(topic, rule, d.clone(), |seq| {
+                            // Queued in the journal's delivery turn, so
+                            // deliveries leave in `seq` order; the frames
+                            // written at once go out after it (see
+                            // `history::memory`).
+                            let queued = j.append(topic, rule, d.clone(), |seq| {
                                 let body = Body::Stored {
                                     data: d,
                                     seq,
                                     epoch: &epoch,
                                 };
-                                self.hub.deliver(topic, body)
+                                self.hub.queue(topic, body)
                             });
+                            local += queued.write();
                         }
                         return Ok(local);
                     }

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use herald_protocol::{message, position, topic};
+use tokio::net::tcp::OwnedWriteHalf;
 
 use crate::fanout::members::{Members, Snapshot};
 use crate::fanout::patterns::{Change, Pattern, Patterns};
@@ -221,14 +222,34 @@ impl Hub {
     /// each even when several of its subscriptions match. Returns how many
     /// sockets it was queued to.
     pub fn deliver(&self, topic: &str, body: Body<'_>) -> usize {
+        let sent = self.fan_out(topic, body, Sent::default());
+        sent.count
+    }
+
+    /// [`Hub::deliver`], but only queued: the frames for sockets that were
+    /// idle (written at once, one system call each) wait in the returned
+    /// [`Queued`] until [`Queued::write`]. A history publish fans out in
+    /// its journal's delivery turn and writes after it.
+    pub fn queue(&self, topic: &str, body: Body<'_>) -> Queued {
+        let sent = Sent {
+            idle: Some(Vec::new()),
+            ..Sent::default()
+        };
+        let sent = self.fan_out(topic, body, sent);
+        Queued {
+            count: sent.count,
+            idle: sent.idle.unwrap_or_default(),
+        }
+    }
+
+    fn fan_out(&self, topic: &str, body: Body<'_>, mut sent: Sent) -> Sent {
         let exact = self.inner.exact.get(topic).map(|r| r.value().snapshot());
         let found = self.inner.patterns.matching(topic);
         let patterns: &[Arc<Pattern>] = found.as_deref().unwrap_or_default();
         if exact.is_none() && patterns.is_empty() {
-            return 0;
+            return sent;
         }
         let frames = Frames::new(topic, body);
-        let mut sent = Sent::default();
         match (exact, patterns) {
             // One list: nobody can be in it twice.
             (Some(list), []) => sent.all(&list, &frames),
@@ -240,7 +261,35 @@ impl Hub {
             (exact, patterns) => with_seen(|seen| sent.once_each(exact, patterns, &frames, seen)),
         }
         self.count(&sent);
-        sent.count
+        sent
+    }
+}
+
+/// A fan-out queued by [`Hub::queue`]: the frames that found their socket
+/// idle are written when this is (or when it is dropped).
+pub struct Queued {
+    count: usize,
+    idle: Vec<(Sub, OwnedWriteHalf)>,
+}
+
+impl Queued {
+    /// Writes the idle sockets' frames; returns the deliveries made.
+    pub fn write(mut self) -> usize {
+        self.write_idle();
+        self.count
+    }
+
+    fn write_idle(&mut self) {
+        for (s, wr) in self.idle.drain(..) {
+            s.write(wr);
+        }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        // Never left holding a write half: the socket would stall.
+        self.write_idle();
     }
 }
 
@@ -361,6 +410,9 @@ impl<'a> Frames<'a> {
 struct Sent {
     count: usize,
     bytes: usize,
+    /// With [`Hub::queue`]: the sockets found idle, with their write
+    /// halves, to be written after the fan-out.
+    idle: Option<Vec<(Sub, OwnedWriteHalf)>>,
 }
 
 impl Sent {
@@ -429,7 +481,17 @@ impl Sent {
                 return;
             }
         }
-        match s.push(f.clone()) {
+        let pushed = match &mut self.idle {
+            None => s.push(f.clone()),
+            Some(idle) => {
+                let (pushed, wr) = s.queue(f.clone());
+                if let Some(wr) = wr {
+                    idle.push((s.clone(), wr));
+                }
+                pushed
+            }
+        };
+        match pushed {
             Pushed::Queued => {
                 self.count += frames.messages;
                 self.bytes += f.len();
@@ -517,5 +579,35 @@ mod tests {
             assert_eq!(got, [1, 1, 0, 0, 1]);
         }
         assert!(SEEN.with(|s| s.borrow().is_empty()));
+    }
+
+    #[tokio::test]
+    async fn a_queued_fan_out_writes_to_idle_sockets_only_when_told() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (mut client, (server, _)) = (client.unwrap(), accepted.unwrap());
+        let (_rd, wr) = server.into_split();
+        let hub = Hub::new(Arc::new(Metrics::default()), Vec::new(), 100);
+        let (a, b) = (conn(1), conn(2));
+        a.install(wr);
+        hub.subscribe("t", false, &a).unwrap();
+        hub.subscribe("t", false, &b).unwrap();
+        let queued = hub.queue("t", Body::Data(b"1"));
+        // Another fan-out before the write: it queues behind the first.
+        assert_eq!(hub.deliver("t", Body::Data(b"2")), 2);
+        let mut byte = [0u8; 1];
+        assert!(client.try_read(&mut byte).is_err(), "nothing written yet");
+        assert_eq!(frames_of(&b), 2, "a socket with no write half just queues");
+        assert_eq!(queued.write(), 2);
+        let want = [
+            message::encode_delivery("t", b"1"),
+            message::encode_delivery("t", b"2"),
+        ]
+        .concat();
+        let mut got = vec![0u8; want.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want, "both, in order");
     }
 }

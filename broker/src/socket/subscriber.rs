@@ -134,20 +134,38 @@ impl Subscriber {
     /// The push that overflows the queue closes the socket with 4001 and
     /// is counted, whoever made it (fan-out, an ack, an error frame).
     pub fn push(self: &Arc<Self>, frame: Bytes) -> Pushed {
+        let (pushed, idle) = self.queue(frame);
+        if let Some(wr) = idle {
+            self.write(wr);
+        }
+        pushed
+    }
+
+    /// [`Subscriber::push`] without the write: when the frame found the
+    /// socket idle, its write half comes back, and the caller hands it to
+    /// [`Subscriber::write`] soon (once out of a lock). Until then nobody
+    /// writes to the socket: later frames queue behind this one.
+    pub fn queue(self: &Arc<Self>, frame: Bytes) -> (Pushed, Option<OwnedWriteHalf>) {
         let (pushed, start) = self.outbox.push(frame);
         if pushed == Pushed::Overflowed {
             self.writers.metrics.slow_consumers.fetch_add(1, Relaxed);
             tracing::info!(conn_id = self.id, "closing slow consumer");
         }
         match (pushed, start) {
-            (Pushed::Queued, Some(wr)) => {
-                if let Some((wr, rest)) = self.outbox.write_now(wr, crate::clock::now_ms()) {
-                    self.spawn_writer(wr, rest);
-                }
+            (Pushed::Queued, Some(wr)) => (pushed, Some(wr)),
+            (_, start) => {
+                self.start_writer(start);
+                (pushed, None)
             }
-            (_, start) => self.start_writer(start),
         }
-        pushed
+    }
+
+    /// Writes what [`Subscriber::queue`] queued for an idle socket at once
+    /// (see [`Outbox::write_now`]), or starts its writer.
+    pub fn write(self: &Arc<Self>, wr: OwnedWriteHalf) {
+        if let Some((wr, rest)) = self.outbox.write_now(wr, crate::clock::now_ms()) {
+            self.spawn_writer(wr, rest);
+        }
     }
 
     /// Asks for the socket to be closed (see [`Outbox::close`]); returns
