@@ -252,9 +252,10 @@ impl Bus {
         self.publish_batch(topic, std::slice::from_ref(&data))
     }
 
-    /// Queues `payload` for the link. An error says no local delivery yet
-    /// (`local: 0`); the caller sets the count once it has fanned out.
-    fn forward(&self, topic: &str, kind: Forward, payload: Bytes) -> Result<(), BusError> {
+    /// Queues a copy of `payload` for the link. An error says no local
+    /// delivery yet (`local: 0`); the caller sets the count once it has
+    /// fanned out.
+    fn forward(&self, topic: &str, kind: Forward, payload: &[u8]) -> Result<(), BusError> {
         let local = 0;
         let Some(link) = &self.link else {
             return Ok(());
@@ -267,13 +268,14 @@ impl Bus {
             return fail(BusError::LinkDown { local });
         }
         // Counted by its own bytes: a copy, so a small message never pins
-        // the large read buffer it was sliced from while it waits.
+        // the large read buffer it was sliced from while it waits. The one
+        // copy the bus makes: from here it travels as this `Bytes`.
         let len = payload.len();
         if link.queued.fetch_add(len, Relaxed) + len > OUTBOUND_BYTES {
             link.queued.fetch_sub(len, Relaxed);
             return fail(BusError::Backlog { local });
         }
-        let payload = Bytes::copy_from_slice(&payload);
+        let payload = Bytes::copy_from_slice(payload);
         let out = match kind {
             Forward::Stored(done) => Outbound::Stored {
                 topic: topic.to_owned(),
@@ -362,7 +364,7 @@ impl Bus {
                                 c.push(rx);
                                 tx
                             });
-                            if let Err(e) = self.forward(topic, Forward::Stored(done), d.clone()) {
+                            if let Err(e) = self.forward(topic, Forward::Stored(done), d) {
                                 result = Err(e);
                             }
                         }
@@ -378,7 +380,7 @@ impl Bus {
         // local fan-out of thousands of sockets before leaving the node).
         let mut failed = None;
         for d in datas {
-            if let Err(e) = self.forward(topic, Forward::Plain, d.clone()) {
+            if let Err(e) = self.forward(topic, Forward::Plain, d) {
                 failed = Some(e);
             }
         }
@@ -422,7 +424,7 @@ impl Bus {
                 h.push((HEADER_QUIET, "1".into()));
             }
             // A lost notice is logged, not fatal: presence is advisory.
-            if let Err(e) = self.forward(topic, Forward::Notice(h), Bytes::new()) {
+            if let Err(e) = self.forward(topic, Forward::Notice(h), &[]) {
                 tracing::debug!(error = %e, topic, event, "presence notice not forwarded");
             }
         }
