@@ -318,7 +318,7 @@ impl Hasher for IdHasher {
 type Seen = HashSet<u64, BuildHasherDefault<IdHasher>>;
 
 /// Entries past which a fan-out's set of served sockets is not kept for
-/// the next one (its table would hold a megabyte per thread).
+/// the next one (its table would keep over half a megabyte per thread).
 const SEEN_KEPT: usize = 1 << 16;
 
 thread_local! {
