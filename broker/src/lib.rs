@@ -80,3 +80,14 @@ pub use node::Error;
 pub use presence::{Member, On, Roster};
 pub use server::{bind, run};
 pub use socket::Subscriber;
+
+// For the benchmarks (`benches/`): an embedded node's bus and its history
+// settings, so a publish on a history topic can be measured whole.
+#[doc(hidden)]
+pub use cluster::bus::Bus;
+#[doc(hidden)]
+pub use config::values::Retention;
+#[doc(hidden)]
+pub use history::store::HistorySettings;
+#[doc(hidden)]
+pub use tasks::Tasks;

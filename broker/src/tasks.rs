@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 /// The node's tasks and the signal that stops them.
 #[derive(Clone, Default)]
-pub(crate) struct Tasks {
+pub struct Tasks {
     tracker: TaskTracker,
     stop: CancellationToken,
 }

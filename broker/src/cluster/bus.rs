@@ -273,9 +273,10 @@ impl Bus {
         self.publish_batch(topic, std::slice::from_ref(&data))
     }
 
-    /// Queues `payload` for the link. An error says no local delivery yet
-    /// (`local: 0`); the caller sets the count once it has fanned out.
-    fn forward(&self, topic: &str, kind: Forward, payload: Bytes) -> Result<(), BusError> {
+    /// Queues a copy of `payload` for the link. An error says no local
+    /// delivery yet (`local: 0`); the caller sets the count once it has
+    /// fanned out.
+    fn forward(&self, topic: &str, kind: Forward, payload: &[u8]) -> Result<(), BusError> {
         let local = 0;
         let Some(link) = &self.link else {
             return Ok(());
@@ -288,13 +289,14 @@ impl Bus {
             return fail(BusError::LinkDown { local });
         }
         // Counted by its own bytes: a copy, so a small message never pins
-        // the large read buffer it was sliced from while it waits.
+        // the large read buffer it was sliced from while it waits. The one
+        // copy the bus makes: from here it travels as this `Bytes`.
         let len = payload.len();
         if link.queued.fetch_add(len, Relaxed) + len > OUTBOUND_BYTES {
             link.queued.fetch_sub(len, Relaxed);
             return fail(BusError::Backlog { local });
         }
-        let payload = Bytes::copy_from_slice(&payload);
+        let payload = Bytes::copy_from_slice(payload);
         let out = match kind {
             Forward::Stored(done) => Outbound::Stored {
                 topic: topic.to_owned(),
@@ -357,14 +359,19 @@ impl Bus {
                         let epoch = j.epoch();
                         let mut local = 0;
                         for d in datas {
-                            local += j.append(topic, rule, d.clone(), |seq| {
+                            // Queued in the journal's delivery turn, so
+                            // deliveries leave in `seq` order; the frames
+                            // written at once go out after it (see
+                            // `history::memory`).
+                            let queued = j.append(topic, rule, d.clone(), |seq| {
                                 let body = Body::Stored {
                                     data: d,
                                     seq,
                                     epoch: &epoch,
                                 };
-                                self.hub.deliver(topic, body)
+                                self.hub.queue(topic, body)
                             });
+                            local += queued.write();
                         }
                         return Ok(local);
                     }
@@ -378,7 +385,7 @@ impl Bus {
                                 c.push(rx);
                                 tx
                             });
-                            if let Err(e) = self.forward(topic, Forward::Stored(done), d.clone()) {
+                            if let Err(e) = self.forward(topic, Forward::Stored(done), d) {
                                 result = Err(e);
                             }
                         }
@@ -394,7 +401,7 @@ impl Bus {
         // local fan-out of thousands of sockets before leaving the node).
         let mut failed = None;
         for d in datas {
-            if let Err(e) = self.forward(topic, Forward::Plain, d.clone()) {
+            if let Err(e) = self.forward(topic, Forward::Plain, d) {
                 failed = Some(e);
             }
         }
@@ -436,7 +443,7 @@ impl Bus {
             };
             let h: Headers = notice.headers();
             // A lost notice is logged, not fatal: presence is advisory.
-            if let Err(e) = self.forward(topic, Forward::Notice(h), Bytes::new()) {
+            if let Err(e) = self.forward(topic, Forward::Notice(h), &[]) {
                 tracing::debug!(error = %e, topic, event = event.as_str(), "presence notice not forwarded");
             }
         }

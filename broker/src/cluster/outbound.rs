@@ -77,6 +77,8 @@ pub async fn send_loop(
             Outbound::Stored { topic, payload, done } => {
                 queued.fetch_sub(payload.len(), Relaxed);
                 let Some((s, _)) = &stream else { continue };
+                // A second handle on the bus's one copy, not a copy: the
+                // ack keeps it, to deliver it live if it is not stored.
                 match s.publish(&topic, payload.clone()).await {
                     Ok(ack) => {
                         metrics.nats_messages_out.fetch_add(1, Relaxed);

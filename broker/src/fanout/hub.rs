@@ -5,9 +5,14 @@
 //! join or leave copies a bounded part, and fan-out clones one `Arc` under a
 //! brief shard read lock and then walks the snapshot with no lock held. Wildcard patterns live in one copy-on-write
 //! list read without locks (`ArcSwap`). A message is encoded once per format
-//! and the same `Bytes` is pushed to every recipient's queue.
+//! and the same `Bytes` is pushed to every recipient's queue. A socket in
+//! several of a topic's lists (the topic's and a pattern's, or two
+//! patterns') is served once, by a set of ids each thread keeps and reuses:
+//! a fan-out allocates nothing per message beyond its frames.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -15,9 +20,10 @@ use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use herald_protocol::{message, position, topic};
+use tokio::net::tcp::OwnedWriteHalf;
 
 use crate::fanout::members::{Members, Snapshot};
-use crate::fanout::patterns::{Change, Patterns};
+use crate::fanout::patterns::{Change, Pattern, Patterns};
 use crate::metrics::Metrics;
 use crate::presence::roster::Roster;
 use crate::socket::outbox::Pushed;
@@ -216,48 +222,127 @@ impl Hub {
     /// each even when several of its subscriptions match. Returns how many
     /// sockets it was queued to.
     pub fn deliver(&self, topic: &str, body: Body<'_>) -> usize {
-        let exact = self.inner.exact.get(topic).map(|r| r.value().snapshot());
-        let found = self.inner.patterns.matching(topic);
-        let matched: Vec<Snapshot> = found
-            .iter()
-            .flat_map(|f| f.iter())
-            .filter_map(|p| p.snapshot())
-            .collect();
-        if exact.is_none() && matched.is_empty() {
-            return 0;
-        }
-        let frames = Frames::new(topic, body);
-        let mut sent = Sent::default();
-        let lists = usize::from(exact.is_some()) + matched.len();
-        if lists == 1 {
-            // One list: nobody can be in it twice.
-            for s in exact
-                .iter()
-                .chain(matched.iter())
-                .flat_map(|l| l.iter().flat_map(|c| c.iter()))
-            {
-                sent.push(s, &frames);
-            }
-        } else {
-            // Only sockets holding a wildcard can be in more than one list.
-            let mut seen: HashSet<u64> = HashSet::new();
-            for s in exact.iter().flat_map(|l| l.iter().flat_map(|c| c.iter())) {
-                if s.has_wildcard() {
-                    seen.insert(s.id);
-                }
-                sent.push(s, &frames);
-            }
-            for list in matched {
-                for s in list.iter().flat_map(|c| c.iter()) {
-                    if seen.insert(s.id) {
-                        sent.push(s, &frames);
-                    }
-                }
-            }
-        }
-        self.count(&sent);
+        let sent = self.fan_out(topic, body, Sent::default());
         sent.count
     }
+
+    /// [`Hub::deliver`], but only queued: the frames for sockets that were
+    /// idle (written at once, one system call each) wait in the returned
+    /// [`Queued`] until [`Queued::write`]. A history publish fans out in
+    /// its journal's delivery turn and writes after it.
+    pub fn queue(&self, topic: &str, body: Body<'_>) -> Queued {
+        let sent = Sent {
+            idle: Some(Vec::new()),
+            ..Sent::default()
+        };
+        let sent = self.fan_out(topic, body, sent);
+        Queued {
+            count: sent.count,
+            idle: sent.idle.unwrap_or_default(),
+        }
+    }
+
+    fn fan_out(&self, topic: &str, body: Body<'_>, mut sent: Sent) -> Sent {
+        let exact = self.inner.exact.get(topic).map(|r| r.value().snapshot());
+        let found = self.inner.patterns.matching(topic);
+        let patterns: &[Arc<Pattern>] = found.as_deref().unwrap_or_default();
+        if exact.is_none() && patterns.is_empty() {
+            return sent;
+        }
+        let frames = Frames::new(topic, body);
+        match (exact, patterns) {
+            // One list: nobody can be in it twice.
+            (Some(list), []) => sent.all(&list, &frames),
+            (None, [p]) => {
+                if let Some(list) = p.snapshot() {
+                    sent.all(&list, &frames);
+                }
+            }
+            (exact, patterns) => with_seen(|seen| sent.once_each(exact, patterns, &frames, seen)),
+        }
+        self.count(&sent);
+        sent
+    }
+}
+
+/// A fan-out queued by [`Hub::queue`]: the frames that found their socket
+/// idle are written when this is (or when it is dropped).
+pub struct Queued {
+    count: usize,
+    idle: Vec<(Sub, OwnedWriteHalf)>,
+}
+
+impl Queued {
+    /// Writes the idle sockets' frames; returns the deliveries made.
+    pub fn write(mut self) -> usize {
+        self.write_idle();
+        self.count
+    }
+
+    fn write_idle(&mut self) {
+        for (s, wr) in self.idle.drain(..) {
+            s.write(wr);
+        }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        // Never left holding a write half: the socket would stall.
+        self.write_idle();
+    }
+}
+
+/// Socket ids, hashed by one multiplication: ids are the node's own
+/// counter, never chosen by a client, and a multiplication by an odd
+/// constant spreads consecutive ones over every bucket.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(self.0 ^ u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Seen = HashSet<u64, BuildHasherDefault<IdHasher>>;
+
+/// Entries past which a fan-out's set of served sockets is not kept for
+/// the next one (its table would keep over half a megabyte per thread).
+const SEEN_KEPT: usize = 1 << 16;
+
+thread_local! {
+    /// The sockets a fan-out through several lists has served: one set per
+    /// thread, emptied and reused, so such a fan-out allocates nothing for
+    /// it once the set has grown to its size.
+    static SEEN: RefCell<Seen> = RefCell::new(Seen::default());
+}
+
+/// Runs `f` with this thread's empty set of served sockets.
+fn with_seen<R>(f: impl FnOnce(&mut Seen) -> R) -> R {
+    SEEN.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut seen) => {
+            let r = f(&mut seen);
+            if seen.capacity() > SEEN_KEPT {
+                *seen = Seen::default();
+            } else {
+                seen.clear();
+            }
+            r
+        }
+        // Never nested today; if it were, the inner one gets its own.
+        Err(_) => f(&mut Seen::default()),
+    })
 }
 
 /// The frames for one message, each encoded at most once.
@@ -325,9 +410,62 @@ impl<'a> Frames<'a> {
 struct Sent {
     count: usize,
     bytes: usize,
+    /// With [`Hub::queue`]: the sockets found idle, with their write
+    /// halves, to be written after the fan-out.
+    idle: Option<Vec<(Sub, OwnedWriteHalf)>>,
 }
 
 impl Sent {
+    /// Delivers to every member of one list.
+    fn all(&mut self, list: &Snapshot, frames: &Frames<'_>) {
+        for s in list.iter().flat_map(|c| c.iter()) {
+            self.push(s, frames);
+        }
+    }
+
+    /// Delivers to the members of the topic's list (if any) and of each
+    /// matching pattern, once to each socket. Only a socket holding a
+    /// wildcard can be in more than one list, and a list holds a socket
+    /// once: so `seen` takes the wildcard holders of the topic's list and
+    /// every member of each pattern's list but the last, and the last list
+    /// only asks it (not at all when it is empty: the topic's subscribers
+    /// plus one pattern's, none of them holding a wildcard, hash nothing).
+    fn once_each(
+        &mut self,
+        exact: Option<Snapshot>,
+        patterns: &[Arc<Pattern>],
+        frames: &Frames<'_>,
+        seen: &mut Seen,
+    ) {
+        if let Some(list) = exact {
+            for s in list.iter().flat_map(|c| c.iter()) {
+                if s.has_wildcard() {
+                    seen.insert(s.id);
+                }
+                self.push(s, frames);
+            }
+        }
+        let Some((last, rest)) = patterns.split_last() else {
+            return;
+        };
+        for p in rest {
+            for s in p.snapshot().iter().flat_map(|l| l.iter().flat_map(|c| c.iter())) {
+                if seen.insert(s.id) {
+                    self.push(s, frames);
+                }
+            }
+        }
+        for s in last
+            .snapshot()
+            .iter()
+            .flat_map(|l| l.iter().flat_map(|c| c.iter()))
+        {
+            if seen.is_empty() || !seen.contains(&s.id) {
+                self.push(s, frames);
+            }
+        }
+    }
+
     fn push(&mut self, s: &Sub, frames: &Frames<'_>) {
         // A retired subscription still lists the socket; the topic goes
         // only where a live one wants it.
@@ -343,7 +481,17 @@ impl Sent {
                 return;
             }
         }
-        match s.push(f.clone()) {
+        let pushed = match &mut self.idle {
+            None => s.push(f.clone()),
+            Some(idle) => {
+                let (pushed, wr) = s.queue(f.clone());
+                if let Some(wr) = wr {
+                    idle.push((s.clone(), wr));
+                }
+                pushed
+            }
+        };
+        match pushed {
             Pushed::Queued => {
                 self.count += frames.messages;
                 self.bytes += f.len();
@@ -393,5 +541,73 @@ mod tests {
         assert_eq!(hub.deliver("chat:lobby", Body::Batch(&batch)), 4);
         let frames = a.outbox.try_take(Vec::new()).unwrap().frames;
         assert_eq!(frames.len(), 3, "one push per message or batch");
+    }
+
+    fn frames_of(c: &Sub) -> usize {
+        c.outbox.try_take(Vec::new()).map_or(0, |b| b.frames.len())
+    }
+
+    #[test]
+    fn a_socket_matching_by_two_patterns_gets_one_copy() {
+        let hub = Hub::new(Arc::new(Metrics::default()), Vec::new(), 100);
+        // 1: two patterns; 2: one; 3: the topic and a pattern; 4: the
+        // topic only; 5: all three.
+        let socks: Vec<Sub> = (1..=5).map(conn).collect();
+        let holds: [&[&str]; 5] = [
+            &["chat:*", "chat:>"],
+            &["chat:>"],
+            &["chat:lobby", "chat:*"],
+            &["chat:lobby"],
+            &["chat:>", "chat:lobby", "chat:*"],
+        ];
+        for (s, hold) in socks.iter().zip(holds) {
+            for p in hold {
+                s.add(crate::socket::subscriber::Subscription::new(p));
+                hub.subscribe(p, p.contains(['*', '>']), s).unwrap();
+            }
+        }
+        // Twice: the set of served sockets is reused, and must start empty.
+        for _ in 0..2 {
+            assert_eq!(hub.deliver("chat:lobby", Body::Data(b"1")), 5);
+            let got: Vec<usize> = socks.iter().map(frames_of).collect();
+            assert_eq!(got, [1, 1, 1, 1, 1]);
+            assert_eq!(hub.deliver("chat:other", Body::Data(b"2")), 4);
+            let got: Vec<usize> = socks.iter().map(frames_of).collect();
+            assert_eq!(got, [1, 1, 1, 0, 1]);
+            assert_eq!(hub.deliver("chat:a:b", Body::Data(b"3")), 3);
+            let got: Vec<usize> = socks.iter().map(frames_of).collect();
+            assert_eq!(got, [1, 1, 0, 0, 1]);
+        }
+        assert!(SEEN.with(|s| s.borrow().is_empty()));
+    }
+
+    #[tokio::test]
+    async fn a_queued_fan_out_writes_to_idle_sockets_only_when_told() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (mut client, (server, _)) = (client.unwrap(), accepted.unwrap());
+        let (_rd, wr) = server.into_split();
+        let hub = Hub::new(Arc::new(Metrics::default()), Vec::new(), 100);
+        let (a, b) = (conn(1), conn(2));
+        a.install(wr);
+        hub.subscribe("t", false, &a).unwrap();
+        hub.subscribe("t", false, &b).unwrap();
+        let queued = hub.queue("t", Body::Data(b"1"));
+        // Another fan-out before the write: it queues behind the first.
+        assert_eq!(hub.deliver("t", Body::Data(b"2")), 2);
+        let mut byte = [0u8; 1];
+        assert!(client.try_read(&mut byte).is_err(), "nothing written yet");
+        assert_eq!(frames_of(&b), 2, "a socket with no write half just queues");
+        assert_eq!(queued.write(), 2);
+        let want = [
+            message::encode_delivery("t", b"1"),
+            message::encode_delivery("t", b"2"),
+        ]
+        .concat();
+        let mut got = vec![0u8; want.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want, "both, in order");
     }
 }

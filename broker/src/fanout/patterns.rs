@@ -6,11 +6,15 @@
 //! leave changes only that node, under its own lock. Which patterns match
 //! a topic is remembered in a bounded cache, invalidated (by a generation
 //! number, in O(1)) only when a pattern appears or disappears, never when
-//! members come and go.
+//! members come and go. Past its bound the cache is trimmed, as
+//! nats-server's sublist trims its own: a quarter of it goes, so the
+//! topics in use stay matched without a walk (clearing it all made every
+//! topic miss at once, then again each 4,096 new topics).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use dashmap::DashMap;
@@ -19,8 +23,11 @@ use crate::fanout::members::{Members, Snapshot};
 use crate::socket::subscriber::Subscriber;
 use crate::sync::{Lock, ReadWrite};
 
-/// Topics whose matches are remembered; past it the cache starts over.
+/// Topics whose matches are remembered; past it the cache is trimmed.
 const CACHE_ENTRIES: usize = 4096;
+/// Of every this many entries a trim visits, one goes (with every entry of
+/// an older generation, which could only miss).
+const TRIM_ONE_IN: usize = 4;
 
 /// One wildcard pattern with local subscribers.
 #[derive(Debug)]
@@ -54,17 +61,19 @@ impl Level {
         self.literal.is_empty() && self.star.is_none() && self.rest.is_none() && self.here.is_none()
     }
 
-    fn collect(&self, segs: &[&str], out: &mut Vec<Arc<Pattern>>) {
-        let Some((first, more)) = segs.split_first() else {
+    /// Adds the patterns under this level matching the rest of a topic,
+    /// `segs` (its segments not yet walked: a cheap copy at each branch).
+    fn collect(&self, mut segs: std::str::Split<'_, char>, out: &mut Vec<Arc<Pattern>>) {
+        let Some(first) = segs.next() else {
             out.extend(self.here.iter().cloned());
             return;
         };
         out.extend(self.rest.iter().cloned());
-        if let Some(next) = self.literal.get(*first) {
-            next.collect(more, out);
+        if let Some(next) = self.literal.get(first) {
+            next.collect(segs.clone(), out);
         }
         if let Some(next) = &self.star {
-            next.collect(more, out);
+            next.collect(segs, out);
         }
     }
 
@@ -112,6 +121,12 @@ struct Tree {
 
 type Matches = Arc<[Arc<Pattern>]>;
 
+thread_local! {
+    /// Where a cache miss gathers its matches before they become one
+    /// [`Matches`]: reused, so a miss allocates only that and its key.
+    static GATHER: RefCell<Vec<Arc<Pattern>>> = const { RefCell::new(Vec::new()) };
+}
+
 /// The node's wildcard patterns.
 #[derive(Default)]
 pub struct Patterns {
@@ -121,8 +136,15 @@ pub struct Patterns {
     /// Patterns held: with none (most nodes, most of the time) a publish
     /// takes no lock here at all.
     held: AtomicUsize,
-    /// Sharded, so concurrent publishes do not queue on one lock.
-    cache: DashMap<Box<str>, (u64, Matches)>,
+    /// Sharded, so concurrent publishes do not queue on one lock. `None`:
+    /// no pattern matches (remembered without an allocation).
+    cache: DashMap<Box<str>, (u64, Option<Matches>)>,
+    /// Entries in `cache` (its `len` would read-lock every shard).
+    cached: AtomicUsize,
+    /// A trim is under way: the others go on.
+    trimming: AtomicBool,
+    /// Trims so far: where in its order the next one starts dropping.
+    trims: AtomicUsize,
 }
 
 /// What a subscribe or unsubscribe did to a pattern.
@@ -239,23 +261,53 @@ impl Patterns {
         let generation = self.generation.load(Relaxed);
         if let Some(hit) = self.cache.get(topic) {
             if hit.0 == generation {
-                return (!hit.1.is_empty()).then(|| hit.1.clone());
+                return hit.1.clone();
             }
         }
-        let mut out = Vec::new();
-        {
+        let found = {
             let tree = self.read();
-            if !tree.by_text.is_empty() {
-                let segs: Vec<&str> = topic.split(':').collect();
-                tree.root.collect(&segs, &mut out);
-            }
+            let walk = |out: &mut Vec<Arc<Pattern>>| {
+                tree.root.collect(topic.split(':'), out);
+                // Moved out in one allocation of the exact size.
+                (!out.is_empty()).then(|| out.drain(..).collect::<Matches>())
+            };
+            GATHER.with(|g| match g.try_borrow_mut() {
+                Ok(mut out) => walk(&mut out),
+                Err(_) => walk(&mut Vec::new()),
+            })
+        };
+        if self
+            .cache
+            .insert(topic.into(), (generation, found.clone()))
+            .is_none()
+            && self.cached.fetch_add(1, Relaxed) >= CACHE_ENTRIES
+        {
+            self.trim(generation);
         }
-        let found: Matches = out.into();
-        if self.cache.len() >= CACHE_ENTRIES {
-            self.cache.clear();
+        found
+    }
+
+    /// Drops every entry of an older generation and one in [`TRIM_ONE_IN`]
+    /// of the others, which one turning with each trim; the cache's order
+    /// follows the topics' hashes, not their age or use, so about a quarter
+    /// goes, at random as far as any topic is concerned (nats-server's
+    /// sublist drops entries at random when over its limit). One trim at a
+    /// time; a miss meanwhile goes on (the cache may pass its bound by the
+    /// misses that land during a trim).
+    fn trim(&self, generation: u64) {
+        if self.trimming.swap(true, Acquire) {
+            return;
         }
-        self.cache.insert(topic.into(), (generation, found.clone()));
-        (!found.is_empty()).then_some(found)
+        let phase = self.trims.fetch_add(1, Relaxed) % TRIM_ONE_IN;
+        let (mut seen, mut dropped) = (0usize, 0usize);
+        self.cache.retain(|_, (g, _)| {
+            let keep = *g == generation && !(seen + phase).is_multiple_of(TRIM_ONE_IN);
+            seen += usize::from(*g == generation);
+            dropped += usize::from(!keep);
+            keep
+        });
+        self.cached.fetch_sub(dropped, Relaxed);
+        self.trimming.store(false, Release);
     }
 }
 
@@ -326,5 +378,64 @@ mod tests {
         assert!(ps.read().root.is_empty(), "the path was pruned");
         assert_eq!(ps.subscribe("x:*", &a, 1), Change::Created);
         assert_eq!(ps.subscribe("y:*", &a, 1), Change::Full);
+    }
+
+    #[test]
+    fn past_its_bound_the_cache_is_trimmed_and_every_answer_stays_right() {
+        let ps = Patterns::default();
+        let s = sub(1);
+        for p in ["chat:*", "chat:lobby:>", "*:count"] {
+            ps.subscribe(p, &s, 100);
+        }
+        let plain = |topic: &str| {
+            let mut want: Vec<&str> = ["chat:*", "chat:lobby:>", "*:count"]
+                .into_iter()
+                .filter(|p| herald_protocol::topic::matches(p, topic))
+                .collect();
+            want.sort_unstable();
+            want
+        };
+        let topic = |i: usize| match i % 3 {
+            0 => format!("chat:{i}"),
+            1 => format!("chat:lobby:{i}"),
+            _ => format!("other:{i}"),
+        };
+        let mut least = usize::MAX;
+        for i in 0..3 * CACHE_ENTRIES {
+            assert_eq!(
+                texts(&ps, &ps.matching(&topic(i))),
+                plain(&topic(i)),
+                "{}",
+                topic(i)
+            );
+            let n = ps.cache.len();
+            assert_eq!(n, ps.cached.load(Relaxed), "the count follows the cache");
+            assert!(n <= CACHE_ENTRIES, "bounded: {n}");
+            if i >= CACHE_ENTRIES {
+                least = least.min(n);
+            }
+        }
+        assert!(
+            least >= CACHE_ENTRIES / 2,
+            "trimmed, not cleared: {least} entries at the least"
+        );
+        // Asked again, trimmed or not, every topic gets its right answer;
+        // most are still remembered.
+        let remembered = (0..3 * CACHE_ENTRIES)
+            .filter(|&i| ps.cache.contains_key(topic(i).as_str()))
+            .count();
+        assert!(remembered >= CACHE_ENTRIES / 2);
+        for i in (0..3 * CACHE_ENTRIES).step_by(7) {
+            assert_eq!(texts(&ps, &ps.matching(&topic(i))), plain(&topic(i)));
+        }
+        // A new pattern: every remembered answer is of an older
+        // generation, answered afresh, and the next trim drops them all.
+        ps.subscribe("other:>", &s, 100);
+        assert_eq!(texts(&ps, &ps.matching("other:2")), ["other:>"]);
+        assert_eq!(texts(&ps, &ps.matching("chat:0")), ["chat:*"]);
+        let generation = ps.generation.load(Relaxed);
+        ps.trim(generation);
+        assert!(ps.cache.iter().all(|e| e.value().0 == generation));
+        assert_eq!(ps.cache.len(), ps.cached.load(Relaxed));
     }
 }

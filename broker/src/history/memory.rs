@@ -5,11 +5,42 @@
 //! ([`From`]), what it gives ([`Replay`]) and why it cannot
 //! ([`Refusal`]).
 //!
-//! A publish on a history topic takes the journal's lock, gets the next
-//! `seq`, is stored, and is handed to the hub under the same lock, so
-//! every subscriber sees a topic's messages in increasing `seq` whoever
-//! published them. Each ring remembers the highest `seq` it ever dropped,
-//! so a recovery knows exactly whether anything it would need is gone.
+//! A publish on a history topic takes the journal's delivery turn; under
+//! the journal's lock it gets the next `seq` and is stored; then, the lock
+//! released and the turn still held, it is handed to the hub. So every
+//! socket sees history messages in increasing `seq`, whoever published
+//! them, while the journal itself (a recovery reading it, `GET
+//! /v1/history`, the prune tick) never waits for a fan-out; only the next
+//! history publish does. Each ring remembers the highest `seq` it ever
+//! dropped, so a recovery knows exactly whether anything it would need is
+//! gone.
+//!
+//! Why the turn is one for the node, not one per topic: a socket gets
+//! history messages in increasing `seq` across topics too (a wildcard, or
+//! two subscriptions, span topics; `docs/protocol.md`: the last `seq` a
+//! client has marks everything before it on every topic it matches, so a
+//! client that got 11 and reconnects from 11 must have had 10), and a
+//! recovery's floor (see [`Subscriber::offer`]) ends at the first live
+//! `seq` above the replay, which is right only if none lower comes after
+//! it. Two topics fanned out at once could hand a socket 11 before 10. A
+//! per-topic turn would be enough for sockets of one topic only, and which
+//! sockets those are changes with every subscribe. What the turn covers is
+//! cheap, though: the hub only queues under it, and the frames it would
+//! write at once (a system call each) go out after it (the hub's `queue`).
+//!
+//! Why the seam stays exact with the fan-out outside the lock: a recovery
+//! lists its subscription (holding, see [`Subscriber::offer`]) and then
+//! reads, under the lock, up to the last `seq` stored (`through`). A
+//! message stored before that read is in the replay (or reported lost),
+//! though its delivery may now come after the read: into the hold, and
+//! dropped at the release as at most `through`; or after the release,
+//! dropped by the floor, since no delivery above `through` can come before
+//! it (turn order). A message stored after the read has a `seq` above
+//! `through` and reaches the listed subscription: held and released, or
+//! live. It is the seam a cluster node already has: its feed stores into
+//! its tail and then delivers, in the stream's order.
+//!
+//! [`Subscriber::offer`]: crate::socket::subscriber::Subscriber::offer
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -54,6 +85,10 @@ pub struct Journal {
     epoch: Arc<str>,
     cap: u64,
     state: Mutex<State>,
+    /// The delivery turn: held by a publish from taking its `seq` to the
+    /// end of its fan-out, so fan-outs go in `seq` order (see the module
+    /// doc). Taken before `state`, never the other way.
+    turn: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -92,6 +127,7 @@ impl Journal {
             epoch: epoch_of(nanos ^ (u64::from(std::process::id()) << 40)).into(),
             cap,
             state: Mutex::new(State::default()),
+            turn: Mutex::new(()),
         }
     }
 
@@ -112,7 +148,9 @@ impl Journal {
     }
 
     /// Stores `data` on `topic` under `rule` and calls `deliver` with its
-    /// `seq`, under the journal's lock: deliveries leave in `seq` order.
+    /// `seq`, in the journal's delivery turn but outside its lock:
+    /// deliveries leave in `seq` order, and only the next `append` waits
+    /// for them.
     pub fn append<R>(&self, topic: &str, rule: &Retention, data: Bytes, deliver: impl FnOnce(u64) -> R) -> R {
         self.append_at(topic, rule, data, crate::clock::now_ms(), deliver)
     }
@@ -134,8 +172,7 @@ impl Journal {
             s.first = seq;
         }
         s.seq = seq - 1;
-        drop(s);
-        self.append_at(topic, rule, data, now, |_| ());
+        s.store(topic, rule, data, now, self.cap);
     }
 
     /// Whether a replay after `since` lies within what was inserted: from
@@ -153,39 +190,8 @@ impl Journal {
         now_ms: u64,
         deliver: impl FnOnce(u64) -> R,
     ) -> R {
-        let mut s = self.lock();
-        s.seq += 1;
-        let seq = s.seq;
-        let len = data.len() as u64;
-        let key: Arc<str> = match s.topics.get_key_value(topic) {
-            Some((k, _)) => k.clone(),
-            None => topic.into(),
-        };
-        let ring = s.topics.entry(key.clone()).or_insert_with(|| Ring {
-            msgs: VecDeque::new(),
-            lost_through: 0,
-            count: rule.count,
-            age_ms: rule.age.map(|a| a.as_millis() as u64),
-        });
-        ring.msgs.push_back((seq, now_ms, data));
-        let mut freed = (0usize, 0u64);
-        if let Some(max) = ring.count {
-            while ring.msgs.len() as u64 > max {
-                let (old, _, d) = ring.msgs.pop_front().expect("ring over its count");
-                ring.lost_through = old;
-                freed = (freed.0 + 1, freed.1 + d.len() as u64);
-            }
-        }
-        s.stored = s.stored + 1 - freed.0;
-        s.bytes = s.bytes + len - freed.1;
-        s.order.push_back((seq, key));
-        while s.bytes > self.cap {
-            let Some((old, t)) = s.order.pop_front() else {
-                break;
-            };
-            s.drop_head(&t, old);
-        }
-        s.compact();
+        let _turn = self.turn.locked();
+        let seq = self.lock().store(topic, rule, data, now_ms, self.cap);
         deliver(seq)
     }
 
@@ -282,6 +288,45 @@ impl Journal {
 }
 
 impl State {
+    /// Stores `data` on `topic` under `rule` at the next `seq`, dropping
+    /// what the ring's count or the byte cap `cap` no longer allows;
+    /// returns the `seq`.
+    fn store(&mut self, topic: &str, rule: &Retention, data: Bytes, now_ms: u64, cap: u64) -> u64 {
+        self.seq += 1;
+        let seq = self.seq;
+        let len = data.len() as u64;
+        let key: Arc<str> = match self.topics.get_key_value(topic) {
+            Some((k, _)) => k.clone(),
+            None => topic.into(),
+        };
+        let ring = self.topics.entry(key.clone()).or_insert_with(|| Ring {
+            msgs: VecDeque::new(),
+            lost_through: 0,
+            count: rule.count,
+            age_ms: rule.age.map(|a| a.as_millis() as u64),
+        });
+        ring.msgs.push_back((seq, now_ms, data));
+        let mut freed = (0usize, 0u64);
+        if let Some(max) = ring.count {
+            while ring.msgs.len() as u64 > max {
+                let (old, _, d) = ring.msgs.pop_front().expect("ring over its count");
+                ring.lost_through = old;
+                freed = (freed.0 + 1, freed.1 + d.len() as u64);
+            }
+        }
+        self.stored = self.stored + 1 - freed.0;
+        self.bytes = self.bytes + len - freed.1;
+        self.order.push_back((seq, key));
+        while self.bytes > cap {
+            let Some((old, t)) = self.order.pop_front() else {
+                break;
+            };
+            self.drop_head(&t, old);
+        }
+        self.compact();
+        seq
+    }
+
     /// Drops `seq` from `topic`'s ring if it is still its oldest message.
     fn drop_head(&mut self, topic: &str, seq: u64) {
         let Some(ring) = self.topics.get_mut(topic) else {
@@ -428,5 +473,38 @@ mod tests {
         j.insert("a", &r, 50, Bytes::from_static(b"3"));
         assert!(!j.covers(42) && j.covers(49) && j.covers(50));
         assert_eq!(j.replay(">", From::Since(49), 10).unwrap().messages.len(), 1);
+    }
+
+    #[test]
+    fn a_fan_out_runs_outside_the_lock_in_the_turn() {
+        let j = Arc::new(Journal::new(1 << 20));
+        let r = rule(Some(10), None);
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let log = |e: String| events.locked().push(e);
+        let other = j.append_at("a", &r, Bytes::from_static(b"1"), 0, |seq| {
+            // The journal is free: a recovery's read, a page, the prune
+            // tick go on during a fan-out, and see the message stored.
+            assert!(
+                j.state.try_lock().is_ok(),
+                "the journal is locked through a fan-out"
+            );
+            assert_eq!(j.replay(">", From::Since(0), 10).unwrap().through, seq);
+            assert_eq!(j.read("a", 0, 10).0.len(), 1);
+            j.prune();
+            // Another publish, on another topic, waits for this fan-out.
+            let other = std::thread::spawn({
+                let (j, r, events) = (j.clone(), r.clone(), events.clone());
+                move || {
+                    j.append_at("b", &r, Bytes::from_static(b"2"), 0, |seq| {
+                        events.locked().push(format!("b {seq}"));
+                    })
+                }
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            log(format!("a {seq}"));
+            other
+        });
+        other.join().unwrap();
+        assert_eq!(*events.locked(), ["a 1", "b 2"], "fan-outs in seq order");
     }
 }

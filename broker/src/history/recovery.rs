@@ -13,7 +13,6 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 
 use herald_protocol::message::{self, ErrorCode};
 use herald_protocol::position::{self, Unrecovered};
@@ -148,21 +147,19 @@ async fn read(
     (result, Some(epoch))
 }
 
-/// Queues the replay, waiting whenever the socket's queue is half full.
+/// Queues the replay, waiting whenever the socket's queue is half full
+/// until its writer takes it (woken by the outbox, not by a timer); stops
+/// as soon as the socket is closing.
 async fn send(sub: &Arc<Subscriber>, replay: &Replay, epoch: &str) {
-    let limit = sub.outbox.limit();
+    let half = sub.outbox.limit() / 2;
     for (topic, seq, data) in &replay.messages {
         let frame = if sub.raw {
             message::encode_raw(data)
         } else {
             position::encode_delivery_at(topic, data, *seq, epoch)
         };
-        loop {
-            match sub.outbox.room() {
-                None => return,
-                Some(room) if room >= (limit / 2).max(frame.len()).min(limit) => break,
-                Some(_) => tokio::time::sleep(Duration::from_millis(2)).await,
-            }
+        if !sub.outbox.wait_room(half.max(frame.len())).await {
+            return;
         }
         sub.push(frame);
     }
@@ -221,4 +218,66 @@ pub async fn page(
     }
     out.push_str(&format!("],\"complete\":{complete}}}"));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use bytes::Bytes;
+    use herald_protocol::Disconnect;
+
+    fn replay(n: u64) -> Replay {
+        let topic: Arc<str> = "room:a".into();
+        let messages = (1..=n)
+            .map(|seq| (topic.clone(), seq, Bytes::from(format!("{{\"n\":{seq}}}"))))
+            .collect();
+        Replay { messages, through: n }
+    }
+
+    /// Lets the replay task run until it waits.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_replay_waits_for_room_resumes_when_it_frees_and_ends_with_the_socket() {
+        let frame_len = position::encode_delivery_at("room:a", b"{\"n\":1}", 1, "e").len();
+        // Room for four frames: the replay queues while half is free.
+        let sub = Arc::new(Subscriber::new(
+            1,
+            false,
+            4 * frame_len,
+            0,
+            Default::default(),
+            None,
+        ));
+        let task = tokio::spawn({
+            let sub = sub.clone();
+            async move { send(&sub, &replay(100), "e").await }
+        });
+        settle().await;
+        let first = sub.outbox.try_take(Vec::new()).unwrap().frames;
+        assert_eq!(first.len(), 3, "queued up to half the bound, then waited");
+        assert!(!task.is_finished());
+        // Taking the queue (what the writer does) wakes it: it goes on.
+        settle().await;
+        let next = sub.outbox.try_take(Vec::new()).unwrap().frames;
+        assert_eq!(next.len(), 3);
+        assert!(
+            next[0].windows(8).any(|w| w == b"\"seq\":4,"),
+            "in order, from where it stopped"
+        );
+        settle().await;
+        assert!(!task.is_finished(), "waiting again, on a full half");
+        // The socket closes: the replay ends at once, with the rest unsent.
+        sub.close(Disconnect::GoingAway);
+        settle().await;
+        assert!(task.is_finished());
+        task.await.unwrap();
+        let left = sub.outbox.try_take(Vec::new()).unwrap();
+        assert_eq!(left.frames.len(), 3, "nothing queued after the close");
+    }
 }

@@ -43,6 +43,9 @@ struct State {
     running: bool,
     /// Writers' clock (ms, wrapping) of the last frame written at once.
     inline_at: u32,
+    /// A replay waits in [`Outbox::wait_room`]: whoever frees bytes (or
+    /// closes) wakes it.
+    waiting: bool,
 }
 
 impl State {
@@ -69,6 +72,9 @@ pub struct Outbox {
     pub(crate) interrupt: Notify,
     /// Tells the read loop that a close was requested.
     closed: Notify,
+    /// Wakes [`Outbox::wait_room`]: bytes left the queue, or a close was
+    /// requested. Notified only while one waits (see `State::waiting`).
+    room: Notify,
     limit: usize,
     /// Writers' clock (ms) when the writer last made progress, or 0 while
     /// it has nothing in flight. Read by [`Outbox::stalled_since`].
@@ -92,6 +98,7 @@ impl Outbox {
             ready: Notify::new(),
             interrupt: Notify::new(),
             closed: Notify::new(),
+            room: Notify::new(),
             limit,
             progress: AtomicU64::new(0),
         }
@@ -141,10 +148,14 @@ impl Outbox {
         }
         s.close = Some(why);
         let start = s.wake();
+        let waiting = std::mem::take(&mut s.waiting);
         drop(s);
         self.interrupt.notify_one();
         self.closed.notify_one();
         self.ready.notify_one();
+        if waiting {
+            self.room.notify_waiters();
+        }
         (true, start)
     }
 
@@ -175,7 +186,7 @@ impl Outbox {
         }
         s.inline_at = now.max(1);
         let frame = &s.frames[0];
-        match wr.try_write(frame) {
+        let out = match wr.try_write(frame) {
             Ok(n) if n == frame.len() => {
                 // An idle socket holds no queue.
                 s.frames = Vec::new();
@@ -191,8 +202,14 @@ impl Outbox {
                 Some((wr, Some(rest)))
             }
             // Would block (or failed): the writer takes it from here.
-            Err(_) => Some((wr, None)),
+            Err(_) => return Some((wr, None)),
+        };
+        let waiting = std::mem::take(&mut s.waiting);
+        drop(s);
+        if waiting {
+            self.room.notify_waiters();
         }
+        out
     }
 
     /// A writer with nothing to do hands the write half back and ends;
@@ -230,10 +247,13 @@ impl Outbox {
         }
         let frames = std::mem::replace(&mut s.frames, spare);
         s.bytes = 0;
-        Ok(Batch {
-            frames,
-            close: s.close.clone(),
-        })
+        let close = s.close.clone();
+        let waiting = std::mem::take(&mut s.waiting);
+        drop(s);
+        if waiting {
+            self.room.notify_waiters();
+        }
+        Ok(Batch { frames, close })
     }
 
     /// When the writer, with bytes in flight, last made progress (writers'
@@ -247,13 +267,28 @@ impl Outbox {
         }
     }
 
-    /// Bytes that may still be queued before the bound, or `None` once
-    /// the socket is closing. A replay paces itself by it.
-    pub fn room(&self) -> Option<usize> {
-        let s = self.lock();
-        match s.close {
-            Some(_) => None,
-            None => Some(self.limit.saturating_sub(s.bytes)),
+    /// Waits until `need` more bytes (at most the bound) may be queued;
+    /// false, at once, when the socket is closing. A replay paces itself
+    /// by it: it sleeps until the writer takes the queue (or a frame is
+    /// written at once, or a close is asked for), with nothing polled.
+    pub async fn wait_room(&self, need: usize) -> bool {
+        let need = need.min(self.limit);
+        loop {
+            // Listening before the look: a wake between the two is kept.
+            let freed = self.room.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut s = self.lock();
+                if s.close.is_some() {
+                    return false;
+                }
+                if self.limit.saturating_sub(s.bytes) >= need {
+                    return true;
+                }
+                s.waiting = true;
+            }
+            freed.await;
         }
     }
 
@@ -344,5 +379,48 @@ mod tests {
         let wr = start.unwrap();
         o.close(Disconnect::GoingAway);
         assert!(matches!(o.write_now(wr, 60_000), Some((_, None))));
+    }
+
+    /// A waker that counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    #[test]
+    fn waiting_for_room_wakes_only_when_room_frees_or_the_socket_closes() {
+        use std::future::Future;
+        use std::task::{Context, Poll};
+        let count = std::sync::Arc::new(Count(Default::default()));
+        let waker = std::task::Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let wakes = || count.0.load(Relaxed);
+        let o = Outbox::new(10);
+        o.push(Bytes::from_static(b"12345678"));
+        let mut wait = std::pin::pin!(o.wait_room(5));
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        // A push takes room, it frees none: no wake.
+        o.push(Bytes::from_static(b"1"));
+        assert_eq!(wakes(), 0);
+        let b = o.try_take(Vec::new()).unwrap();
+        assert_eq!(b.frames.len(), 2);
+        assert_eq!(wakes(), 1, "woken by the take");
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(true));
+        // Room enough already: at once. More than the bound: the bound.
+        assert_eq!(std::pin::pin!(o.wait_room(10)).poll(&mut cx), Poll::Ready(true));
+        assert_eq!(
+            std::pin::pin!(o.wait_room(1 << 20)).poll(&mut cx),
+            Poll::Ready(true)
+        );
+        o.push(Bytes::from_static(b"123456"));
+        let mut wait = std::pin::pin!(o.wait_room(5));
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        assert!(o.close(Disconnect::GoingAway).0);
+        assert_eq!(wakes(), 2, "woken by the close");
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(false));
+        assert_eq!(std::pin::pin!(o.wait_room(1)).poll(&mut cx), Poll::Ready(false));
     }
 }

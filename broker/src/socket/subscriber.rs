@@ -134,20 +134,38 @@ impl Subscriber {
     /// The push that overflows the queue closes the socket with 4001 and
     /// is counted, whoever made it (fan-out, an ack, an error frame).
     pub fn push(self: &Arc<Self>, frame: Bytes) -> Pushed {
+        let (pushed, idle) = self.queue(frame);
+        if let Some(wr) = idle {
+            self.write(wr);
+        }
+        pushed
+    }
+
+    /// [`Subscriber::push`] without the write: when the frame found the
+    /// socket idle, its write half comes back, and the caller hands it to
+    /// [`Subscriber::write`] soon (once out of a lock). Until then nobody
+    /// writes to the socket: later frames queue behind this one.
+    pub fn queue(self: &Arc<Self>, frame: Bytes) -> (Pushed, Option<OwnedWriteHalf>) {
         let (pushed, start) = self.outbox.push(frame);
         if pushed == Pushed::Overflowed {
             self.writers.metrics.slow_consumers.fetch_add(1, Relaxed);
             tracing::info!(conn_id = self.id, "closing slow consumer");
         }
         match (pushed, start) {
-            (Pushed::Queued, Some(wr)) => {
-                if let Some((wr, rest)) = self.outbox.write_now(wr, crate::clock::now_ms()) {
-                    self.spawn_writer(wr, rest);
-                }
+            (Pushed::Queued, Some(wr)) => (pushed, Some(wr)),
+            (_, start) => {
+                self.start_writer(start);
+                (pushed, None)
             }
-            (_, start) => self.start_writer(start),
         }
-        pushed
+    }
+
+    /// Writes what [`Subscriber::queue`] queued for an idle socket at once
+    /// (see [`Outbox::write_now`]), or starts its writer.
+    pub fn write(self: &Arc<Self>, wr: OwnedWriteHalf) {
+        if let Some((wr, rest)) = self.outbox.write_now(wr, crate::clock::now_ms()) {
+            self.spawn_writer(wr, rest);
+        }
     }
 
     /// Asks for the socket to be closed (see [`Outbox::close`]); returns
@@ -337,21 +355,43 @@ impl Subscriber {
     /// above `through` (the rest was in the replay), in order, before any
     /// later live delivery can pass it; later ones up to `through` are
     /// dropped as they come.
+    ///
+    /// The frames are pushed with the socket's subscriptions unlocked (a
+    /// push may write to the socket, and fan-out takes that lock to offer
+    /// the next delivery). The hold stays in place meanwhile, so a live
+    /// delivery arriving then is held behind them, not sent ahead of them;
+    /// the hold goes, under the lock, only once a look finds it empty: from
+    /// then on deliveries are pushed by fan-out itself, after all of it.
     pub fn release(self: &Arc<Self>, pattern: &str, through: u64) {
-        let mut subs = self.subs();
-        let Some(s) = subs.iter_mut().find(|s| &*s.pattern == pattern) else {
-            self.settle(&subs);
-            return;
-        };
-        let held = s.hold.take();
-        s.floor = through;
-        for (seq, frame) in held.map(|h| h.frames).unwrap_or_default() {
-            if seq > through {
-                self.push(frame);
-                s.floor = 0;
+        let mut out = Vec::new();
+        let mut passed = false;
+        loop {
+            let mut subs = self.subs();
+            let Some(s) = subs.iter_mut().find(|s| &*s.pattern == pattern) else {
+                self.settle(&subs);
+                return;
+            };
+            match s.hold.as_mut() {
+                Some(hold) if !hold.frames.is_empty() => {
+                    std::mem::swap(&mut out, &mut hold.frames);
+                    hold.bytes = 0;
+                }
+                _ => {
+                    s.hold = None;
+                    // Past the replay's end already, or dropping up to it.
+                    s.floor = if passed { 0 } else { through };
+                    self.settle(&subs);
+                    return;
+                }
+            }
+            drop(subs);
+            for (seq, frame) in out.drain(..) {
+                if seq > through {
+                    self.push(frame);
+                    passed = true;
+                }
             }
         }
-        self.settle(&subs);
     }
 
     fn settle(&self, subs: &[Subscription]) {
@@ -411,5 +451,59 @@ mod tests {
         let gone = s.prune();
         assert_eq!(gone.len(), 1);
         assert!(s.subs().is_empty() && !s.has_retired());
+    }
+
+    #[test]
+    fn a_release_queues_what_the_replay_lacked_in_order_then_drops_repeats() {
+        let s = Arc::new(socket(&[]));
+        s.add(Subscription::recovering("room:>"));
+        let frame = |seq: u64| Bytes::from(format!("{seq};"));
+        // Live deliveries during the replay wait in the hold.
+        for seq in [9, 10, 11, 12] {
+            assert!(s.offer("room:a", seq, &frame(seq)));
+        }
+        assert!(s.outbox.try_take(Vec::new()).is_err(), "held, not queued");
+        s.release("room:>", 10);
+        let got = s.outbox.try_take(Vec::new()).unwrap().frames;
+        assert_eq!(got, [frame(11), frame(12)], "above the replay, in order");
+        assert!(s.subs()[0].hold.is_none());
+        // Past the replay already: live flows, nothing is dropped.
+        assert!(!s.offer("room:b", 13, &frame(13)));
+        // Nothing above the replay held: repeats up to its end are
+        // dropped until live passes it.
+        s.add(Subscription::recovering("news:>"));
+        assert!(s.offer("news:a", 20, &frame(20)));
+        s.release("news:>", 21);
+        assert!(s.outbox.try_take(Vec::new()).is_err());
+        assert!(s.offer("news:a", 21, &frame(21)), "in the replay: dropped");
+        assert!(!s.offer("news:b", 22, &frame(22)), "live again");
+        assert!(!s.offer("news:a", 23, &frame(23)));
+        assert!(!s.recovering.load(Acquire));
+    }
+
+    #[test]
+    fn live_deliveries_during_a_release_queue_behind_it() {
+        let s = Arc::new(Subscriber::new(1, false, 1 << 30, 0, Default::default(), None));
+        s.add(Subscription::recovering("room:>"));
+        let frame = |seq: u64| Bytes::from(seq.to_string());
+        for seq in 1..=20_000 {
+            assert!(s.offer("room:a", seq, &frame(seq)));
+        }
+        // Fan-out goes on while the release pushes (as `Sent::push` does:
+        // offered first, pushed when not taken).
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for seq in 20_001..=40_000 {
+                    let f = frame(seq);
+                    if !s.offer("room:a", seq, &f) {
+                        s.push(f);
+                    }
+                }
+            });
+            s.release("room:>", 5);
+        });
+        let got = s.outbox.try_take(Vec::new()).unwrap().frames;
+        let want: Vec<Bytes> = (6..=40_000).map(frame).collect();
+        assert!(got == want, "every frame once, in seq order");
     }
 }
