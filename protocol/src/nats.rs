@@ -455,13 +455,28 @@ pub fn publish(
     reply: Option<&str>,
     payload: &[u8],
 ) -> Result<(), EncodeError> {
+    publish_head(out, subject, reply, payload.len())?;
+    out.reserve(payload.len() + 2);
+    out.put_slice(payload);
+    out.put_slice(b"\r\n");
+    Ok(())
+}
+
+/// The `PUB subject [reply] size` line alone, for a writer that sends the
+/// payload (and the CRLF after it, [`END`]) from buffers of its own.
+pub fn publish_head(
+    out: &mut BytesMut,
+    subject: &str,
+    reply: Option<&str>,
+    size: usize,
+) -> Result<(), EncodeError> {
     check_subject(subject)?;
     if let Some(r) = reply {
         check_subject(r)?;
     }
-    let size = Digits::new(payload.len() as u64);
+    let size = Digits::new(size as u64);
     let line = 4 + subject.len() + reply.map_or(0, |r| r.len() + 1) + 1 + size.as_bytes().len() + 2;
-    out.reserve(line + payload.len() + 2);
+    out.reserve(line);
     out.put_slice(b"PUB ");
     out.put_slice(subject.as_bytes());
     if let Some(r) = reply {
@@ -471,10 +486,11 @@ pub fn publish(
     out.put_u8(b' ');
     out.put_slice(size.as_bytes());
     out.put_slice(b"\r\n");
-    out.put_slice(payload);
-    out.put_slice(b"\r\n");
     Ok(())
 }
+
+/// What ends every payload.
+pub const END: &[u8] = b"\r\n";
 
 /// The size of the header block [`hpub`] writes for `headers`.
 fn block_len<K: AsRef<str>, V: AsRef<str>>(headers: &[(K, V)]) -> usize {
@@ -496,6 +512,22 @@ pub fn hpub<K: AsRef<str>, V: AsRef<str>>(
     headers: &[(K, V)],
     payload: &[u8],
 ) -> Result<(), EncodeError> {
+    hpub_head(out, subject, reply, headers, payload.len())?;
+    out.reserve(payload.len() + 2);
+    out.put_slice(payload);
+    out.put_slice(b"\r\n");
+    Ok(())
+}
+
+/// The `HPUB` line and its header block alone, for a payload of `size`
+/// bytes the writer sends (then [`END`]) from buffers of its own.
+pub fn hpub_head<K: AsRef<str>, V: AsRef<str>>(
+    out: &mut BytesMut,
+    subject: &str,
+    reply: Option<&str>,
+    headers: &[(K, V)],
+    size: usize,
+) -> Result<(), EncodeError> {
     check_subject(subject)?;
     if let Some(r) = reply {
         check_subject(r)?;
@@ -513,10 +545,7 @@ pub fn hpub<K: AsRef<str>, V: AsRef<str>>(
         }
     }
     let block = block_len(headers);
-    let (hsize, tsize) = (
-        Digits::new(block as u64),
-        Digits::new((block + payload.len()) as u64),
-    );
+    let (hsize, tsize) = (Digits::new(block as u64), Digits::new((block + size) as u64));
     let line = 5
         + subject.len()
         + reply.map_or(0, |r| r.len() + 1)
@@ -525,7 +554,7 @@ pub fn hpub<K: AsRef<str>, V: AsRef<str>>(
         + 1
         + tsize.as_bytes().len()
         + 2;
-    out.reserve(line + block + payload.len() + 2);
+    out.reserve(line + block);
     out.put_slice(b"HPUB ");
     out.put_slice(subject.as_bytes());
     if let Some(r) = reply {
@@ -546,8 +575,6 @@ pub fn hpub<K: AsRef<str>, V: AsRef<str>>(
         out.put_slice(b"\r\n");
     }
     out.put_slice(b"\r\n");
-    out.put_slice(payload);
-    out.put_slice(b"\r\n");
     Ok(())
 }
 
@@ -563,6 +590,25 @@ pub fn pong(out: &mut BytesMut) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_head_then_the_payload_is_the_whole_command() {
+        let h = [("Herald-Event", "join")];
+        for payload in [&b""[..], b"{}", b"a\r\nb"] {
+            let (mut whole, mut parts) = (BytesMut::new(), BytesMut::new());
+            publish(&mut whole, "t.a", Some("r"), payload).unwrap();
+            publish_head(&mut parts, "t.a", Some("r"), payload.len()).unwrap();
+            parts.extend_from_slice(payload);
+            parts.extend_from_slice(END);
+            assert_eq!(whole, parts);
+            let (mut whole, mut parts) = (BytesMut::new(), BytesMut::new());
+            hpub(&mut whole, "t.a", None, &h, payload).unwrap();
+            hpub_head(&mut parts, "t.a", None, &h, payload.len()).unwrap();
+            parts.extend_from_slice(payload);
+            parts.extend_from_slice(END);
+            assert_eq!(whole, parts);
+        }
+    }
+
     use super::*;
 
     fn limits() -> Limits {

@@ -59,8 +59,20 @@ const MAX_UNANSWERED: usize = 3;
 /// Bytes of publishes queued for the writer: past it, publishers wait.
 const WRITE_BYTES: usize = 8 << 20;
 
-/// A chunk for the writer; a publish holds its bytes' permits until written.
-type Chunk = (Bytes, Option<OwnedSemaphorePermit>);
+/// What the writer sends, in one piece: a command, and for a publish its
+/// payload (followed by the CRLF that ends it) with the permits for its
+/// bytes, held until written.
+struct Chunk {
+    head: Bytes,
+    payload: Option<(Bytes, OwnedSemaphorePermit)>,
+}
+
+impl Chunk {
+    /// A command with no payload.
+    fn command(head: Bytes) -> Chunk {
+        Chunk { head, payload: None }
+    }
+}
 
 /// Where a subscription's messages go.
 enum Route {
@@ -228,7 +240,7 @@ impl NatsIo {
             let (tx, rx) = oneshot::channel();
             // Queued under the lock: PINGs and their pending entries stay
             // in the same order.
-            if out.send((Bytes::from_static(nats::PING), None)).is_err() {
+            if out.send(Chunk::command(Bytes::from_static(nats::PING))).is_err() {
                 return false;
             }
             st.pending.push_back(Pending::Barrier(tx));
@@ -264,19 +276,24 @@ impl NatsIo {
             .map_err(|_| down())?;
         let out = self.state().out.clone().ok_or_else(down)?;
         // One chunk for line, headers, payload and end: nothing of another
-        // publisher can come between them.
-        let mut chunk = BytesMut::new();
+        // publisher can come between them. The payload is not copied here:
+        // the writer copies it once, into the buffer it writes from.
+        let mut head = BytesMut::new();
         match headers {
-            None => nats::publish(&mut chunk, subject, None, &payload),
+            None => nats::publish_head(&mut head, subject, None, payload.len()),
             Some(h) => {
                 // Values come from clients (display names); a NATS header
                 // cannot hold a line break.
                 let h: Vec<(&str, Cow<'_, str>)> = h.iter().map(|(n, v)| (*n, one_line(v))).collect();
-                nats::hpub(&mut chunk, subject, None, &h, &payload)
+                nats::hpub_head(&mut head, subject, None, &h, payload.len())
             }
         }
         .map_err(io::Error::other)?;
-        out.send((chunk.freeze(), Some(permit))).map_err(|_| down())
+        let chunk = Chunk {
+            head: head.freeze(),
+            payload: Some((payload, permit)),
+        };
+        out.send(chunk).map_err(|_| down())
     }
 
     /// The largest message the server takes, headers included.
@@ -338,7 +355,7 @@ impl NatsIo {
                 let _ = nats::sub(&mut subs, subject, None, *sid);
             }
             if !subs.is_empty() {
-                let _ = out.send((subs.freeze(), None));
+                let _ = out.send(Chunk::command(subs.freeze()));
             }
             st.out = Some(out.clone());
             st.pending.clear();
@@ -375,7 +392,7 @@ impl NatsIo {
                         if unanswered >= MAX_UNANSWERED {
                             return io::Error::other("PINGs unanswered for 90 s");
                         }
-                        if out.send((Bytes::from_static(nats::PING), None)).is_ok() {
+                        if out.send(Chunk::command(Bytes::from_static(nats::PING))).is_ok() {
                             st.pending.push_back(Pending::Keepalive);
                         }
                     }
@@ -438,7 +455,7 @@ impl NatsIo {
                 }
             }
             ServerOp::Ping => {
-                let _ = out.send((Bytes::from_static(nats::PONG), None));
+                let _ = out.send(Chunk::command(Bytes::from_static(nats::PONG)));
             }
             ServerOp::Pong => {
                 if let Some(Pending::Barrier(tx)) = self.state().pending.pop_front() {
@@ -468,7 +485,7 @@ fn send_now(st: &State, chunk: Bytes) {
     if let Some(out) = &st.out {
         // Closed: the connection is going; every SUB is sent again when
         // it reconnects.
-        let _ = out.send((chunk, None));
+        let _ = out.send(Chunk::command(chunk));
     }
 }
 
@@ -478,9 +495,13 @@ async fn write_loop(mut wr: tokio::io::WriteHalf<Io>, mut rx: mpsc::UnboundedRec
     while rx.recv_many(&mut chunks, 64).await > 0 {
         // Permits go back once their bytes are written.
         let mut permits = Vec::with_capacity(chunks.len());
-        for (c, p) in chunks.drain(..) {
-            buf.extend_from_slice(&c);
-            permits.extend(p);
+        for c in chunks.drain(..) {
+            buf.extend_from_slice(&c.head);
+            if let Some((payload, permit)) = c.payload {
+                buf.extend_from_slice(&payload);
+                buf.extend_from_slice(nats::END);
+                permits.push(permit);
+            }
         }
         if wr.write_all(&buf).await.is_err() {
             return;
@@ -561,8 +582,9 @@ mod tests {
             ]
         );
         assert_eq!(*handled.locked(), vec![b"x".to_vec()]);
-        let (pong, _) = sent.try_recv().unwrap();
-        assert_eq!(&pong[..], nats::PONG);
+        let pong = sent.try_recv().unwrap();
+        assert_eq!(&pong.head[..], nats::PONG);
+        assert!(pong.payload.is_none());
         // The partial message stays, with room made for all of it.
         assert!(buf.starts_with(b"MSG herald.a"));
         assert!(buf.capacity() >= format!("MSG herald.a {a} 1000\r\n").len() + 1002);
@@ -617,11 +639,18 @@ mod tests {
         io.publish("herald.a", Some(&headers), Bytes::new())
             .await
             .unwrap();
-        let (plain, _) = sent.try_recv().unwrap();
-        assert_eq!(&plain[..], b"PUB herald.a 2\r\n{}\r\n");
-        let (notice, _) = sent.try_recv().unwrap();
+        // What the writer puts on the wire for a chunk.
+        let wire = |c: Chunk| {
+            let mut w = c.head.to_vec();
+            if let Some((p, _)) = c.payload {
+                w.extend_from_slice(&p);
+                w.extend_from_slice(nats::END);
+            }
+            String::from_utf8(w).unwrap()
+        };
+        assert_eq!(wire(sent.try_recv().unwrap()), "PUB herald.a 2\r\n{}\r\n");
         assert_eq!(
-            std::str::from_utf8(&notice).unwrap(),
+            wire(sent.try_recv().unwrap()),
             "HPUB herald.a 52 52\r\nNATS/1.0\r\nHerald-Event: join\r\nHerald-Name: aB: c\r\n\r\n\r\n"
         );
         assert!(io.publish("herald a", None, Bytes::new()).await.is_err());
