@@ -6,7 +6,7 @@
 //! and in one order, for WebSocket sessions and HTTP alike, so no caller
 //! can forget one or do them in another order.
 //!
-//! Uses: `metrics`, `socket`, `presence`, `fanout`, `history`, `cluster`.
+//! Uses: `sync`, `metrics`, `socket`, `presence`, `fanout`, `history`, `cluster`.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use crate::history::recovery::{self, Ask};
 use crate::metrics::Metrics;
 use crate::presence::roster::{Event, Member, On};
 use crate::socket::subscriber::{Subscriber, Subscription};
+use crate::sync::Lock;
 
 /// Why a subscription was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -249,8 +250,26 @@ impl Router {
             sub.push(message::encode_ack(id));
         }
         if new {
-            self.announce(sub, &Subscription::new(pattern), Event::Join, who);
+            self.join(sub, pattern, who);
         }
+    }
+
+    /// Announces the join of `sub`'s live subscription to `pattern`, unless
+    /// it is gone already (the socket left or unsubscribed while the
+    /// subscription waited to be live or recovered): in the socket's turn,
+    /// so its leave, if it comes, is announced after.
+    fn join(&self, sub: &Arc<Subscriber>, pattern: &str, who: Who<'_>) {
+        let _turn = sub.announcing.locked();
+        {
+            let mut subs = sub.subs();
+            let Some(s) = subs.iter_mut().find(|s| !s.retired && *s.pattern == *pattern) else {
+                return;
+            };
+            if std::mem::replace(&mut s.announced, true) {
+                return;
+            }
+        }
+        self.announce(sub, &Subscription::new(pattern), Event::Join, who);
     }
 
     /// Ends socket `sub`'s subscription to `pattern`, then answers `ack`.
@@ -266,7 +285,18 @@ impl Router {
         let max = self.inner.max_subscriptions;
         if self.inner.bus.is_cluster() && sub.retire(pattern, max) {
             self.inner.metrics.subscriptions.fetch_sub(1, Relaxed);
-            self.announce(sub, &Subscription::new(pattern), Event::Leave, who);
+            let _turn = sub.announcing.locked();
+            let announced = {
+                let mut subs = sub.subs();
+                let s = subs
+                    .iter_mut()
+                    .rev()
+                    .find(|s| s.retired && *s.pattern == *pattern);
+                s.is_some_and(|s| std::mem::take(&mut s.announced))
+            };
+            if announced {
+                self.announce(sub, &Subscription::new(pattern), Event::Leave, who);
+            }
         } else {
             let removed = {
                 let mut subs = sub.subs();
@@ -334,7 +364,8 @@ impl Router {
             return;
         }
         self.inner.metrics.subscriptions.fetch_sub(1, Relaxed);
-        if let Some(who) = who {
+        if let (Some(who), true) = (who, s.announced) {
+            let _turn = sub.announcing.locked();
             self.announce(sub, s, Event::Leave, who);
         }
     }

@@ -40,6 +40,11 @@ pub struct Subscriber {
     /// The socket's subscriptions. Written by its session; read by fan-out
     /// from the cluster link only for sockets holding a wildcard.
     subs: Mutex<Vec<Subscription>>,
+    /// Held while a join or leave of this socket is decided and announced,
+    /// so they go out in the order they happen: a join decided after the
+    /// socket's leave (a recovery finishing as the socket goes) finds its
+    /// subscription gone and is never announced.
+    pub announcing: Mutex<()>,
     /// Where a writer task is started when frames arrive for an idle socket.
     writers: Arc<Writers>,
     /// Counts the socket against `--max-connections` until this handle,
@@ -67,6 +72,9 @@ pub struct Subscription {
     /// repeat what is in flight on both. A retired subscription delivers
     /// only topics a live one still matches, and goes once none overlaps it.
     pub retired: bool,
+    /// Its join was announced on its presence topic, so its end announces
+    /// a leave (and only then).
+    pub announced: bool,
 }
 
 /// Live history deliveries that arrived while a replay was being read and
@@ -86,6 +94,7 @@ impl Subscription {
             hold: None,
             floor: 0,
             retired: false,
+            announced: false,
         }
     }
 
@@ -125,6 +134,7 @@ impl Subscriber {
             retired: AtomicBool::new(false),
             last_seen: AtomicU64::new(now_ms),
             subs: Mutex::new(Vec::new()),
+            announcing: Mutex::new(()),
             writers,
             _slot: slot,
         }

@@ -2,6 +2,8 @@
 //! HTTP, joins and leaves per user, the same list on every node, and no
 //! ghosts when a node dies or is cut off from NATS.
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
 use crate::cluster::{nodes, wait_linked};
@@ -337,4 +339,54 @@ async fn a_node_cut_from_nats_comes_back_without_ghosts_or_duplicates() {
         before.iter().all(|v| v["event"] != "join"),
         "joined once: {before:?}"
     );
+}
+
+/// A URL subscription that recovers (`last`, `since`) announces its join
+/// once its replay is sent; a socket that vanishes meanwhile has left
+/// already, and its join must not come after its leave: 110 sockets that
+/// open with a long replay and vanish at once leave no member behind.
+#[tokio::test]
+async fn a_socket_gone_during_its_url_recovery_leaves_no_ghost() {
+    let h = Herald::start(&[
+        "--history",
+        "room:*=200",
+        "--presence",
+        "room:*",
+        "--publish-rate",
+        "0",
+    ]);
+    let mut first = h.connect("sub=room:a").await;
+    let big = format!("\"{}\"", "x".repeat(30_000));
+    for _ in 0..200 {
+        h.publish("room:a", &big).await;
+    }
+    let epoch = loop {
+        // Its own join notice comes first.
+        let v: Value = serde_json::from_str(&first.recv_text().await).expect("json");
+        if let Some(e) = v["epoch"].as_str() {
+            break e.to_owned();
+        }
+    };
+    drop(first);
+    for i in 0..110 {
+        // Half ask for everything kept (6 MB to replay), half for the last.
+        let query = if i % 2 == 0 {
+            "sub=room:a&last=1".to_owned()
+        } else {
+            format!("sub=room:a&since={epoch}:0")
+        };
+        let c = RawWs::connect(h.addr, &format!("/ws?{query}")).await;
+        drop(c);
+    }
+    // A socket that stays, to see every other one gone.
+    let _stay = h.connect("sub=room:b").await;
+    eventually("no member left on room:a", || async {
+        let v = http_presence(&h, "?topic=room:a").await;
+        clients(&v).is_empty()
+    })
+    .await;
+    // And none comes back later: joins after a leave would.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let v = http_presence(&h, "?topic=room:a").await;
+    assert!(clients(&v).is_empty(), "ghosts: {v}");
 }
