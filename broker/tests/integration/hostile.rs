@@ -334,3 +334,48 @@ async fn only_allowed_origins_may_open_sockets() {
         assert_eq!(status(&h, handshake(&host, Some(bad))).await.0, 403, "{bad}");
     }
 }
+
+/// Every answer echoes the request's id as the JSON text the client sent,
+/// byte for byte: ids a JSON value would rewrite (`1e999` becomes `null`,
+/// a long integer a float) come back unchanged, for every op, ack or error.
+#[tokio::test]
+async fn every_answer_echoes_the_id_as_sent() {
+    let h = Herald::start(&["--presence", "chat:*"]);
+    let mut c = h.connect("").await;
+    let ids = [
+        "1e999",
+        "123456789012345678901234567890",
+        "-0.50",
+        r#""\u00e9""#,
+        "12345678901234567890",
+    ];
+    let requests = [
+        r#"{"op":"presence","topic":"chat:lobby","id":ID}"#,
+        r#"{"op":"presence_stats","topic":"chat:lobby","id":ID}"#,
+        r#"{"op":"presence","topic":"news:x","id":ID}"#,
+        r#"{"op":"sub","topic":"chat:lobby","id":ID}"#,
+        r#"{"op":"sub","topic":"a..b","id":ID}"#,
+        r#"{"op":"pub","topic":"chat:lobby","data":1,"id":ID}"#,
+        r#"{"op":"unsub","topic":"chat:lobby","id":ID}"#,
+        r#"{"op":"auth","token":"x","id":ID}"#,
+        r#"{"op":"nope","id":ID}"#,
+    ];
+    for id in ids {
+        for req in requests {
+            let req = req.replace("ID", id);
+            c.send(req.clone()).await;
+            // Deliveries of its own publish come first; the answer names an op.
+            let answer = loop {
+                let t = c.recv_text().await;
+                if t.starts_with("{\"topic\"") && !t.contains("\"op\"") {
+                    continue;
+                }
+                break t;
+            };
+            assert!(
+                answer.contains(&format!("\"id\":{id},")) || answer.contains(&format!("\"id\":{id}}}")),
+                "{req} -> {answer}"
+            );
+        }
+    }
+}
