@@ -64,8 +64,12 @@ pub struct Session {
     fresh: bool,
     /// Publishes per second (`--publish-rate`).
     rate: RateLimit,
-    /// `sub`/`unsub` requests per second (8 bytes: every socket has one).
+    /// `sub`/`unsub`/`auth`/`refresh` requests per second (8 bytes: every
+    /// socket has one).
     sub_rate: RateLimit,
+    /// `presence`/`presence_stats` requests per second: each answer is a
+    /// member list, the costliest answer a socket can ask for.
+    presence_rate: RateLimit,
     name: Option<String>,
     /// Publishes without an id, in a row, on one topic, from the read buffer
     /// being processed: fanned out together when the buffer is done (or
@@ -92,6 +96,7 @@ impl Session {
             fresh: true,
             rate: RateLimit::default(),
             sub_rate: RateLimit::default(),
+            presence_rate: RateLimit::default(),
             name,
             pending: None,
             last: None,
@@ -423,6 +428,14 @@ impl Session {
                 }
             }
             Ok(Request::Presence { topic, id, stats }) => {
+                let rate = self.shared.config.presence_rate;
+                if !self.presence_rate.allow(rate, crate::clock::now_ms()) {
+                    let msg = format!(
+                        "presence_rate: at most {rate} presence and presence_stats requests per second per socket"
+                    );
+                    self.error(ErrorCode::RateLimited, &msg, id);
+                    return Next::Go;
+                }
                 let answer = match self.forbids(topic.as_str(), false) {
                     Some(refusal) => Err((ErrorCode::Forbidden, refusal)),
                     None => router.presence(topic.as_str(), stats, self.shared.config.presence_max_members),

@@ -338,3 +338,44 @@ async fn a_node_cut_from_nats_comes_back_without_ghosts_or_duplicates() {
         "joined once: {before:?}"
     );
 }
+
+/// `presence` answers cost the node a member list each: a socket gets
+/// `--presence-rate` of them a second (`presence_stats` included), then
+/// `rate_limited` errors with the request's id, and stays open.
+#[tokio::test]
+async fn presence_requests_have_a_budget() {
+    let h = Herald::start(&["--presence", "chat:*"]);
+    let _ann = h.connect("sub=chat:lobby").await;
+    let mut c = h.connect("").await;
+    let n = 300;
+    for i in 0..n {
+        let op = if i % 2 == 0 { "presence" } else { "presence_stats" };
+        c.send(json!({"op":op,"topic":"chat:lobby","id":i}).to_string())
+            .await;
+    }
+    let (mut answered, mut limited) = (0, 0);
+    for i in 0..n {
+        let v = c.recv().await;
+        assert_eq!(v["id"], i, "answers in order, each with its id: {v}");
+        match v["op"].as_str() {
+            Some("ack") => answered += 1,
+            Some("error") => {
+                assert_eq!(v["code"], "rate_limited", "{v}");
+                assert!(
+                    v["message"].as_str().unwrap_or("").contains("presence_rate"),
+                    "{v}"
+                );
+                limited += 1;
+            }
+            _ => panic!("{v}"),
+        }
+    }
+    assert!(answered >= 1, "the first requests are answered");
+    assert!(limited > 0, "{n} requests in a burst: none refused");
+    assert_eq!(
+        h.metric("herald_errors_total{code=\"rate_limited\"}").await,
+        limited as f64
+    );
+    // The socket stays open and serves other requests.
+    c.sub("chat:other").await;
+}
