@@ -379,3 +379,33 @@ async fn presence_requests_have_a_budget() {
     // The socket stays open and serves other requests.
     c.sub("chat:other").await;
 }
+
+/// `GET /v1/presence` and `/v1/history` decode their query as `/ws` does
+/// (and as a browser's URLSearchParams writes it): `%3A` is `:`, `+` a
+/// space.
+#[tokio::test]
+async fn http_queries_are_percent_decoded() {
+    let h = Herald::start(&["--presence", "chat:*", "--history", "chat:*=10"]);
+    let _ann = Client::connect(&h.url("sub=chat%3Alobby&name=ann")).await;
+    h.publish("chat:lobby", "1").await;
+    h.publish("chat:lobby", "2").await;
+    let (status, body) = h.get("/v1/presence?topic=chat%3Alobby").await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["topic"], "chat:lobby", "{v}");
+    assert_eq!(v["members"][0]["name"], "ann", "{v}");
+    let (status, body) = h.get("/v1/presence/stats?topic=chat%3alobby").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["clients"], 1);
+    let (status, body) = h.get("/v1/history?topic=chat%3Alobby&limit=%31").await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["messages"].as_array().map(Vec::len), Some(1), "{v}");
+    // `+` is a space, which no topic has; a bad escape is a bad request.
+    let (status, body) = h.get("/v1/presence?topic=chat+lobby").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("chat lobby"), "{body}");
+    let (status, body) = h.get("/v1/history?topic=chat%3").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("percent"), "{body}");
+}
