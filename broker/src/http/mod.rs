@@ -168,6 +168,13 @@ fn publisher(node: &Node, req: &Request<Incoming>) -> Result<Option<Arc<Identity
     }
     let refuse = |msg: String| {
         node.metrics.error(ErrorCode::Unauthorized);
+        if let Some(held) = node.refusals.allow("http_unauthorized") {
+            tracing::warn!(
+                path = req.uri().path(),
+                suppressed = held,
+                "HTTP request refused: 401 {msg}; send a key of --api-key or --api-key-file, or a valid token"
+            );
+        }
         Err(error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &msg))
     };
     match bearer {

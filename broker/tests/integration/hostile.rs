@@ -379,3 +379,47 @@ async fn every_answer_echoes_the_id_as_sent() {
         }
     }
 }
+
+/// A refused handshake says why in the log, at warn, naming the fix; a
+/// flood of them adds at most one line per reason per 10 s window.
+#[tokio::test]
+async fn refused_handshakes_are_logged_once_per_reason_per_window() {
+    let h = Herald::start_logged(&[]);
+    let host = h.addr.to_string();
+    let started = std::time::Instant::now();
+    let from_page = upgrade_request("/ws", &host, "Origin: http://localhost:3000\r\n");
+    let (status, body) = h.http(&from_page).await;
+    assert_eq!(status, 403, "{body}");
+    let origin_lines = |h: &Herald| {
+        h.log()
+            .into_iter()
+            .filter(|l| l.contains("WARN") && l.contains("http://localhost:3000"))
+            .collect::<Vec<_>>()
+    };
+    eventually("the refusal is logged", || async { !origin_lines(&h).is_empty() }).await;
+    let line = origin_lines(&h).remove(0);
+    assert!(
+        line.contains("--allowed-origins http://localhost:3000"),
+        "names the fix: {line}"
+    );
+    for _ in 0..50 {
+        assert_eq!(h.http(&from_page).await.0, 403);
+    }
+    // Another reason is logged on its own; once its line is there, so is
+    // any the burst wrote before it.
+    let (status, _) = h.get("/ws").await;
+    assert_eq!(status, 426);
+    eventually("the other reason is logged", || async {
+        h.log()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("Upgrade: websocket"))
+    })
+    .await;
+    let windows = 1 + started.elapsed().as_secs() as usize / 10;
+    let n = origin_lines(&h).len();
+    assert!(
+        n <= windows,
+        "{n} lines for one reason in {windows} window(s): {:?}",
+        origin_lines(&h)
+    );
+}
