@@ -180,6 +180,9 @@ pub fn handle(node: &Node, req: &Request<Incoming>, remote: SocketAddr, json: bo
         node.metrics.error(ErrorCode::Forbidden);
         let msg =
             "forbidden: the status page answers loopback clients, or ?key= / a bearer matching --admin-key";
+        if let Some(held) = node.refusals.allow("status_page") {
+            tracing::warn!(%remote, suppressed = held, "status page refused: 403 {msg}");
+        }
         return http::error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, msg);
     }
     let (body, kind) = if json {
