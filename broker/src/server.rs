@@ -51,6 +51,11 @@ use crate::status;
 /// Largest HTTP request head (request line and headers) a client may send.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 
+/// Connections the `--metrics-listen` address serves at once. Its own
+/// bound, not `--max-pending-connections`: probes never wait behind client
+/// admission, and a flood of the metrics port is bounded too.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 /// Binds `addr` with a deep listen backlog (tokio's `bind` uses 128, which
 /// drops handshakes during connection storms).
 pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
@@ -148,7 +153,12 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationT
                         Ok(permit) => {
                             http.spawn(serve_http(node.clone(), stream, remote, permit, stop.clone()));
                         }
-                        Err(_) => refuse(&node, stream),
+                        Err(_) => refuse(
+                            &node,
+                            stream,
+                            "pending_connections",
+                            "raise --max-pending-connections if clients are legitimate",
+                        ),
                     }
                 }
                 Err(e) => {
@@ -163,10 +173,12 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationT
 }
 
 /// Serves the `--metrics-listen` address: plain HTTP/1, one request at a
-/// time per connection, under the same pending-connection bound; the route
-/// table's admin rows (`/metrics`, `/healthz`, `/readyz`), answered as the
-/// public listener answers them.
+/// time per connection, under its own bound ([`MAX_ADMIN_CONNECTIONS`]),
+/// so a public port full of pending connections never turns a probe away;
+/// the route table's admin rows (`/metrics`, `/healthz`, `/readyz`),
+/// answered as the public listener answers them.
 async fn admin_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken, http: TaskTracker) {
+    let bound = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -176,8 +188,9 @@ async fn admin_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationTo
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Ok(permit) = node.pending.clone().try_acquire_owned() else {
-            refuse(&node, stream);
+        let Ok(permit) = bound.clone().try_acquire_owned() else {
+            let fix = format!("--metrics-listen serves {MAX_ADMIN_CONNECTIONS} connections at once");
+            refuse(&node, stream, "metrics_connections", &fix);
             continue;
         };
         let node = node.clone();
@@ -193,10 +206,19 @@ async fn admin_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationTo
     }
 }
 
-/// Turns away a connection over `--max-pending-connections` without a
-/// task or a wait: one non-blocking write of a 503, then close.
-fn refuse(node: &Node, stream: TcpStream) {
+/// Turns away a connection over its listener's bound without a task or a
+/// wait: one non-blocking write of a 503, then close; logged once per
+/// `reason` per window, with `fix`.
+fn refuse(node: &Node, stream: TcpStream, reason: &'static str, fix: &str) {
     node.metrics.error(ErrorCode::Overloaded);
+    if let Some(held) = node.refusals.allow(reason) {
+        let peer = stream.peer_addr().ok();
+        tracing::warn!(
+            ?peer,
+            suppressed = held,
+            "connection refused: 503 overloaded: too many connections in progress; {fix}"
+        );
+    }
     let body = herald_protocol::message::error_body(
         ErrorCode::Overloaded,
         "overloaded: too many connections in progress; retry shortly",

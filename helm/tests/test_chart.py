@@ -127,6 +127,9 @@ def test_probes_ports_and_env_match_the_broker(case):
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Probes never wait behind client admission on the public port.
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["port"] == "metrics", probe
     cm = one(docs, "ConfigMap", suffix="live-herald")
     assert cm["data"]["HERALD_LISTEN"] == f"0.0.0.0:{port}"
     assert cm["data"]["HERALD_METRICS_LISTEN"] == f"0.0.0.0:{mport}"

@@ -585,13 +585,25 @@ pub fn encode_ack(id: &str) -> Bytes {
 }
 
 /// An answer with a body: the JSON object `body` with `"op":"ack"` (and
-/// `"id"` when given) added, as a whole text frame.
+/// `"id"` when given) added, as a whole text frame. The id is the
+/// request's JSON text, echoed byte for byte (never parsed: `1e999` or a
+/// 30-digit integer would not survive a round trip through a value).
 pub fn encode_ack_with(id: Option<&str>, mut body: serde_json::Value) -> Bytes {
-    body["op"] = "ack".into();
-    if let Some(id) = id {
-        body["id"] = serde_json::from_str(id).unwrap_or_default();
+    if let Some(m) = body.as_object_mut() {
+        m.remove("id");
     }
-    ws::encode_frame(OpCode::Text, body.to_string().as_bytes())
+    body["op"] = "ack".into();
+    let rest = body.to_string();
+    let Some(id) = id else {
+        return ws::encode_frame(OpCode::Text, rest.as_bytes());
+    };
+    // `rest` is an object with at least `op`: `{` then its members.
+    let mut f = FrameBuilder::with_body_capacity(8 + id.len() + rest.len());
+    f.push(b"{\"id\":")
+        .push(id.as_bytes())
+        .push(b",")
+        .push(&rest.as_bytes()[1..]);
+    f.finish()
 }
 
 /// `{"op":"error","code":C,"message":M}` (with `"id"` when known) as a whole
@@ -779,6 +791,18 @@ mod tests {
         let d = encode_delivery("t", format!("\"{big}\"").as_bytes());
         assert_eq!(d[1], 127);
         assert_eq!(body(&encode_ack("3")), r#"{"op":"ack","id":3}"#);
+        for id in ["1e999", "123456789012345678901234567890", "-0.10", r#""\u00e9""#] {
+            let f = encode_ack_with(Some(id), serde_json::json!({"clients": 2}));
+            assert_eq!(
+                body(&f),
+                format!(r#"{{"id":{id},"clients":2,"op":"ack"}}"#),
+                "the id as sent"
+            );
+        }
+        assert_eq!(
+            body(&encode_ack_with(None, serde_json::json!({}))),
+            r#"{"op":"ack"}"#
+        );
         assert_eq!(
             body(&encode_error(ErrorCode::BadTopic, "say \"no\"", Some("1"))),
             r#"{"op":"error","id":1,"code":"bad_topic","message":"say \"no\""}"#

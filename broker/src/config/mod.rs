@@ -44,8 +44,9 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = 256)]
     pub max_subscriptions: usize,
 
-    /// Most `sub` and `unsub` requests per second one socket may make (burst
-    /// of the same size); 0 = no limit. Bounds join/leave notice floods.
+    /// Most `sub`, `unsub`, `auth` and `refresh` requests per second one
+    /// socket may make (burst of the same size); 0 = no limit. Bounds
+    /// join/leave notice floods.
     #[arg(long, env = "HERALD_SUBSCRIBE_RATE", default_value_t = 100)]
     pub subscribe_rate: u32,
 
@@ -58,6 +59,13 @@ pub struct Config {
     /// at most 65,534); 0 = no limit.
     #[arg(long, env = "HERALD_PUBLISH_RATE", default_value_t = 1000)]
     pub publish_rate: u32,
+
+    /// Most `presence` and `presence_stats` requests per second one socket
+    /// may make (burst of the same size); 0 = no limit. Each answer is a
+    /// member list (up to `--presence-max-members`), so it has its own
+    /// budget, smaller than a publish's.
+    #[arg(long, env = "HERALD_PRESENCE_RATE", default_value_t = 20)]
+    pub presence_rate: u32,
 
     /// Most WebSocket connections this node holds at once.
     #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]

@@ -26,9 +26,39 @@ use crate::session::params;
 /// A refused handshake: the HTTP answer to send instead of 101.
 pub type Refused = Box<Response<Body>>;
 
-fn refuse(node: &Node, status: StatusCode, code: ErrorCode, msg: &str) -> Refused {
+/// Refuses a handshake with `msg`, and says so in the log at warn, naming
+/// the `fix`: once per `reason` per window (a flood of one refusal logs a
+/// line every 10 s, with how many it held back), so a page that cannot
+/// connect leaves a trace for whoever runs the node.
+fn refuse(
+    node: &Node,
+    (status, code): (StatusCode, ErrorCode),
+    msg: &str,
+    reason: &'static str,
+    fix: &str,
+) -> Refused {
     node.metrics.error(code);
+    if let Some(held) = node.refusals.allow(reason) {
+        tracing::warn!(
+            status = status.as_u16(),
+            code = code.as_str(),
+            suppressed = held,
+            "handshake refused: {msg}; {fix}"
+        );
+    }
     Box::new(http::error(status, code, msg))
+}
+
+/// At most this much of a client-sent value goes into a log line.
+const MAX_LOGGED: usize = 120;
+
+/// `value` cut to [`MAX_LOGGED`] bytes (at a character boundary).
+fn logged(value: &str) -> &str {
+    let mut end = value.len().min(MAX_LOGGED);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
 }
 
 fn header<'a>(req: &'a Request<Incoming>, name: &HeaderName) -> Option<&'a str> {
@@ -45,18 +75,20 @@ pub fn screen(node: &Node, req: &Request<Incoming>) -> Result<(), Refused> {
         );
         return Err(refuse(
             node,
-            StatusCode::UPGRADE_REQUIRED,
-            ErrorCode::BadRequest,
+            (StatusCode::UPGRADE_REQUIRED, ErrorCode::BadRequest),
             &msg,
+            "not_an_upgrade",
+            "connect with a WebSocket client",
         ));
     }
     if !node.ready.load(Relaxed) {
         let msg = "node is draining; connect to another node";
         return Err(refuse(
             node,
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::ShuttingDown,
+            (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ShuttingDown),
             msg,
+            "draining",
+            "clients reconnect to another node",
         ));
     }
     let origin = header(req, &ORIGIN);
@@ -65,11 +97,16 @@ pub fn screen(node: &Node, req: &Request<Incoming>) -> Result<(), Refused> {
             "origin_not_allowed: {:?} may not open sockets here (--allowed-origins)",
             origin.unwrap_or("")
         );
+        let fix = format!(
+            "to let pages from this origin connect, start herald with --allowed-origins {}",
+            logged(origin.unwrap_or("").trim())
+        );
         return Err(refuse(
             node,
-            StatusCode::FORBIDDEN,
-            ErrorCode::OriginNotAllowed,
+            (StatusCode::FORBIDDEN, ErrorCode::OriginNotAllowed),
             &msg,
+            "origin",
+            &fix,
         ));
     }
     Ok(())
@@ -98,9 +135,10 @@ pub fn access<'a>(
                 let msg = format!("unauthorized: {why}");
                 return Err(refuse(
                     node,
-                    StatusCode::UNAUTHORIZED,
-                    ErrorCode::Unauthorized,
+                    (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
                     &msg,
+                    "token",
+                    "the token must be signed with a key of --auth-hmac-key-file, --auth-public-key-file or --auth-jwks-file, unexpired, and name --auth-audience if set",
                 ));
             }
         },
@@ -111,7 +149,13 @@ pub fn access<'a>(
     };
     for p in subs {
         if let Some(msg) = identity.forbids(p, false) {
-            return Err(refuse(node, StatusCode::FORBIDDEN, ErrorCode::Forbidden, &msg));
+            return Err(refuse(
+                node,
+                (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+                &msg,
+                "grants",
+                "the URL subscribes outside the token's grants (or --anonymous-subscribe without a token)",
+            ));
         }
     }
     Ok(Some(identity))
@@ -123,7 +167,13 @@ pub fn admit(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> Result
     if let Err(rate) = node.admission.paced() {
         let msg =
             format!("overloaded: this node takes at most {rate} new connections a second; retry shortly");
-        let mut r = refuse(node, StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, &msg);
+        let mut r = refuse(
+            node,
+            (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded),
+            &msg,
+            "connect_rate",
+            "raise --connect-rate if the load is legitimate",
+        );
         r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return Err(r);
     }
@@ -132,9 +182,10 @@ pub fn admit(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> Result
         Err(e) => {
             return Err(refuse(
                 node,
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
+                (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
                 &e.to_string(),
+                "forwarded_for",
+                "check the proxy's X-Forwarded-For and --trusted-proxies",
             ))
         }
     };
@@ -143,9 +194,10 @@ pub fn admit(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> Result
         Err(refusal) => {
             let mut r = refuse(
                 node,
-                StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::RateLimited,
+                (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
                 &refusal.to_string(),
+                "per_address",
+                "if many clients share an address (NAT, or a proxy missing from --trusted-proxies), raise --max-connections-per-ip or --connect-rate-per-ip",
             );
             r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
             return Err(r);
@@ -158,9 +210,10 @@ pub fn admit(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> Result
         );
         return Err(refuse(
             node,
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::ConnectionLimit,
+            (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ConnectionLimit),
             &msg,
+            "max_connections",
+            "raise --max-connections (and the open-file limit), or add nodes",
         ));
     };
     if let Some(per_ip) = per_ip {

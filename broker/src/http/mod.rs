@@ -27,6 +27,7 @@ use std::sync::Arc;
 use crate::auth::Identity;
 use crate::net::routes::Listener;
 use crate::node::Node;
+pub use crate::session::params::query_param;
 use crate::sync::ReadWrite;
 
 /// Longest an HTTP publish on history topics waits for the stream.
@@ -167,6 +168,13 @@ fn publisher(node: &Node, req: &Request<Incoming>) -> Result<Option<Arc<Identity
     }
     let refuse = |msg: String| {
         node.metrics.error(ErrorCode::Unauthorized);
+        if let Some(held) = node.refusals.allow("http_unauthorized") {
+            tracing::warn!(
+                path = req.uri().path(),
+                suppressed = held,
+                "HTTP request refused: 401 {msg}; send a key of --api-key or --api-key-file, or a valid token"
+            );
+        }
         Err(error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &msg))
     };
     match bearer {
@@ -240,12 +248,11 @@ pub async fn history(node: &Node, req: &Request<Incoming>) -> Response<Body> {
         error(status, code, msg)
     };
     let query = req.uri().query().unwrap_or("");
-    let param = |name: &str| {
-        query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    let topic = match query_param(query, "topic") {
+        Ok(t) => t.unwrap_or_default(),
+        Err(e) => return fail(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &e),
     };
-    let topic = param("topic").unwrap_or("");
+    let topic = topic.as_str();
     if let Err(e) = herald_protocol::Topic::parse(topic) {
         return fail(
             StatusCode::BAD_REQUEST,
@@ -253,7 +260,7 @@ pub async fn history(node: &Node, req: &Request<Incoming>) -> Response<Body> {
             &format!("topic={topic:?}: {e}"),
         );
     }
-    let number = |name: &str, default: u64| match param(name) {
+    let number = |name: &str, default: u64| match query_param(query, name)? {
         None => Ok(default),
         Some(v) => v
             .parse::<u64>()
@@ -286,13 +293,14 @@ pub fn presence(node: &Node, req: &Request<Incoming>, stats: bool) -> Response<B
         Ok(a) => a,
         Err(refused) => return refused,
     };
-    let topic = req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("topic="))
-        .unwrap_or("");
+    let topic = match query_param(req.uri().query().unwrap_or(""), "topic") {
+        Ok(t) => t.unwrap_or_default(),
+        Err(e) => {
+            node.metrics.error(ErrorCode::BadRequest);
+            return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &e);
+        }
+    };
+    let topic = topic.as_str();
     if let Err(e) = herald_protocol::Topic::parse(topic) {
         node.metrics.error(ErrorCode::BadTopic);
         return error(

@@ -2,8 +2,9 @@
 //! the heartbeat that pings and reaps its sockets, and the drain that
 //! closes them on shutdown.
 //!
-//! Uses: `sync`, `clock`, `tasks`, `config`, `metrics`, `auth`, `socket`,
-//! `presence`, `fanout`, `history`, `cluster`, `router`, `session`, `net`.
+//! Uses: `sync`, `clock`, `tasks`, `config`, `metrics`, `rate`, `auth`,
+//! `socket`, `presence`, `fanout`, `history`, `cluster`, `router`,
+//! `session`, `net`.
 //!
 //! - [`samples`]: the last minutes of the node's figures and its peers'
 //!   latest, for the status page.
@@ -68,6 +69,9 @@ pub struct Node {
     pub pending: Arc<Semaphore>,
     /// Per-address counts and the trusted proxies.
     pub admission: Arc<Admission>,
+    /// Refused connections and handshakes already logged, so a flood of
+    /// them logs a line per reason per window.
+    pub refusals: crate::rate::Quiet,
     /// Keys accepted by HTTP publish (`--api-key`, `--api-key-file`).
     pub api_keys: std::sync::RwLock<Vec<String>>,
     /// The last minutes of figures, for the status page.
@@ -151,6 +155,7 @@ impl Node {
         ));
         Ok(Arc::new(Node {
             admission: Arc::new(Admission::new(&config)),
+            refusals: Default::default(),
             exec_stop: Default::default(),
             tasks,
             routes,

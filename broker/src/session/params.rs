@@ -55,8 +55,11 @@ pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[Strin
     })
 }
 
-/// Decodes `%XX` escapes (browsers escape `>` in URLs) and `+` as space.
-fn percent_decode(s: &str) -> Result<String, String> {
+/// Decodes `%XX` escapes (browsers escape `>` in URLs) and `+` as space,
+/// as `application/x-www-form-urlencoded` (and a browser's
+/// `URLSearchParams`) writes them: the one decoder of every query the node
+/// reads.
+pub fn percent_decode(s: &str) -> Result<String, String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -82,6 +85,17 @@ fn percent_decode(s: &str) -> Result<String, String> {
         }
     }
     String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+/// The first `name=` parameter of `query`, percent-decoded (see
+/// [`percent_decode`]); names are matched as written. `Err` for a bad
+/// escape.
+pub fn query_param(query: &str, name: &str) -> Result<Option<String>, String> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .map(percent_decode)
+        .transpose()
 }
 
 /// Longest `name` a socket may give for presence notices.
@@ -227,5 +241,16 @@ mod tests {
         for (query, max, code) in refused {
             assert_eq!(parse(query, max).unwrap_err().0, code, "{query}");
         }
+    }
+
+    #[test]
+    fn query_parameters_are_decoded() {
+        let q = "topic=chat%3Alobby&limit=%35&key=a%2Bb+c&topic=other";
+        assert_eq!(query_param(q, "topic").unwrap().as_deref(), Some("chat:lobby"));
+        assert_eq!(query_param(q, "limit").unwrap().as_deref(), Some("5"));
+        assert_eq!(query_param(q, "key").unwrap().as_deref(), Some("a+b c"));
+        assert_eq!(query_param(q, "since").unwrap(), None);
+        assert_eq!(query_param("xtopic=a", "topic").unwrap(), None);
+        assert!(query_param("topic=a%3", "topic").is_err());
     }
 }

@@ -35,22 +35,28 @@ pub struct Last {
 }
 
 /// For a raw socket on `topic`: the text to publish with `"status":1` when
-/// `--raw-status` covers the topic and the text is a JSON object, recorded
-/// as the socket's `last` object. The socket joins the roster once, at its
-/// first object; later ones only replace its last text there (one shard
-/// lock, the buffers reused).
-pub fn mark(
-    router: &Router,
-    patterns: &[String],
-    conn: &Arc<Subscriber>,
-    topic: &str,
-    text: &str,
-    last: &mut Option<Box<Last>>,
-) -> Option<String> {
+/// `--raw-status` covers the topic and the text is a JSON object. Nothing
+/// is remembered yet: the caller checks it (size, rate, grants) and, once
+/// it is published, calls [`remember`].
+pub fn mark(patterns: &[String], topic: &str, text: &str) -> Option<String> {
     if !patterns.iter().any(|p| matches(p, topic)) {
         return None;
     }
-    let marked = with_status(text, 1)?;
+    with_status(text, 1)
+}
+
+/// Records `marked`, an object [`mark`] gave and that was published, as
+/// the socket's `last` object: the one published again with status 0 when
+/// the socket goes. The socket joins the roster once, at its first object;
+/// later ones only replace its last text there (one shard lock, the
+/// buffers reused).
+pub fn remember(
+    router: &Router,
+    conn: &Arc<Subscriber>,
+    topic: &str,
+    marked: &str,
+    last: &mut Option<Box<Last>>,
+) {
     let roster = router.hub().roster();
     let l = last.get_or_insert_with(|| {
         let client = router.client_id(conn);
@@ -67,9 +73,8 @@ pub fn mark(
         })
     });
     l.text.clear();
-    l.text.push_str(&marked);
-    roster.set_last(&l.client, &marked);
-    Some(marked)
+    l.text.push_str(marked);
+    roster.set_last(&l.client, marked);
 }
 
 /// The socket is gone: publish its last object with `"status":0`.

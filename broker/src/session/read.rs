@@ -64,8 +64,12 @@ pub struct Session {
     fresh: bool,
     /// Publishes per second (`--publish-rate`).
     rate: RateLimit,
-    /// `sub`/`unsub` requests per second (8 bytes: every socket has one).
+    /// `sub`/`unsub`/`auth`/`refresh` requests per second (8 bytes: every
+    /// socket has one).
     sub_rate: RateLimit,
+    /// `presence`/`presence_stats` requests per second: each answer is a
+    /// member list, the costliest answer a socket can ask for.
+    presence_rate: RateLimit,
     name: Option<String>,
     /// Publishes without an id, in a row, on one topic, from the read buffer
     /// being processed: fanned out together when the buffer is done (or
@@ -92,6 +96,7 @@ impl Session {
             fresh: true,
             rate: RateLimit::default(),
             sub_rate: RateLimit::default(),
+            presence_rate: RateLimit::default(),
             name,
             pending: None,
             last: None,
@@ -267,14 +272,7 @@ impl Session {
                 if text == self.shared.config.heartbeat_word {
                     self.send(self.shared.heartbeat_reply.clone());
                 } else if let Some(topic) = self.raw_topic() {
-                    let marked = rawstatus::mark(
-                        &self.shared.router,
-                        &self.shared.config.raw_status,
-                        &self.conn,
-                        &topic,
-                        text,
-                        &mut self.last,
-                    );
+                    let marked = rawstatus::mark(&self.shared.config.raw_status, &topic, text);
                     // Escaping can grow text up to 6x: the limit applies to
                     // what every node would deliver, so all nodes agree.
                     let data = message::json_string(marked.as_deref().unwrap_or(text));
@@ -285,8 +283,14 @@ impl Session {
                             data.len()
                         );
                         self.error(ErrorCode::MessageTooBig, &msg, None);
-                    } else {
-                        self.publish(&topic, Bytes::from(data), None);
+                    } else if self.publish(&topic, Bytes::from(data), None) {
+                        // Remembered only once published: a refused object
+                        // (too big, over the rate, forbidden) never goes
+                        // out at leave either.
+                        if let Some(marked) = marked {
+                            let (router, conn) = (&self.shared.router, &self.conn);
+                            rawstatus::remember(router, conn, &topic, &marked, &mut self.last);
+                        }
                     }
                 } else {
                     return self.on_request(&t, text);
@@ -424,6 +428,14 @@ impl Session {
                 }
             }
             Ok(Request::Presence { topic, id, stats }) => {
+                let rate = self.shared.config.presence_rate;
+                if !self.presence_rate.allow(rate, crate::clock::now_ms()) {
+                    let msg = format!(
+                        "presence_rate: at most {rate} presence and presence_stats requests per second per socket"
+                    );
+                    self.error(ErrorCode::RateLimited, &msg, id);
+                    return Next::Go;
+                }
                 let answer = match self.forbids(topic.as_str(), false) {
                     Some(refusal) => Err((ErrorCode::Forbidden, refusal)),
                     None => router.presence(topic.as_str(), stats, self.shared.config.presence_max_members),
@@ -446,9 +458,13 @@ impl Session {
         Next::Go
     }
 
-    fn publish(&mut self, topic: &str, data: Bytes, id: Option<&str>) {
+    /// Publishes `data` on `topic` unless the grants or `--publish-rate`
+    /// refuse it (with an error frame); true when it went out (or was
+    /// queued to, with the batch), even if the cluster link then failed.
+    fn publish(&mut self, topic: &str, data: Bytes, id: Option<&str>) -> bool {
         if let Some(refusal) = self.forbids(topic, true) {
-            return self.error(ErrorCode::Forbidden, &refusal, id);
+            self.error(ErrorCode::Forbidden, &refusal, id);
+            return false;
         }
         if !self
             .rate
@@ -458,15 +474,17 @@ impl Session {
                 "publish_rate: at most {} publishes per second per socket",
                 self.shared.config.publish_rate
             );
-            return self.error(ErrorCode::RateLimited, &msg, id);
+            self.error(ErrorCode::RateLimited, &msg, id);
+            return false;
         }
         if id.is_some() {
             // Answered one by one: the ack follows the delivery.
             self.flush();
-            return match self.shared.router.publish(topic, data) {
+            match self.shared.router.publish(topic, data) {
                 Ok(_) => self.ack(id),
                 Err(e) => self.error(ErrorCode::PublishFailed, &e.to_string(), id),
-            };
+            }
+            return true;
         }
         match &mut self.pending {
             Some(batch) if batch.0 == topic => batch.1.push(data),
@@ -475,5 +493,6 @@ impl Session {
                 self.pending = Some(Box::new((topic.to_owned(), vec![data])));
             }
         }
+        true
     }
 }

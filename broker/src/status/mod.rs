@@ -161,13 +161,10 @@ fn allowed(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> bool {
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let query = req
-            .uri()
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("key="));
-        return [bearer, query]
+        let query = http::query_param(req.uri().query().unwrap_or(""), "key")
+            .ok()
+            .flatten();
+        return [bearer, query.as_deref()]
             .into_iter()
             .flatten()
             .any(|given| http::constant_time_eq(given.as_bytes(), key.as_bytes()));
@@ -183,6 +180,9 @@ pub fn handle(node: &Node, req: &Request<Incoming>, remote: SocketAddr, json: bo
         node.metrics.error(ErrorCode::Forbidden);
         let msg =
             "forbidden: the status page answers loopback clients, or ?key= / a bearer matching --admin-key";
+        if let Some(held) = node.refusals.allow("status_page") {
+            tracing::warn!(%remote, suppressed = held, "status page refused: 403 {msg}");
+        }
         return http::error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, msg);
     }
     let (body, kind) = if json {

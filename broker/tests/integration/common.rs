@@ -69,11 +69,27 @@ pub struct Herald {
     pub addr: SocketAddr,
     /// The `--metrics-listen` address, when given.
     pub metrics: Option<SocketAddr>,
+    /// What the node wrote to stderr so far, when started with
+    /// [`Herald::start_logged`].
+    log: Option<std::sync::Arc<std::sync::Mutex<String>>>,
 }
 
 impl Herald {
     pub fn start(args: &[&str]) -> Herald {
         Self::spawn(Command::new(herald_bin()), "127.0.0.1:0", args)
+    }
+
+    /// A node whose stderr (its log, at `--log-level warn`) is kept for
+    /// [`Herald::log`] instead of passed through.
+    pub fn start_logged(args: &[&str]) -> Herald {
+        Self::spawn_logged(Command::new(herald_bin()), "127.0.0.1:0", args, true)
+    }
+
+    /// The lines the node logged so far (only for [`Herald::start_logged`]).
+    pub fn log(&self) -> Vec<String> {
+        let log = self.log.as_ref().expect("started with start_logged");
+        let text = log.lock().unwrap_or_else(|e| e.into_inner());
+        text.lines().map(String::from).collect()
     }
 
     /// A node on a given address (to restart one on the same port).
@@ -105,15 +121,33 @@ impl Herald {
         Self::spawn(cmd, "127.0.0.1:0", args)
     }
 
-    fn spawn(mut cmd: Command, listen: &str, args: &[&str]) -> Herald {
+    fn spawn(cmd: Command, listen: &str, args: &[&str]) -> Herald {
+        Self::spawn_logged(cmd, listen, args, false)
+    }
+
+    fn spawn_logged(mut cmd: Command, listen: &str, args: &[&str], logged: bool) -> Herald {
+        cmd.stderr(if logged { Stdio::piped() } else { Stdio::inherit() });
         let mut child = cmd
             .arg("serve")
             .args(["--listen", listen, "--log-level", "warn"])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn herald");
+        let log = child.stderr.take().map(|stderr| {
+            let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let keep = log.clone();
+            std::thread::spawn(move || {
+                let mut lines = BufReader::new(stderr);
+                let mut line = String::new();
+                while matches!(lines.read_line(&mut line), Ok(n) if n > 0) {
+                    eprint!("{line}");
+                    keep.lock().unwrap_or_else(|e| e.into_inner()).push_str(&line);
+                    line.clear();
+                }
+            });
+            log
+        });
         let stdout = child.stdout.take().expect("stdout");
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
@@ -133,7 +167,12 @@ impl Herald {
                 .parse()
                 .expect("address")
         });
-        Herald { child, addr, metrics }
+        Herald {
+            child,
+            addr,
+            metrics,
+            log,
+        }
     }
 
     /// Runs `herald serve` with `args`, expecting it to refuse to start:

@@ -334,3 +334,92 @@ async fn only_allowed_origins_may_open_sockets() {
         assert_eq!(status(&h, handshake(&host, Some(bad))).await.0, 403, "{bad}");
     }
 }
+
+/// Every answer echoes the request's id as the JSON text the client sent,
+/// byte for byte: ids a JSON value would rewrite (`1e999` becomes `null`,
+/// a long integer a float) come back unchanged, for every op, ack or error.
+#[tokio::test]
+async fn every_answer_echoes_the_id_as_sent() {
+    let h = Herald::start(&["--presence", "chat:*"]);
+    let mut c = h.connect("").await;
+    let ids = [
+        "1e999",
+        "123456789012345678901234567890",
+        "-0.50",
+        r#""\u00e9""#,
+        "12345678901234567890",
+    ];
+    let requests = [
+        r#"{"op":"presence","topic":"chat:lobby","id":ID}"#,
+        r#"{"op":"presence_stats","topic":"chat:lobby","id":ID}"#,
+        r#"{"op":"presence","topic":"news:x","id":ID}"#,
+        r#"{"op":"sub","topic":"chat:lobby","id":ID}"#,
+        r#"{"op":"sub","topic":"a..b","id":ID}"#,
+        r#"{"op":"pub","topic":"chat:lobby","data":1,"id":ID}"#,
+        r#"{"op":"unsub","topic":"chat:lobby","id":ID}"#,
+        r#"{"op":"auth","token":"x","id":ID}"#,
+        r#"{"op":"nope","id":ID}"#,
+    ];
+    for id in ids {
+        for req in requests {
+            let req = req.replace("ID", id);
+            c.send(req.clone()).await;
+            // Deliveries of its own publish come first; the answer names an op.
+            let answer = loop {
+                let t = c.recv_text().await;
+                if t.starts_with("{\"topic\"") && !t.contains("\"op\"") {
+                    continue;
+                }
+                break t;
+            };
+            assert!(
+                answer.contains(&format!("\"id\":{id},")) || answer.contains(&format!("\"id\":{id}}}")),
+                "{req} -> {answer}"
+            );
+        }
+    }
+}
+
+/// A refused handshake says why in the log, at warn, naming the fix; a
+/// flood of them adds at most one line per reason per 10 s window.
+#[tokio::test]
+async fn refused_handshakes_are_logged_once_per_reason_per_window() {
+    let h = Herald::start_logged(&[]);
+    let host = h.addr.to_string();
+    let started = std::time::Instant::now();
+    let from_page = upgrade_request("/ws", &host, "Origin: http://localhost:3000\r\n");
+    let (status, body) = h.http(&from_page).await;
+    assert_eq!(status, 403, "{body}");
+    let origin_lines = |h: &Herald| {
+        h.log()
+            .into_iter()
+            .filter(|l| l.contains("WARN") && l.contains("http://localhost:3000"))
+            .collect::<Vec<_>>()
+    };
+    eventually("the refusal is logged", || async { !origin_lines(&h).is_empty() }).await;
+    let line = origin_lines(&h).remove(0);
+    assert!(
+        line.contains("--allowed-origins http://localhost:3000"),
+        "names the fix: {line}"
+    );
+    for _ in 0..50 {
+        assert_eq!(h.http(&from_page).await.0, 403);
+    }
+    // Another reason is logged on its own; once its line is there, so is
+    // any the burst wrote before it.
+    let (status, _) = h.get("/ws").await;
+    assert_eq!(status, 426);
+    eventually("the other reason is logged", || async {
+        h.log()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("Upgrade: websocket"))
+    })
+    .await;
+    let windows = 1 + started.elapsed().as_secs() as usize / 10;
+    let n = origin_lines(&h).len();
+    assert!(
+        n <= windows,
+        "{n} lines for one reason in {windows} window(s): {:?}",
+        origin_lines(&h)
+    );
+}

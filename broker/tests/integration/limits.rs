@@ -233,3 +233,33 @@ async fn metrics_can_move_off_the_public_port() {
     // The public port still publishes.
     h.publish("t", "1").await;
 }
+
+/// Health, readiness and metrics on `--metrics-listen` never wait behind
+/// client admission: with the public port's `--max-pending-connections`
+/// all held by idle connections, the probes still answer 200.
+#[tokio::test]
+async fn probes_do_not_wait_behind_client_admission() {
+    let h = Herald::start(&[
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--max-pending-connections",
+        "4",
+        "--handshake-timeout",
+        "60s",
+    ]);
+    let admin = h.metrics.expect("metrics address");
+    let mut idle = Vec::new();
+    for _ in 0..12 {
+        idle.push(TcpStream::connect(h.addr).await.unwrap());
+    }
+    // The public port is full: a new connection is turned away at once.
+    let (status, body) = h.get("/healthz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("overloaded"), "{body}");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let (status, body) = http(admin, get(path).as_bytes()).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    drop(idle);
+}

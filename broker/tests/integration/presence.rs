@@ -390,3 +390,74 @@ async fn a_socket_gone_during_its_url_recovery_leaves_no_ghost() {
     let v = http_presence(&h, "?topic=room:a").await;
     assert!(clients(&v).is_empty(), "ghosts: {v}");
 }
+
+/// `presence` answers cost the node a member list each: a socket gets
+/// `--presence-rate` of them a second (`presence_stats` included), then
+/// `rate_limited` errors with the request's id, and stays open.
+#[tokio::test]
+async fn presence_requests_have_a_budget() {
+    let h = Herald::start(&["--presence", "chat:*"]);
+    let _ann = h.connect("sub=chat:lobby").await;
+    let mut c = h.connect("").await;
+    let n = 300;
+    for i in 0..n {
+        let op = if i % 2 == 0 { "presence" } else { "presence_stats" };
+        c.send(json!({"op":op,"topic":"chat:lobby","id":i}).to_string())
+            .await;
+    }
+    let (mut answered, mut limited) = (0, 0);
+    for i in 0..n {
+        let v = c.recv().await;
+        assert_eq!(v["id"], i, "answers in order, each with its id: {v}");
+        match v["op"].as_str() {
+            Some("ack") => answered += 1,
+            Some("error") => {
+                assert_eq!(v["code"], "rate_limited", "{v}");
+                assert!(
+                    v["message"].as_str().unwrap_or("").contains("presence_rate"),
+                    "{v}"
+                );
+                limited += 1;
+            }
+            _ => panic!("{v}"),
+        }
+    }
+    assert!(answered >= 1, "the first requests are answered");
+    assert!(limited > 0, "{n} requests in a burst: none refused");
+    assert_eq!(
+        h.metric("herald_errors_total{code=\"rate_limited\"}").await,
+        limited as f64
+    );
+    // The socket stays open and serves other requests.
+    c.sub("chat:other").await;
+}
+
+/// `GET /v1/presence` and `/v1/history` decode their query as `/ws` does
+/// (and as a browser's URLSearchParams writes it): `%3A` is `:`, `+` a
+/// space.
+#[tokio::test]
+async fn http_queries_are_percent_decoded() {
+    let h = Herald::start(&["--presence", "chat:*", "--history", "chat:*=10"]);
+    let _ann = Client::connect(&h.url("sub=chat%3Alobby&name=ann")).await;
+    h.publish("chat:lobby", "1").await;
+    h.publish("chat:lobby", "2").await;
+    let (status, body) = h.get("/v1/presence?topic=chat%3Alobby").await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["topic"], "chat:lobby", "{v}");
+    assert_eq!(v["members"][0]["name"], "ann", "{v}");
+    let (status, body) = h.get("/v1/presence/stats?topic=chat%3alobby").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["clients"], 1);
+    let (status, body) = h.get("/v1/history?topic=chat%3Alobby&limit=%31").await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["messages"].as_array().map(Vec::len), Some(1), "{v}");
+    // `+` is a space, which no topic has; a bad escape is a bad request.
+    let (status, body) = h.get("/v1/presence?topic=chat+lobby").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("chat lobby"), "{body}");
+    let (status, body) = h.get("/v1/history?topic=chat%3").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("percent"), "{body}");
+}

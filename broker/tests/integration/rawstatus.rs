@@ -204,3 +204,82 @@ async fn snapshot_parts_fit_the_servers_max_payload() {
         }
     }
 }
+
+/// Only an object that was published is remembered: one refused (too big,
+/// or over `--publish-rate`) is not what goes out with status 0 at leave,
+/// and nothing over `--max-message-bytes` ever does.
+#[tokio::test]
+async fn a_refused_object_is_not_the_one_published_at_leave() {
+    let limit = 1024;
+    let h = Herald::start(&[
+        "--root-topic",
+        "chat:lobby",
+        "--raw-status",
+        "chat:*",
+        "--max-message-bytes",
+        &limit.to_string(),
+        "--publish-rate",
+        "1",
+    ]);
+    let mut ann = raw(h.addr).await;
+    let mut bob = raw(h.addr).await;
+    let mut json_sub = h.connect("sub=chat:lobby").await;
+    ann.send(Message::Text(r#"{"user":"ann","text":"ok"}"#.into()))
+        .await
+        .unwrap();
+    assert_eq!(json(&text(&mut bob).await)["text"], "ok");
+    assert_eq!(json(&text(&mut ann).await)["text"], "ok", "her own, echoed");
+    // Under the limit as a frame, over it as the JSON string every node
+    // would deliver (each `\"` grows to four bytes): refused, whatever the
+    // rate.
+    let big = format!(r#"{{"user":"ann","text":"{}"}}"#, r#"\""#.repeat(300));
+    assert!(big.len() < limit);
+    ann.send(Message::Text(big)).await.unwrap();
+    let v = json(&text(&mut ann).await);
+    assert_eq!(v["code"], "message_too_big", "{v}");
+    ann.close(None).await.unwrap();
+    let t = text(&mut bob).await;
+    let v = json(&t);
+    assert_eq!(
+        (v["text"].as_str(), v["status"].as_u64()),
+        (Some("ok"), Some(0)),
+        "{t:.200}"
+    );
+    // A JSON subscriber gets the object as a JSON string: within the limit.
+    assert_eq!(
+        json(&json_sub.recv_text().await)["data"],
+        r#"{"status":1,"text":"ok","user":"ann"}"#
+    );
+    let t = json_sub.recv_text().await;
+    let data = json(&t)["data"].to_string();
+    assert!(
+        data.len() <= limit,
+        "{} bytes of data at leave, over {limit}",
+        data.len()
+    );
+    assert!(data.contains(r#"\"text\":\"ok\""#), "{t:.200}");
+    // Right behind the first: over a rate of 1 a second, unless this
+    // machine took a second since; then it is published and is the last.
+    let mut cy = raw(h.addr).await;
+    for text in ["ok", "second"] {
+        let obj = format!(r#"{{"user":"cy","text":"{text}"}}"#);
+        cy.send(Message::Text(obj)).await.unwrap();
+    }
+    assert_eq!(json(&text(&mut bob).await)["text"], "ok");
+    assert_eq!(json(&text(&mut cy).await)["text"], "ok");
+    let v = json(&text(&mut cy).await);
+    let last = if v["code"] == "rate_limited" {
+        "ok"
+    } else {
+        assert_eq!(v["text"], "second", "{v}");
+        assert_eq!(json(&text(&mut bob).await)["text"], "second");
+        "second"
+    };
+    cy.close(None).await.unwrap();
+    let v = json(&text(&mut bob).await);
+    assert_eq!(
+        (v["user"].as_str(), v["text"].as_str(), v["status"].as_u64()),
+        (Some("cy"), Some(last), Some(0)),
+        "{v}"
+    );
+}

@@ -92,3 +92,24 @@ async fn figures_follow_the_node_and_every_node_shows_the_cluster() {
     assert_eq!(v["nodes"][0]["nats"], "connected");
     assert!(v["history"].as_array().unwrap().len() <= 300);
 }
+
+/// `?key=` is percent-decoded, as a browser's URLSearchParams writes it
+/// (an admin key with `+`, `/` or `=`); a refusal says why in the log.
+#[tokio::test]
+async fn the_key_is_decoded_and_a_refusal_is_logged() {
+    let h = Herald::start_logged(&["--admin-key", "a+b/c=="]);
+    let (status, _) = h
+        .http("GET /status.json?key=a%2Bb%2Fc%3D%3D HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(status, 200, "the key as URLSearchParams writes it");
+    let (status, _) = h
+        .http("GET /status.json?key=a+b/c== HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(status, 403, "+ is a space");
+    eventually("the refusal is logged", || async {
+        h.log()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("status") && l.contains("--admin-key"))
+    })
+    .await;
+}
