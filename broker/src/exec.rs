@@ -67,6 +67,8 @@ fn admitted(
     route: ExecRoute,
 ) -> Result<Response<Body>, Refused> {
     handshake::screen(node, req)?;
+    // The rates and the slot before the token, as for `/ws`.
+    let slot = handshake::admit(node, req, remote)?;
     let query = req.uri().query().unwrap_or("");
     let token = query
         .split('&')
@@ -84,7 +86,6 @@ fn admitted(
             )));
         }
     }
-    let slot = handshake::admit(node, req, remote)?;
     let metrics = &node.metrics;
     let max = node.config.exec_max_processes as i64;
     if metrics.exec_processes.fetch_add(1, Relaxed) >= max {

@@ -14,9 +14,9 @@
 //! ([`crate::net::routes`]); [`route`] matches on that decision and calls
 //! the handler: the endpoints in [`crate::http`] and [`crate::status`], an
 //! `--exec` program ([`crate::exec`]), or a pub/sub WebSocket, whose
-//! handshake is checked (limits, URL parameters, token) before the 101 and
-//! whose socket then becomes a session the node tracks so shutdown can
-//! drain it.
+//! handshake is checked (URL parameters, limits, then the token) before
+//! the 101 and whose socket then becomes a session the node tracks so
+//! shutdown can drain it.
 //!
 //! Uses: `config`, `net`, `session`, `node`, `http`, `status`, `exec`.
 
@@ -345,9 +345,12 @@ async fn admitted(
             return Err(Box::new(http::error(hyper::StatusCode::BAD_REQUEST, code, &msg)));
         }
     };
+    // The cheap limits first, then the token: a signature check costs
+    // ten times a refusal, so a flood of bad tokens is shed by the rates
+    // before any is verified. A refused token drops the slot it took.
+    let slot = handshake::admit(node, req, remote)?;
     let token = params.token.as_deref().or(handshake::bearer(req));
     let access = handshake::access(node, token, params.subs.iter().chain(params.raw_topic.iter()))?;
-    let slot = handshake::admit(node, req, remote)?;
     let (response, fut) = fastwebsockets::upgrade::upgrade(req).map_err(|e| {
         Box::new(http::error(
             hyper::StatusCode::BAD_REQUEST,
