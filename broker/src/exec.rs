@@ -4,17 +4,29 @@
 //! exiting closes the socket with 1000; the socket closing ends the program
 //! (SIGTERM, then SIGKILL after `--exec-grace`).
 //!
+//! Each program leads a process group of its own, and what the node
+//! signals is the group: a shell's pipeline ends with its shell. The
+//! program counts against `--exec-max-processes` until no process of its
+//! group is left, not only until its leader is reaped.
+//!
+//! The node is its programs' subreaper (and is PID 1 in a container with
+//! no init): orphans a program leaves are re-parented to the node, which
+//! reaps them ([`reaper`]), never a program's own exit status, which its
+//! socket's task waits for.
+//!
 //! Output the client does not read fast enough is backpressure, never a
 //! cut: the socket has one writer fed through a small bounded channel, so
 //! when the client stops reading, the writer waits, the channel fills, the
 //! node stops reading the pipe and the program blocks on its next write.
 //!
-//! Uses: `config`, `metrics`, `http`, `node`.
+//! Uses: `sync`, `config`, `metrics`, `http`, `node`.
 
+use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -22,6 +34,7 @@ use herald_protocol::ws::{self, Message, OpCode, Reader};
 use herald_protocol::{Disconnect, ErrorCode};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
+use rustix::process::{Pid, Signal, WaitOptions};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
@@ -33,12 +46,22 @@ use crate::http::handshake::{self, Refused};
 use crate::http::{self, Body};
 use crate::metrics::{ConnectionSlot, Metrics};
 use crate::node::Node;
+use crate::sync::Lock;
 
 /// Frames that may wait for the socket's writer: a few, so a client that
 /// stops reading stops the program within a few lines.
 const QUEUE: usize = 4;
 
-/// One running program, counted in `herald_exec_processes` until reaped.
+/// How often a program's group is looked at while it is going away.
+const POLL: Duration = Duration::from_millis(20);
+
+/// The pids of the programs the node started and has not reaped yet: the
+/// reaper of orphans leaves these to their sockets' tasks. Held while a
+/// program is spawned, so none is seen before it is listed here.
+static LEADERS: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+/// One running program, counted in `herald_exec_processes` until the last
+/// process of its group is gone.
 struct Running(Arc<Metrics>);
 
 impl Drop for Running {
@@ -191,15 +214,24 @@ async fn run(
     running: Running,
 ) {
     let path = route.path.as_str();
-    let spawned = Command::new(&route.argv[0])
-        .args(&route.argv[1..])
-        .env_clear()
-        .envs(env)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn();
+    let spawned = {
+        let mut leaders = LEADERS.locked();
+        let spawned = Command::new(&route.argv[0])
+            .args(&route.argv[1..])
+            .env_clear()
+            .envs(env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // A group of its own: what the node signals is the group.
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn();
+        if let Some(pid) = spawned.as_ref().ok().and_then(Child::id) {
+            leaders.insert(pid as i32);
+        }
+        spawned
+    };
     let (rd, mut wr) = stream.into_split();
     let mut child = match spawned {
         Ok(c) => c,
@@ -213,6 +245,9 @@ async fn run(
     };
     let pid = child.id().unwrap_or(0);
     tracing::debug!(path, pid, "exec: started");
+    let Some(mut group) = Group::of(pid) else {
+        return;
+    };
     let (Some(stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
@@ -266,15 +301,17 @@ async fn run(
         e = input => e,
         _ = stop.cancelled() => Disconnect::GoingAway,
     };
+    let grace = node.config.exec_grace;
     if end != Disconnect::ProgramExited {
-        terminate(&mut child, pid, node.config.exec_grace).await;
-    } else if tokio::time::timeout(node.config.exec_grace, child.wait())
-        .await
-        .is_err()
-    {
+        terminate(&mut child, &group, grace).await;
+    } else if tokio::time::timeout(grace, child.wait()).await.is_err() {
         // Closed its stdout but kept running: end it like any other.
-        terminate(&mut child, pid, node.config.exec_grace).await;
+        terminate(&mut child, &group, grace).await;
     }
+    LEADERS.locked().remove(&(pid as i32));
+    // The rest of its group (a pipeline's other commands, what it started
+    // in the background) goes too, and is counted until it has.
+    group.end(grace).await;
     drop(running);
     tracing::debug!(path, pid, "exec: ended");
     // A protocol error's close frame is queued already.
@@ -287,15 +324,163 @@ async fn run(
     }
 }
 
-/// SIGTERM, then SIGKILL after `grace`; reaps the program either way.
-async fn terminate(child: &mut Child, pid: u32, grace: Duration) {
-    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
-    }
+/// SIGTERM to the program's group, then SIGKILL after `grace`; reaps the
+/// program either way.
+async fn terminate(child: &mut Child, group: &Group, grace: Duration) {
+    group.signal(Signal::TERM);
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        group.signal(Signal::KILL);
         let _ = child.start_kill();
         let _ = child.wait().await;
     }
+}
+
+/// A program's process group (its id is the program's pid). Dropped
+/// before it is known to be gone (the node stopping mid-way), it is killed.
+struct Group {
+    id: Pid,
+    gone: bool,
+}
+
+impl Group {
+    fn of(pid: u32) -> Option<Group> {
+        Pid::from_raw(pid as i32).map(|id| Group { id, gone: false })
+    }
+
+    fn signal(&self, sig: Signal) {
+        if !self.gone {
+            let _ = rustix::process::kill_process_group(self.id, sig);
+        }
+    }
+
+    /// Whether any process of the group is left, zombies included. Only
+    /// after the leader is reaped: then the group's own children (orphans
+    /// the node adopted) are reaped here, never the leader's status.
+    fn left(&mut self) -> bool {
+        while let Ok(Some(_)) = rustix::process::waitpgid(self.id, WaitOptions::NOHANG) {}
+        let left = !matches!(
+            rustix::process::test_kill_process_group(self.id),
+            Err(rustix::io::Errno::SRCH)
+        );
+        self.gone = !left;
+        left
+    }
+
+    /// Whether the group is gone within `within`.
+    async fn gone_within(&mut self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.left() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        true
+    }
+
+    /// After its leader is reaped: what is left of the group gets SIGTERM,
+    /// then SIGKILL after `grace`; returns once none is left (or, if some
+    /// outlive even SIGKILL for another `grace`, with a warning).
+    async fn end(&mut self, grace: Duration) {
+        if !self.left() {
+            return;
+        }
+        self.signal(Signal::TERM);
+        if self.gone_within(grace).await {
+            return;
+        }
+        self.signal(Signal::KILL);
+        if !self.gone_within(grace).await {
+            tracing::warn!(
+                pgid = self.id.as_raw_nonzero().get(),
+                "exec: processes of a program's group outlive SIGKILL"
+            );
+            self.gone = true;
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.signal(Signal::KILL);
+    }
+}
+
+/// When the node has `--exec` routes or is PID 1: makes it its
+/// descendants' subreaper, and returns the task that reaps the orphans
+/// re-parented to it (on each SIGCHLD, and every few seconds in case one
+/// was missed), leaving the programs themselves to their sockets' tasks.
+pub fn reaper(node: &Node) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let pid1 = rustix::process::getpid().is_init();
+    if !pid1 && node.config.exec.is_empty() && node.config.exec_shell.is_empty() {
+        return None;
+    }
+    if !pid1 {
+        if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+            tracing::warn!(error = %e, "exec: cannot become the programs' subreaper");
+        }
+    }
+    let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).ok()?;
+    Some(async move {
+        let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = sigchld.recv() => {}
+                _ = sweep.tick() => {}
+            }
+            reap_orphans();
+        }
+    })
+}
+
+/// Reaps every zombie child of the node that is not a program a socket's
+/// task waits for.
+fn reap_orphans() {
+    let leaders = LEADERS.locked();
+    for pid in zombie_children() {
+        if !leaders.contains(&pid.as_raw_nonzero().get()) {
+            let _ = rustix::process::waitpid(Some(pid), WaitOptions::NOHANG);
+        }
+    }
+}
+
+/// The node's children that have exited and wait to be reaped: from each
+/// thread's `children` list, or by a scan of `/proc` where there is none.
+fn zombie_children() -> Vec<Pid> {
+    let me = rustix::process::getpid().as_raw_nonzero().get();
+    let stat = |pid: i32| -> Option<(char, i32)> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let mut f = s.get(s.rfind(')')? + 2..)?.split(' ');
+        Some((f.next()?.chars().next()?, f.next()?.parse().ok()?))
+    };
+    let numbers = |dir: &str| -> Vec<i32> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    };
+    let pids: Vec<i32> = if std::path::Path::new(&format!("/proc/self/task/{me}/children")).exists() {
+        numbers("/proc/self/task")
+            .into_iter()
+            .filter_map(|t| std::fs::read_to_string(format!("/proc/self/task/{t}/children")).ok())
+            .flat_map(|list| {
+                list.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect()
+    } else {
+        numbers("/proc")
+            .into_iter()
+            .filter(|&p| stat(p).is_some_and(|s| s.1 == me))
+            .collect()
+    };
+    pids.into_iter()
+        .filter(|&p| stat(p).is_some_and(|s| s.0 == 'Z'))
+        .filter_map(Pid::from_raw)
+        .collect()
 }
 
 /// The client's side: text messages become stdin lines; pings are answered;

@@ -4,8 +4,9 @@
 //! [`run`] takes a bound listener, an optional `--metrics-listen` listener,
 //! a [`Config`] and a shutdown future, so tests and the binary start the
 //! same server. [`serve`] starts the node's background tasks (heartbeat,
-//! key reloads, the write watchdog, the status sampler, presence sync) and
-//! the accept loops, and drains on shutdown.
+//! key reloads, the write watchdog, the status sampler, presence sync, the
+//! reaper of the `--exec` programs' orphans) and the accept loops, and
+//! drains on shutdown.
 //!
 //! Each public TCP connection is admitted (the pending-connection bound, a
 //! PROXY header from a trusted proxy, the first request head under the
@@ -96,6 +97,9 @@ pub async fn serve(
     let name = status::node_name(listener.local_addr().unwrap_or(node.config.listen));
     tasks.spawn(status::sampler(node.clone(), name));
     tasks.spawn(node.clone().presence_sync());
+    if let Some(reaper) = exec::reaper(&node) {
+        tasks.spawn(reaper);
+    }
     let stop = CancellationToken::new();
     let http = TaskTracker::new();
     let accept = tasks.spawn_owned(accept_loop(node.clone(), listener, stop.clone(), http.clone()));

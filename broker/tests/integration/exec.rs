@@ -296,3 +296,152 @@ async fn built_in_routes_answer_beside_exec_routes() {
         assert!(body.contains("on the metrics address"), "{body}");
     }
 }
+
+/// `(state, ppid, pgid)` of a process from /proc, `None` once it is gone.
+fn stat(pid: u32) -> Option<(char, u32, u32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut f = s[s.rfind(')')? + 2..].split(' ');
+    let state = f.next()?.chars().next()?;
+    Some((state, f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+}
+
+/// Every process (zombies too) whose parent is `ppid`.
+fn children(ppid: u32) -> Vec<(u32, char)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| stat(pid).filter(|s| s.1 == ppid).map(|s| (pid, s.0)))
+        .collect()
+}
+
+/// Processes a test made (indirectly) that must not outlive it: killed by
+/// PID on drop, so a failing test leaves nothing running.
+struct Leftovers(Vec<u32>);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if stat(*pid).is_some_and(|s| s.0 != 'Z') {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// `--exec-shell` runs `/bin/sh -c`: a pipeline is the shell's children.
+/// Closing the socket ends every process of the program's group, not just
+/// the shell, and `herald_exec_processes` counts the program until the
+/// last of them is gone, even one that ignores SIGTERM.
+#[tokio::test]
+async fn closing_the_socket_ends_a_whole_pipeline() {
+    let h = Herald::start(&[
+        "--exec-shell",
+        "/pipe=echo $$; tail -f /dev/null | grep ERROR",
+        "--exec-shell",
+        "/stubborn=echo $$; sh -c \"trap '' TERM; while :; do sleep 0.1; done\" | cat",
+        "--exec-grace",
+        "1s",
+        "--exec-max-processes",
+        "4",
+    ]);
+    let mut leftovers = Leftovers(Vec::new());
+    for _ in 0..3 {
+        let mut ws = open(&h, "/pipe").await;
+        let sh: u32 = next(&mut ws).await.unwrap().parse().unwrap();
+        let mut kids = Vec::new();
+        eventually("the pipeline starts", || {
+            kids = children(sh).into_iter().map(|c| c.0).collect();
+            let n = kids.len();
+            async move { n == 2 }
+        })
+        .await;
+        leftovers.0.extend(&kids);
+        ws.close(None).await.unwrap();
+        drop(ws);
+        eventually("no process of the pipeline remains", || async {
+            kids.iter()
+                .all(|&k| stat(k).is_none_or(|s| s.0 == 'Z' && s.1 != h.pid()))
+                && stat(sh).is_none()
+        })
+        .await;
+        eventually("the gauge is back to 0", || async {
+            h.metric("herald_exec_processes").await == 0.0
+        })
+        .await;
+    }
+
+    let mut ws = open(&h, "/stubborn").await;
+    let sh: u32 = next(&mut ws).await.unwrap().parse().unwrap();
+    let mut kids = Vec::new();
+    eventually("the pipeline starts", || {
+        kids = children(sh).into_iter().map(|c| c.0).collect();
+        let n = kids.len();
+        async move { n == 2 }
+    })
+    .await;
+    leftovers.0.extend(&kids);
+    drop(ws);
+    eventually("the shell ends", || async { stat(sh).is_none() }).await;
+    // Its group lives on in the child that ignores SIGTERM: still counted.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let counted = h.metric("herald_exec_processes").await;
+        if !kids.iter().any(|&k| stat(k).is_some_and(|s| s.0 != 'Z')) {
+            break;
+        }
+        assert_eq!(counted, 1.0, "a process of the group still runs");
+        assert!(tokio::time::Instant::now() < deadline, "the group never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually("SIGKILL ends the group after the grace", || async {
+        kids.iter().all(|&k| stat(k).is_none_or(|s| s.0 == 'Z'))
+    })
+    .await;
+    eventually("the gauge is back to 0", || async {
+        h.metric("herald_exec_processes").await == 0.0
+    })
+    .await;
+}
+
+/// The node is its programs' subreaper (as PID 1 is in a container with no
+/// init): an orphan a program leaves is re-parented to the node, which
+/// reaps it when it ends, in the program's group or out of it (`setsid`),
+/// so no zombie of the node remains.
+#[tokio::test]
+async fn orphans_of_programs_are_reaped_by_the_node() {
+    let h = Herald::start(&[
+        "--exec-shell",
+        "/orphans=(sleep 1000 & echo $!); (setsid sleep 1 & echo $!); exec cat",
+    ]);
+    let node = h.pid();
+    let mut leftovers = Leftovers(Vec::new());
+    for _ in 0..3 {
+        let mut ws = open(&h, "/orphans").await;
+        let in_group: u32 = next(&mut ws).await.unwrap().parse().unwrap();
+        let outside: u32 = next(&mut ws).await.unwrap().parse().unwrap();
+        leftovers.0.extend([in_group, outside]);
+        for orphan in [in_group, outside] {
+            eventually("the orphan's parent is the node", || async {
+                stat(orphan).is_some_and(|s| s.1 == node)
+            })
+            .await;
+        }
+        ws.send(Message::Text("still cat".into())).await.unwrap();
+        assert_eq!(next(&mut ws).await, Ok("still cat".to_owned()));
+        drop(ws);
+        eventually("both orphans end and are reaped", || async {
+            stat(in_group).is_none() && stat(outside).is_none()
+        })
+        .await;
+        eventually("no zombie of the node remains", || async {
+            children(node).iter().all(|c| c.1 != 'Z')
+        })
+        .await;
+        eventually("the gauge is back to 0", || async {
+            h.metric("herald_exec_processes").await == 0.0
+        })
+        .await;
+    }
+}
