@@ -9,6 +9,11 @@
 //! program counts against `--exec-max-processes` until no process of its
 //! group is left, not only until its leader is reaped.
 //!
+//! A program that stops reading its stdin does not stall its socket: the
+//! client's lines wait in a short queue for a writer of their own, and a
+//! line the program does not take within `--write-timeout` ends the socket
+//! and the program.
+//!
 //! The node is its programs' subreaper (and is PID 1 in a container with
 //! no init): orphans a program leaves are re-parented to the node, which
 //! reaps them ([`reaper`]), never a program's own exit status, which its
@@ -51,6 +56,10 @@ use crate::sync::Lock;
 /// Frames that may wait for the socket's writer: a few, so a client that
 /// stops reading stops the program within a few lines.
 const QUEUE: usize = 4;
+
+/// Client lines that may wait for the program's stdin: a few, each at most
+/// `--max-message-bytes`, so the queue's bytes are bounded.
+const STDIN_QUEUE: usize = 4;
 
 /// How often a program's group is looked at while it is going away.
 const POLL: Duration = Duration::from_millis(20);
@@ -294,11 +303,14 @@ async fn run(
     } else {
         config.ping_interval
     };
-    let input = read_client(rd, early, stdin, tx.clone(), max, ping);
+    let (lines, queued) = mpsc::channel(STDIN_QUEUE);
+    let input = read_client(rd, early, lines, tx.clone(), max, ping);
+    let feed = feed_stdin(stdin, queued, write_timeout);
     let stop = node.exec_stop.clone();
     let end = tokio::select! {
         e = out => e,
         e = input => e,
+        e = feed => e,
         _ = stop.cancelled() => Disconnect::GoingAway,
     };
     let grace = node.config.exec_grace;
@@ -406,6 +418,29 @@ impl Drop for Group {
     }
 }
 
+/// The program's stdin side: writes the client's lines as they come, each
+/// within `deadline`. A program that closed its stdin gets no more lines
+/// (they are dropped); one that takes none within `deadline` ends the
+/// socket with [`Disconnect::WriteTimeout`]. Otherwise never returns.
+async fn feed_stdin(
+    mut stdin: tokio::process::ChildStdin,
+    mut lines: mpsc::Receiver<Vec<u8>>,
+    deadline: Duration,
+) -> Disconnect {
+    while let Some(line) = lines.recv().await {
+        match tokio::time::timeout(deadline, stdin.write_all(&line)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                drop(stdin);
+                while lines.recv().await.is_some() {}
+                break;
+            }
+            Err(_) => return Disconnect::WriteTimeout,
+        }
+    }
+    std::future::pending().await
+}
+
 /// When the node has `--exec` routes or is PID 1: makes it its
 /// descendants' subreaper, and returns the task that reaps the orphans
 /// re-parented to it (on each SIGCHLD, and every few seconds in case one
@@ -488,25 +523,22 @@ fn zombie_children() -> Vec<Pid> {
 async fn read_client(
     rd: OwnedReadHalf,
     early: Bytes,
-    mut stdin: tokio::process::ChildStdin,
+    lines: mpsc::Sender<Vec<u8>>,
     tx: mpsc::Sender<Bytes>,
     max: usize,
     ping: Duration,
 ) -> Disconnect {
     let mut buf = BytesMut::from(&early[..]);
     let mut reader = Reader::new();
-    let mut stdin_open = true;
     let mut pinged = false;
     loop {
         loop {
             match reader.read(&mut buf, max) {
                 Ok(Some(Message::Text(t))) => {
-                    if stdin_open {
-                        let line = [&t[..], b"\n"].concat();
-                        // A program that stopped reading its stdin makes this
-                        // wait: the client's frames then wait in TCP.
-                        stdin_open = stdin.write_all(&line).await.is_ok();
-                    }
+                    // A full queue makes this wait, the client's frames
+                    // waiting in TCP, for at most the stdin writer's
+                    // deadline: it takes a line or ends the socket.
+                    let _ = lines.send([&t[..], b"\n"].concat()).await;
                 }
                 Ok(Some(Message::Ping(p))) => {
                     let _ = tx.send(ws::encode_frame(OpCode::Pong, &p)).await;

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
@@ -403,6 +404,63 @@ async fn closing_the_socket_ends_a_whole_pipeline() {
         h.metric("herald_exec_processes").await == 0.0
     })
     .await;
+}
+
+/// A masked client text frame.
+fn text_frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x81];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&MASK);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    f
+}
+
+/// A program that never reads its stdin, and a client that floods it and
+/// then vanishes: the socket is not stuck behind the full pipe. The node
+/// closes it, ends the program and frees its slot.
+#[tokio::test]
+async fn a_program_that_never_reads_stdin_does_not_hold_its_socket() {
+    let h = Herald::start(&[
+        "--exec-shell",
+        "/deaf=echo $$; exec sleep 1000",
+        "--exec-max-processes",
+        "1",
+        "--ping-interval",
+        "1s",
+        "--write-timeout",
+        "1s",
+    ]);
+    let mut ws = RawWs::connect(h.addr, "/deaf").await;
+    let (op, pid) = ws.read_frame().await.expect("the program's pid");
+    assert_eq!(op, 0x1);
+    let pid: u32 = String::from_utf8(pid).unwrap().parse().unwrap();
+    let _leftovers = Leftovers(vec![pid]);
+    // Far more than the pipe holds, then gone without a word; the flood
+    // itself stops when the node stops taking it.
+    let frame = text_frame(&[b'x'; 1000]);
+    for _ in 0..4000 {
+        let sent = tokio::time::timeout(Duration::from_millis(500), ws.stream.write_all(&frame)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            break;
+        }
+    }
+    drop(ws);
+    eventually("the program ends", || async {
+        stat(pid).is_none_or(|s| s.0 == 'Z')
+    })
+    .await;
+    eventually("the slot is free", || async {
+        h.metric("herald_exec_processes").await == 0.0
+    })
+    .await;
+    let mut again = open(&h, "/deaf").await;
+    assert!(next(&mut again).await.is_ok(), "a new socket is taken");
 }
 
 /// The node is its programs' subreaper (as PID 1 is in a container with no
