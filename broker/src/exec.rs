@@ -99,8 +99,22 @@ fn admitted(
     route: ExecRoute,
 ) -> Result<Response<Body>, Refused> {
     handshake::screen(node, req)?;
-    // The rates and the slot before the token, as for `/ws`.
+    // The rates, the slot and a program's place before the token, as for
+    // `/ws`: a refused token gives back what these took.
     let slot = handshake::admit(node, req, remote)?;
+    let metrics = &node.metrics;
+    let max = node.config.exec_max_processes as i64;
+    if metrics.exec_processes.fetch_add(1, Relaxed) >= max {
+        metrics.exec_processes.fetch_sub(1, Relaxed);
+        metrics.error(ErrorCode::ExecLimit);
+        let msg = format!("exec_limit: {max} programs running (--exec-max-processes)");
+        return Err(Box::new(http::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ExecLimit,
+            &msg,
+        )));
+    }
+    let running = Running(metrics.clone());
     let query = req.uri().query().unwrap_or("");
     let token = query
         .split('&')
@@ -118,19 +132,6 @@ fn admitted(
             )));
         }
     }
-    let metrics = &node.metrics;
-    let max = node.config.exec_max_processes as i64;
-    if metrics.exec_processes.fetch_add(1, Relaxed) >= max {
-        metrics.exec_processes.fetch_sub(1, Relaxed);
-        metrics.error(ErrorCode::ExecLimit);
-        let msg = format!("exec_limit: {max} programs running (--exec-max-processes)");
-        return Err(Box::new(http::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::ExecLimit,
-            &msg,
-        )));
-    }
-    let running = Running(metrics.clone());
     let env = cgi_env(req, remote, &route);
     let (response, fut) = fastwebsockets::upgrade::upgrade(req).map_err(|e| {
         Box::new(http::error(

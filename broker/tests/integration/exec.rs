@@ -503,3 +503,42 @@ async fn orphans_of_programs_are_reaped_by_the_node() {
         .await;
     }
 }
+
+/// With every program slot taken, a handshake is refused with 503
+/// `exec_limit` before its token is checked: a bad token costs a refusal,
+/// not a signature check, and holds nothing afterwards.
+#[tokio::test]
+async fn the_process_limit_is_checked_before_the_token() {
+    let key = KeyFile::new("exec-limit-first");
+    let h = Herald::start(&[
+        "--exec",
+        "/echo=cat",
+        "--auth-hmac-key-file",
+        key.arg(),
+        "--exec-max-processes",
+        "1",
+    ]);
+    let token = key.token("ops", &[]);
+    let mut held = open(&h, &format!("/echo?token={token}")).await;
+    held.send(Message::Text("hi".into())).await.unwrap();
+    assert_eq!(next(&mut held).await, Ok("hi".to_owned()));
+    for _ in 0..5 {
+        let (status, body) = h.http(&upgrade_request("/echo?token=bad", "127.0.0.1", "")).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("exec_limit"), "{body}");
+    }
+    assert_eq!(h.metric("herald_errors_total{code=\"unauthorized\"}").await, 0.0);
+    assert_eq!(h.metric("herald_exec_processes").await, 1.0);
+    drop(held);
+    eventually("the slot is free", || async {
+        h.metric("herald_exec_processes").await == 0.0
+    })
+    .await;
+    // A bad token, once there is room, is refused and keeps no slot.
+    let (status, body) = h.http(&upgrade_request("/echo?token=bad", "127.0.0.1", "")).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(h.metric("herald_exec_processes").await, 0.0);
+    let mut again = open(&h, &format!("/echo?token={token}")).await;
+    again.send(Message::Text("again".into())).await.unwrap();
+    assert_eq!(next(&mut again).await, Ok("again".to_owned()));
+}
