@@ -220,7 +220,7 @@ async fn run(
     early: Bytes,
     route: ExecRoute,
     env: Vec<(String, String)>,
-    _slot: ConnectionSlot,
+    slot: ConnectionSlot,
     running: Running,
 ) {
     let path = route.path.as_str();
@@ -332,9 +332,21 @@ async fn run(
         let _ = tokio::time::timeout(node.config.close_timeout, tx.send(f)).await;
     }
     drop(tx);
-    if let Ok(Ok(Some(mut wr))) = tokio::time::timeout(node.config.close_timeout, writer).await {
-        let _ = wr.shutdown().await;
+    // The close (the frames queued, then the close frame) within
+    // --close-timeout, or the connection is cut; the slot counts the
+    // socket until the node has let go of it.
+    let mut writer = writer;
+    match tokio::time::timeout(node.config.close_timeout, &mut writer).await {
+        Ok(Ok(Some(mut wr))) => {
+            let _ = wr.shutdown().await;
+        }
+        Ok(_) => {}
+        Err(_) => {
+            writer.abort();
+            let _ = writer.await;
+        }
     }
+    drop(slot);
 }
 
 /// SIGTERM to the program's group, then SIGKILL after `grace`; reaps the

@@ -542,3 +542,71 @@ async fn the_process_limit_is_checked_before_the_token() {
     again.send(Message::Text("again".into())).await.unwrap();
     assert_eq!(next(&mut again).await, Ok("again".to_owned()));
 }
+
+/// The state and send queue of the node's side of the TCP connection to
+/// the client's `port`, from /proc/net/tcp; `None` once it is gone.
+fn node_side(node_port: u16, port: u16) -> Option<(u8, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+        let remote = u16::from_str_radix(f.get(2)?.rsplit(':').next()?, 16).ok()?;
+        if (local, remote) != (node_port, port) {
+            return None;
+        }
+        let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
+        let tx = u64::from_str_radix(f.get(4)?.split(':').next()?, 16).ok()?;
+        Some((state, tx))
+    })
+}
+
+/// A client that closes while not reading a flood: the node's writer is
+/// stuck behind a full socket. The socket counts in `herald_connections`
+/// for as long as the node holds it open, and the node lets go of it
+/// after `--close-timeout`, not after its writes time out.
+#[tokio::test]
+async fn an_exec_socket_counts_until_the_node_lets_go_of_it() {
+    const ESTABLISHED: u8 = 1;
+    let h = Herald::start(&[
+        "--exec-shell",
+        "/flood=echo $$; exec seq 1 100000000",
+        "--close-timeout",
+        "500ms",
+        "--write-timeout",
+        "8s",
+    ]);
+    let mut ws = RawWs::connect(h.addr, "/flood").await;
+    let port = ws.stream.local_addr().unwrap().port();
+    let (_, pid) = ws.read_frame().await.expect("the program's pid");
+    let pid: u32 = String::from_utf8(pid).unwrap().parse().unwrap();
+    let _leftovers = Leftovers(vec![pid]);
+    eventually("the socket is full and the program blocked", || async {
+        let before = node_side(h.addr.port(), port).map_or(0, |s| s.1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after = node_side(h.addr.port(), port).map_or(0, |s| s.1);
+        before > 0 && before == after && stat(pid).is_some_and(|s| s.0 == 'S')
+    })
+    .await;
+    assert_eq!(h.metric("herald_connections").await, 1.0);
+    // A close frame (1000), and never a read.
+    let close: Vec<u8> = [0x88, 0x82]
+        .into_iter()
+        .chain(MASK)
+        .chain([0x03 ^ MASK[0], 0xE8 ^ MASK[1]])
+        .collect();
+    ws.send_bytes(&close).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let counted = h.metric("herald_connections").await;
+        if node_side(h.addr.port(), port).is_none_or(|s| s.0 != ESTABLISHED) {
+            break;
+        }
+        assert_eq!(counted, 1.0, "the node still holds the socket open");
+        assert!(tokio::time::Instant::now() < deadline, "the node never let go");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually("the slot is free", || async {
+        h.metric("herald_connections").await == 0.0
+    })
+    .await;
+}
