@@ -322,11 +322,6 @@ async fn run(
         terminate(&mut child, &group, grace).await;
     }
     LEADERS.locked().remove(&(pid as i32));
-    // The rest of its group (a pipeline's other commands, what it started
-    // in the background) goes too, and is counted until it has.
-    group.end(grace).await;
-    drop(running);
-    tracing::debug!(path, pid, "exec: ended");
     // A protocol error's close frame is queued already.
     if let (Some(f), false) = (end.frame(), matches!(end, Disconnect::Protocol(_))) {
         let _ = tokio::time::timeout(node.config.close_timeout, tx.send(f)).await;
@@ -347,6 +342,11 @@ async fn run(
         }
     }
     drop(slot);
+    // The rest of its group (a pipeline's other commands, what it started
+    // in the background) goes too, and is counted until it has.
+    group.end(grace).await;
+    drop(running);
+    tracing::debug!(path, pid, "exec: ended");
 }
 
 /// SIGTERM to the program's group, then SIGKILL after `grace`; reaps the
