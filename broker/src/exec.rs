@@ -361,7 +361,8 @@ async fn terminate(child: &mut Child, group: &Group, grace: Duration) {
 }
 
 /// A program's process group (its id is the program's pid). Dropped
-/// before it is known to be gone (the node stopping mid-way), it is killed.
+/// before it is known to be gone (the node stopping mid-way), it is killed;
+/// dropped, its leader is no longer listed in [`LEADERS`].
 struct Group {
     id: Pid,
     gone: bool,
@@ -428,6 +429,9 @@ impl Group {
 impl Drop for Group {
     fn drop(&mut self) {
         self.signal(Signal::KILL);
+        // Reaped by now, or (a task ended early) left to tokio, which
+        // reaps a dropped child itself: either way no longer the socket's.
+        LEADERS.locked().remove(&self.id.as_raw_nonzero().get());
     }
 }
 
