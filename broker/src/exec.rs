@@ -4,17 +4,34 @@
 //! exiting closes the socket with 1000; the socket closing ends the program
 //! (SIGTERM, then SIGKILL after `--exec-grace`).
 //!
+//! Each program leads a process group of its own, and what the node
+//! signals is the group: a shell's pipeline ends with its shell. The
+//! program counts against `--exec-max-processes` until no process of its
+//! group is left, not only until its leader is reaped.
+//!
+//! A program that stops reading its stdin does not stall its socket: the
+//! client's lines wait in a short queue for a writer of their own, and a
+//! line the program does not take within `--write-timeout` ends the socket
+//! and the program.
+//!
+//! The node is its programs' subreaper (and is PID 1 in a container with
+//! no init): orphans a program leaves are re-parented to the node, which
+//! reaps them ([`reaper`]), never a program's own exit status, which its
+//! socket's task waits for.
+//!
 //! Output the client does not read fast enough is backpressure, never a
 //! cut: the socket has one writer fed through a small bounded channel, so
 //! when the client stops reading, the writer waits, the channel fills, the
 //! node stops reading the pipe and the program blocks on its next write.
 //!
-//! Uses: `config`, `metrics`, `http`, `node`.
+//! Uses: `sync`, `config`, `metrics`, `http`, `node`.
 
+use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -22,6 +39,7 @@ use herald_protocol::ws::{self, Message, OpCode, Reader};
 use herald_protocol::{Disconnect, ErrorCode};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
+use rustix::process::{Pid, Signal, WaitOptions};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
@@ -33,12 +51,26 @@ use crate::http::handshake::{self, Refused};
 use crate::http::{self, Body};
 use crate::metrics::{ConnectionSlot, Metrics};
 use crate::node::Node;
+use crate::sync::Lock;
 
 /// Frames that may wait for the socket's writer: a few, so a client that
 /// stops reading stops the program within a few lines.
 const QUEUE: usize = 4;
 
-/// One running program, counted in `herald_exec_processes` until reaped.
+/// Client lines that may wait for the program's stdin: a few, each at most
+/// `--max-message-bytes`, so the queue's bytes are bounded.
+const STDIN_QUEUE: usize = 4;
+
+/// How often a program's group is looked at while it is going away.
+const POLL: Duration = Duration::from_millis(20);
+
+/// The pids of the programs the node started and has not reaped yet: the
+/// reaper of orphans leaves these to their sockets' tasks. Held while a
+/// program is spawned, so none is seen before it is listed here.
+static LEADERS: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+/// One running program, counted in `herald_exec_processes` until the last
+/// process of its group is gone.
 struct Running(Arc<Metrics>);
 
 impl Drop for Running {
@@ -67,6 +99,22 @@ fn admitted(
     route: ExecRoute,
 ) -> Result<Response<Body>, Refused> {
     handshake::screen(node, req)?;
+    // The rates, the slot and a program's place before the token, as for
+    // `/ws`: a refused token gives back what these took.
+    let slot = handshake::admit(node, req, remote)?;
+    let metrics = &node.metrics;
+    let max = node.config.exec_max_processes as i64;
+    if metrics.exec_processes.fetch_add(1, Relaxed) >= max {
+        metrics.exec_processes.fetch_sub(1, Relaxed);
+        metrics.error(ErrorCode::ExecLimit);
+        let msg = format!("exec_limit: {max} programs running (--exec-max-processes)");
+        return Err(Box::new(http::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ExecLimit,
+            &msg,
+        )));
+    }
+    let running = Running(metrics.clone());
     let query = req.uri().query().unwrap_or("");
     let token = query
         .split('&')
@@ -84,20 +132,6 @@ fn admitted(
             )));
         }
     }
-    let slot = handshake::admit(node, req, remote)?;
-    let metrics = &node.metrics;
-    let max = node.config.exec_max_processes as i64;
-    if metrics.exec_processes.fetch_add(1, Relaxed) >= max {
-        metrics.exec_processes.fetch_sub(1, Relaxed);
-        metrics.error(ErrorCode::ExecLimit);
-        let msg = format!("exec_limit: {max} programs running (--exec-max-processes)");
-        return Err(Box::new(http::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::ExecLimit,
-            &msg,
-        )));
-    }
-    let running = Running(metrics.clone());
     let env = cgi_env(req, remote, &route);
     let (response, fut) = fastwebsockets::upgrade::upgrade(req).map_err(|e| {
         Box::new(http::error(
@@ -186,19 +220,28 @@ async fn run(
     early: Bytes,
     route: ExecRoute,
     env: Vec<(String, String)>,
-    _slot: ConnectionSlot,
+    slot: ConnectionSlot,
     running: Running,
 ) {
     let path = route.path.as_str();
-    let spawned = Command::new(&route.argv[0])
-        .args(&route.argv[1..])
-        .env_clear()
-        .envs(env)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn();
+    let spawned = {
+        let mut leaders = LEADERS.locked();
+        let spawned = Command::new(&route.argv[0])
+            .args(&route.argv[1..])
+            .env_clear()
+            .envs(env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // A group of its own: what the node signals is the group.
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn();
+        if let Some(pid) = spawned.as_ref().ok().and_then(Child::id) {
+            leaders.insert(pid as i32);
+        }
+        spawned
+    };
     let (rd, mut wr) = stream.into_split();
     let mut child = match spawned {
         Ok(c) => c,
@@ -212,6 +255,9 @@ async fn run(
     };
     let pid = child.id().unwrap_or(0);
     tracing::debug!(path, pid, "exec: started");
+    let Some(mut group) = Group::of(pid) else {
+        return;
+    };
     let (Some(stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
@@ -258,43 +304,235 @@ async fn run(
     } else {
         config.ping_interval
     };
-    let input = read_client(rd, early, stdin, tx.clone(), max, ping);
+    let (lines, queued) = mpsc::channel(STDIN_QUEUE);
+    let input = read_client(rd, early, lines, tx.clone(), max, ping);
+    let feed = feed_stdin(stdin, queued, write_timeout);
     let stop = node.exec_stop.clone();
     let end = tokio::select! {
         e = out => e,
         e = input => e,
+        e = feed => e,
         _ = stop.cancelled() => Disconnect::GoingAway,
     };
+    let grace = node.config.exec_grace;
     if end != Disconnect::ProgramExited {
-        terminate(&mut child, pid, node.config.exec_grace).await;
-    } else if tokio::time::timeout(node.config.exec_grace, child.wait())
-        .await
-        .is_err()
-    {
+        terminate(&mut child, &group, grace).await;
+    } else if tokio::time::timeout(grace, child.wait()).await.is_err() {
         // Closed its stdout but kept running: end it like any other.
-        terminate(&mut child, pid, node.config.exec_grace).await;
+        terminate(&mut child, &group, grace).await;
     }
-    drop(running);
-    tracing::debug!(path, pid, "exec: ended");
+    LEADERS.locked().remove(&(pid as i32));
     // A protocol error's close frame is queued already.
     if let (Some(f), false) = (end.frame(), matches!(end, Disconnect::Protocol(_))) {
         let _ = tokio::time::timeout(node.config.close_timeout, tx.send(f)).await;
     }
     drop(tx);
-    if let Ok(Ok(Some(mut wr))) = tokio::time::timeout(node.config.close_timeout, writer).await {
-        let _ = wr.shutdown().await;
+    // The close (the frames queued, then the close frame) within
+    // --close-timeout, or the connection is cut; the slot counts the
+    // socket until the node has let go of it.
+    let mut writer = writer;
+    match tokio::time::timeout(node.config.close_timeout, &mut writer).await {
+        Ok(Ok(Some(mut wr))) => {
+            let _ = wr.shutdown().await;
+        }
+        Ok(_) => {}
+        Err(_) => {
+            writer.abort();
+            let _ = writer.await;
+        }
     }
+    drop(slot);
+    // The rest of its group (a pipeline's other commands, what it started
+    // in the background) goes too, and is counted until it has.
+    group.end(grace).await;
+    drop(running);
+    tracing::debug!(path, pid, "exec: ended");
 }
 
-/// SIGTERM, then SIGKILL after `grace`; reaps the program either way.
-async fn terminate(child: &mut Child, pid: u32, grace: Duration) {
-    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
-    }
+/// SIGTERM to the program's group, then SIGKILL after `grace`; reaps the
+/// program either way.
+async fn terminate(child: &mut Child, group: &Group, grace: Duration) {
+    group.signal(Signal::TERM);
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        group.signal(Signal::KILL);
         let _ = child.start_kill();
         let _ = child.wait().await;
     }
+}
+
+/// A program's process group (its id is the program's pid). Dropped
+/// before it is known to be gone (the node stopping mid-way), it is killed;
+/// dropped, its leader is no longer listed in [`LEADERS`].
+struct Group {
+    id: Pid,
+    gone: bool,
+}
+
+impl Group {
+    fn of(pid: u32) -> Option<Group> {
+        Pid::from_raw(pid as i32).map(|id| Group { id, gone: false })
+    }
+
+    fn signal(&self, sig: Signal) {
+        if !self.gone {
+            let _ = rustix::process::kill_process_group(self.id, sig);
+        }
+    }
+
+    /// Whether any process of the group is left, zombies included. Only
+    /// after the leader is reaped: then the group's own children (orphans
+    /// the node adopted) are reaped here, never the leader's status.
+    fn left(&mut self) -> bool {
+        while let Ok(Some(_)) = rustix::process::waitpgid(self.id, WaitOptions::NOHANG) {}
+        let left = !matches!(
+            rustix::process::test_kill_process_group(self.id),
+            Err(rustix::io::Errno::SRCH)
+        );
+        self.gone = !left;
+        left
+    }
+
+    /// Whether the group is gone within `within`.
+    async fn gone_within(&mut self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.left() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        true
+    }
+
+    /// After its leader is reaped: what is left of the group gets SIGTERM,
+    /// then SIGKILL after `grace`; returns once none is left (or, if some
+    /// outlive even SIGKILL for another `grace`, with a warning).
+    async fn end(&mut self, grace: Duration) {
+        if !self.left() {
+            return;
+        }
+        self.signal(Signal::TERM);
+        if self.gone_within(grace).await {
+            return;
+        }
+        self.signal(Signal::KILL);
+        if !self.gone_within(grace).await {
+            tracing::warn!(
+                pgid = self.id.as_raw_nonzero().get(),
+                "exec: processes of a program's group outlive SIGKILL"
+            );
+            self.gone = true;
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.signal(Signal::KILL);
+        // Reaped by now, or (a task ended early) left to tokio, which
+        // reaps a dropped child itself: either way no longer the socket's.
+        LEADERS.locked().remove(&self.id.as_raw_nonzero().get());
+    }
+}
+
+/// The program's stdin side: writes the client's lines as they come, each
+/// within `deadline`. A program that closed its stdin gets no more lines
+/// (they are dropped); one that takes none within `deadline` ends the
+/// socket with [`Disconnect::WriteTimeout`]. Otherwise never returns.
+async fn feed_stdin(
+    mut stdin: tokio::process::ChildStdin,
+    mut lines: mpsc::Receiver<Vec<u8>>,
+    deadline: Duration,
+) -> Disconnect {
+    while let Some(line) = lines.recv().await {
+        match tokio::time::timeout(deadline, stdin.write_all(&line)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                drop(stdin);
+                while lines.recv().await.is_some() {}
+                break;
+            }
+            Err(_) => return Disconnect::WriteTimeout,
+        }
+    }
+    std::future::pending().await
+}
+
+/// When the node has `--exec` routes or is PID 1: makes it its
+/// descendants' subreaper, and returns the task that reaps the orphans
+/// re-parented to it (on each SIGCHLD, and every few seconds in case one
+/// was missed), leaving the programs themselves to their sockets' tasks.
+pub fn reaper(node: &Node) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let pid1 = rustix::process::getpid().is_init();
+    if !pid1 && node.config.exec.is_empty() && node.config.exec_shell.is_empty() {
+        return None;
+    }
+    if !pid1 {
+        if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+            tracing::warn!(error = %e, "exec: cannot become the programs' subreaper");
+        }
+    }
+    let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).ok()?;
+    Some(async move {
+        let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = sigchld.recv() => {}
+                _ = sweep.tick() => {}
+            }
+            reap_orphans();
+        }
+    })
+}
+
+/// Reaps every zombie child of the node that is not a program a socket's
+/// task waits for.
+fn reap_orphans() {
+    let leaders = LEADERS.locked();
+    for pid in zombie_children() {
+        if !leaders.contains(&pid.as_raw_nonzero().get()) {
+            let _ = rustix::process::waitpid(Some(pid), WaitOptions::NOHANG);
+        }
+    }
+}
+
+/// The node's children that have exited and wait to be reaped: from each
+/// thread's `children` list, or by a scan of `/proc` where there is none.
+fn zombie_children() -> Vec<Pid> {
+    let me = rustix::process::getpid().as_raw_nonzero().get();
+    let stat = |pid: i32| -> Option<(char, i32)> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let mut f = s.get(s.rfind(')')? + 2..)?.split(' ');
+        Some((f.next()?.chars().next()?, f.next()?.parse().ok()?))
+    };
+    let numbers = |dir: &str| -> Vec<i32> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    };
+    let pids: Vec<i32> = if std::path::Path::new(&format!("/proc/self/task/{me}/children")).exists() {
+        numbers("/proc/self/task")
+            .into_iter()
+            .filter_map(|t| std::fs::read_to_string(format!("/proc/self/task/{t}/children")).ok())
+            .flat_map(|list| {
+                list.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect()
+    } else {
+        numbers("/proc")
+            .into_iter()
+            .filter(|&p| stat(p).is_some_and(|s| s.1 == me))
+            .collect()
+    };
+    pids.into_iter()
+        .filter(|&p| stat(p).is_some_and(|s| s.0 == 'Z'))
+        .filter_map(Pid::from_raw)
+        .collect()
 }
 
 /// The client's side: text messages become stdin lines; pings are answered;
@@ -302,25 +540,22 @@ async fn terminate(child: &mut Child, pid: u32, grace: Duration) {
 async fn read_client(
     rd: OwnedReadHalf,
     early: Bytes,
-    mut stdin: tokio::process::ChildStdin,
+    lines: mpsc::Sender<Vec<u8>>,
     tx: mpsc::Sender<Bytes>,
     max: usize,
     ping: Duration,
 ) -> Disconnect {
     let mut buf = BytesMut::from(&early[..]);
     let mut reader = Reader::new();
-    let mut stdin_open = true;
     let mut pinged = false;
     loop {
         loop {
             match reader.read(&mut buf, max) {
                 Ok(Some(Message::Text(t))) => {
-                    if stdin_open {
-                        let line = [&t[..], b"\n"].concat();
-                        // A program that stopped reading its stdin makes this
-                        // wait: the client's frames then wait in TCP.
-                        stdin_open = stdin.write_all(&line).await.is_ok();
-                    }
+                    // A full queue makes this wait, the client's frames
+                    // waiting in TCP, for at most the stdin writer's
+                    // deadline: it takes a line or ends the socket.
+                    let _ = lines.send([&t[..], b"\n"].concat()).await;
                 }
                 Ok(Some(Message::Ping(p))) => {
                     let _ = tx.send(ws::encode_frame(OpCode::Pong, &p)).await;

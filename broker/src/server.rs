@@ -4,8 +4,9 @@
 //! [`run`] takes a bound listener, an optional `--metrics-listen` listener,
 //! a [`Config`] and a shutdown future, so tests and the binary start the
 //! same server. [`serve`] starts the node's background tasks (heartbeat,
-//! key reloads, the write watchdog, the status sampler, presence sync) and
-//! the accept loops, and drains on shutdown.
+//! key reloads, the write watchdog, the status sampler, presence sync, the
+//! reaper of the `--exec` programs' orphans) and the accept loops, and
+//! drains on shutdown.
 //!
 //! Each public TCP connection is admitted (the pending-connection bound, a
 //! PROXY header from a trusted proxy, the first request head under the
@@ -14,9 +15,9 @@
 //! ([`crate::net::routes`]); [`route`] matches on that decision and calls
 //! the handler: the endpoints in [`crate::http`] and [`crate::status`], an
 //! `--exec` program ([`crate::exec`]), or a pub/sub WebSocket, whose
-//! handshake is checked (limits, URL parameters, token) before the 101 and
-//! whose socket then becomes a session the node tracks so shutdown can
-//! drain it.
+//! handshake is checked (URL parameters, limits, then the token) before
+//! the 101 and whose socket then becomes a session the node tracks so
+//! shutdown can drain it.
 //!
 //! Uses: `config`, `net`, `session`, `node`, `http`, `status`, `exec`.
 
@@ -101,6 +102,9 @@ pub async fn serve(
     let name = status::node_name(listener.local_addr().unwrap_or(node.config.listen));
     tasks.spawn(status::sampler(node.clone(), name));
     tasks.spawn(node.clone().presence_sync());
+    if let Some(reaper) = exec::reaper(&node) {
+        tasks.spawn(reaper);
+    }
     let stop = CancellationToken::new();
     let http = TaskTracker::new();
     let accept = tasks.spawn_owned(accept_loop(node.clone(), listener, stop.clone(), http.clone()));
@@ -367,9 +371,12 @@ async fn admitted(
             return Err(Box::new(http::error(hyper::StatusCode::BAD_REQUEST, code, &msg)));
         }
     };
+    // The cheap limits first, then the token: a signature check costs
+    // ten times a refusal, so a flood of bad tokens is shed by the rates
+    // before any is verified. A refused token drops the slot it took.
+    let slot = handshake::admit(node, req, remote)?;
     let token = params.token.as_deref().or(handshake::bearer(req));
     let access = handshake::access(node, token, params.subs.iter().chain(params.raw_topic.iter()))?;
-    let slot = handshake::admit(node, req, remote)?;
     let (response, fut) = fastwebsockets::upgrade::upgrade(req).map_err(|e| {
         Box::new(http::error(
             hyper::StatusCode::BAD_REQUEST,

@@ -1,8 +1,10 @@
 //! What every WebSocket handshake goes through before its 101, whatever
 //! the socket will be (a pub/sub session, or a program's pipe in
 //! websocketd mode): the upgrade and draining checks, the page's origin,
-//! the token and its grants, the client address's limits and a connection
-//! slot; and, after the 101, the TCP stream taken back from hyper.
+//! the client address's limits and a connection slot ([`admit`]), and only
+//! then the token and its grants ([`access`]), so the rates shed a flood
+//! of bad tokens before any signature is checked; and, after the 101, the
+//! TCP stream taken back from hyper.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -120,6 +122,7 @@ pub fn bearer(req: &Request<Incoming>) -> Option<&str> {
 /// What the socket may do: its token's identity, the anonymous grants
 /// without one, or `None` on a node without access control. A bad token is
 /// refused with 401, a pattern in `subs` outside the grants with 403.
+/// Called after [`admit`]: a refusal here drops the slot admit took.
 pub fn access<'a>(
     node: &Node,
     token: Option<&str>,

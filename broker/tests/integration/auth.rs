@@ -822,3 +822,67 @@ async fn the_node_wide_connect_rate_sheds_a_burst_with_503() {
     })
     .await;
 }
+
+/// A handshake's token is checked only after the cheap limits took it: a
+/// burst of handshakes with badly signed tokens from one address is shed
+/// with 429 past `--connect-rate-per-ip` (and node-wide with 503 past
+/// `--connect-rate`), not each verified and answered 401; and a refused
+/// token keeps neither the address's count nor a connection slot.
+#[tokio::test]
+async fn bad_tokens_are_rate_limited_before_they_are_verified() {
+    let c = claims("mallory", &["chat:>"], &[], 3600);
+    let good = sign(Algorithm::ES256, None, &c);
+    // The same token with another signature: well formed, verified, refused.
+    let (head, sig) = good.rsplit_once('.').unwrap();
+    let flipped: String = sig
+        .chars()
+        .rev()
+        .map(|ch| if ch == 'A' { 'B' } else { 'A' })
+        .collect();
+    let bad = format!("{head}.{flipped}");
+    let ec = key("ec.pub");
+    let at = |h: &Herald, path: &str, token: &str| {
+        let (addr, path) = (h.addr, format!("{path}?token={token}"));
+        async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            handshake_on(&mut s, &path).await.0
+        }
+    };
+    for ((flags, shed), path) in [
+        (["--connect-rate-per-ip", "5"], 429),
+        (["--connect-rate", "5"], 503),
+    ]
+    .into_iter()
+    .flat_map(|f| [(f, "/ws"), (f, "/echo")])
+    {
+        let mut args = vec!["--auth-public-key-file", ec.as_str(), "--exec", "/echo=cat"];
+        args.extend(flags);
+        args.extend(["--max-connections-per-ip", "1"]);
+        let h = Herald::start(&args);
+        let attempts = (0..100).map(|_| at(&h, path, &bad));
+        let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+        for status in futures_util::future::join_all(attempts).await {
+            *statuses.entry(status).or_default() += 1;
+        }
+        let refused = statuses.get(&401).copied().unwrap_or(0);
+        // 429 also when another handshake of the burst holds the address's
+        // one slot for the moment its token is checked.
+        assert!(
+            statuses.keys().all(|s| [401, 429, 503].contains(s)),
+            "{path} {flags:?}: {statuses:?}"
+        );
+        assert!(
+            statuses.get(&shed).copied().unwrap_or(0) >= 50,
+            "{path} {flags:?}: past the rate, shed before the token is verified: {statuses:?}"
+        );
+        let verified = h.metric("herald_errors_total{code=\"unauthorized\"}").await;
+        assert_eq!(verified, refused as f64, "{path} {flags:?}");
+        // Nothing of the refused handshakes is held: the one socket the
+        // address may have opens once the rate allows.
+        assert_eq!(h.metric("herald_connections").await, 0.0, "{path} {flags:?}");
+        eventually("a good token connects once the rate allows", || async {
+            at(&h, path, &good).await == 101
+        })
+        .await;
+    }
+}

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
@@ -106,7 +107,9 @@ async fn closing_the_socket_ends_the_program_even_one_that_ignores_sigterm() {
     })
     .await;
     let mut c = open(&h, "/sleep").await;
-    assert!(next(&mut c).await.is_ok(), "room again");
+    let pid_c: u32 = next(&mut c).await.expect("room again").parse().unwrap();
+    // The node is killed at the end, its program left behind: ended here.
+    let _leftovers = Leftovers(vec![pid_c]);
 }
 
 #[tokio::test]
@@ -295,4 +298,327 @@ async fn built_in_routes_answer_beside_exec_routes() {
         assert_eq!(status, 404, "{path}: {body}");
         assert!(body.contains("on the metrics address"), "{body}");
     }
+}
+
+/// `(state, ppid, pgid)` of a process from /proc, `None` once it is gone.
+fn stat(pid: u32) -> Option<(char, u32, u32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut f = s[s.rfind(')')? + 2..].split(' ');
+    let state = f.next()?.chars().next()?;
+    Some((state, f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+}
+
+/// Every process (zombies too) whose parent is `ppid`.
+fn children(ppid: u32) -> Vec<(u32, char)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| stat(pid).filter(|s| s.1 == ppid).map(|s| (pid, s.0)))
+        .collect()
+}
+
+/// Processes a test made (indirectly) that must not outlive it: killed by
+/// PID on drop, so a failing test leaves nothing running.
+struct Leftovers(Vec<u32>);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if stat(*pid).is_some_and(|s| s.0 != 'Z') {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// `--exec-shell` runs `/bin/sh -c`: a pipeline is the shell's children.
+/// Closing the socket ends every process of the program's group, not just
+/// the shell, and `herald_exec_processes` counts the program until the
+/// last of them is gone, even one that ignores SIGTERM.
+#[tokio::test]
+async fn closing_the_socket_ends_a_whole_pipeline() {
+    let h = Herald::start(&[
+        "--exec-shell",
+        "/pipe=echo $$; tail -f /dev/null | grep ERROR",
+        "--exec-shell",
+        "/stubborn=echo $$; sh -c \"trap '' TERM; while :; do sleep 0.1; done\" | cat",
+        "--exec-grace",
+        "1s",
+        "--exec-max-processes",
+        "4",
+    ]);
+    let mut leftovers = Leftovers(Vec::new());
+    for _ in 0..3 {
+        let mut ws = open(&h, "/pipe").await;
+        let sh: u32 = next(&mut ws).await.unwrap().parse().unwrap();
+        let mut kids = Vec::new();
+        eventually("the pipeline starts", || {
+            kids = children(sh).into_iter().map(|c| c.0).collect();
+            let n = kids.len();
+            async move { n == 2 }
+        })
+        .await;
+        leftovers.0.extend(&kids);
+        ws.close(None).await.unwrap();
+        drop(ws);
+        eventually("no process of the pipeline remains", || async {
+            kids.iter()
+                .all(|&k| stat(k).is_none_or(|s| s.0 == 'Z' && s.1 != h.pid()))
+                && stat(sh).is_none()
+        })
+        .await;
+        eventually("the gauge is back to 0", || async {
+            h.metric("herald_exec_processes").await == 0.0
+        })
+        .await;
+    }
+
+    let mut ws = open(&h, "/stubborn").await;
+    let sh: u32 = next(&mut ws).await.unwrap().parse().unwrap();
+    let mut kids = Vec::new();
+    eventually("the pipeline starts", || {
+        kids = children(sh).into_iter().map(|c| c.0).collect();
+        let n = kids.len();
+        async move { n == 2 }
+    })
+    .await;
+    leftovers.0.extend(&kids);
+    drop(ws);
+    eventually("the shell ends", || async { stat(sh).is_none() }).await;
+    // Its group lives on in the child that ignores SIGTERM: still counted.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let counted = h.metric("herald_exec_processes").await;
+        if !kids.iter().any(|&k| stat(k).is_some_and(|s| s.0 != 'Z')) {
+            break;
+        }
+        assert_eq!(counted, 1.0, "a process of the group still runs");
+        assert!(tokio::time::Instant::now() < deadline, "the group never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually("SIGKILL ends the group after the grace", || async {
+        kids.iter().all(|&k| stat(k).is_none_or(|s| s.0 == 'Z'))
+    })
+    .await;
+    eventually("the gauge is back to 0", || async {
+        h.metric("herald_exec_processes").await == 0.0
+    })
+    .await;
+}
+
+/// A masked client text frame.
+fn text_frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x81];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&MASK);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    f
+}
+
+/// A program that never reads its stdin, and a client that floods it and
+/// then vanishes: the socket is not stuck behind the full pipe. The node
+/// closes it, ends the program and frees its slot.
+#[tokio::test]
+async fn a_program_that_never_reads_stdin_does_not_hold_its_socket() {
+    let h = Herald::start(&[
+        "--exec-shell",
+        "/deaf=echo $$; exec sleep 1000",
+        "--exec-max-processes",
+        "1",
+        "--ping-interval",
+        "1s",
+        "--write-timeout",
+        "1s",
+    ]);
+    let mut ws = RawWs::connect(h.addr, "/deaf").await;
+    let (op, pid) = ws.read_frame().await.expect("the program's pid");
+    assert_eq!(op, 0x1);
+    let pid: u32 = String::from_utf8(pid).unwrap().parse().unwrap();
+    let mut leftovers = Leftovers(vec![pid]);
+    // Far more than the pipe holds, then gone without a word; the flood
+    // itself stops when the node stops taking it.
+    let frame = text_frame(&[b'x'; 1000]);
+    for _ in 0..4000 {
+        let sent = tokio::time::timeout(Duration::from_millis(500), ws.stream.write_all(&frame)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            break;
+        }
+    }
+    drop(ws);
+    eventually("the program ends", || async {
+        stat(pid).is_none_or(|s| s.0 == 'Z')
+    })
+    .await;
+    eventually("the slot is free", || async {
+        h.metric("herald_exec_processes").await == 0.0
+    })
+    .await;
+    let mut again = open(&h, "/deaf").await;
+    let pid: u32 = next(&mut again)
+        .await
+        .expect("a new socket is taken")
+        .parse()
+        .unwrap();
+    leftovers.0.push(pid);
+}
+
+/// The node is its programs' subreaper (as PID 1 is in a container with no
+/// init): an orphan a program leaves is re-parented to the node, which
+/// reaps it when it ends, in the program's group or out of it (`setsid`),
+/// so no zombie of the node remains.
+#[tokio::test]
+async fn orphans_of_programs_are_reaped_by_the_node() {
+    let h = Herald::start(&[
+        "--exec-shell",
+        "/orphans=(sleep 1000 & echo $!); (setsid sleep 1 & echo $!); exec cat",
+    ]);
+    let node = h.pid();
+    let mut leftovers = Leftovers(Vec::new());
+    for _ in 0..3 {
+        let mut ws = open(&h, "/orphans").await;
+        let in_group: u32 = next(&mut ws).await.unwrap().parse().unwrap();
+        let outside: u32 = next(&mut ws).await.unwrap().parse().unwrap();
+        leftovers.0.extend([in_group, outside]);
+        for orphan in [in_group, outside] {
+            eventually("the orphan's parent is the node", || async {
+                stat(orphan).is_some_and(|s| s.1 == node)
+            })
+            .await;
+        }
+        ws.send(Message::Text("still cat".into())).await.unwrap();
+        assert_eq!(next(&mut ws).await, Ok("still cat".to_owned()));
+        drop(ws);
+        eventually("both orphans end and are reaped", || async {
+            stat(in_group).is_none() && stat(outside).is_none()
+        })
+        .await;
+        eventually("no zombie of the node remains", || async {
+            children(node).iter().all(|c| c.1 != 'Z')
+        })
+        .await;
+        eventually("the gauge is back to 0", || async {
+            h.metric("herald_exec_processes").await == 0.0
+        })
+        .await;
+    }
+}
+
+/// With every program slot taken, a handshake is refused with 503
+/// `exec_limit` before its token is checked: a bad token costs a refusal,
+/// not a signature check, and holds nothing afterwards.
+#[tokio::test]
+async fn the_process_limit_is_checked_before_the_token() {
+    let key = KeyFile::new("exec-limit-first");
+    let h = Herald::start(&[
+        "--exec",
+        "/echo=cat",
+        "--auth-hmac-key-file",
+        key.arg(),
+        "--exec-max-processes",
+        "1",
+    ]);
+    let token = key.token("ops", &[]);
+    let mut held = open(&h, &format!("/echo?token={token}")).await;
+    held.send(Message::Text("hi".into())).await.unwrap();
+    assert_eq!(next(&mut held).await, Ok("hi".to_owned()));
+    for _ in 0..5 {
+        let (status, body) = h.http(&upgrade_request("/echo?token=bad", "127.0.0.1", "")).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("exec_limit"), "{body}");
+    }
+    assert_eq!(h.metric("herald_errors_total{code=\"unauthorized\"}").await, 0.0);
+    assert_eq!(h.metric("herald_exec_processes").await, 1.0);
+    drop(held);
+    eventually("the slot is free", || async {
+        h.metric("herald_exec_processes").await == 0.0
+    })
+    .await;
+    // A bad token, once there is room, is refused and keeps no slot.
+    let (status, body) = h.http(&upgrade_request("/echo?token=bad", "127.0.0.1", "")).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(h.metric("herald_exec_processes").await, 0.0);
+    let mut again = open(&h, &format!("/echo?token={token}")).await;
+    again.send(Message::Text("again".into())).await.unwrap();
+    assert_eq!(next(&mut again).await, Ok("again".to_owned()));
+}
+
+/// The state and send queue of the node's side of the TCP connection to
+/// the client's `port`, from /proc/net/tcp; `None` once it is gone.
+fn node_side(node_port: u16, port: u16) -> Option<(u8, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+        let remote = u16::from_str_radix(f.get(2)?.rsplit(':').next()?, 16).ok()?;
+        if (local, remote) != (node_port, port) {
+            return None;
+        }
+        let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
+        let tx = u64::from_str_radix(f.get(4)?.split(':').next()?, 16).ok()?;
+        Some((state, tx))
+    })
+}
+
+/// A client that closes while not reading a flood: the node's writer is
+/// stuck behind a full socket. The socket counts in `herald_connections`
+/// for as long as the node holds it open, and the node lets go of it
+/// after `--close-timeout`, not after its writes time out.
+#[tokio::test]
+async fn an_exec_socket_counts_until_the_node_lets_go_of_it() {
+    const ESTABLISHED: u8 = 1;
+    let h = Herald::start(&[
+        "--exec-shell",
+        "/flood=echo $$; exec seq 1 100000000",
+        "--close-timeout",
+        "500ms",
+        "--write-timeout",
+        "60s",
+    ]);
+    let mut ws = RawWs::connect(h.addr, "/flood").await;
+    let port = ws.stream.local_addr().unwrap().port();
+    let (_, pid) = ws.read_frame().await.expect("the program's pid");
+    let pid: u32 = String::from_utf8(pid).unwrap().parse().unwrap();
+    let _leftovers = Leftovers(vec![pid]);
+    // Filling the client's buffers takes a while on a loaded machine: a
+    // bound of its own, well inside --write-timeout.
+    let filled = tokio::time::Instant::now() + 3 * WAIT;
+    loop {
+        let before = node_side(h.addr.port(), port).map_or(0, |s| s.1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let after = node_side(h.addr.port(), port).map_or(0, |s| s.1);
+        if before > 0 && before == after && stat(pid).is_some_and(|s| s.0 == 'S') {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < filled, "the socket never filled");
+    }
+    assert_eq!(h.metric("herald_connections").await, 1.0);
+    // A close frame (1000), and never a read.
+    let close: Vec<u8> = [0x88, 0x82]
+        .into_iter()
+        .chain(MASK)
+        .chain([0x03 ^ MASK[0], 0xE8 ^ MASK[1]])
+        .collect();
+    ws.send_bytes(&close).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let counted = h.metric("herald_connections").await;
+        if node_side(h.addr.port(), port).is_none_or(|s| s.0 != ESTABLISHED) {
+            break;
+        }
+        assert_eq!(counted, 1.0, "the node still holds the socket open");
+        assert!(tokio::time::Instant::now() < deadline, "the node never let go");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually("the slot is free", || async {
+        h.metric("herald_connections").await == 0.0
+    })
+    .await;
 }
