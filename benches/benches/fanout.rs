@@ -12,7 +12,7 @@ use bytes::Bytes;
 use divan::{black_box, Bencher};
 use herald_broker::Metrics;
 use herald_broker::Subscriber as Conn;
-use herald_broker::{Body, Bus, HistorySettings, Hub, Retention, Tasks};
+use herald_broker::{Bus, Delivery, HistorySettings, Hub, Retention, Tasks};
 
 #[global_allocator]
 static ALLOC: divan::AllocProfiler = divan::AllocProfiler::system();
@@ -70,7 +70,7 @@ const DATA: &[u8] = br#"{"text":"hello, room"}"#;
 /// Delivers one message after emptying every queue.
 fn deliver_once(hub: &Hub, conns: &[Arc<Conn>], spares: &mut [Vec<Bytes>]) -> usize {
     drain(conns, spares);
-    hub.deliver("chat:lobby", Body::Data(DATA))
+    hub.deliver("chat:lobby", Delivery::Data(DATA))
 }
 
 /// One message to 1,000 and 10,000 subscribers of the topic.
@@ -141,13 +141,13 @@ fn deliver_many_topics(bencher: Bencher, topics: usize) {
     let mut spares = spares(1);
     for name in &names {
         drain(&conns, &mut spares);
-        hub.deliver(name, Body::Data(DATA));
+        hub.deliver(name, Delivery::Data(DATA));
     }
     let mut at = 0;
     bencher.bench_local(|| {
         drain(&conns, &mut spares);
         at = (at + 1) % names.len();
-        black_box(hub.deliver(&names[at], Body::Data(DATA)))
+        black_box(hub.deliver(&names[at], Delivery::Data(DATA)))
     });
 }
 

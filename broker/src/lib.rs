@@ -73,7 +73,7 @@ mod tasks;
 pub use auth::{Auth, Grants};
 pub use clock::unix_secs;
 pub use config::{parse_duration, Config};
-pub use fanout::{Body, Hub};
+pub use fanout::{Delivery, Hub};
 pub use metrics::Metrics;
 pub use net::routes::{Collision, Routes};
 pub use node::Error;

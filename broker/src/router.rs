@@ -12,10 +12,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use herald_protocol::message::{self, ErrorCode};
+use herald_protocol::message::{self, ErrorCode, ErrorReply};
 
 use crate::cluster::bus::{Bus, BusError};
-use crate::cluster::subjects::Live;
+use crate::cluster::subjects::Barrier;
 use crate::fanout::hub::Hub;
 use crate::history::recovery::{self, Ask};
 use crate::metrics::Metrics;
@@ -25,7 +25,7 @@ use crate::sync::Lock;
 
 /// Why a subscription was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
+pub enum SubscribeError {
     /// The socket already holds the most subscriptions allowed.
     #[error("at most {max} subscriptions per socket")]
     Limit {
@@ -43,13 +43,13 @@ pub enum Refused {
     },
 }
 
-impl Refused {
+impl SubscribeError {
     /// The error code the client is answered with.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Refused::Limit { .. } => ErrorCode::SubscriptionLimit,
-            Refused::NotSubscribed(_) => ErrorCode::NotSubscribed,
-            Refused::PatternLimit { .. } => ErrorCode::PatternLimit,
+            SubscribeError::Limit { .. } => ErrorCode::SubscriptionLimit,
+            SubscribeError::NotSubscribed(_) => ErrorCode::NotSubscribed,
+            SubscribeError::PatternLimit { .. } => ErrorCode::PatternLimit,
         }
     }
 }
@@ -155,7 +155,7 @@ impl Router {
         who: Who<'_>,
         ack: Option<&str>,
         ask: Option<&Ask>,
-    ) -> Result<Option<Live>, Refused> {
+    ) -> Result<Option<Barrier>, SubscribeError> {
         let revived = sub.has_retired() && self.unretire(sub, pattern, ask.is_some());
         let (held, count) = {
             let subs = sub.subs();
@@ -168,7 +168,7 @@ impl Router {
         if !held {
             let max = self.inner.max_subscriptions;
             if count >= max {
-                return Err(Refused::Limit { max });
+                return Err(SubscribeError::Limit { max });
             }
             // Listed on the socket (holding, if it recovers) before the
             // hub can deliver through it.
@@ -184,7 +184,7 @@ impl Router {
                 Err(e) => {
                     sub.subs().retain(|s| &*s.pattern != pattern);
                     sub.release(pattern, u64::MAX);
-                    return Err(Refused::PatternLimit { max: e.max });
+                    return Err(SubscribeError::PatternLimit { max: e.max });
                 }
             };
             bus.interest(pattern, interest);
@@ -279,7 +279,7 @@ impl Router {
         pattern: &str,
         who: Who<'_>,
         ack: Option<&str>,
-    ) -> Result<(), Refused> {
+    ) -> Result<(), SubscribeError> {
         // In a cluster, a subscription that a newer one overlaps stays as
         // the carrier of their shared topics (see `Subscription::retired`).
         let max = self.inner.max_subscriptions;
@@ -306,7 +306,7 @@ impl Router {
                 at.map(|i| subs.remove(i))
             };
             let Some(s) = removed else {
-                return Err(Refused::NotSubscribed(pattern.to_owned()));
+                return Err(SubscribeError::NotSubscribed(pattern.to_owned()));
             };
             // In effect before the ack: nothing on `pattern` reaches the
             // socket after the client has it.
@@ -407,16 +407,11 @@ impl Router {
     /// "clients":N,"users":M}` (at most `max` members, then
     /// `"truncated":true`), or with `stats` the counts only. Refused with the error's
     /// code and text when the topic has no presence.
-    pub fn presence(
-        &self,
-        topic: &str,
-        stats: bool,
-        max: usize,
-    ) -> Result<serde_json::Value, (ErrorCode, String)> {
+    pub fn presence(&self, topic: &str, stats: bool, max: usize) -> Result<serde_json::Value, ErrorReply> {
         let hub = self.inner.bus.hub();
         if !hub.has_presence(topic) {
             let msg = format!("no presence on {topic:?}: it is not under the node's --presence patterns");
-            return Err((ErrorCode::BadRequest, msg));
+            return Err(ErrorReply::new(ErrorCode::BadRequest, msg));
         }
         let roster = hub.roster();
         let (clients, users) = roster.stats(topic);

@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_protocol::ErrorCode;
+use herald_protocol::{ErrorCode, ErrorReply};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -366,7 +366,7 @@ async fn admitted(
             p
         }
         Ok(p) => p,
-        Err((code, msg)) => {
+        Err(ErrorReply { code, message: msg }) => {
             node.metrics.error(code);
             return Err(Box::new(http::error(hyper::StatusCode::BAD_REQUEST, code, &msg)));
         }

@@ -32,5 +32,5 @@ pub mod ws;
 
 pub use disconnect::Disconnect;
 
-pub use message::{ErrorCode, Request, RequestError};
+pub use message::{ErrorCode, ErrorReply, Request, RequestError};
 pub use topic::{Pattern, Topic, TopicError};

@@ -606,6 +606,35 @@ pub fn encode_ack_with(id: Option<&str>, mut body: serde_json::Value) -> Bytes {
     f.finish()
 }
 
+/// An error a client is answered with: its code and a message saying why
+/// and, where there is one, what to do instead. The one shape every layer
+/// returns an answerable refusal in (an error frame, an HTTP body).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+    /// What went wrong, as clients match on it.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+}
+
+impl ErrorReply {
+    /// A reply with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorReply {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ErrorReply {}
+
 /// `{"op":"error","code":C,"message":M}` (with `"id"` when known) as a whole
 /// text frame.
 pub fn encode_error(code: ErrorCode, message: &str, id: Option<&str>) -> Bytes {

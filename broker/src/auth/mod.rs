@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use herald_protocol::topic::covers;
-use herald_protocol::{ErrorCode, Pattern};
+use herald_protocol::{ErrorCode, ErrorReply, Pattern};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -324,18 +324,18 @@ impl Auth {
 
     /// Checks `token` as the replacement of `old`'s: it must be valid and
     /// name the same `sub`. The error is an error frame's code and text.
-    pub fn refresh(&self, old: &Identity, token: &str) -> Result<Identity, (ErrorCode, String)> {
+    pub fn refresh(&self, old: &Identity, token: &str) -> Result<Identity, ErrorReply> {
         if !old.has_token() {
             let msg = "refresh replaces a token; this socket has none (send auth first)";
-            return Err((ErrorCode::BadRequest, msg.into()));
+            return Err(ErrorReply::new(ErrorCode::BadRequest, msg));
         }
         let new = self.verify(token).map_err(|why| {
             let msg = format!("unauthorized: {why}; the current token stays until it expires");
-            (ErrorCode::Unauthorized, msg)
+            ErrorReply::new(ErrorCode::Unauthorized, msg)
         })?;
         if new.user != old.user {
             let msg = "unauthorized: a refreshed token must name the same sub";
-            return Err((ErrorCode::Unauthorized, msg.into()));
+            return Err(ErrorReply::new(ErrorCode::Unauthorized, msg));
         }
         Ok(new)
     }

@@ -38,9 +38,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::cluster::link::{self, LinkError, LinkSettings};
 use crate::cluster::natsio::{Headers, NatsIo};
 use crate::cluster::outbound::{send_loop, Confirm, Outbound};
-use crate::cluster::subjects::{usable, Live, Receiver, Subjects};
+use crate::cluster::subjects::{usable, Barrier, Receiver, Subjects};
 use crate::config::values::Retention;
-use crate::fanout::hub::{Body, Hub, Interest};
+use crate::fanout::hub::{Delivery, Hub, Interest};
 use crate::history::jetstream::StreamHistory;
 use crate::history::store::{History, HistorySettings, Store};
 use crate::metrics::Metrics;
@@ -189,7 +189,7 @@ impl Bus {
                 if let Some(data) = usable(payload, max_message_bytes, &metrics, topic) {
                     hub.deliver(
                         topic,
-                        Body::Stored {
+                        Delivery::Stored {
                             data: &data,
                             seq,
                             epoch: &epoch,
@@ -364,7 +364,7 @@ impl Bus {
                             // written at once go out after it (see
                             // `history::memory`).
                             let queued = j.append(topic, rule, d.clone(), |seq| {
-                                let body = Body::Stored {
+                                let body = Delivery::Stored {
                                     data: d,
                                     seq,
                                     epoch: &epoch,
@@ -405,7 +405,7 @@ impl Bus {
                 failed = Some(e);
             }
         }
-        let local = self.hub.deliver(topic, Body::Batch(datas));
+        let local = self.hub.deliver(topic, Delivery::Batch(datas));
         match failed {
             None => Ok(local),
             Some(e) => Err(e.with_local(local)),
@@ -425,7 +425,7 @@ impl Bus {
         notify: bool,
     ) {
         if notify {
-            let body = Body::Presence {
+            let body = Delivery::Presence {
                 event: event.as_str(),
                 client,
                 user,
@@ -466,7 +466,7 @@ impl Bus {
     /// A future that resolves once messages published on `key` anywhere in
     /// the cluster reach this node; `None` when they already do (always on
     /// an embedded node).
-    pub fn until_live(&self, key: &str) -> Option<Live> {
+    pub fn until_live(&self, key: &str) -> Option<Barrier> {
         self.link.as_ref()?.subjects.until_live(key)
     }
 

@@ -13,7 +13,7 @@ use herald_protocol::topic;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cluster::natsio::{Headers, NatsIo};
-use crate::fanout::hub::{Body, Hub};
+use crate::fanout::hub::{Delivery, Hub};
 use crate::history::jetstream::StreamHistory;
 use crate::metrics::Metrics;
 
@@ -147,7 +147,7 @@ async fn settle(
     tracing::warn!(%error, topic, "history publish not stored; delivered live without a position");
     let Some((s, hub)) = stream else { return };
     s.lost();
-    hub.deliver(topic, Body::Data(&payload));
+    hub.deliver(topic, Delivery::Data(&payload));
     if let Err(e) = io.publish(&topic::to_subject(prefix, topic), None, payload).await {
         metrics.nats_publish_failures.fetch_add(1, Relaxed);
         tracing::warn!(error = %e, "publish onto NATS failed");

@@ -21,14 +21,14 @@ use herald_protocol::{message, nats, topic};
 use tokio::sync::{watch, Notify};
 
 use crate::cluster::natsio::{Dispatch, NatsIo};
-use crate::fanout::hub::{Body, Hub, Interest};
+use crate::fanout::hub::{Delivery, Hub, Interest};
 use crate::metrics::Metrics;
 use crate::presence::notice::Notice;
 use crate::presence::roster::{Event, On};
 use crate::sync::Lock;
 
 /// Resolves once a key's subject subscription is live.
-pub type Live = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub type Barrier = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The link's subject subscriptions. Shared by the bus and the task that
 /// reconciles them.
@@ -64,7 +64,7 @@ impl Subjects {
 
     /// A future that resolves once `key`'s subscription is live, or `None`
     /// when it already is (or the key has no local interest).
-    pub fn until_live(&self, key: &str) -> Option<Live> {
+    pub fn until_live(&self, key: &str) -> Option<Barrier> {
         let live = lock(&self.live);
         let tx = live.get(key)?;
         if *tx.borrow() {
@@ -168,7 +168,7 @@ impl Dispatch for Receiver {
                 Event::Leave => roster.leave(on, topic, notice.client),
             }
             if !notice.quiet {
-                let body = Body::Presence {
+                let body = Delivery::Presence {
                     event: notice.event.as_str(),
                     client: notice.client,
                     user: notice.user,
@@ -179,7 +179,7 @@ impl Dispatch for Receiver {
             return;
         }
         if let Some(data) = usable(payload, self.max_message_bytes, m, subject) {
-            self.hub.deliver_via(key, wildcard, topic, Body::Data(&data));
+            self.hub.deliver_via(key, wildcard, topic, Delivery::Data(&data));
         }
     }
 }

@@ -23,7 +23,7 @@ use herald_protocol::{message, position, topic};
 use tokio::net::tcp::OwnedWriteHalf;
 
 use crate::fanout::members::{Members, Snapshot};
-use crate::fanout::patterns::{Change, Pattern, Patterns};
+use crate::fanout::patterns::{Pattern, PatternChange, Patterns};
 use crate::metrics::Metrics;
 use crate::presence::roster::Roster;
 use crate::socket::outbox::Pushed;
@@ -34,7 +34,7 @@ type Sub = Arc<Subscriber>;
 
 /// What a message carries.
 #[derive(Debug, Clone, Copy)]
-pub enum Body<'a> {
+pub enum Delivery<'a> {
     /// Published JSON, delivered byte for byte.
     Data(&'a [u8]),
     /// A history message: delivered with its position, and held back
@@ -134,9 +134,9 @@ impl Hub {
         if wildcard {
             let max = self.inner.max_patterns;
             return match self.inner.patterns.subscribe(pattern, sub, max) {
-                Change::Created => Ok(Interest::Gained),
-                Change::Full => Err(PatternLimit { max }),
-                Change::Removed | Change::Members => Ok(Interest::Unchanged),
+                PatternChange::Created => Ok(Interest::Gained),
+                PatternChange::Full => Err(PatternLimit { max }),
+                PatternChange::Removed | PatternChange::Members => Ok(Interest::Unchanged),
             };
         }
         Ok(match self.inner.exact.entry(pattern.into()) {
@@ -155,7 +155,7 @@ impl Hub {
     pub fn unsubscribe(&self, pattern: &str, wildcard: bool, id: u64) -> Interest {
         if wildcard {
             return match self.inner.patterns.unsubscribe(pattern, id) {
-                Change::Removed => Interest::Lost,
+                PatternChange::Removed => Interest::Lost,
                 _ => Interest::Unchanged,
             };
         }
@@ -187,7 +187,7 @@ impl Hub {
     /// message arrives once per matching key). Each socket takes it only
     /// through the first of its own subscriptions that match, so it
     /// receives the message once.
-    pub fn deliver_via(&self, key: &str, wildcard: bool, topic: &str, body: Body<'_>) -> usize {
+    pub fn deliver_via(&self, key: &str, wildcard: bool, topic: &str, body: Delivery<'_>) -> usize {
         let list: Option<Snapshot> = if wildcard {
             self.inner.patterns.get(key).and_then(|p| p.snapshot())
         } else {
@@ -221,7 +221,7 @@ impl Hub {
     /// Delivers a message on concrete `topic` to every local subscriber, once
     /// each even when several of its subscriptions match. Returns how many
     /// sockets it was queued to.
-    pub fn deliver(&self, topic: &str, body: Body<'_>) -> usize {
+    pub fn deliver(&self, topic: &str, body: Delivery<'_>) -> usize {
         let sent = self.fan_out(topic, body, Sent::default());
         sent.count
     }
@@ -230,7 +230,7 @@ impl Hub {
     /// idle (written at once, one system call each) wait in the returned
     /// [`Queued`] until [`Queued::write`]. A history publish fans out in
     /// its journal's delivery turn and writes after it.
-    pub fn queue(&self, topic: &str, body: Body<'_>) -> Queued {
+    pub fn queue(&self, topic: &str, body: Delivery<'_>) -> Queued {
         let sent = Sent {
             idle: Some(Vec::new()),
             ..Sent::default()
@@ -242,7 +242,7 @@ impl Hub {
         }
     }
 
-    fn fan_out(&self, topic: &str, body: Body<'_>, mut sent: Sent) -> Sent {
+    fn fan_out(&self, topic: &str, body: Delivery<'_>, mut sent: Sent) -> Sent {
         let exact = self.inner.exact.get(topic).map(|r| r.value().snapshot());
         let found = self.inner.patterns.matching(topic);
         let patterns: &[Arc<Pattern>] = found.as_deref().unwrap_or_default();
@@ -349,7 +349,7 @@ fn with_seen<R>(f: impl FnOnce(&mut Seen) -> R) -> R {
 struct Frames<'a> {
     topic: &'a str,
     json: Bytes,
-    body: Body<'a>,
+    body: Delivery<'a>,
     raw: std::cell::OnceCell<Option<Bytes>>,
     /// Messages in `json` (one, or a batch's length).
     messages: usize,
@@ -366,15 +366,17 @@ fn encode_burst(datas: &[Bytes], put: impl Fn(&mut bytes::BytesMut, &[u8])) -> B
 }
 
 impl<'a> Frames<'a> {
-    fn new(topic: &'a str, body: Body<'a>) -> Self {
+    fn new(topic: &'a str, body: Delivery<'a>) -> Self {
         let (json, messages) = match body {
-            Body::Data(d) => (message::encode_delivery(topic, d), 1),
-            Body::Stored { data, seq, epoch } => (position::encode_delivery_at(topic, data, seq, epoch), 1),
-            Body::Batch(ds) => (
+            Delivery::Data(d) => (message::encode_delivery(topic, d), 1),
+            Delivery::Stored { data, seq, epoch } => {
+                (position::encode_delivery_at(topic, data, seq, epoch), 1)
+            }
+            Delivery::Batch(ds) => (
                 encode_burst(ds, |out, d| message::put_delivery(out, topic, d)),
                 ds.len(),
             ),
-            Body::Presence {
+            Delivery::Presence {
                 event,
                 client,
                 user,
@@ -398,9 +400,9 @@ impl<'a> Frames<'a> {
         }
         self.raw
             .get_or_init(|| match self.body {
-                Body::Data(d) | Body::Stored { data: d, .. } => Some(message::encode_raw(d)),
-                Body::Batch(ds) => Some(encode_burst(ds, message::put_raw)),
-                Body::Presence { .. } => None,
+                Delivery::Data(d) | Delivery::Stored { data: d, .. } => Some(message::encode_raw(d)),
+                Delivery::Batch(ds) => Some(encode_burst(ds, message::put_raw)),
+                Delivery::Presence { .. } => None,
             })
             .as_ref()
     }
@@ -475,7 +477,7 @@ impl Sent {
         let Some(f) = frames.for_format(s.raw) else {
             return;
         };
-        if let Body::Stored { seq, .. } = frames.body {
+        if let Delivery::Stored { seq, .. } = frames.body {
             if s.offer(frames.topic, seq, f) {
                 self.count += 1;
                 return;
@@ -535,10 +537,10 @@ mod tests {
             hub.subscribe(p, p != "chat:lobby", &a).unwrap();
         }
         hub.subscribe("chat:lobby", false, &b).unwrap();
-        assert_eq!(hub.deliver("chat:lobby", Body::Data(b"1")), 2);
-        assert_eq!(hub.deliver("chat:other", Body::Data(b"2")), 1);
+        assert_eq!(hub.deliver("chat:lobby", Delivery::Data(b"1")), 2);
+        assert_eq!(hub.deliver("chat:other", Delivery::Data(b"2")), 1);
         let batch = [Bytes::from_static(b"3"), Bytes::from_static(b"4")];
-        assert_eq!(hub.deliver("chat:lobby", Body::Batch(&batch)), 4);
+        assert_eq!(hub.deliver("chat:lobby", Delivery::Batch(&batch)), 4);
         let frames = a.outbox.try_take(Vec::new()).unwrap().frames;
         assert_eq!(frames.len(), 3, "one push per message or batch");
     }
@@ -568,13 +570,13 @@ mod tests {
         }
         // Twice: the set of served sockets is reused, and must start empty.
         for _ in 0..2 {
-            assert_eq!(hub.deliver("chat:lobby", Body::Data(b"1")), 5);
+            assert_eq!(hub.deliver("chat:lobby", Delivery::Data(b"1")), 5);
             let got: Vec<usize> = socks.iter().map(frames_of).collect();
             assert_eq!(got, [1, 1, 1, 1, 1]);
-            assert_eq!(hub.deliver("chat:other", Body::Data(b"2")), 4);
+            assert_eq!(hub.deliver("chat:other", Delivery::Data(b"2")), 4);
             let got: Vec<usize> = socks.iter().map(frames_of).collect();
             assert_eq!(got, [1, 1, 1, 0, 1]);
-            assert_eq!(hub.deliver("chat:a:b", Body::Data(b"3")), 3);
+            assert_eq!(hub.deliver("chat:a:b", Delivery::Data(b"3")), 3);
             let got: Vec<usize> = socks.iter().map(frames_of).collect();
             assert_eq!(got, [1, 1, 0, 0, 1]);
         }
@@ -594,9 +596,9 @@ mod tests {
         a.install(wr);
         hub.subscribe("t", false, &a).unwrap();
         hub.subscribe("t", false, &b).unwrap();
-        let queued = hub.queue("t", Body::Data(b"1"));
+        let queued = hub.queue("t", Delivery::Data(b"1"));
         // Another fan-out before the write: it queues behind the first.
-        assert_eq!(hub.deliver("t", Body::Data(b"2")), 2);
+        assert_eq!(hub.deliver("t", Delivery::Data(b"2")), 2);
         let mut byte = [0u8; 1];
         assert!(client.try_read(&mut byte).is_err(), "nothing written yet");
         assert_eq!(frames_of(&b), 2, "a socket with no write half just queues");

@@ -13,4 +13,4 @@ pub(crate) mod hub;
 pub(crate) mod members;
 pub(crate) mod patterns;
 
-pub use hub::{Body, Hub};
+pub use hub::{Delivery, Hub};

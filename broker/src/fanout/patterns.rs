@@ -149,7 +149,7 @@ pub struct Patterns {
 
 /// What a subscribe or unsubscribe did to a pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
+pub enum PatternChange {
     /// The pattern has its first member.
     Created,
     /// The pattern lost its last member and is gone.
@@ -180,12 +180,12 @@ impl Patterns {
     }
 
     /// Adds `sub` to `text`, creating the pattern unless `max` are held.
-    pub fn subscribe(&self, text: &str, sub: &Arc<Subscriber>, max: usize) -> Change {
+    pub fn subscribe(&self, text: &str, sub: &Arc<Subscriber>, max: usize) -> PatternChange {
         if let Some(p) = self.get(text) {
             let mut m = p.members();
             if let Some(m) = m.as_mut() {
                 m.insert(sub);
-                return Change::Members;
+                return PatternChange::Members;
             }
         }
         let mut tree = self.write();
@@ -195,16 +195,16 @@ impl Patterns {
             match m.as_mut() {
                 Some(m) => {
                     m.insert(sub);
-                    return Change::Members;
+                    return PatternChange::Members;
                 }
                 None => {
                     *m = Some(Members::one(sub));
-                    return Change::Members;
+                    return PatternChange::Members;
                 }
             }
         }
         if tree.by_text.len() >= max {
-            return Change::Full;
+            return PatternChange::Full;
         }
         let node = Arc::new(Pattern {
             members: Mutex::new(Some(Members::one(sub))),
@@ -214,23 +214,23 @@ impl Patterns {
         tree.by_text.insert(text.into(), node);
         self.held.fetch_add(1, Relaxed);
         self.generation.fetch_add(1, Relaxed);
-        Change::Created
+        PatternChange::Created
     }
 
     /// Removes socket `id` from `text`, dropping the pattern with its last
     /// member.
-    pub fn unsubscribe(&self, text: &str, id: u64) -> Change {
+    pub fn unsubscribe(&self, text: &str, id: u64) -> PatternChange {
         let Some(p) = self.get(text) else {
-            return Change::Members;
+            return PatternChange::Members;
         };
         {
             let mut m = p.members();
             let Some(list) = m.as_mut() else {
-                return Change::Members;
+                return PatternChange::Members;
             };
             list.remove(id);
             if !list.is_empty() {
-                return Change::Members;
+                return PatternChange::Members;
             }
         }
         let mut tree = self.write();
@@ -240,7 +240,7 @@ impl Patterns {
             .get(text)
             .is_some_and(|p| p.members().as_ref().is_none_or(Members::is_empty));
         if !empty {
-            return Change::Members;
+            return PatternChange::Members;
         }
         if let Some(p) = tree.by_text.remove(text) {
             *p.members() = None;
@@ -249,7 +249,7 @@ impl Patterns {
         tree.root.remove(&segs);
         self.held.fetch_sub(1, Relaxed);
         self.generation.fetch_add(1, Relaxed);
-        Change::Removed
+        PatternChange::Removed
     }
 
     /// The patterns matching concrete `topic`, `None` when there are none:
@@ -340,7 +340,7 @@ mod tests {
         let ps = Patterns::default();
         let s = sub(1);
         for p in ["chat:*", "chat:>", ">", "*:count", "a:*:c", "chat:lobby:*"] {
-            assert_eq!(ps.subscribe(p, &s, 100), Change::Created);
+            assert_eq!(ps.subscribe(p, &s, 100), PatternChange::Created);
         }
         assert_eq!(texts(&ps, &ps.matching("chat:lobby")), [">", "chat:*", "chat:>"]);
         assert_eq!(
@@ -365,19 +365,19 @@ mod tests {
     fn a_pattern_lives_while_it_has_members_and_the_cache_follows() {
         let ps = Patterns::default();
         let (a, b) = (sub(1), sub(2));
-        assert_eq!(ps.subscribe("chat:*", &a, 100), Change::Created);
-        assert_eq!(ps.subscribe("chat:*", &b, 100), Change::Members);
+        assert_eq!(ps.subscribe("chat:*", &a, 100), PatternChange::Created);
+        assert_eq!(ps.subscribe("chat:*", &b, 100), PatternChange::Members);
         assert_eq!(texts(&ps, &ps.matching("chat:x")), ["chat:*"]);
-        assert_eq!(ps.unsubscribe("chat:*", 1), Change::Members);
-        assert_eq!(ps.unsubscribe("chat:*", 2), Change::Removed);
+        assert_eq!(ps.unsubscribe("chat:*", 1), PatternChange::Members);
+        assert_eq!(ps.unsubscribe("chat:*", 2), PatternChange::Removed);
         assert!(
             ps.matching("chat:x").is_none(),
             "a cached match outlived its pattern"
         );
         assert_eq!(ps.len(), 0);
         assert!(ps.read().root.is_empty(), "the path was pruned");
-        assert_eq!(ps.subscribe("x:*", &a, 1), Change::Created);
-        assert_eq!(ps.subscribe("y:*", &a, 1), Change::Full);
+        assert_eq!(ps.subscribe("x:*", &a, 1), PatternChange::Created);
+        assert_eq!(ps.subscribe("y:*", &a, 1), PatternChange::Full);
     }
 
     #[test]

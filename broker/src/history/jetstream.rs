@@ -38,7 +38,7 @@ use herald_protocol::position::Unrecovered;
 use herald_protocol::topic;
 
 use crate::config::values::Retention;
-use crate::history::memory::{epoch_of, From, Journal, Refusal, Replay};
+use crate::history::memory::{epoch_of, From, Journal, Replay, ReplayError};
 use crate::sync::ReadWrite;
 
 /// How long a replay waits for the stream to hand over a batch.
@@ -55,9 +55,9 @@ pub const MAX_REPLAY_BYTES: usize = 64 * 1024 * 1024;
 
 /// A read of the stream that failed: logged, and answered
 /// `history_unavailable`.
-fn unavailable(e: impl std::fmt::Display) -> Refusal {
+fn unavailable(e: impl std::fmt::Display) -> ReplayError {
     tracing::warn!(error = %e, "history replay failed");
-    Refusal::Unrecovered(Unrecovered::HistoryUnavailable)
+    ReplayError::Unrecovered(Unrecovered::HistoryUnavailable)
 }
 
 /// The cluster's history, as one node sees it.
@@ -292,14 +292,14 @@ impl StreamHistory {
 
     /// What a subscription to `pattern` missed after `from`, at most `max`
     /// messages.
-    pub async fn replay(&self, pattern: &str, from: From, max: usize) -> Result<Replay, Refusal> {
+    pub async fn replay(&self, pattern: &str, from: From, max: usize) -> Result<Replay, ReplayError> {
         if let (Some(tail), From::Since(since)) = (&self.tail, from) {
             if tail.covers(since) {
                 match tail.replay(pattern, from, max) {
                     // Gone from the tail is not gone from the stream: ask it.
                     Ok(r) => return Ok(r),
-                    Err(Refusal::Unrecovered(Unrecovered::TooMany)) => {
-                        return Err(Refusal::Unrecovered(Unrecovered::TooMany))
+                    Err(ReplayError::Unrecovered(Unrecovered::TooMany)) => {
+                        return Err(ReplayError::Unrecovered(Unrecovered::TooMany))
                     }
                     Err(_) => {}
                 }
@@ -310,10 +310,10 @@ impl StreamHistory {
 
     /// Up to `limit` retained messages of concrete `topic` after `since`,
     /// and whether every message after `since` is still retained.
-    pub async fn page(&self, topic: &str, since: u64, limit: usize) -> Result<(Replay, bool), Refusal> {
+    pub async fn page(&self, topic: &str, since: u64, limit: usize) -> Result<(Replay, bool), ReplayError> {
         match self.read(topic, From::Since(since), limit, true).await {
             Ok(r) => Ok((r, true)),
-            Err(Refusal::Unrecovered(Unrecovered::TooOld)) => {
+            Err(ReplayError::Unrecovered(Unrecovered::TooOld)) => {
                 let r = self.read(topic, From::Since(0), limit, true).await?;
                 let kept: Vec<_> = r.messages.into_iter().filter(|m| m.1 > since).collect();
                 Ok((
@@ -330,7 +330,13 @@ impl StreamHistory {
 
     /// One read of the stream, in its turn (at most [`MAX_READS`] at once)
     /// and within [`READ_DEADLINE`].
-    async fn read(&self, pattern: &str, from: From, max: usize, truncate: bool) -> Result<Replay, Refusal> {
+    async fn read(
+        &self,
+        pattern: &str,
+        from: From,
+        max: usize,
+        truncate: bool,
+    ) -> Result<Replay, ReplayError> {
         let read = async {
             let _turn = self.reads.acquire().await.map_err(unavailable)?;
             self.read_now(pattern, from, max, truncate).await
@@ -347,16 +353,16 @@ impl StreamHistory {
         from: From,
         max: usize,
         truncate: bool,
-    ) -> Result<Replay, Refusal> {
+    ) -> Result<Replay, ReplayError> {
         let mut stream = self.js.get_stream(&self.name).await.map_err(unavailable)?;
         let state = stream.info().await.map_err(unavailable)?.state.clone();
         let start = match from {
             From::Since(since) => {
                 if since > state.last_sequence {
-                    return Err(Refusal::Future(state.last_sequence));
+                    return Err(ReplayError::Future(state.last_sequence));
                 }
                 if since + 1 < state.first_sequence {
-                    return Err(Refusal::Unrecovered(Unrecovered::TooOld));
+                    return Err(ReplayError::Unrecovered(Unrecovered::TooOld));
                 }
                 consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: since + 1,
@@ -380,7 +386,7 @@ impl StreamHistory {
             // Anything the stream dropped while we read is reported.
             let after = stream.info().await.map_err(unavailable)?;
             if since + 1 < after.state.first_sequence {
-                return Err(Refusal::Unrecovered(Unrecovered::TooOld));
+                return Err(ReplayError::Unrecovered(Unrecovered::TooOld));
             }
         }
         Ok(replay)
@@ -393,11 +399,11 @@ impl StreamHistory {
         max: usize,
         truncate: bool,
         last: u64,
-    ) -> Result<Replay, Refusal> {
+    ) -> Result<Replay, ReplayError> {
         let mut pending = c.cached_info().num_pending as usize;
         if pending > max {
             if !truncate {
-                return Err(Refusal::Unrecovered(Unrecovered::TooMany));
+                return Err(ReplayError::Unrecovered(Unrecovered::TooMany));
             }
             pending = max;
         }
@@ -429,7 +435,7 @@ impl StreamHistory {
                         if truncate {
                             return Ok(replay);
                         }
-                        return Err(Refusal::Unrecovered(Unrecovered::TooMany));
+                        return Err(ReplayError::Unrecovered(Unrecovered::TooMany));
                     }
                     let t: Arc<str> = t.into();
                     *per_topic.entry(t.clone()).or_default() += 1;
@@ -452,14 +458,14 @@ impl StreamHistory {
 
     /// A topic that needs more than its rule keeps has lost messages;
     /// one that fills the stream's own per-subject limit may have.
-    fn check_counts(&self, per_topic: &HashMap<Arc<str>, u64>) -> Result<(), Refusal> {
+    fn check_counts(&self, per_topic: &HashMap<Arc<str>, u64>) -> Result<(), ReplayError> {
         let stream_max = self.per_subject;
         for (t, n) in per_topic {
             let rule = Retention::find(&self.rules, t).and_then(|r| r.count);
             let over_rule = rule.is_some_and(|c| *n > c);
             let full = stream_max > 0 && *n as i64 >= stream_max;
             if over_rule || full {
-                return Err(Refusal::Unrecovered(Unrecovered::TooOld));
+                return Err(ReplayError::Unrecovered(Unrecovered::TooOld));
             }
         }
         Ok(())

@@ -3,7 +3,7 @@
 //!
 //! Also the words every history store shares: where a replay starts
 //! ([`From`]), what it gives ([`Replay`]) and why it cannot
-//! ([`Refusal`]).
+//! ([`ReplayError`]).
 //!
 //! A publish on a history topic takes the journal's delivery turn; under
 //! the journal's lock it gets the next `seq` and is stored; then, the lock
@@ -73,7 +73,7 @@ pub struct Replay {
 
 /// Why a replay was not given.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
+pub enum ReplayError {
     /// The client cannot get everything it missed; the ack says why.
     Unrecovered(Unrecovered),
     /// The position is ahead of the history (which is at the given `seq`).
@@ -227,26 +227,26 @@ impl Journal {
 
     /// What a subscription to `pattern` missed after `from`, at most `max`
     /// messages.
-    pub fn replay(&self, pattern: &str, from: From, max: usize) -> Result<Replay, Refusal> {
+    pub fn replay(&self, pattern: &str, from: From, max: usize) -> Result<Replay, ReplayError> {
         let s = self.lock();
         let mut messages = Vec::new();
         match from {
             From::Since(since) => {
                 if since > s.seq {
-                    return Err(Refusal::Future(s.seq));
+                    return Err(ReplayError::Future(s.seq));
                 }
                 // A topic without a ring lost everything it had, at most
                 // up to the floor.
                 if s.lost_floor > since {
-                    return Err(Refusal::Unrecovered(Unrecovered::TooOld));
+                    return Err(ReplayError::Unrecovered(Unrecovered::TooOld));
                 }
                 for (t, ring) in s.topics.iter().filter(|(t, _)| topic::matches(pattern, t)) {
                     if ring.lost_through > since {
-                        return Err(Refusal::Unrecovered(Unrecovered::TooOld));
+                        return Err(ReplayError::Unrecovered(Unrecovered::TooOld));
                     }
                     let at = ring.msgs.partition_point(|m| m.0 <= since);
                     if messages.len() + ring.msgs.len() - at > max {
-                        return Err(Refusal::Unrecovered(Unrecovered::TooMany));
+                        return Err(ReplayError::Unrecovered(Unrecovered::TooMany));
                     }
                     messages.extend(ring.msgs.range(at..).map(|m| (t.clone(), m.0, m.2.clone())));
                 }
@@ -255,7 +255,7 @@ impl Journal {
                 for (t, ring) in s.topics.iter().filter(|(t, _)| topic::matches(pattern, t)) {
                     if let Some(m) = ring.msgs.back() {
                         if messages.len() == max {
-                            return Err(Refusal::Unrecovered(Unrecovered::TooMany));
+                            return Err(ReplayError::Unrecovered(Unrecovered::TooMany));
                         }
                         messages.push((t.clone(), m.0, m.2.clone()));
                     }
@@ -406,10 +406,13 @@ mod tests {
         assert_eq!(got.through, 7);
         let last = j.replay("room:*", From::Last, 100).unwrap();
         assert_eq!(last.messages.iter().map(|m| m.1).collect::<Vec<_>>(), [5, 6]);
-        assert_eq!(j.replay("room:>", From::Since(8), 100), Err(Refusal::Future(7)));
+        assert_eq!(
+            j.replay("room:>", From::Since(8), 100),
+            Err(ReplayError::Future(7))
+        );
         assert_eq!(
             j.replay("room:>", From::Since(0), 3),
-            Err(Refusal::Unrecovered(Unrecovered::TooMany))
+            Err(ReplayError::Unrecovered(Unrecovered::TooMany))
         );
     }
 
@@ -424,7 +427,7 @@ mod tests {
         // a lost seq 1: from 0 it is gone, from 1 nothing is.
         assert_eq!(
             j.replay("a", From::Since(0), 9),
-            Err(Refusal::Unrecovered(Unrecovered::TooOld))
+            Err(ReplayError::Unrecovered(Unrecovered::TooOld))
         );
         assert_eq!(j.replay("a", From::Since(1), 9).unwrap().messages.len(), 2);
         assert_eq!(j.replay("b", From::Since(0), 9).unwrap().messages.len(), 1);
@@ -434,7 +437,7 @@ mod tests {
         j.prune_at(5_000);
         assert_eq!(
             j.replay("c", From::Since(4), 9),
-            Err(Refusal::Unrecovered(Unrecovered::TooOld))
+            Err(ReplayError::Unrecovered(Unrecovered::TooOld))
         );
         assert_eq!(j.size().0, 3);
     }

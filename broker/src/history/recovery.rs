@@ -14,10 +14,10 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use herald_protocol::message::{self, ErrorCode};
+use herald_protocol::message::{self, ErrorCode, ErrorReply};
 use herald_protocol::position::{self, Unrecovered};
 
-use crate::history::memory::{From, Refusal, Replay};
+use crate::history::memory::{From, Replay, ReplayError};
 use crate::history::store::{History, Store};
 use crate::metrics::Metrics;
 use crate::socket::subscriber::Subscriber;
@@ -72,13 +72,13 @@ pub async fn recover(
         Err(_) => 0,
     };
     let outcome = match result {
-        Err(Refusal::Future(at)) => {
+        Err(ReplayError::Future(at)) => {
             let msg = format!("since is ahead of the history: it is at {at}");
             sub.push(message::encode_error(ErrorCode::BadRequest, &msg, id));
             sub.release(pattern, u64::MAX);
             return Err(Ahead);
         }
-        Err(Refusal::Unrecovered(why)) => Err(why),
+        Err(ReplayError::Unrecovered(why)) => Err(why),
         Ok(replay) => Ok(replay),
     };
     let epoch = epoch.as_deref().unwrap_or("");
@@ -113,8 +113,8 @@ async fn read(
     pattern: &str,
     ask: &Ask,
     max: usize,
-) -> (Result<Replay, Refusal>, Option<Arc<str>>) {
-    let unavailable = Err(Refusal::Unrecovered(Unrecovered::HistoryUnavailable));
+) -> (Result<Replay, ReplayError>, Option<Arc<str>>) {
+    let unavailable = Err(ReplayError::Unrecovered(Unrecovered::HistoryUnavailable));
     let Some(history) = history else {
         return (unavailable, None);
     };
@@ -135,7 +135,10 @@ async fn read(
     };
     let from = match ask {
         Ask::Since { epoch: e, .. } if **e != *epoch => {
-            return (Err(Refusal::Unrecovered(Unrecovered::EpochChanged)), Some(epoch));
+            return (
+                Err(ReplayError::Unrecovered(Unrecovered::EpochChanged)),
+                Some(epoch),
+            );
         }
         Ask::Since { seq, .. } => From::Since(*seq),
         Ask::Last => From::Last,
@@ -174,12 +177,12 @@ pub async fn page(
     topic: &str,
     since: u64,
     limit: usize,
-) -> Result<String, (ErrorCode, String)> {
-    let unavailable = |why: &str| (ErrorCode::HistoryUnavailable, why.to_owned());
+) -> Result<String, ErrorReply> {
+    let unavailable = |why: &str| ErrorReply::new(ErrorCode::HistoryUnavailable, why);
     let history = history.ok_or_else(|| unavailable("no history: the node has no --history rules"))?;
     if crate::config::values::Retention::find(&history.rules, topic).is_none() {
         let msg = format!("{topic:?} keeps no history: it is under none of the node's --history patterns");
-        return Err((ErrorCode::BadRequest, msg));
+        return Err(ErrorReply::new(ErrorCode::BadRequest, msg));
     }
     let (epoch, messages, complete) = match &history.store {
         Store::Memory(j) => {
@@ -197,13 +200,15 @@ pub async fn page(
                     r.messages.into_iter().map(|m| (m.1, m.2)).collect(),
                     complete,
                 ),
-                Err(Refusal::Future(at)) => {
-                    return Err((
+                Err(ReplayError::Future(at)) => {
+                    return Err(ErrorReply::new(
                         ErrorCode::BadRequest,
                         format!("since is ahead of the history: it is at {at}"),
                     ))
                 }
-                Err(Refusal::Unrecovered(_)) => return Err(unavailable("the history stream cannot be read")),
+                Err(ReplayError::Unrecovered(_)) => {
+                    return Err(unavailable("the history stream cannot be read"))
+                }
             }
         }
     };

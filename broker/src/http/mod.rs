@@ -15,7 +15,7 @@ pub(crate) mod handshake;
 use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::{Bytes, BytesMut};
-use herald_protocol::message::{self, ErrorCode};
+use herald_protocol::message::{self, ErrorCode, ErrorReply};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
@@ -275,7 +275,7 @@ pub async fn history(node: &Node, req: &Request<Incoming>) -> Response<Body> {
     }
     match crate::history::recovery::page(node.router.bus().history(), topic, since, limit).await {
         Ok(body) => respond(StatusCode::OK, "application/json", body),
-        Err((code, msg)) => {
+        Err(ErrorReply { code, message: msg }) => {
             let status = match code {
                 ErrorCode::HistoryUnavailable => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::BAD_REQUEST,
@@ -321,7 +321,7 @@ pub fn presence(node: &Node, req: &Request<Incoming>, stats: bool) -> Response<B
             v["topic"] = topic.into();
             respond(StatusCode::OK, "application/json", v.to_string())
         }
-        Err((code, msg)) => {
+        Err(ErrorReply { code, message: msg }) => {
             node.metrics.error(code);
             error(StatusCode::BAD_REQUEST, code, &msg)
         }

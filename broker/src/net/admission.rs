@@ -41,7 +41,7 @@ pub struct Admission {
 
 /// Why a handshake was refused.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Refusal {
+pub enum AdmitError {
     /// The address holds `--max-connections-per-ip` sockets.
     TooMany(u32),
     /// The address opened sockets faster than `--connect-rate-per-ip`.
@@ -50,18 +50,18 @@ pub enum Refusal {
     Crowded,
 }
 
-impl std::fmt::Display for Refusal {
+impl std::fmt::Display for AdmitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Refusal::TooMany(n) => write!(
+            AdmitError::TooMany(n) => write!(
                 f,
                 "rate_limited: this address holds {n} connections (--max-connections-per-ip)"
             ),
-            Refusal::TooFast(n) => write!(
+            AdmitError::TooFast(n) => write!(
                 f,
                 "rate_limited: at most {n} new connections per second per address"
             ),
-            Refusal::Crowded => f.write_str("rate_limited: too many client addresses; retry shortly"),
+            AdmitError::Crowded => f.write_str("rate_limited: too many client addresses; retry shortly"),
         }
     }
 }
@@ -111,21 +111,21 @@ impl Admission {
 
     /// Counts a new socket from `ip`; `Ok(None)` when no per-address limit
     /// is configured (nothing is tracked).
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Option<AddressSlot>, Refusal> {
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Option<AddressSlot>, AdmitError> {
         if self.max_per_ip == 0 && self.rate_per_ip == 0 {
             return Ok(None);
         }
         if self.table.len() >= MAX_TRACKED && !self.table.contains_key(&ip) {
-            return Err(Refusal::Crowded);
+            return Err(AdmitError::Crowded);
         }
         let now = crate::clock::now_ms();
         let mut e = self.table.entry(ip).or_default();
         e.last_ms = now;
         if self.max_per_ip > 0 && e.conns >= self.max_per_ip {
-            return Err(Refusal::TooMany(self.max_per_ip));
+            return Err(AdmitError::TooMany(self.max_per_ip));
         }
         if !e.bucket.allow(self.rate_per_ip, now) {
-            return Err(Refusal::TooFast(self.rate_per_ip));
+            return Err(AdmitError::TooFast(self.rate_per_ip));
         }
         e.conns += 1;
         Ok(Some(AddressSlot {
@@ -306,7 +306,7 @@ mod tests {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let s1 = a.admit(ip).unwrap();
         let _s2 = a.admit(ip).unwrap();
-        assert_eq!(a.admit(ip).err(), Some(Refusal::TooMany(2)));
+        assert_eq!(a.admit(ip).err(), Some(AdmitError::TooMany(2)));
         assert!(a.admit("10.0.0.2".parse().unwrap()).is_ok(), "another address");
         drop(s1);
         assert!(a.admit(ip).is_ok());

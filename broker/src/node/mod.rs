@@ -24,7 +24,7 @@ use crate::auth::{Auth, KeyError};
 use crate::cluster::bus::Bus;
 use crate::cluster::link::{LinkAuth, LinkError, LinkSettings};
 use crate::config::Config;
-use crate::fanout::hub::{Body, Hub};
+use crate::fanout::hub::{Delivery, Hub};
 use crate::history::store::HistorySettings;
 use crate::metrics::Metrics;
 use crate::net::admission::Admission;
@@ -317,7 +317,7 @@ impl Node {
                     continue;
                 }
             }
-            let body = Body::Presence {
+            let body = Delivery::Presence {
                 event: event.as_str(),
                 client: &m.client,
                 user: m.user.as_deref(),

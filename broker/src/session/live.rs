@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Auth, Identity};
-use crate::cluster::subjects::Live;
+use crate::cluster::subjects::Barrier;
 use crate::config::Config;
 use crate::metrics::{ConnectionSlot, Metrics};
 use crate::router::Router;
@@ -196,10 +196,10 @@ impl Sessions {
 pub struct Accepted {
     session: Session,
     /// URL subscriptions the cluster link has yet to confirm.
-    waits: Vec<Live>,
+    waits: Vec<Barrier>,
     /// URL subscriptions that recover (`since`, `last`): replayed once the
     /// socket is open.
-    replays: Vec<Live>,
+    replays: Vec<Barrier>,
     tracker: tokio_util::task::TaskTracker,
 }
 

@@ -2,7 +2,7 @@
 //! is answered, validated so a bad request is refused with 400 rather than
 //! a socket that closes at once.
 
-use herald_protocol::message::ErrorCode;
+use herald_protocol::message::{ErrorCode, ErrorReply};
 use herald_protocol::position::Position;
 use herald_protocol::{Pattern, Topic};
 
@@ -103,32 +103,35 @@ const MAX_NAME_LEN: usize = 64;
 
 /// Parses `/ws` query parameters: `sub` (repeated), `topic` + `format=raw`,
 /// `name`, `token`, `since` or `last`. Unknown parameters are ignored (cache busters, tokens for proxies).
-pub fn parse(query: &str, max_subs: usize) -> Result<SessionParams, (ErrorCode, String)> {
+pub fn parse(query: &str, max_subs: usize) -> Result<SessionParams, ErrorReply> {
     let mut p = SessionParams::default();
     let mut last = false;
     let mut format = None;
     for pair in query.split('&').filter(|s| !s.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v).map_err(|e| (ErrorCode::BadRequest, e))?;
+        let v = percent_decode(v).map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e))?;
         match k {
             "sub" => {
-                Pattern::parse(&v).map_err(|e| (ErrorCode::BadTopic, format!("sub={v:?}: {e}")))?;
+                Pattern::parse(&v)
+                    .map_err(|e| ErrorReply::new(ErrorCode::BadTopic, format!("sub={v:?}: {e}")))?;
                 if !p.subs.contains(&v) {
                     p.subs.push(v);
                 }
             }
             "topic" => {
-                Topic::parse(&v).map_err(|e| (ErrorCode::BadTopic, format!("topic={v:?}: {e}")))?;
+                Topic::parse(&v)
+                    .map_err(|e| ErrorReply::new(ErrorCode::BadTopic, format!("topic={v:?}: {e}")))?;
                 p.raw_topic = Some(v);
             }
             "format" => format = Some(v),
             "since" => {
-                let at = Position::parse_url(&v).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+                let at = Position::parse_url(&v)
+                    .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
                 p.ask = Ask::from_request(Some(at), false);
             }
             "last" => {
                 if !matches!(v.as_str(), "1" | "true") {
-                    return Err((ErrorCode::BadRequest, "last takes 1 or true".into()));
+                    return Err(ErrorReply::new(ErrorCode::BadRequest, "last takes 1 or true"));
                 }
                 last = true;
             }
@@ -136,7 +139,7 @@ pub fn parse(query: &str, max_subs: usize) -> Result<SessionParams, (ErrorCode, 
             "name" => {
                 if v.is_empty() || v.len() > MAX_NAME_LEN || v.chars().any(char::is_control) {
                     let m = format!("name must be 1 to {MAX_NAME_LEN} bytes without control characters");
-                    return Err((ErrorCode::BadRequest, m));
+                    return Err(ErrorReply::new(ErrorCode::BadRequest, m));
                 }
                 p.name = Some(v);
             }
@@ -147,19 +150,22 @@ pub fn parse(query: &str, max_subs: usize) -> Result<SessionParams, (ErrorCode, 
         None | Some("json") => {
             if p.raw_topic.is_some() {
                 let m = "topic= is for format=raw; JSON clients subscribe with sub=";
-                return Err((ErrorCode::BadRequest, m.into()));
+                return Err(ErrorReply::new(ErrorCode::BadRequest, m));
             }
         }
         Some("raw") => {
             if p.raw_topic.is_none() {
-                return Err((ErrorCode::BadRequest, "format=raw needs topic=".into()));
+                return Err(ErrorReply::new(ErrorCode::BadRequest, "format=raw needs topic="));
             }
             if !p.subs.is_empty() {
-                return Err((ErrorCode::BadRequest, "format=raw takes topic=, not sub=".into()));
+                return Err(ErrorReply::new(
+                    ErrorCode::BadRequest,
+                    "format=raw takes topic=, not sub=",
+                ));
             }
         }
         Some(other) => {
-            return Err((
+            return Err(ErrorReply::new(
                 ErrorCode::BadRequest,
                 format!("format={other:?}; expected json or raw"),
             ));
@@ -167,13 +173,16 @@ pub fn parse(query: &str, max_subs: usize) -> Result<SessionParams, (ErrorCode, 
     }
     if last {
         if p.ask.is_some() {
-            return Err((ErrorCode::BadRequest, "since and last do not go together".into()));
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "since and last do not go together",
+            ));
         }
         p.ask = Some(Ask::Last);
     }
     let n = p.subs.len() + usize::from(p.raw_topic.is_some());
     if n > max_subs {
-        return Err((
+        return Err(ErrorReply::new(
             ErrorCode::SubscriptionLimit,
             format!("at most {max_subs} subscriptions per socket"),
         ));
@@ -239,7 +248,7 @@ mod tests {
             ("topic=a:*&format=raw", 1, ErrorCode::BadTopic),
         ];
         for (query, max, code) in refused {
-            assert_eq!(parse(query, max).unwrap_err().0, code, "{query}");
+            assert_eq!(parse(query, max).unwrap_err().code, code, "{query}");
         }
     }
 

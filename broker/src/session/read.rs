@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use herald_protocol::message::{self, ErrorCode, Request};
+use herald_protocol::message::{self, ErrorCode, ErrorReply, Request};
 use herald_protocol::ws::{self, Message, OpCode, Reader};
 use herald_protocol::Disconnect;
 use tokio::net::tcp::OwnedReadHalf;
@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::auth::Identity;
-use crate::cluster::subjects::Live;
+use crate::cluster::subjects::Barrier;
 use crate::history::recovery::Ask;
 use crate::rate::RateLimit;
 use crate::router::Who;
@@ -38,7 +38,7 @@ enum Next {
     /// Read on.
     Go,
     /// Wait for a subscription to take effect (its ack follows), then read on.
-    Wait(Live),
+    Wait(Barrier),
     /// End the session for this reason.
     Close(Disconnect),
 }
@@ -328,7 +328,7 @@ impl Session {
             auth.refresh(&old, token)
         } else if !fresh || old.has_token() {
             let msg = "auth must be the first request of a socket opened without a token; use refresh";
-            Err((ErrorCode::BadRequest, msg.into()))
+            Err(ErrorReply::new(ErrorCode::BadRequest, msg))
         } else {
             match auth.verify(token) {
                 Ok(identity) => Ok(identity),
@@ -343,7 +343,7 @@ impl Session {
                 self.grant(identity);
                 self.ack(id);
             }
-            Err((code, msg)) => self.error(code, &msg, id),
+            Err(ErrorReply { code, message: msg }) => self.error(code, &msg, id),
         }
         Next::Go
     }
@@ -437,12 +437,12 @@ impl Session {
                     return Next::Go;
                 }
                 let answer = match self.forbids(topic.as_str(), false) {
-                    Some(refusal) => Err((ErrorCode::Forbidden, refusal)),
+                    Some(refusal) => Err(ErrorReply::new(ErrorCode::Forbidden, refusal)),
                     None => router.presence(topic.as_str(), stats, self.shared.config.presence_max_members),
                 };
                 match answer {
                     Ok(v) => self.send(message::encode_ack_with(id, v)),
-                    Err((code, msg)) => self.error(code, &msg, id),
+                    Err(ErrorReply { code, message: msg }) => self.error(code, &msg, id),
                 }
                 return Next::Go;
             }
