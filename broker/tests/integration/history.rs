@@ -628,3 +628,40 @@ async fn cluster_last_gives_the_current_value_of_a_thousand_topics() {
         (Some("room:p7"), Some(0))
     );
 }
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// What history keeps is its own copy of the value, not a slice of the
+/// frame it came in: 3,000 publishes of a 1-byte value beside a 60 KB
+/// ignored field, all kept (`--history-bytes 1000000` is far above their
+/// 3,000 bytes), hold a few KB, where slices would pin 180 MB of frames.
+#[tokio::test]
+async fn history_keeps_its_own_copy_not_the_frame_it_came_in() {
+    let h = Herald::start(&["--history", "pin:*=5000", "--history-bytes", "1000000", "--publish-rate", "0"]);
+    let mut c = h.connect("").await;
+    let pad = "p".repeat(60_000);
+    // Warm up the node's buffers first, so what follows measures the store.
+    for i in 0..50 {
+        c.send(json!({"op":"pub","topic":"warm:a","data":i,"pad":pad}).to_string()).await;
+    }
+    c.request(json!({"op":"pub","topic":"warm:a","data":0,"id":"w"})).await;
+    let before = rss(h.pid());
+    for i in 0..3000 {
+        c.send(json!({"op":"pub","topic":"pin:a","data":i % 10,"pad":pad}).to_string()).await;
+    }
+    let ack = c.request(json!({"op":"pub","topic":"pin:a","data":1,"id":"done"})).await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let (status, body) = h.get("/v1/history?topic=pin:a&since=0&limit=10").await;
+    assert_eq!(status, 200, "{body}");
+    let grown = rss(h.pid()).saturating_sub(before);
+    assert!(grown < 60 << 20, "RSS grew by {} MB for 3,000 bytes of history", grown >> 20);
+}
