@@ -294,6 +294,10 @@ impl State {
     fn store(&mut self, topic: &str, rule: &Retention, data: Bytes, now_ms: u64, cap: u64) -> u64 {
         self.seq += 1;
         let seq = self.seq;
+        // An owned copy: `data` is a slice of the whole frame or body it
+        // came in (a 1-byte value beside a 60 KB field would pin all 60 KB
+        // for as long as it is kept, uncounted by the byte cap).
+        let data = Bytes::copy_from_slice(&data);
         let len = data.len() as u64;
         let key: Arc<str> = match self.topics.get_key_value(topic) {
             Some((k, _)) => k.clone(),

@@ -93,11 +93,27 @@ pub async fn recover(
             counter.fetch_add(1, Relaxed);
             sub.push(position::encode_recovery_ack(id, pattern, ack, epoch, through));
         }
-        Ask::Last => {
-            if let Some(id) = id {
-                sub.push(message::encode_ack(id));
+        // A plain ack when the values come; when they cannot (more topics
+        // than --max-replay hold one, or no history), the same
+        // `recovered:false` and reason a `since` gets, so nothing fails
+        // silently.
+        Ask::Last => match &outcome {
+            Ok(_) => {
+                if let Some(id) = id {
+                    sub.push(message::encode_ack(id));
+                }
             }
-        }
+            Err(why) => {
+                metrics.recoveries_refused.fetch_add(1, Relaxed);
+                sub.push(position::encode_recovery_ack(
+                    id,
+                    pattern,
+                    Err(*why),
+                    epoch,
+                    through,
+                ));
+            }
+        },
     }
     if let Ok(replay) = outcome {
         metrics.replayed.fetch_add(replay.messages.len() as u64, Relaxed);

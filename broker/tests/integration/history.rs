@@ -628,3 +628,87 @@ async fn cluster_last_gives_the_current_value_of_a_thousand_topics() {
         (Some("room:p7"), Some(0))
     );
 }
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// What history keeps is its own copy of the value, not a slice of the
+/// frame it came in: 3,000 publishes of a 1-byte value beside a 60 KB
+/// ignored field, all kept (`--history-bytes 1000000` is far above their
+/// 3,000 bytes), hold a few KB, where slices would pin 180 MB of frames.
+#[tokio::test]
+async fn history_keeps_its_own_copy_not_the_frame_it_came_in() {
+    let h = Herald::start(&[
+        "--history",
+        "pin:*=5000",
+        "--history-bytes",
+        "1000000",
+        "--publish-rate",
+        "0",
+    ]);
+    let mut c = h.connect("").await;
+    let pad = "p".repeat(60_000);
+    // Warm up the node's buffers first, so what follows measures the store.
+    for i in 0..50 {
+        c.send(json!({"op":"pub","topic":"warm:a","data":i,"pad":pad}).to_string())
+            .await;
+    }
+    c.request(json!({"op":"pub","topic":"warm:a","data":0,"id":"w"}))
+        .await;
+    let before = rss(h.pid());
+    for i in 0..3000 {
+        c.send(json!({"op":"pub","topic":"pin:a","data":i % 10,"pad":pad}).to_string())
+            .await;
+    }
+    let ack = c
+        .request(json!({"op":"pub","topic":"pin:a","data":1,"id":"done"}))
+        .await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let (status, body) = h.get("/v1/history?topic=pin:a&since=0&limit=10").await;
+    assert_eq!(status, 200, "{body}");
+    let grown = rss(h.pid()).saturating_sub(before);
+    assert!(
+        grown < 60 << 20,
+        "RSS grew by {} MB for 3,000 bytes of history",
+        grown >> 20
+    );
+}
+
+/// `last` over more topics holding a value than `--max-replay` says why, as
+/// a `since` does (it was a plain ack with no values and no reason), and the
+/// subscription is live.
+#[tokio::test]
+async fn last_over_more_topics_than_max_replay_says_why() {
+    let h = Herald::start(&["--history", "room:*=3", "--max-replay", "4"]);
+    for t in 0..6 {
+        publish_numbered(&h, &format!("room:t{t}"), 1).await;
+    }
+    let mut c = h.connect("").await;
+    let ack = c
+        .request(json!({"op":"sub","topic":"room:*","id":"l","last":true}))
+        .await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    assert_eq!(ack["recovered"], false, "{ack}");
+    assert_eq!(ack["reason"], "too_many", "{ack}");
+    h.publish("room:t9", "\"live\"").await;
+    let v = c.recv().await;
+    assert_eq!(
+        (v["topic"].as_str(), v["data"].as_str()),
+        (Some("room:t9"), Some("live")),
+        "{v}"
+    );
+    // Within the bound, a plain ack and the values.
+    let mut d = h.connect("").await;
+    let ack = d
+        .request(json!({"op":"sub","topic":"room:t1","id":"m","last":true}))
+        .await;
+    assert!(ack.get("recovered").is_none(), "{ack}");
+}
