@@ -3,8 +3,11 @@
 //! Concrete topics live in a sharded map from topic to its
 //! [`Members`](crate::fanout::members::Members): a chunked copy-on-write list, so a
 //! join or leave copies a bounded part, and fan-out clones one `Arc` under a
-//! brief shard read lock and then walks the snapshot with no lock held. Wildcard patterns live in one copy-on-write
-//! list read without locks (`ArcSwap`). A message is encoded once per format
+//! brief shard read lock and then walks the snapshot with no lock held.
+//! Wildcard patterns live in a subject tree with a match cache
+//! ([`Patterns`](crate::fanout::patterns::Patterns)): a topic's matching
+//! patterns are found in one step per segment, or at once when cached, and
+//! each pattern's members are a chunked list as above. A message is encoded once per format
 //! and the same `Bytes` is pushed to every recipient's queue. A socket in
 //! several of a topic's lists (the topic's and a pattern's, or two
 //! patterns') is served once, by a set of ids each thread keeps and reuses:
