@@ -106,39 +106,52 @@ fn admitted(
     let max = node.config.exec_max_processes as i64;
     if metrics.exec_processes.fetch_add(1, Relaxed) >= max {
         metrics.exec_processes.fetch_sub(1, Relaxed);
-        metrics.error(ErrorCode::ExecLimit);
         let msg = format!("exec_limit: {max} programs running (--exec-max-processes)");
-        return Err(Box::new(http::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::ExecLimit,
+        let status = (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ExecLimit);
+        return Err(handshake::refuse(
+            node,
+            status,
             &msg,
-        )));
+            "exec_limit",
+            "raise --exec-max-processes, or add nodes",
+        ));
     }
     let running = Running(metrics.clone());
     let query = req.uri().query().unwrap_or("");
-    let token = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("token="))
-        .or(handshake::bearer(req));
+    // Percent-decoded as every query value is.
+    let token = match http::query_param(query, "token") {
+        Ok(t) => t,
+        Err(e) => {
+            let status = (StatusCode::BAD_REQUEST, ErrorCode::BadRequest);
+            return Err(handshake::refuse(
+                node,
+                status,
+                &e,
+                "url_parameters",
+                "percent-encode the token",
+            ));
+        }
+    };
+    let token = token.as_deref().or(handshake::bearer(req));
     // With access control on, a program runs for token holders only.
     if let Some(identity) = handshake::access(node, token, [])? {
         if !identity.has_token() {
-            node.metrics.error(ErrorCode::Unauthorized);
             let msg = "unauthorized: --exec routes need a connection token when access control is on";
-            return Err(Box::new(http::error(
-                StatusCode::UNAUTHORIZED,
-                ErrorCode::Unauthorized,
-                msg,
-            )));
+            let status = (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized);
+            let fix = "connect with ?token= or an Authorization: Bearer header";
+            return Err(handshake::refuse(node, status, msg, "exec_token", fix));
         }
     }
     let env = cgi_env(req, remote, &route);
     let (response, fut) = fastwebsockets::upgrade::upgrade(req).map_err(|e| {
-        Box::new(http::error(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadRequest,
+        let status = (StatusCode::BAD_REQUEST, ErrorCode::BadRequest);
+        handshake::refuse(
+            node,
+            status,
             &e.to_string(),
-        ))
+            "upgrade",
+            "send a WebSocket handshake (RFC 6455)",
+        )
     })?;
     let node2 = node.clone();
     node.sessions.track(async move {
@@ -211,6 +224,29 @@ async fn next_line(
         if buf.len() >= max {
             return Ok(Some(()));
         }
+    }
+}
+/// An open `--exec` socket in the node's table, for the drain; out of it
+/// when dropped.
+struct Registered<'a> {
+    node: &'a Node,
+    id: u64,
+    token: tokio_util::sync::CancellationToken,
+}
+
+impl<'a> Registered<'a> {
+    fn new(node: &'a Node) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, Relaxed);
+        let token = tokio_util::sync::CancellationToken::new();
+        node.execs.insert(id, token.clone());
+        Registered { node, id, token }
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.node.execs.remove(&self.id);
     }
 }
 
@@ -308,13 +344,25 @@ async fn run(
     let input = read_client(rd, early, lines, tx.clone(), max, ping);
     let feed = feed_stdin(stdin, queued, write_timeout);
     let stop = node.exec_stop.clone();
+    // This socket's own close, which the drain spreads with the others.
+    let mine = Registered::new(&node);
+    let grace = node.config.exec_grace;
+    tokio::pin!(out);
     let end = tokio::select! {
-        e = out => e,
+        e = &mut out => e,
+        // The program exited: what it wrote is read to its end, for
+        // --exec-grace at most (something it started may hold the pipe
+        // open for ever), and the socket closes with 1000.
+        _ = child.wait() => {
+            let _ = tokio::time::timeout(grace, &mut out).await;
+            Disconnect::ProgramExited
+        }
         e = input => e,
         e = feed => e,
         _ = stop.cancelled() => Disconnect::GoingAway,
+        _ = mine.token.cancelled() => Disconnect::GoingAway,
     };
-    let grace = node.config.exec_grace;
+    drop(mine);
     if end != Disconnect::ProgramExited {
         terminate(&mut child, &group, grace).await;
     } else if tokio::time::timeout(grace, child.wait()).await.is_err() {

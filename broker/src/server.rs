@@ -367,8 +367,14 @@ async fn admitted(
         }
         Ok(p) => p,
         Err(ErrorReply { code, message: msg }) => {
-            node.metrics.error(code);
-            return Err(Box::new(http::error(hyper::StatusCode::BAD_REQUEST, code, &msg)));
+            let fix = "fix the /ws URL parameters (docs/protocol.md, \"Connecting\")";
+            return Err(handshake::refuse(
+                node,
+                (hyper::StatusCode::BAD_REQUEST, code),
+                &msg,
+                "url_parameters",
+                fix,
+            ));
         }
     };
     // The cheap limits first, then the token: a signature check costs
@@ -378,11 +384,14 @@ async fn admitted(
     let token = params.token.as_deref().or(handshake::bearer(req));
     let access = handshake::access(node, token, params.subs.iter().chain(params.raw_topic.iter()))?;
     let (response, fut) = fastwebsockets::upgrade::upgrade(req).map_err(|e| {
-        Box::new(http::error(
-            hyper::StatusCode::BAD_REQUEST,
-            ErrorCode::BadRequest,
+        let status = (hyper::StatusCode::BAD_REQUEST, ErrorCode::BadRequest);
+        handshake::refuse(
+            node,
+            status,
             &e.to_string(),
-        ))
+            "upgrade",
+            "send a WebSocket handshake (RFC 6455)",
+        )
     })?;
     // Subscribed before the 101 goes out: once the client sees its socket
     // open, its URL subscriptions are in effect.

@@ -32,7 +32,7 @@ pub type Refused = Box<Response<Body>>;
 /// the `fix`: once per `reason` per window (a flood of one refusal logs a
 /// line every 10 s, with how many it held back), so a page that cannot
 /// connect leaves a trace for whoever runs the node.
-fn refuse(
+pub fn refuse(
     node: &Node,
     (status, code): (StatusCode, ErrorCode),
     msg: &str,

@@ -76,9 +76,12 @@ pub struct Node {
     pub api_keys: std::sync::RwLock<Vec<String>>,
     /// The last minutes of figures, for the status page.
     pub history: crate::node::samples::History,
-    /// Cancelled when the node drains: `--exec` sockets close with 1001
-    /// and end their programs.
+    /// Cancelled once the drain has closed every socket: an `--exec`
+    /// socket still open (one that arrived meanwhile) closes with 1001.
     pub exec_stop: tokio_util::sync::CancellationToken,
+    /// Each open `--exec` socket's own close, which the drain spreads over
+    /// its period with the WebSocket sessions.
+    pub execs: dashmap::DashMap<u64, tokio_util::sync::CancellationToken>,
     /// Every task the node starts; `run()` returns once all have ended.
     pub tasks: Tasks,
     /// What answers each request: the built-in endpoints and the `--exec`
@@ -157,6 +160,7 @@ impl Node {
             admission: Arc::new(Admission::new(&config)),
             refusals: Default::default(),
             exec_stop: Default::default(),
+            execs: Default::default(),
             tasks,
             routes,
             history: Default::default(),
@@ -332,23 +336,34 @@ impl Node {
     /// seconds at most) for their tasks to end.
     pub async fn drain(&self) {
         let period = self.config.drain_period;
-        self.exec_stop.cancel();
-        let conns = self.sessions.snapshot();
-        tracing::info!(sockets = conns.len(), ?period, "draining");
-        if !conns.is_empty() {
-            let steps = conns.len().min(50);
-            let per_step = conns.len().div_ceil(steps);
+        // Every socket, WebSocket sessions and `--exec` ones alike, closed
+        // in one spread.
+        let mut closes: Vec<Box<dyn Fn() + Send + Sync>> = Vec::new();
+        for c in self.sessions.snapshot() {
+            closes.push(Box::new(move || {
+                c.close(Disconnect::GoingAway);
+            }));
+        }
+        for e in self.execs.iter() {
+            let token = e.value().clone();
+            closes.push(Box::new(move || token.cancel()));
+        }
+        tracing::info!(sockets = closes.len(), ?period, "draining");
+        if !closes.is_empty() {
+            let steps = closes.len().min(50);
+            let per_step = closes.len().div_ceil(steps);
             let pause = period / steps as u32;
-            for (i, chunk) in conns.chunks(per_step).enumerate() {
+            for (i, chunk) in closes.chunks(per_step).enumerate() {
                 if i > 0 {
                     tokio::time::sleep(pause).await;
                 }
-                for c in chunk {
-                    c.close(Disconnect::GoingAway);
+                for close in chunk {
+                    close();
                 }
             }
         }
-        drop(conns);
+        drop(closes);
+        self.exec_stop.cancel();
         if !self.sessions.wait(Duration::from_secs(5)).await {
             tracing::warn!("sessions still open after the drain grace period; exiting anyway");
         }

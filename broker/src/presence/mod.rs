@@ -2,7 +2,7 @@
 //! other nodes' from their notices and snapshots, and expiry of the members
 //! of a node that went silent.
 //!
-//! Uses: `sync`.
+//! Uses: `sync`, `clock`, `rate`.
 //!
 //! - [`roster`]: the members of every presence topic and their changes.
 //! - [`snapshots`]: a node's presence snapshot put back together from its

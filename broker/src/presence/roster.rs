@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::rate::Quiet;
 use crate::sync::Lock;
 
 /// One socket on a presence topic.
@@ -312,7 +313,11 @@ impl Roster {
                 }
                 let mut cost = v.to_string().len() + 1;
                 if cost + t.len() + 8 > budget {
-                    tracing::warn!(client = %m.client, topic = %t, bytes = cost, budget, "presence snapshot: a member's raw-status object is too big for a snapshot part; sent without it");
+                    // Every snapshot would say it again: once a window.
+                    static QUIET: std::sync::LazyLock<Quiet> = std::sync::LazyLock::new(Quiet::default);
+                    if let Some(held) = QUIET.allow("snapshot_member_too_big") {
+                        tracing::warn!(client = %m.client, topic = %t, bytes = cost, budget, suppressed = held, "presence snapshot: a member's raw-status object is too big for a snapshot part; sent without it");
+                    }
                     v = m.to_wire();
                     cost = v.to_string().len() + 1;
                 }

@@ -622,3 +622,126 @@ async fn an_exec_socket_counts_until_the_node_lets_go_of_it() {
     })
     .await;
 }
+
+/// The program exiting closes its socket with 1000 even when something it
+/// started in the background keeps its stdout open: its output is read for
+/// `--exec-grace` at most, the program is reaped (no zombie), and what it
+/// left running goes with its group and is counted until it has.
+#[tokio::test]
+async fn a_program_that_exits_closes_its_socket_whatever_it_left_running() {
+    let h = Herald::start(&[
+        "--exec-grace",
+        "1s",
+        "--exec-shell",
+        "/bg=sleep 60 & echo $!; echo started; exit 0",
+    ]);
+    let node = h.pid();
+    let mut ws = open(&h, "/bg").await;
+    let child: u32 = next(&mut ws).await.unwrap().parse().unwrap();
+    let _leftovers = Leftovers(vec![child]);
+    assert_eq!(next(&mut ws).await, Ok("started".to_owned()));
+    // Within WAIT (10 s), long before the background sleep's 60 s.
+    assert_eq!(next(&mut ws).await, Err(1000), "closed as the program exited");
+    eventually("the background child goes with the group", || async {
+        !alive(child)
+    })
+    .await;
+    eventually("no zombie of the node remains", || async {
+        children(node).iter().all(|c| c.1 != 'Z')
+    })
+    .await;
+    eventually("the gauge is back to 0", || async {
+        h.metric("herald_exec_processes").await == 0.0
+    })
+    .await;
+}
+
+/// On shutdown `--exec` sockets are closed in the same spread over
+/// `--drain-period` as the WebSocket sessions.
+#[tokio::test]
+async fn the_drain_spreads_exec_sockets_with_the_sessions() {
+    // Each program notes when the drain ends it (its group gets SIGTERM as
+    // its socket closes): the node's own timing, not the test's reads. A
+    // Python program, whose handler runs at once even in a blocked read.
+    let dir = std::env::temp_dir().join(format!("herald-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let marks = dir.join("marks");
+    let script = dir.join("echo.py");
+    std::fs::write(
+        &script,
+        format!(
+            "import signal, sys, time\n\
+             def end(*_):\n    open({marks:?}, 'a').write(f'{{time.time()}}\\n')\n    sys.exit(0)\n\
+             signal.signal(signal.SIGTERM, end)\n\
+             for line in sys.stdin:\n    print(line, end='', flush=True)\n",
+            marks = marks.display().to_string()
+        ),
+    )
+    .expect("script");
+    let program = format!("/t=python3 {}", script.display());
+    let h = Herald::start(&["--drain-period", "2s", "--exec", &program]);
+    let mut execs = Vec::new();
+    for _ in 0..6 {
+        let mut ws = open(&h, "/t").await;
+        ws.send(Message::Text("up".into())).await.unwrap();
+        assert_eq!(next(&mut ws).await, Ok("up".to_owned()));
+        execs.push(ws);
+    }
+    let mut sessions = Vec::new();
+    for _ in 0..6 {
+        sessions.push(h.connect("sub=t").await);
+    }
+    h.sigterm();
+    for ws in &mut execs {
+        assert_eq!(next(ws).await, Err(1001));
+    }
+    let times: Vec<f64> = std::fs::read_to_string(&marks)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    // Under a loaded machine a program may be killed past --exec-grace
+    // before its handler runs; most note their end.
+    assert!(times.len() >= 4, "too few programs noted their end: {times:?}");
+    let span =
+        times.iter().cloned().fold(f64::MIN, f64::max) - times.iter().cloned().fold(f64::MAX, f64::min);
+    // Twelve sockets in twelve steps over 2 s, the six exec sockets in six
+    // of them: their ends span five pauses of 1/12 of the period (a slow
+    // machine only stretches that). Before, all six went in one instant.
+    assert!(span >= 0.5, "the exec sockets were not spread: {times:?}");
+    drop(sessions);
+}
+
+/// A refused exec handshake (no token where one is needed, every program
+/// slot taken) leaves a warn line naming the fix, as every refusal does.
+#[tokio::test]
+async fn exec_refusals_are_logged() {
+    let key = KeyFile::new("exec-log");
+    let h = Herald::start_logged(&[
+        "--auth-hmac-key-file",
+        key.arg(),
+        "--anonymous-subscribe",
+        "public:>",
+        "--exec",
+        "/cat=cat",
+        "--exec-max-processes",
+        "1",
+    ]);
+    let (status, _) = h.http(&upgrade_request("/cat", "127.0.0.1", "")).await;
+    assert_eq!(status, 401);
+    eventually("the 401 is logged with its fix", || async {
+        h.log()
+            .iter()
+            .any(|l| l.contains("handshake refused") && l.contains("?token="))
+    })
+    .await;
+    let (status, _) = h.http(&upgrade_request("/ws?sub=a%20b", "127.0.0.1", "")).await;
+    assert_eq!(status, 400);
+    eventually("a bad URL parameter is logged", || async {
+        h.log()
+            .iter()
+            .any(|l| l.contains("handshake refused") && l.contains("URL parameters"))
+    })
+    .await;
+}
