@@ -64,7 +64,7 @@ pub enum Route {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Methods {
     /// Every method; the handler decides (a WebSocket handshake needs none
-    /// in particular, the status page answers whatever asks).
+    /// in particular).
     Any,
     /// GET and HEAD.
     Get,
@@ -178,12 +178,10 @@ pub const BUILTIN: [Builtin; 12] = [
         ..row("/readyz", "readiness", "GET /readyz", Route::Ready)
     },
     Builtin {
-        methods: Methods::Any,
         listed: Some("/status (loopback or --admin-key)"),
         ..row("/status", "status", "GET /status", Route::Status { json: false })
     },
     Builtin {
-        methods: Methods::Any,
         ..row(
             "/status.json",
             "status json",
@@ -401,8 +399,10 @@ mod tests {
         assert_eq!(decide(Method::GET, "/", true), Route::Socket { root: true });
         assert_eq!(decide(Method::GET, "/ws", true), Route::Socket { root: false });
         assert_eq!(decide(Method::POST, "/ws", false), Route::Socket { root: false });
+        assert_eq!(decide(Method::POST, "/status", false), Route::WrongMethod);
+        assert_eq!(decide(Method::DELETE, "/status.json", false), Route::WrongMethod);
         assert_eq!(
-            decide(Method::POST, "/status", false),
+            decide(Method::HEAD, "/status", false),
             Route::Status { json: false }
         );
         assert_eq!(decide(Method::GET, "/v1/publish", false), Route::WrongMethod);

@@ -25,6 +25,17 @@ async fn loopback_or_the_admin_key_only() {
         body.contains("Herald status") && !body.contains("https://"),
         "self-contained"
     );
+    // Read-only: GET (and HEAD) only, as the route table lists it.
+    for method in ["POST", "DELETE"] {
+        for path in ["/status", "/status.json"] {
+            let (status, body) = h
+                .http(&format!(
+                    "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                ))
+                .await;
+            assert_eq!(status, 405, "{method} {path}: {body}");
+        }
+    }
     // Through a trusted proxy, a remote client is not loopback.
     let (status, v) = status_json(&h, "X-Forwarded-For: 203.0.113.5\r\n").await;
     assert_eq!(status, 403, "{v}");
