@@ -155,6 +155,8 @@ impl StreamHistory {
     /// (faster while it cannot be reached), keeping the epoch current.
     pub async fn keep(self: Arc<Self>) {
         let mut made = false;
+        // The last reason warned of, so a lasting one is said once.
+        let mut said: Option<String> = None;
         loop {
             let result = if made {
                 match self.js.get_stream(&self.name).await {
@@ -175,6 +177,7 @@ impl StreamHistory {
             match result {
                 Ok((created, last)) => {
                     made = true;
+                    said = None;
                     // Set once, before the stream counts as available.
                     let _ = self.start.compare_exchange(u64::MAX, last, Relaxed, Relaxed);
                     let epoch: Arc<str> = epoch_of(created.unix_timestamp_nanos() as u64).into();
@@ -190,8 +193,13 @@ impl StreamHistory {
                 }
                 Err(error) => {
                     made = false;
-                    if self.available.swap(false, Relaxed) {
-                        tracing::warn!(stream = %self.name, %error, "history unavailable: is JetStream enabled (nats-server -js)? Live delivery goes on");
+                    // Each new reason once at warn, with the server's own
+                    // words (a stream of another name on the same
+                    // subjects, JetStream off, no quorum); repeats at debug.
+                    let was = self.available.swap(false, Relaxed);
+                    if was || said.as_deref() != Some(error.as_str()) {
+                        tracing::warn!(stream = %self.name, %error, "history unavailable: {error}; is JetStream enabled (nats-server -js), and does no other stream take these subjects? Live delivery goes on");
+                        said = Some(error);
                     } else {
                         tracing::debug!(stream = %self.name, %error, "history stream not reached");
                     }

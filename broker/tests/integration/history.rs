@@ -712,3 +712,39 @@ async fn last_over_more_topics_than_max_replay_says_why() {
         .await;
     assert!(ack.get("recovered").is_none(), "{ack}");
 }
+
+/// A history stream the server refuses (here: another stream already takes
+/// the same subjects) is reported at warn in the server's own words, once,
+/// not as a bare "unavailable" at debug.
+#[tokio::test]
+async fn a_refused_history_stream_says_why_in_the_log() {
+    let nats = NatsServer::start_js().await;
+    let first = Herald::start(&["--nats", &nats.url(), "--history", "h:*=10"]);
+    eventually("the first node's stream is there", || async {
+        let (status, _) = first.get("/v1/history?topic=h:a&since=0").await;
+        status == 200
+    })
+    .await;
+    let second = Herald::start_logged(&[
+        "--nats",
+        &nats.url(),
+        "--history",
+        "h:*=10",
+        "--history-stream",
+        "OTHER",
+    ]);
+    eventually("the refusal is logged with its reason", || async {
+        second
+            .log()
+            .iter()
+            .any(|l| l.contains("history unavailable") && l.contains("overlap"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let said = second
+        .log()
+        .iter()
+        .filter(|l| l.contains("history unavailable"))
+        .count();
+    assert_eq!(said, 1, "once, not every retry: {:?}", second.log());
+}
