@@ -30,7 +30,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -320,10 +320,20 @@ async fn run(
         Some(wr)
     });
     let out_tx = tx.clone();
+    // Since when (the node's clock, ms) the reader has waited on the pipe
+    // with nothing to read; 0 while it has a line to hand on.
+    let waiting = Arc::new(AtomicU64::new(0));
+    let out_waiting = waiting.clone();
     let out = async move {
         let mut r = BufReader::new(stdout);
         let mut line = Vec::new();
-        while let Ok(Some(())) = next_line(&mut r, &mut line, max).await {
+        loop {
+            out_waiting.store(crate::clock::now_ms().max(1), Relaxed);
+            let read = next_line(&mut r, &mut line, max).await;
+            out_waiting.store(0, Relaxed);
+            if !matches!(read, Ok(Some(()))) {
+                break;
+            }
             let text = String::from_utf8_lossy(&line);
             if out_tx
                 .send(ws::encode_frame(OpCode::Text, text.as_bytes()))
@@ -354,7 +364,21 @@ async fn run(
         // --exec-grace at most (something it started may hold the pipe
         // open for ever), and the socket closes with 1000.
         _ = child.wait() => {
-            let _ = tokio::time::timeout(grace, &mut out).await;
+            // Everything it wrote still goes out, however slowly the client
+            // reads (a stalled one is cut by --write-timeout); only a pipe
+            // left open with nothing in it for --exec-grace ends the wait.
+            let grace_ms = grace.as_millis() as u64;
+            loop {
+                tokio::select! {
+                    _ = &mut out => break,
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {
+                        let since = waiting.load(Relaxed);
+                        if since != 0 && crate::clock::now_ms().saturating_sub(since) >= grace_ms {
+                            break;
+                        }
+                    }
+                }
+            }
             Disconnect::ProgramExited
         }
         e = input => e,

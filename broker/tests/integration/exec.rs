@@ -747,3 +747,35 @@ async fn exec_refusals_are_logged() {
     })
     .await;
 }
+
+/// A program that exits with output still on its way loses none of it to a
+/// slow reader: the wait after its exit ends only on a pipe left open and
+/// empty for `--exec-grace`, not after the grace in all.
+#[tokio::test]
+async fn a_program_that_exits_loses_no_output_to_a_slow_reader() {
+    const N: u64 = 3_000_000; // ~26 MB: more than the pipe and the socket hold
+                              // The program exits at once; what it started writes on.
+    let h = Herald::start(&[
+        "--exec-grace",
+        "1s",
+        "--exec-shell",
+        &format!("/burst=(seq 1 {N} &); exit 0"),
+    ]);
+    let mut ws = open(&h, "/burst").await;
+    // Not reading for longer than the grace, while the program has exited.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut expect = 1u64;
+    loop {
+        match next(&mut ws).await {
+            Ok(t) => {
+                assert_eq!(t, expect.to_string());
+                expect += 1;
+            }
+            Err(code) => {
+                assert_eq!(code, 1000);
+                break;
+            }
+        }
+    }
+    assert_eq!(expect, N + 1, "every line, then the close");
+}
