@@ -24,7 +24,7 @@
 //! when the client stops reading, the writer waits, the channel fills, the
 //! node stops reading the pipe and the program blocks on its next write.
 //!
-//! Uses: `sync`, `config`, `metrics`, `http`, `node`.
+//! Uses: `sync`, `clock`, `config`, `metrics`, `http`, `node`.
 
 use std::collections::BTreeSet;
 use std::future::Future;
