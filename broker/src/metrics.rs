@@ -64,6 +64,9 @@ pub struct Metrics {
     pub recoveries_refused: AtomicU64,
     /// Messages replayed to recovering or `last` subscriptions.
     pub replayed: AtomicU64,
+    /// Recoveries (a `sub` with `since` or `last`) running or queued
+    /// behind another of their socket's, until each has ended.
+    pub recoveries_running: AtomicI64,
     /// Messages from NATS dropped as unusable (bad subject, not UTF-8, too big).
     pub nats_dropped: AtomicU64,
     /// Error frames and HTTP errors sent, by code.
@@ -227,6 +230,12 @@ impl Metrics {
                 "counter",
                 "Recoveries answered recovered:false (epoch changed, too old, too many, history unavailable).",
                 get(&self.recoveries_refused),
+            ),
+            (
+                "herald_recoveries_running",
+                "gauge",
+                "Recoveries (sub with since or last) running or queued behind another of their socket's.",
+                gauge(&self.recoveries_running),
             ),
             (
                 "herald_replayed_messages_total",

@@ -54,6 +54,16 @@ impl SubscribeError {
     }
 }
 
+/// What a `subscribe` leaves for its caller to run.
+pub enum Pending {
+    /// The ack and join, once the cluster link confirms the subscription:
+    /// awaited before the socket's next request.
+    Live(Barrier),
+    /// A recovery: the ack, the replay, then the join; run beside the
+    /// socket's next requests, after its earlier recoveries.
+    Recovery(Barrier),
+}
+
 /// Subscriptions and publishes for every caller on the node. Cloning is a
 /// refcount.
 #[derive(Clone)]
@@ -81,6 +91,17 @@ pub struct Who<'a> {
     pub name: Option<&'a str>,
     /// The token's `sub`.
     pub user: Option<&'a str>,
+}
+
+impl<'a> Who<'a> {
+    /// Who an owned `(name, user)` names (kept by a task that outlives
+    /// the request).
+    fn of((name, user): &'a (Option<String>, Option<String>)) -> Self {
+        Who {
+            name: name.as_deref(),
+            user: user.as_deref(),
+        }
+    }
 }
 
 impl Router {
@@ -143,11 +164,15 @@ impl Router {
     ///
     /// Local deliveries start at once. When the cluster link has yet to
     /// confirm the pattern's subject, the ack and the join wait in the
-    /// returned future, which the caller awaits before its next request.
+    /// returned [`Pending::Live`], which the caller awaits before its next
+    /// request.
     ///
     /// With `ask` (a new subscription that wants what it missed, or the
-    /// current value), the future also replays from the history before
-    /// live deliveries flow (see [`crate::history::recovery`]).
+    /// current value), the ack, the replay from the history and then the
+    /// join are a [`Pending::Recovery`] instead (see
+    /// [`crate::history::recovery`]), which runs beside the caller's next
+    /// requests: it may take as long as the client takes to read it, and
+    /// ends at once if the subscription does.
     pub fn subscribe(
         &self,
         sub: &Arc<Subscriber>,
@@ -155,7 +180,7 @@ impl Router {
         who: Who<'_>,
         ack: Option<&str>,
         ask: Option<&Ask>,
-    ) -> Result<Option<Barrier>, SubscribeError> {
+    ) -> Result<Option<Pending>, SubscribeError> {
         let revived = sub.has_retired() && self.unretire(sub, pattern, ask.is_some());
         let (held, count) = {
             let subs = sub.subs();
@@ -165,6 +190,7 @@ impl Router {
                 live.count(),
             )
         };
+        let mut gate = None;
         if !held {
             let max = self.inner.max_subscriptions;
             if count >= max {
@@ -176,6 +202,7 @@ impl Router {
                 Some(_) => Subscription::recovering(pattern),
                 None => Subscription::new(pattern),
             };
+            gate = s.gate().cloned();
             let wildcard = s.wildcard;
             sub.add(s);
             let bus = &self.inner.bus;
@@ -191,9 +218,9 @@ impl Router {
             self.inner.metrics.subscriptions.fetch_add(1, Relaxed);
         }
         let new = !held || revived;
-        let ask = ask.filter(|_| !held).cloned();
+        let recovery = ask.cloned().zip(gate);
         let live = self.inner.bus.until_live(pattern);
-        if live.is_none() && ask.is_none() {
+        if live.is_none() && recovery.is_none() {
             self.subscribed(sub, pattern, who, ack, new);
             return Ok(None);
         }
@@ -204,44 +231,43 @@ impl Router {
             who.user.map(str::to_owned),
             ack.map(str::to_owned),
         );
-        Ok(Some(Box::pin(async move {
+        let who = (name, user);
+        let Some((ask, gate)) = recovery else {
+            return Ok(Some(Pending::Live(Box::pin(async move {
+                if let Some(live) = live {
+                    live.await;
+                }
+                router.subscribed(&sub, &pattern, Who::of(&who), ack.as_deref(), new);
+            }))));
+        };
+        Ok(Some(Pending::Recovery(Box::pin(async move {
             if let Some(live) = live {
                 live.await;
             }
-            let who = Who {
-                name: name.as_deref(),
-                user: user.as_deref(),
-            };
-            let Some(ask) = ask else {
-                return router.subscribed(&sub, &pattern, who, ack.as_deref(), new);
-            };
             let inner = &router.inner;
-            let max = inner.max_replay;
-            match recovery::recover(
-                inner.bus.history(),
-                &inner.metrics,
-                &sub,
-                &pattern,
-                &ask,
-                max,
-                ack.as_deref(),
-            )
-            .await
-            {
-                Ok(()) => router.subscribed(&sub, &pattern, who, None, true),
+            let asked = recovery::Asked {
+                pattern: &pattern,
+                ask: &ask,
+                max: inner.max_replay,
+                id: ack.as_deref(),
+            };
+            let through = recovery::recover(inner.bus.history(), &inner.metrics, &sub, &gate, asked).await;
+            match through {
+                Ok(through) => {
+                    gate.step(|| {
+                        sub.release(&pattern, through);
+                        router.subscribed(&sub, &pattern, Who::of(&who), None, true);
+                    });
+                }
                 Err(_) => {
-                    // Never announced: dropped without a leave notice.
-                    let s = {
-                        let mut subs = sub.subs();
-                        let at = subs.iter().position(|s| !s.retired && *s.pattern == *pattern);
-                        at.map(|i| subs.remove(i))
-                    };
-                    if let Some(s) = s {
+                    // Never announced: dropped without a leave notice,
+                    // unless the client ended it first.
+                    if let Some(s) = sub.take_recovering(&gate) {
                         router.leave(&sub, &s, None);
                     }
                 }
             }
-        })))
+        }))))
     }
 
     /// The subscription is in effect: ack, then announce a new one.
@@ -357,6 +383,7 @@ impl Router {
     /// topic (`None` for one that never announced its join). A retired
     /// one was uncounted and announced when the client dropped it.
     fn leave(&self, sub: &Arc<Subscriber>, s: &Subscription, who: Option<Who<'_>>) {
+        s.end_recovery();
         let bus = &self.inner.bus;
         let interest = bus.hub().unsubscribe(&s.pattern, s.wildcard, sub.id);
         bus.interest(&s.pattern, interest);

@@ -7,7 +7,13 @@
 //! the store is read from the client's position up to its current end;
 //! the ack goes out, then the replay, paced by the socket's own queue (a
 //! large replay waits for the client, it never overflows it into a 4001);
-//! then the held deliveries above the replay's end. A live message
+//! then the held deliveries above the replay's end.
+//!
+//! A recovery runs beside the socket's read loop (one at a time per
+//! socket, in the order asked), so a long replay never stops the node
+//! from reading the socket: its pongs and heartbeats, its other requests,
+//! and the `unsub` or narrowing `refresh` that ends the subscription, and
+//! with it the replay, at once (see [`Gate`]). A live message
 //! published while the store was being read is either in the replay or in
 //! the hold (or both, and then sent once).
 
@@ -20,7 +26,7 @@ use herald_protocol::position::{self, Unrecovered};
 use crate::history::memory::{From, Replay, ReplayError};
 use crate::history::store::{History, Store};
 use crate::metrics::Metrics;
-use crate::socket::subscriber::Subscriber;
+use crate::socket::subscriber::{Gate, Subscriber};
 
 /// What a `sub` asked of the history.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,23 +55,45 @@ impl Ask {
     }
 }
 
+/// What one `sub` asked of the history.
+#[derive(Debug, Clone, Copy)]
+pub struct Asked<'a> {
+    /// The new subscription's pattern.
+    pub pattern: &'a str,
+    /// What it asked for.
+    pub ask: &'a Ask,
+    /// Most messages to replay (`--max-replay`).
+    pub max: usize,
+    /// The request's id, echoed by the ack.
+    pub id: Option<&'a str>,
+}
+
 /// Why a recovery ended the subscription instead.
 #[derive(Debug)]
 pub struct Ahead;
 
-/// Replays to `sub` what its new subscription to `pattern` asked for, then
-/// ends the subscription's hold. `id` is the request's (the ack echoes it).
-/// A position ahead of the history is answered `bad_request`; the caller
-/// then drops the subscription.
+/// Answers the new subscription `sub` holds to `asked.pattern` with what
+/// it asked for: the ack, then the replay. Returns the replay's end (`through`), for the caller to
+/// release the subscription's hold with. A position ahead of the history
+/// is answered `bad_request`; the caller then drops the subscription.
+///
+/// It runs beside the socket's read loop, so the subscription can end at
+/// any point of it: the read and the ack still go (the request is
+/// answered as it stood), but from its end on, through `gate`, not one
+/// frame of the replay follows.
 pub async fn recover(
     history: Option<&History>,
     metrics: &Metrics,
     sub: &Arc<Subscriber>,
-    pattern: &str,
-    ask: &Ask,
-    max: usize,
-    id: Option<&str>,
-) -> Result<(), Ahead> {
+    gate: &Gate,
+    asked: Asked<'_>,
+) -> Result<u64, Ahead> {
+    let Asked {
+        pattern,
+        ask,
+        max,
+        id,
+    } = asked;
     let (result, epoch) = read(history, pattern, ask, max).await;
     let through = match &result {
         Ok(r) => r.through,
@@ -75,7 +103,6 @@ pub async fn recover(
         Err(ReplayError::Future(at)) => {
             let msg = format!("since is ahead of the history: it is at {at}");
             sub.push(message::encode_error(ErrorCode::BadRequest, &msg, id));
-            sub.release(pattern, u64::MAX);
             return Err(Ahead);
         }
         Err(ReplayError::Unrecovered(why)) => Err(why),
@@ -116,11 +143,10 @@ pub async fn recover(
         },
     }
     if let Ok(replay) = outcome {
-        metrics.replayed.fetch_add(replay.messages.len() as u64, Relaxed);
-        send(sub, &replay, epoch).await;
+        let sent = send(sub, gate, &replay, epoch).await;
+        metrics.replayed.fetch_add(sent as u64, Relaxed);
     }
-    sub.release(pattern, through);
-    Ok(())
+    Ok(through)
 }
 
 /// Reads the store: the replay, or why not; and the history's epoch.
@@ -168,20 +194,26 @@ async fn read(
 
 /// Queues the replay, waiting whenever the socket's queue is half full
 /// until its writer takes it (woken by the outbox, not by a timer); stops
-/// as soon as the socket is closing.
-async fn send(sub: &Arc<Subscriber>, replay: &Replay, epoch: &str) {
+/// as soon as the socket is closing or the subscription has ended. Returns
+/// how many messages it queued.
+async fn send(sub: &Arc<Subscriber>, gate: &Gate, replay: &Replay, epoch: &str) -> usize {
     let half = sub.outbox.limit() / 2;
-    for (topic, seq, data) in &replay.messages {
+    for (n, (topic, seq, data)) in replay.messages.iter().enumerate() {
         let frame = if sub.raw {
             message::encode_raw(data)
         } else {
             position::encode_delivery_at(topic, data, *seq, epoch)
         };
-        if !sub.outbox.wait_room(half.max(frame.len())).await {
-            return;
+        let room = tokio::select! {
+            biased;
+            _ = gate.ended() => false,
+            room = sub.outbox.wait_room(half.max(frame.len())) => room,
+        };
+        if !room || gate.step(|| sub.push(frame)).is_none() {
+            return n;
         }
-        sub.push(frame);
     }
+    replay.messages.len()
 }
 
 /// One page of concrete `topic`'s history after `since` (at most `limit`
@@ -277,7 +309,7 @@ mod tests {
         ));
         let task = tokio::spawn({
             let sub = sub.clone();
-            async move { send(&sub, &replay(100), "e").await }
+            async move { send(&sub, &Gate::default(), &replay(100), "e").await }
         });
         settle().await;
         let first = sub.outbox.try_take(Vec::new()).unwrap().frames;
@@ -297,8 +329,36 @@ mod tests {
         sub.close(Disconnect::GoingAway);
         settle().await;
         assert!(task.is_finished());
-        task.await.unwrap();
+        assert_eq!(task.await.unwrap(), 9);
         let left = sub.outbox.try_take(Vec::new()).unwrap();
         assert_eq!(left.frames.len(), 3, "nothing queued after the close");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_replay_ends_at_once_with_its_subscription_even_while_it_waits() {
+        let frame_len = position::encode_delivery_at("room:a", b"{\"n\":1}", 1, "e").len();
+        let sub = Arc::new(Subscriber::new(
+            1,
+            false,
+            4 * frame_len,
+            0,
+            Default::default(),
+            None,
+        ));
+        let gate = Arc::new(Gate::default());
+        let task = tokio::spawn({
+            let (sub, gate) = (sub.clone(), gate.clone());
+            async move { send(&sub, &gate, &replay(100), "e").await }
+        });
+        settle().await;
+        assert!(!task.is_finished(), "waiting for room");
+        // The subscription ends (an unsub, a narrowing refresh): the
+        // replay stops though the queue never frees.
+        gate.end();
+        settle().await;
+        assert!(task.is_finished());
+        assert_eq!(task.await.unwrap(), 3);
+        // And a gate ended before a step refuses it.
+        assert_eq!(gate.step(|| 1), None);
     }
 }

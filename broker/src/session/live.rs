@@ -17,7 +17,7 @@ use crate::auth::{Auth, Identity};
 use crate::cluster::subjects::Barrier;
 use crate::config::Config;
 use crate::metrics::{ConnectionSlot, Metrics};
-use crate::router::Router;
+use crate::router::{Pending, Router};
 use crate::session::deadlines::Due;
 use crate::session::params::SessionParams;
 use crate::session::read::{Session, Shared};
@@ -126,23 +126,21 @@ impl Sessions {
         for p in params.subs.iter().chain(params.raw_topic.iter()) {
             // Validated and counted against the limit with the URL.
             let ask = params.ask.as_ref();
-            if let Ok(Some(live)) = shared
+            // A recovery's live deliveries wait in its hold, so nothing is
+            // lost; its replay starts with the session, after the 101.
+            match shared
                 .router
                 .subscribe(session.conn(), p, session.who(), None, ask)
             {
-                // A recovery's live deliveries wait in its hold, so nothing
-                // is lost; its replay needs the socket's writer, after the 101.
-                match ask {
-                    Some(_) => replays.push(live),
-                    None => waits.push(live),
-                }
+                Ok(Some(Pending::Live(live))) => waits.push(live),
+                Ok(Some(Pending::Recovery(work))) => replays.push(work),
+                _ => {}
             }
         }
         Accepted {
             session,
             waits,
             replays,
-            tracker: shared.tracker.clone(),
         }
     }
 
@@ -200,7 +198,6 @@ pub struct Accepted {
     /// URL subscriptions that recover (`since`, `last`): replayed once the
     /// socket is open.
     replays: Vec<Barrier>,
-    tracker: tokio_util::task::TaskTracker,
 }
 
 impl Accepted {
@@ -212,17 +209,13 @@ impl Accepted {
         }
     }
 
-    /// Starts the session on the upgraded TCP stream (see [`Session::start`]).
-    pub fn start(self, stream: TcpStream, early: &[u8]) {
-        self.session.start(stream, early);
-        if !self.replays.is_empty() {
-            let replays = self.replays;
-            self.tracker.spawn(async move {
-                for r in replays {
-                    r.await;
-                }
-            });
+    /// Starts the session on the upgraded TCP stream (see
+    /// [`Session::start`]), with its URL subscriptions' recoveries.
+    pub fn start(mut self, stream: TcpStream, early: &[u8]) {
+        for work in self.replays {
+            self.session.recover(work);
         }
+        self.session.start(stream, early);
     }
 
     /// The upgrade failed: leave every topic and release the slot.

@@ -23,7 +23,7 @@ use crate::auth::Identity;
 use crate::cluster::subjects::Barrier;
 use crate::history::recovery::Ask;
 use crate::rate::RateLimit;
-use crate::router::Who;
+use crate::router::{Pending, Who};
 use crate::session::deadlines::Due;
 use crate::session::rawstatus;
 pub use crate::session::state::Shared;
@@ -79,6 +79,30 @@ pub struct Session {
     pending: Option<Box<(String, Vec<Bytes>)>>,
     /// `--raw-status`: the last object this raw socket published.
     last: Option<Box<rawstatus::Last>>,
+    /// The socket's recoveries, run one after another beside the read
+    /// loop (boxed: most sockets never recover).
+    recoveries: Option<Box<Recoveries>>,
+}
+
+/// A socket's recoveries (see [`Session::recover`]).
+struct Recoveries {
+    /// The one queued last; the next waits for it.
+    last: tokio::task::JoinHandle<()>,
+    /// One clone per recovery that has not ended.
+    queued: Arc<()>,
+}
+
+/// Counts one recovery in `herald_recoveries_running` and against its
+/// socket's bound until it has ended, run or dropped.
+struct Running {
+    metrics: Arc<crate::metrics::Metrics>,
+    _queued: Arc<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.metrics.recoveries_running.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Session {
@@ -100,7 +124,40 @@ impl Session {
             name,
             pending: None,
             last: None,
+            recoveries: None,
         }
+    }
+
+    /// Runs recovery `work` (see [`crate::router::Pending::Recovery`])
+    /// beside the read loop, after the socket's earlier ones: one replay
+    /// at a time per socket, in the order the client asked, each in its
+    /// own seq order.
+    pub fn recover(&mut self, work: Barrier) {
+        let (before, queued) = match self.recoveries.take() {
+            Some(r) => (Some(r.last), r.queued),
+            None => (None, Arc::new(())),
+        };
+        let metrics = self.shared.metrics.clone();
+        metrics.recoveries_running.fetch_add(1, Relaxed);
+        let running = Running {
+            metrics,
+            _queued: queued.clone(),
+        };
+        let last = self.shared.tracker.spawn(async move {
+            let _running = running;
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            work.await;
+        });
+        self.recoveries = Some(Box::new(Recoveries { last, queued }));
+    }
+
+    /// Recoveries of this socket that have yet to end.
+    fn recovering(&self) -> usize {
+        self.recoveries
+            .as_ref()
+            .map_or(0, |r| Arc::strong_count(&r.queued) - 1)
     }
 
     /// The socket's handle.
@@ -415,8 +472,20 @@ impl Session {
                     return Next::Go;
                 }
                 let ask = Ask::from_request(since, last);
+                let max = self.shared.config.max_subscriptions;
+                if ask.is_some() && self.recovering() >= max {
+                    let msg = format!(
+                        "recovery_limit: at most {max} recoveries at a time per socket (--max-subscriptions)"
+                    );
+                    self.error(ErrorCode::RateLimited, &msg, id);
+                    return Next::Go;
+                }
                 match router.subscribe(&self.conn, topic.as_str(), who, id, ask.as_ref()) {
-                    Ok(Some(live)) => return Next::Wait(live),
+                    Ok(Some(Pending::Live(live))) => return Next::Wait(live),
+                    Ok(Some(Pending::Recovery(work))) => {
+                        self.recover(work);
+                        return Next::Go;
+                    }
                     Ok(None) => return Next::Go,
                     Err(r) => (r, id),
                 }

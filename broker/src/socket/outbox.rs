@@ -79,6 +79,9 @@ pub struct Outbox {
     /// Writers' clock (ms) when the writer last made progress, or 0 while
     /// it has nothing in flight. Read by [`Outbox::stalled_since`].
     pub(crate) progress: AtomicU64,
+    /// Node clock (ms) when the client was last seen alive (see
+    /// [`Outbox::last_seen`]).
+    seen: AtomicU64,
 }
 
 /// A batch the writer took: frames to send, then maybe a close.
@@ -101,7 +104,30 @@ impl Outbox {
             room: Notify::new(),
             limit,
             progress: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
         }
+    }
+
+    /// The queue, its client seen alive at `now_ms` (its handshake).
+    pub fn seen_at(self, now_ms: u64) -> Self {
+        self.seen(now_ms);
+        self
+    }
+
+    /// Records that the client was seen alive at `now_ms`.
+    pub fn seen(&self, now_ms: u64) {
+        self.seen.store(now_ms, Relaxed);
+    }
+
+    /// Node clock (ms) when the client was last seen alive: something
+    /// arrived from it, or it took bytes that had waited for it (a write
+    /// that found the kernel's buffer full went on, which takes a reader).
+    /// The second counts because a client reading a large backlog (a
+    /// replay, a burst) meets the heartbeat's ping only behind everything
+    /// the kernel already holds for it, however promptly it answers; a
+    /// dead or stalled client takes nothing, and is still reaped.
+    pub fn last_seen(&self) -> u64 {
+        self.seen.load(Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -2,13 +2,14 @@
 //! heartbeat (to ping or reap) and shutdown (to close). It knows nothing of
 //! the session that reads the socket.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use herald_protocol::Disconnect;
 use tokio::net::tcp::OwnedWriteHalf;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ConnectionSlot;
 use crate::socket::outbox::{Outbox, Pushed};
@@ -35,8 +36,6 @@ pub struct Subscriber {
     /// [`Subscription::retired`]): fan-out then checks that a topic is
     /// still wanted.
     retired: AtomicBool,
-    /// Node clock (ms) when anything last arrived from the client.
-    last_seen: AtomicU64,
     /// The socket's subscriptions. Written by its session; read by fan-out
     /// from the cluster link only for sockets holding a wildcard.
     subs: Mutex<Vec<Subscription>>,
@@ -83,6 +82,41 @@ pub struct Subscription {
 pub struct Hold {
     frames: Vec<(u64, Bytes)>,
     bytes: usize,
+    /// The recovery's right to send for this subscription.
+    gate: Arc<Gate>,
+}
+
+/// A recovery's right to send on behalf of its subscription, ended at once
+/// when the subscription ends (an `unsub`, a refresh that narrows the
+/// grants, the socket leaving): nothing of its replay, its hold or its
+/// join follows. The recovery runs beside the socket's read loop, so the
+/// end can come at any point of it.
+#[derive(Debug, Default)]
+pub struct Gate {
+    /// Held across each step the recovery takes and by [`Gate::end`]: a
+    /// step happens wholly before the end, or not at all.
+    turn: Mutex<()>,
+    ended: CancellationToken,
+}
+
+impl Gate {
+    /// Ends the recovery: no step starts after this returns.
+    pub fn end(&self) {
+        let _turn = self.turn.locked();
+        self.ended.cancel();
+    }
+
+    /// Runs one step of the recovery, unless it has ended. The step must
+    /// not end a gate itself.
+    pub fn step<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
+        let _turn = self.turn.locked();
+        (!self.ended.is_cancelled()).then(f)
+    }
+
+    /// Resolves once the recovery has ended.
+    pub async fn ended(&self) {
+        self.ended.cancelled().await
+    }
 }
 
 impl Subscription {
@@ -104,6 +138,19 @@ impl Subscription {
         Subscription {
             hold: Some(Box::default()),
             ..Subscription::new(pattern)
+        }
+    }
+
+    /// The gate of its recovery, while it recovers.
+    pub fn gate(&self) -> Option<&Arc<Gate>> {
+        self.hold.as_ref().map(|h| &h.gate)
+    }
+
+    /// Ends its recovery, if one runs: called wherever the subscription
+    /// ends.
+    pub fn end_recovery(&self) {
+        if let Some(gate) = self.gate() {
+            gate.end();
         }
     }
 }
@@ -128,11 +175,10 @@ impl Subscriber {
         Subscriber {
             id,
             raw,
-            outbox: Outbox::new(queue_limit),
+            outbox: Outbox::new(queue_limit).seen_at(now_ms),
             wildcard: AtomicBool::new(false),
             recovering: AtomicBool::new(false),
             retired: AtomicBool::new(false),
-            last_seen: AtomicU64::new(now_ms),
             subs: Mutex::new(Vec::new()),
             announcing: Mutex::new(()),
             writers,
@@ -274,12 +320,17 @@ impl Subscriber {
 
     /// Retires the live subscription to `pattern` when a newer live one
     /// overlaps it and fewer than `max` are retired already; returns
-    /// whether it did (else the caller removes it).
+    /// whether it did (else the caller removes it). One that still
+    /// recovers is never retired: what it carries waits in its hold, which
+    /// ends with its recovery.
     pub fn retire(&self, pattern: &str, max: usize) -> bool {
         let mut subs = self.subs();
         let Some(at) = subs.iter().position(|s| !s.retired && &*s.pattern == pattern) else {
             return false;
         };
+        if subs[at].hold.is_some() {
+            return false;
+        }
         let overlapped = subs[at + 1..]
             .iter()
             .any(|s| !s.retired && herald_protocol::topic::overlaps(&s.pattern, pattern));
@@ -404,6 +455,18 @@ impl Subscriber {
         }
     }
 
+    /// Takes out the subscription whose recovery `gate` is, if it is still
+    /// listed and recovering.
+    pub fn take_recovering(&self, gate: &Arc<Gate>) -> Option<Subscription> {
+        let mut subs = self.subs();
+        let at = subs
+            .iter()
+            .position(|s| s.gate().is_some_and(|g| Arc::ptr_eq(g, gate)))?;
+        let s = subs.remove(at);
+        self.settle(&subs);
+        Some(s)
+    }
+
     fn settle(&self, subs: &[Subscription]) {
         let any = subs.iter().any(|s| s.hold.is_some() || s.floor > 0);
         self.recovering.store(any, Release);
@@ -414,14 +477,15 @@ impl Subscriber {
         self.wildcard.load(Relaxed)
     }
 
-    /// Node clock (ms) of the last frame from the client.
+    /// Node clock (ms) when the client was last seen alive (see
+    /// [`Outbox::last_seen`]).
     pub fn last_seen(&self) -> u64 {
-        self.last_seen.load(Relaxed)
+        self.outbox.last_seen()
     }
 
     /// Records that something arrived from the client at `now_ms`.
     pub fn seen(&self, now_ms: u64) {
-        self.last_seen.store(now_ms, Relaxed);
+        self.outbox.seen(now_ms);
     }
 }
 

@@ -4,7 +4,6 @@
 //! the close timeout, or a reset when the client took nothing in time.
 
 use std::io::{self, IoSlice};
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,16 +57,20 @@ struct Cursor {
 }
 
 /// Writes `frames` from `at` on, stamping `progress` (the node's clock, ms;
-/// never 0 while in flight) after each system call that moved bytes.
+/// never 0 while in flight) after each system call that moved bytes, and
+/// the client as seen (see [`Outbox::last_seen`]) when one moved bytes
+/// after the socket had been full.
 async fn write_frames(
     wr: &mut OwnedWriteHalf,
     frames: &[Bytes],
     at: &mut Cursor,
-    progress: &AtomicU64,
+    outbox: &Outbox,
 ) -> io::Result<()> {
     const MAX_IOV: usize = 64;
+    let progress = &outbox.progress;
     progress.store(crate::clock::now_ms().max(1), Relaxed);
     while at.frame < frames.len() {
+        let mut waited = false;
         // The slices are built inside the poll so they never live in the
         // task's state: an idle writer stays small.
         let mut written = std::future::poll_fn(|cx| {
@@ -78,13 +81,19 @@ async fn write_frames(
                 slices[n] = IoSlice::new(&f[start..]);
                 n += 1;
             }
-            std::pin::Pin::new(&mut *wr).poll_write_vectored(cx, &slices[..n])
+            let polled = std::pin::Pin::new(&mut *wr).poll_write_vectored(cx, &slices[..n]);
+            waited |= polled.is_pending();
+            polled
         })
         .await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        progress.store(crate::clock::now_ms().max(1), Relaxed);
+        let now = crate::clock::now_ms();
+        progress.store(now.max(1), Relaxed);
+        if waited {
+            outbox.seen(now);
+        }
         while written > 0 {
             let left = frames[at.frame].len() - at.offset;
             if written >= left {
@@ -124,7 +133,7 @@ async fn write_batch(
     at: &mut Cursor,
     deadline: &mut Option<Instant>,
 ) -> Wrote {
-    let write = write_frames(wr, frames, at, &outbox.progress);
+    let write = write_frames(wr, frames, at, outbox);
     tokio::pin!(write);
     let result = loop {
         if let Some(due) = *deadline {

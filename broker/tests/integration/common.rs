@@ -343,6 +343,21 @@ impl Client {
         }
     }
 
+    /// A client whose socket takes at most about `rcvbuf` bytes ahead of
+    /// its reads (the kernel's buffer would otherwise hold megabytes).
+    pub async fn connect_small(addr: SocketAddr, url: &str, rcvbuf: u32) -> Client {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+        let stream = sock.connect(addr).await.expect("connect");
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        Client {
+            ws,
+            pending: Default::default(),
+        }
+    }
+
     pub async fn send(&mut self, text: impl Into<String>) {
         self.ws.send(Message::Text(text.into())).await.expect("send");
     }

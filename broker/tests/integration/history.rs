@@ -748,3 +748,157 @@ async fn a_refused_history_stream_says_why_in_the_log() {
         .count();
     assert_eq!(said, 1, "once, not every retry: {:?}", second.log());
 }
+
+/// Fills `topic` with `count` messages `{"n":i,"pad":..}` of about `size`
+/// bytes through HTTP (with `headers`), fifty per request; returns the
+/// position just before the first.
+async fn fill_padded(h: &Herald, topic: &str, count: u64, size: usize, headers: &str) -> (String, u64) {
+    let pad = "x".repeat(size);
+    let mut before = None;
+    for start in (1..=count).step_by(50) {
+        let items: Vec<String> = (start..(start + 50).min(count + 1))
+            .map(|n| format!(r#"{{"topic":"{topic}","data":{{"n":{n},"pad":"{pad}"}}}}"#))
+            .collect();
+        let (status, body) = h
+            .post("/v1/publish", headers, &format!("[{}]", items.join(",")))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        if before.is_none() {
+            let get = format!(
+                "GET /v1/history?topic={topic}&since=0&limit=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
+            );
+            let (_, page) = h.http(&get).await;
+            let v: Value = serde_json::from_str(&page).unwrap_or(Value::Null);
+            if let (Some(e), Some(s)) = (v["epoch"].as_str(), v["messages"][0]["seq"].as_u64()) {
+                before = Some((e.to_owned(), s - 1));
+            }
+        }
+    }
+    before.expect("a position")
+}
+
+/// Issue 24, item 10: a replay that takes longer than the heartbeat's two
+/// intervals, to a client that reads slowly but answers every ping, goes
+/// to the end. The read loop used to await the whole replay, so the pongs
+/// went unread and the socket was cut 4002 after a part of it, on every
+/// retry.
+///
+/// 20 MB read at about 4 MB/s through a 16 KiB receive buffer: the
+/// replay outlasts the kernel's buffers (about 4 MB here), so it waits
+/// for the client's reads for seconds, past two 2 s intervals.
+#[tokio::test]
+async fn a_long_replay_keeps_reading_the_socket() {
+    let h = Herald::start(&[
+        "--history",
+        "big:*=10000",
+        "--max-queue-bytes",
+        "65536",
+        "--ping-interval",
+        "2s",
+    ]);
+    let (epoch, seq) = fill_padded(&h, "big:a", 5000, 4000, "").await;
+    let mut c = Client::connect_small(h.addr, &h.url(""), 16 * 1024).await;
+    let ack = c
+        .request(json!({"op":"sub","topic":"big:a","id":1,"since":{"seq":seq,"epoch":epoch}}))
+        .await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    // The client's library answers each ping as it reads.
+    for n in 1..=5000 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let v = c.recv().await;
+        assert_eq!(v["data"]["n"], n, "{v}");
+    }
+    // And the socket still works.
+    c.publish("big:b", json!(1)).await;
+    assert_eq!(h.metric("herald_heartbeat_timeouts_total").await, 0.0);
+    assert_eq!(h.metric("herald_recoveries_running").await, 0.0);
+}
+
+/// Issue 24, item 9: a subscription that ends during its replay (a refresh
+/// that narrows the grants, an `unsub`, for a `sub` frame and a URL
+/// subscription alike) ends the replay at once: nothing of it follows the
+/// `forbidden` frame or the `unsub` ack, and the end is handled while the
+/// replay runs, not after it.
+#[tokio::test]
+async fn a_replay_ends_with_its_subscription() {
+    let key = KeyFile::new("replay-end");
+    let h = Herald::start(&[
+        "--auth-hmac-key-file",
+        key.arg(),
+        "--api-key",
+        "k",
+        "--history",
+        "room:secret=10000",
+        "--max-queue-bytes",
+        "65536",
+    ]);
+    let auth = "Authorization: Bearer k\r\n";
+    let (epoch, seq) = fill_padded(&h, "room:secret", 3000, 1000, auth).await;
+    let wide = key.token("ann", &["room:*"]);
+    let narrow = key.token("ann", &["room:public"]);
+    let since = json!({"seq":seq,"epoch":epoch});
+
+    // Reads until `done` says so, counting `room:secret` deliveries.
+    async fn count_until(c: &mut Client, done: impl Fn(&Value) -> bool) -> u64 {
+        let mut n = 0;
+        loop {
+            let v = c.recv().await;
+            if done(&v) {
+                return n;
+            }
+            if v["topic"] == "room:secret" {
+                n += 1;
+            }
+        }
+    }
+    let marker = |v: &Value| v["topic"] == "room:public" && v["data"] == "marker";
+
+    for how in ["refresh", "unsub", "url-refresh"] {
+        let mut c = if how == "url-refresh" {
+            // `since` asks of both: room:public keeps no history.
+            let q = format!("token={wide}&sub=room:public&sub=room:secret&since={epoch}:{seq}");
+            let mut c = h.connect(&q).await;
+            let ack = c.recv().await;
+            assert_eq!(ack["reason"], "history_unavailable", "{how}: {ack}");
+            let ack = c.recv().await;
+            assert_eq!(ack["recovered"], true, "{how}: {ack}");
+            c
+        } else {
+            let mut c = h.connect(&format!("token={wide}")).await;
+            c.sub("room:public").await;
+            let ack = c
+                .request(json!({"op":"sub","topic":"room:secret","id":"s","since":since}))
+                .await;
+            assert_eq!(ack["recovered"], true, "{how}: {ack}");
+            c
+        };
+        // A few read, then the subscription ends while most of the
+        // replay waits for the client.
+        for _ in 0..10 {
+            let v = c.recv().await;
+            assert_eq!(v["topic"], "room:secret", "{how}: {v}");
+        }
+        let before_end = if how == "unsub" {
+            c.send(json!({"op":"unsub","topic":"room:secret","id":"u"}).to_string())
+                .await;
+            count_until(&mut c, |v| v["id"] == "u").await
+        } else {
+            c.send(json!({"op":"refresh","token":narrow,"id":"r"}).to_string())
+                .await;
+            count_until(&mut c, |v| v["code"] == "forbidden").await
+        };
+        assert!(
+            10 + before_end < 3000,
+            "{how}: the end was handled after the whole replay ({before_end} more came first)"
+        );
+        let body = r#"{"topic":"room:public","data":"marker"}"#;
+        assert_eq!(h.post("/v1/publish", auth, body).await.0, 200);
+        let after_end = count_until(&mut c, marker).await;
+        assert_eq!(after_end, 0, "{how}: replay frames after the subscription ended");
+        eventually("the recovery is gone", || async {
+            h.metric("herald_recoveries_running").await == 0.0
+        })
+        .await;
+    }
+    assert!(h.metric("herald_replayed_messages_total").await < 9000.0);
+}
