@@ -175,6 +175,9 @@ def lat(r, q):
 
 HOSTILE_BEGIN = "<!-- hostile:begin -->"
 HOSTILE_END = "<!-- hostile:end -->"
+# The round-3 rows (benches/hostile_input.py), written only with --before.
+HOSTILE3_BEGIN = "<!-- hostile3:begin -->"
+HOSTILE3_END = "<!-- hostile3:end -->"
 KEYS = os.path.join(ROOT, "broker", "tests", "keys")
 
 
@@ -454,6 +457,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     ap.add_argument("--section", choices=["hostile", "auth", "history"],
                     help="run only this section and replace it in --out")
+    ap.add_argument("--before", help="with --section hostile: also the round-3 figures of this older build "
+                    "against --after, side by side")
+    ap.add_argument("--after", default=HERALD, help="the build --before is compared with")
     a = ap.parse_args()
     install()
     if a.section == "auth":
@@ -464,6 +470,10 @@ def main():
         return
     if a.section == "hostile":
         splice(a.out, hostile_section(a.quick))
+        if a.before:
+            import hostile_input
+            rows = hostile_input.section(a.before, a.after, a.quick)
+            splice(a.out, [HOSTILE3_BEGIN] + rows + [HOSTILE3_END], HOSTILE3_BEGIN, HOSTILE3_END)
         return
     q = a.quick
     dur = "3s" if q else "10s"
