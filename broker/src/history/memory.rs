@@ -68,6 +68,7 @@ use herald_protocol::position::Unrecovered;
 use crate::config::values::Retention;
 use crate::history::index::Index;
 use crate::history::queue::{Queue, Slots};
+use crate::history::rings::{cost, Msg, Ring, Rings, EXPIRY, OLDEST};
 use crate::metrics::Metrics;
 use crate::sync::Lock;
 
@@ -113,11 +114,6 @@ pub struct Journal {
     metrics: Arc<Metrics>,
 }
 
-/// The queue of rings by their oldest `seq` (the byte cap's).
-const OLDEST: usize = 0;
-/// The queue of aged rings by their oldest message's expiry (the prune's).
-const EXPIRY: usize = 1;
-
 struct State {
     /// The last `seq` given.
     seq: u64,
@@ -136,124 +132,6 @@ struct State {
     stored: usize,
     /// The highest `seq` dropped from a ring that no longer exists.
     lost_floor: u64,
-}
-
-/// The rings, by id: a slot each (a pointer: a freed ring's memory goes
-/// with it), reused once freed.
-#[derive(Default)]
-struct Rings {
-    slots: Vec<Option<Box<Ring>>>,
-    free: Vec<u32>,
-}
-
-struct Ring {
-    msgs: VecDeque<Msg>,
-    /// The highest `seq` this topic ever dropped.
-    lost_through: u64,
-    count: Option<u64>,
-    age_ms: Option<u64>,
-    /// Its name in the index (which is its key there, shared).
-    name: Arc<str>,
-    /// What `msgs`' allocation was last counted as.
-    counted: u64,
-    /// Its positions in the `oldest` and `expiry` queues.
-    places: [u32; 2],
-}
-
-/// A retained message: its `seq`, when it was stored, its data.
-struct Msg {
-    seq: u64,
-    at: u64,
-    data: Bytes,
-}
-
-/// What memory costs, as the byte cap counts it: every allocation the
-/// history makes, at the size the allocator takes for it.
-mod cost {
-    use super::{Msg, Ring};
-
-    /// What the allocator takes for `n` bytes: glibc's chunks (a word of
-    /// header, 16-byte steps, 32 at the least); other allocators are close.
-    pub const fn chunk(n: usize) -> u64 {
-        if n == 0 {
-            return 0;
-        }
-        let c = (n + 8 + 15) & !15;
-        (if c < 32 { 32 } else { c }) as u64
-    }
-
-    /// A message beside its slot in its ring: its own copy of the data,
-    /// and the header `Bytes` shares it through once cloned (by a replay).
-    pub const fn message(len: usize) -> u64 {
-        chunk(len) + chunk(3 * std::mem::size_of::<usize>())
-    }
-
-    /// A ring without its messages: itself, its name (an `Arc<str>`) and
-    /// its entry in the index.
-    pub const fn ring(name_len: usize) -> u64 {
-        chunk(std::mem::size_of::<Ring>())
-            + chunk(2 * std::mem::size_of::<usize>() + name_len)
-            + super::Index::ENTRY_BYTES
-    }
-
-    /// A ring's slots for `capacity` messages.
-    pub const fn slots(capacity: usize) -> u64 {
-        chunk(capacity * std::mem::size_of::<Msg>())
-    }
-}
-
-impl Rings {
-    fn get(&self, id: u32) -> &Ring {
-        self.slots[id as usize].as_deref().expect("a live ring")
-    }
-
-    fn get_mut(&mut self, id: u32) -> &mut Ring {
-        self.slots[id as usize].as_deref_mut().expect("a live ring")
-    }
-
-    fn add(&mut self, ring: Ring) -> u32 {
-        let ring = Some(Box::new(ring));
-        match self.free.pop() {
-            Some(id) => {
-                self.slots[id as usize] = ring;
-                id
-            }
-            None => {
-                self.slots.push(ring);
-                (self.slots.len() - 1) as u32
-            }
-        }
-    }
-
-    fn take(&mut self, id: u32) -> Box<Ring> {
-        let ring = self.slots[id as usize].take().expect("a live ring");
-        self.free.push(id);
-        if self.free.len() == self.slots.len() {
-            // None left: the slots' memory goes too.
-            *self = Rings::default();
-        }
-        ring
-    }
-
-    fn capacity_bytes(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<Option<Box<Ring>>>()
-            + self.free.capacity() * std::mem::size_of::<u32>()
-    }
-}
-
-impl Slots for Rings {
-    fn key(&self, which: usize, id: u32) -> u64 {
-        let ring = self.get(id);
-        let m = ring.msgs.front().expect("a queued ring holds a message");
-        match which {
-            OLDEST => m.seq,
-            _ => m.at.saturating_add(ring.age_ms.unwrap_or(0)),
-        }
-    }
-
-    fn place(&mut self, which: usize, id: u32) -> &mut u32 {
-        &mut self.get_mut(id).places[which]
-    }
 }
 
 impl Journal {

@@ -7,6 +7,8 @@
 //!   `seq`, soonest expiry), so the byte cap and the prune never scan.
 //! - [`index`]: the history topics by name, so a replay reads only the
 //!   rings its pattern matches.
+//! - [`rings`]: each history topic's ring of messages, by id, and what
+//!   holding them costs (what the byte cap counts).
 //! - [`memory`]: history in memory (embedded): a ring per history topic,
 //!   one sequence, a byte cap on what it all costs; and the words replays
 //!   share.
@@ -21,4 +23,5 @@ pub(crate) mod jetstream;
 pub(crate) mod memory;
 pub(crate) mod queue;
 pub(crate) mod recovery;
+pub(crate) mod rings;
 pub(crate) mod store;
