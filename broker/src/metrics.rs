@@ -67,6 +67,17 @@ pub struct Metrics {
     /// Recoveries (a `sub` with `since` or `last`) running or queued
     /// behind another of their socket's, until each has ended.
     pub recoveries_running: AtomicI64,
+    /// Bytes the in-memory history holds against `--history-bytes` (an
+    /// embedded node's, or a cluster node's copy of the stream's tail):
+    /// data and what holding it costs.
+    pub history_bytes: AtomicI64,
+    /// Topics the in-memory history holds a message of.
+    pub history_topics: AtomicI64,
+    /// Messages the in-memory history holds.
+    pub history_messages: AtomicI64,
+    /// Topic rings the in-memory history read for replays and pages: a
+    /// recovery's work, which follows what its pattern matches.
+    pub history_rings_read: AtomicU64,
     /// Messages from NATS dropped as unusable (bad subject, not UTF-8, too big).
     pub nats_dropped: AtomicU64,
     /// Error frames and HTTP errors sent, by code.
@@ -242,6 +253,30 @@ impl Metrics {
                 "counter",
                 "History messages replayed to recovering and last-value subscriptions.",
                 get(&self.replayed),
+            ),
+            (
+                "herald_history_bytes",
+                "gauge",
+                "Bytes the in-memory history holds against --history-bytes: data and its overhead (rings, index, allocations).",
+                gauge(&self.history_bytes),
+            ),
+            (
+                "herald_history_topics",
+                "gauge",
+                "Topics the in-memory history holds a message of.",
+                gauge(&self.history_topics),
+            ),
+            (
+                "herald_history_messages",
+                "gauge",
+                "Messages the in-memory history holds.",
+                gauge(&self.history_messages),
+            ),
+            (
+                "herald_history_rings_read_total",
+                "counter",
+                "Topic rings the in-memory history read for replays and history pages.",
+                get(&self.history_rings_read),
             ),
             (
                 "herald_history_failures_total",

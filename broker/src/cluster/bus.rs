@@ -42,6 +42,7 @@ use crate::cluster::subjects::{usable, Barrier, Receiver, Subjects};
 use crate::config::values::Retention;
 use crate::fanout::hub::{Delivery, Hub, Interest};
 use crate::history::jetstream::StreamHistory;
+use crate::history::memory::Journal;
 use crate::history::store::{History, HistorySettings, Store};
 use crate::metrics::Metrics;
 use crate::presence::notice::Notice;
@@ -122,7 +123,7 @@ impl Bus {
     /// The in-process bus of an embedded node; history (if any rules)
     /// in memory.
     pub fn embedded(hub: Hub, metrics: Arc<Metrics>, history: &HistorySettings, tasks: &Tasks) -> Self {
-        let history = History::embedded(history, tasks).map(Arc::new);
+        let history = History::embedded(history, &metrics, tasks).map(Arc::new);
         Bus {
             hub,
             metrics,
@@ -159,7 +160,7 @@ impl Bus {
                 prefix,
                 history.rules.clone(),
                 history.bytes,
-                history.tail_bytes,
+                (history.tail_bytes > 0).then(|| Journal::new(history.tail_bytes, metrics.clone())),
                 history.replicas,
             ));
             tasks.spawn(s.clone().keep());

@@ -94,7 +94,7 @@ impl StreamHistory {
         prefix: &str,
         rules: Vec<Retention>,
         max_bytes: u64,
-        tail_bytes: u64,
+        tail: Option<Journal>,
         replicas: u8,
     ) -> Self {
         StreamHistory {
@@ -107,7 +107,7 @@ impl StreamHistory {
             epoch: RwLock::new(None),
             available: AtomicBool::new(false),
             start: AtomicU64::new(u64::MAX),
-            tail: (tail_bytes > 0).then(|| Journal::new(tail_bytes)),
+            tail,
             reads: tokio::sync::Semaphore::new(MAX_READS),
             per_subject: -1,
         }

@@ -1,6 +1,21 @@
 //! History in memory, for an embedded node: a bounded ring per history
 //! topic, one sequence across all of them, and a node-wide byte cap.
 //!
+//! The cap bounds memory, not data: a message counts its slot in its ring,
+//! its own copy of the data and the header a clone shares it through; a
+//! topic counts its ring, its name and its index entry; the containers
+//! count their allocations (each at the size the allocator takes, see
+//! [`cost`]). Past the cap the oldest message anywhere goes, and a topic
+//! goes with its last message, so the cap bounds the number of topics too
+//! (a topic of one small message costs about 350 bytes).
+//!
+//! No work under the lock grows with the store. A replay reads the rings
+//! its pattern matches through the [`Index`] (a concrete topic is one
+//! lookup); the byte cap and the prune take the next message to drop from
+//! a [`Queue`] (oldest `seq`; soonest expiry, for the rings with an age),
+//! so each drop costs O(log topics); a copy that starts over frees the old
+//! one after the lock.
+//!
 //! Also the words every history store shares: where a replay starts
 //! ([`From`]), what it gives ([`Replay`]) and why it cannot
 //! ([`ReplayError`]).
@@ -42,14 +57,19 @@
 //!
 //! [`Subscriber::offer`]: crate::socket::subscriber::Subscriber::offer
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use herald_protocol::position::Unrecovered;
-use herald_protocol::topic;
 
 use crate::config::values::Retention;
+use crate::history::index::Index;
+use crate::history::queue::{Queue, Slots};
+use crate::history::rings::{cost, Msg, Ring, Rings, EXPIRY, OLDEST};
+use crate::metrics::Metrics;
 use crate::sync::Lock;
 
 /// Where a replay starts.
@@ -83,51 +103,51 @@ pub enum ReplayError {
 /// The embedded node's history.
 pub struct Journal {
     epoch: Arc<str>,
+    /// `--history-bytes`: what everything held may cost (see [`cost`]).
     cap: u64,
     state: Mutex<State>,
     /// The delivery turn: held by a publish from taking its `seq` to the
     /// end of its fan-out, so fan-outs go in `seq` order (see the module
     /// doc). Taken before `state`, never the other way.
     turn: Mutex<()>,
+    /// Where the history's gauges and its read counter go.
+    metrics: Arc<Metrics>,
 }
 
-#[derive(Default)]
 struct State {
     /// The last `seq` given.
     seq: u64,
     /// The first `seq` inserted from elsewhere (0: none).
     first: u64,
-    topics: HashMap<Arc<str>, Ring>,
-    /// Every stored message in `seq` order, for the byte cap; entries
-    /// whose message already left its ring are skipped (and compacted).
-    order: VecDeque<(u64, Arc<str>)>,
-    bytes: u64,
+    /// Ring ids by topic.
+    index: Index,
+    rings: Rings,
+    /// Every ring, oldest message first: what the byte cap drops next.
+    oldest: Queue,
+    /// Every ring with an age, soonest expiry first: what the prune drops.
+    expiry: Queue,
+    /// What messages and rings cost (see [`cost`]); with the containers'
+    /// own allocations, what is held against the cap.
+    held: u64,
     stored: usize,
     /// The highest `seq` dropped from a ring that no longer exists.
     lost_floor: u64,
 }
 
-struct Ring {
-    msgs: VecDeque<(u64, u64, Bytes)>,
-    /// The highest `seq` this topic ever dropped.
-    lost_through: u64,
-    count: Option<u64>,
-    age_ms: Option<u64>,
-}
-
 impl Journal {
-    /// An empty history holding at most `cap` bytes of data, with a new
-    /// epoch (so a restarted node's positions are refused as
-    /// `epoch_changed`).
-    pub fn new(cap: u64) -> Self {
+    /// An empty history holding at most `cap` bytes (data and what holding
+    /// it costs), with a new epoch (so a restarted node's positions are
+    /// refused as `epoch_changed`); its gauges go to `metrics`.
+    pub fn new(cap: u64, metrics: Arc<Metrics>) -> Self {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         Journal {
             epoch: epoch_of(nanos ^ (u64::from(std::process::id()) << 40)).into(),
             cap,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new()),
             turn: Mutex::new(()),
+            metrics,
         }
     }
 
@@ -144,7 +164,7 @@ impl Journal {
     #[cfg(test)]
     fn size(&self) -> (usize, u64) {
         let s = self.lock();
-        (s.stored, s.bytes)
+        (s.stored, s.bytes())
     }
 
     /// Stores `data` on `topic` under `rule` and calls `deliver` with its
@@ -164,15 +184,20 @@ impl Journal {
         if seq <= s.seq {
             return;
         }
+        let mut gone = None;
         if s.first != 0 && seq != s.seq + 1 {
             // A hole (the copy missed messages): it covers only from here.
-            *s = State::default();
+            // What it held is freed after the lock.
+            gone = Some(std::mem::replace(&mut *s, State::new()));
         }
         if s.first == 0 {
             s.first = seq;
         }
         s.seq = seq - 1;
         s.store(topic, rule, data, now, self.cap);
+        s.report(&self.metrics);
+        drop(s);
+        drop(gone);
     }
 
     /// Whether a replay after `since` lies within what was inserted: from
@@ -191,7 +216,12 @@ impl Journal {
         deliver: impl FnOnce(u64) -> R,
     ) -> R {
         let _turn = self.turn.locked();
-        let seq = self.lock().store(topic, rule, data, now_ms, self.cap);
+        let seq = {
+            let mut s = self.lock();
+            let seq = s.store(topic, rule, data, now_ms, self.cap);
+            s.report(&self.metrics);
+            seq
+        };
         deliver(seq)
     }
 
@@ -200,96 +230,140 @@ impl Journal {
         self.prune_at(crate::clock::now_ms())
     }
 
+    /// The expiry queue gives the next message to go: the work is the
+    /// messages dropped, whatever the number of rings.
     fn prune_at(&self, now_ms: u64) {
         let mut s = self.lock();
-        let (mut n, mut b) = (0usize, 0u64);
-        let mut emptied = Vec::new();
-        for (t, ring) in s.topics.iter_mut() {
-            let Some(age) = ring.age_ms else { continue };
-            while ring.msgs.front().is_some_and(|m| m.1 + age < now_ms) {
-                let (old, _, d) = ring.msgs.pop_front().expect("checked");
-                ring.lost_through = old;
-                n += 1;
-                b += d.len() as u64;
+        while let Some(id) = s.expiry.first() {
+            if s.rings.key(EXPIRY, id) >= now_ms {
+                break;
             }
-            if ring.msgs.is_empty() {
-                emptied.push((t.clone(), ring.lost_through));
-            }
+            s.drop_oldest(id);
         }
-        s.stored -= n;
-        s.bytes -= b;
-        for (t, lost) in emptied {
-            s.topics.remove(&t);
-            s.lost_floor = s.lost_floor.max(lost);
-        }
-        s.compact();
+        s.report(&self.metrics);
     }
 
     /// What a subscription to `pattern` missed after `from`, at most `max`
-    /// messages.
+    /// messages. Reads the rings `pattern` matches, and only those.
     pub fn replay(&self, pattern: &str, from: From, max: usize) -> Result<Replay, ReplayError> {
-        let s = self.lock();
         let mut messages = Vec::new();
-        match from {
-            From::Since(since) => {
-                if since > s.seq {
-                    return Err(ReplayError::Future(s.seq));
-                }
-                // A topic without a ring lost everything it had, at most
-                // up to the floor.
-                if s.lost_floor > since {
-                    return Err(ReplayError::Unrecovered(Unrecovered::TooOld));
-                }
-                for (t, ring) in s.topics.iter().filter(|(t, _)| topic::matches(pattern, t)) {
-                    if ring.lost_through > since {
+        let mut read = 0u64;
+        let mut refused = None;
+        let through = {
+            let s = self.lock();
+            match from {
+                From::Since(since) => {
+                    if since > s.seq {
+                        return Err(ReplayError::Future(s.seq));
+                    }
+                    // A topic without a ring lost everything it had, at
+                    // most up to the floor.
+                    if s.lost_floor > since {
                         return Err(ReplayError::Unrecovered(Unrecovered::TooOld));
                     }
-                    let at = ring.msgs.partition_point(|m| m.0 <= since);
-                    if messages.len() + ring.msgs.len() - at > max {
-                        return Err(ReplayError::Unrecovered(Unrecovered::TooMany));
-                    }
-                    messages.extend(ring.msgs.range(at..).map(|m| (t.clone(), m.0, m.2.clone())));
-                }
-            }
-            From::Last => {
-                for (t, ring) in s.topics.iter().filter(|(t, _)| topic::matches(pattern, t)) {
-                    if let Some(m) = ring.msgs.back() {
-                        if messages.len() == max {
-                            return Err(ReplayError::Unrecovered(Unrecovered::TooMany));
+                    s.index.walk(pattern, &mut |name, id| {
+                        read += 1;
+                        let ring = s.rings.get(id);
+                        if ring.lost_through > since {
+                            refused = Some(Unrecovered::TooOld);
+                            return ControlFlow::Break(());
                         }
-                        messages.push((t.clone(), m.0, m.2.clone()));
-                    }
+                        let at = ring.msgs.partition_point(|m| m.seq <= since);
+                        if at == ring.msgs.len() {
+                            return ControlFlow::Continue(());
+                        }
+                        if messages.len() + ring.msgs.len() - at > max {
+                            refused = Some(Unrecovered::TooMany);
+                            return ControlFlow::Break(());
+                        }
+                        let topic = Index::topic(name);
+                        messages.extend(
+                            ring.msgs
+                                .range(at..)
+                                .map(|m| (topic.clone(), m.seq, m.data.clone())),
+                        );
+                        ControlFlow::Continue(())
+                    });
+                }
+                From::Last => {
+                    s.index.walk(pattern, &mut |name, id| {
+                        read += 1;
+                        let Some(m) = s.rings.get(id).msgs.back() else {
+                            return ControlFlow::Continue(());
+                        };
+                        if messages.len() == max {
+                            refused = Some(Unrecovered::TooMany);
+                            return ControlFlow::Break(());
+                        }
+                        messages.push((Index::topic(name), m.seq, m.data.clone()));
+                        ControlFlow::Continue(())
+                    });
                 }
             }
+            s.seq
+        };
+        self.metrics.history_rings_read.fetch_add(read, Relaxed);
+        if let Some(why) = refused {
+            return Err(ReplayError::Unrecovered(why));
         }
         messages.sort_unstable_by_key(|m| m.1);
-        Ok(Replay {
-            messages,
-            through: s.seq,
-        })
+        Ok(Replay { messages, through })
     }
 
     /// Up to `limit` retained messages of concrete `topic` after `since`,
     /// and whether every message after `since` is still retained.
     pub fn read(&self, topic: &str, since: u64, limit: usize) -> (Vec<(u64, Bytes)>, bool) {
         let s = self.lock();
-        let Some(ring) = s.topics.get(topic) else {
+        let Some(id) = s.index.get(topic) else {
             return (Vec::new(), s.lost_floor <= since);
         };
-        let at = ring.msgs.partition_point(|m| m.0 <= since);
+        self.metrics.history_rings_read.fetch_add(1, Relaxed);
+        let ring = s.rings.get(id);
+        let at = ring.msgs.partition_point(|m| m.seq <= since);
         let page = ring
             .msgs
             .range(at..)
             .take(limit)
-            .map(|m| (m.0, m.2.clone()))
+            .map(|m| (m.seq, m.data.clone()))
             .collect();
         (page, ring.lost_through <= since && s.lost_floor <= since)
     }
 }
 
 impl State {
+    fn new() -> State {
+        State {
+            seq: 0,
+            first: 0,
+            index: Index::default(),
+            rings: Rings::default(),
+            oldest: Queue::new(OLDEST),
+            expiry: Queue::new(EXPIRY),
+            held: 0,
+            stored: 0,
+            lost_floor: 0,
+        }
+    }
+
+    /// What is held against the cap: messages, rings, and the allocations
+    /// of the containers that hold them.
+    fn bytes(&self) -> u64 {
+        self.held
+            + cost::chunk(self.rings.capacity_bytes())
+            + cost::chunk(self.oldest.capacity_bytes())
+            + cost::chunk(self.expiry.capacity_bytes())
+    }
+
+    /// Sets the history's gauges.
+    fn report(&self, metrics: &Metrics) {
+        metrics.history_bytes.store(self.bytes() as i64, Relaxed);
+        metrics.history_topics.store(self.index.len() as i64, Relaxed);
+        metrics.history_messages.store(self.stored as i64, Relaxed);
+    }
+
     /// Stores `data` on `topic` under `rule` at the next `seq`, dropping
-    /// what the ring's count or the byte cap `cap` no longer allows;
+    /// what the ring's count or the byte cap `cap` no longer allows (the
+    /// oldest message anywhere, and with a ring's last its whole ring);
     /// returns the `seq`.
     fn store(&mut self, topic: &str, rule: &Retention, data: Bytes, now_ms: u64, cap: u64) -> u64 {
         self.seq += 1;
@@ -298,70 +372,105 @@ impl State {
         // came in (a 1-byte value beside a 60 KB field would pin all 60 KB
         // for as long as it is kept, uncounted by the byte cap).
         let data = Bytes::copy_from_slice(&data);
-        let len = data.len() as u64;
-        let key: Arc<str> = match self.topics.get_key_value(topic) {
-            Some((k, _)) => k.clone(),
-            None => topic.into(),
+        self.held += cost::message(data.len());
+        self.stored += 1;
+        let id = match self.index.get(topic) {
+            Some(id) => {
+                let ring = self.rings.get_mut(id);
+                // Never before the ring's newest: each ring's messages
+                // expire in order.
+                let at = ring.msgs.back().map_or(now_ms, |m| m.at.max(now_ms));
+                ring.msgs.push_back(Msg { seq, at, data });
+                self.recount(id);
+                id
+            }
+            None => self.open(
+                topic,
+                rule,
+                Msg {
+                    seq,
+                    at: now_ms,
+                    data,
+                },
+            ),
         };
-        let ring = self.topics.entry(key.clone()).or_insert_with(|| Ring {
-            msgs: VecDeque::new(),
-            lost_through: 0,
-            count: rule.count,
-            age_ms: rule.age.map(|a| a.as_millis() as u64),
-        });
-        ring.msgs.push_back((seq, now_ms, data));
-        let mut freed = (0usize, 0u64);
-        if let Some(max) = ring.count {
-            while ring.msgs.len() as u64 > max {
-                let (old, _, d) = ring.msgs.pop_front().expect("ring over its count");
-                ring.lost_through = old;
-                freed = (freed.0 + 1, freed.1 + d.len() as u64);
+        if let Some(max) = self.rings.get(id).count {
+            while self.rings.get(id).msgs.len() as u64 > max {
+                self.drop_oldest(id);
             }
         }
-        self.stored = self.stored + 1 - freed.0;
-        self.bytes = self.bytes + len - freed.1;
-        self.order.push_back((seq, key));
-        while self.bytes > cap {
-            let Some((old, t)) = self.order.pop_front() else {
+        while self.bytes() > cap {
+            let Some(oldest) = self.oldest.first() else {
                 break;
             };
-            self.drop_head(&t, old);
+            self.drop_oldest(oldest);
         }
-        self.compact();
         seq
     }
 
-    /// Drops `seq` from `topic`'s ring if it is still its oldest message.
-    fn drop_head(&mut self, topic: &str, seq: u64) {
-        let Some(ring) = self.topics.get_mut(topic) else {
-            return;
-        };
-        if ring.msgs.front().is_none_or(|m| m.0 != seq) {
-            return;
+    /// A ring for `topic`, holding its first message, queued.
+    fn open(&mut self, topic: &str, rule: &Retention, first: Msg) -> u32 {
+        let mut msgs = VecDeque::with_capacity(1);
+        msgs.push_back(first);
+        let name = Index::name(topic);
+        self.held += cost::ring(name.len());
+        let id = self.rings.add(Ring {
+            msgs,
+            lost_through: 0,
+            count: rule.count,
+            age_ms: rule.age.map(|a| a.as_millis() as u64),
+            name: name.clone(),
+            counted: 0,
+            places: [0; 2],
+        });
+        self.index.insert(name, id);
+        self.recount(id);
+        self.oldest.push(&mut self.rings, id);
+        if self.rings.get(id).age_ms.is_some() {
+            self.expiry.push(&mut self.rings, id);
         }
-        let (_, _, d) = ring.msgs.pop_front().expect("checked");
-        ring.lost_through = seq;
+        id
+    }
+
+    /// Drops ring `id`'s oldest message, and the ring with its last.
+    fn drop_oldest(&mut self, id: u32) {
+        let ring = self.rings.get_mut(id);
+        let m = ring.msgs.pop_front().expect("a ring holds a message");
+        ring.lost_through = m.seq;
+        self.held -= cost::message(m.data.len());
         self.stored -= 1;
-        self.bytes -= d.len() as u64;
         if ring.msgs.is_empty() {
-            let lost = ring.lost_through;
-            self.topics.remove(topic);
-            self.lost_floor = self.lost_floor.max(lost);
+            return self.close(id);
+        }
+        if ring.msgs.capacity() > 4 && ring.msgs.len() * 4 < ring.msgs.capacity() {
+            let keep = ring.msgs.len() * 2;
+            ring.msgs.shrink_to(keep);
+        }
+        self.recount(id);
+        self.oldest.moved(&mut self.rings, id);
+        if self.rings.get(id).age_ms.is_some() {
+            self.expiry.moved(&mut self.rings, id);
         }
     }
 
-    /// Forgets `order` entries of messages already gone, once they are
-    /// most of it: amortized O(1) per message.
-    fn compact(&mut self) {
-        if self.order.len() <= 2 * self.stored + 1024 {
-            return;
+    /// Forgets empty ring `id`: what it lost is under the floor now.
+    fn close(&mut self, id: u32) {
+        self.oldest.remove(&mut self.rings, id);
+        if self.rings.get(id).age_ms.is_some() {
+            self.expiry.remove(&mut self.rings, id);
         }
-        let topics = &self.topics;
-        self.order.retain(|(seq, t)| {
-            topics
-                .get(t)
-                .is_some_and(|r| r.msgs.front().is_some_and(|m| m.0 <= *seq))
-        });
+        let ring = self.rings.take(id);
+        self.index.remove(&ring.name);
+        self.held -= cost::ring(ring.name.len()) + ring.counted;
+        self.lost_floor = self.lost_floor.max(ring.lost_through);
+    }
+
+    /// Counts ring `id`'s slots at their allocation now.
+    fn recount(&mut self, id: u32) {
+        let ring = self.rings.get_mut(id);
+        let now = cost::slots(ring.msgs.capacity());
+        self.held = self.held + now - ring.counted;
+        ring.counted = now;
     }
 }
 
@@ -392,13 +501,17 @@ mod tests {
         }
     }
 
+    fn journal(cap: u64) -> Journal {
+        Journal::new(cap, Arc::default())
+    }
+
     fn put(j: &Journal, topic: &str, r: &Retention, now: u64) -> u64 {
         j.append_at(topic, r, Bytes::from_static(b"1"), now, |seq| seq)
     }
 
     #[test]
     fn replays_after_a_position_in_order_across_topics() {
-        let j = Journal::new(1 << 20);
+        let j = journal(1 << 20);
         let r = rule(Some(10), None);
         for i in 0..6 {
             put(&j, if i % 2 == 0 { "room:a" } else { "room:b" }, &r, 0);
@@ -422,7 +535,7 @@ mod tests {
 
     #[test]
     fn knows_exactly_what_it_lost() {
-        let j = Journal::new(1 << 20);
+        let j = journal(1 << 20);
         let r = rule(Some(2), None);
         for _ in 0..3 {
             put(&j, "a", &r, 0);
@@ -446,27 +559,132 @@ mod tests {
         assert_eq!(j.size().0, 3);
     }
 
+    /// What the journal holds, counted afresh from its rings.
+    fn recount(j: &Journal) -> u64 {
+        let s = j.lock();
+        let mut held = 0;
+        for ring in s.rings.slots.iter().flatten() {
+            held += cost::ring(ring.name.len()) + cost::slots(ring.msgs.capacity());
+            held += ring.msgs.iter().map(|m| cost::message(m.data.len())).sum::<u64>();
+        }
+        assert_eq!(s.held, held, "the running count is what is held");
+        s.bytes()
+    }
+
     #[test]
-    fn the_byte_cap_drops_the_oldest_anywhere() {
-        let j = Journal::new(10);
+    fn the_byte_cap_counts_what_holding_costs_and_drops_the_oldest_anywhere() {
+        let cap = 20_000;
+        let j = journal(cap);
         let r = rule(None, None);
-        for i in 0..25 {
+        for i in 0..2_000 {
             put(&j, ["a", "b", "c"][i % 3], &r, 0);
+            assert!(recount(&j) <= cap);
         }
         let (n, b) = j.size();
-        assert_eq!((n, b), (10, 10));
-        let got = j.replay(">", From::Since(15), 100).unwrap();
-        assert_eq!(got.messages.len(), 10);
-        assert!(j.replay(">", From::Since(14), 100).is_err());
-        for _ in 0..10_000 {
-            put(&j, "z", &rule(Some(1), None), 0);
+        // A 1-byte message costs its slot, its copy and a header: far
+        // more than its byte, so far fewer than 20,000 fit.
+        assert!(b <= cap && n > 50 && n < 400, "{n} messages, {b} bytes");
+        let first = 2_000 - n as u64;
+        let got = j.replay(">", From::Since(first), 10_000).unwrap();
+        assert_eq!(got.messages.len(), n, "the newest are kept");
+        assert!(j.replay(">", From::Since(first - 1), 10_000).is_err());
+        // Distinct topics: each costs its ring, its name, its index entry;
+        // the oldest go, so the cap bounds how many are held.
+        for i in 0..10_000 {
+            put(&j, &format!("t:{i}"), &rule(Some(1), None), 0);
         }
-        assert!(j.lock().order.len() < 3000, "order is compacted");
+        assert!(recount(&j) <= cap);
+        let s = j.lock();
+        let each = cost::ring(3) + cost::slots(1) + cost::message(1);
+        assert!(s.index.len() as u64 * each <= cap, "{} topics", s.index.len());
+        assert!(s.index.len() > 10, "{} topics", s.index.len());
+        assert_eq!(s.rings.slots.iter().flatten().count(), s.index.len());
+        assert!(s.lost_floor >= 2_000, "what went is under the floor");
+    }
+
+    #[test]
+    fn the_running_count_follows_every_change() {
+        let j = journal(1 << 16);
+        let (kept, aged, big) = (rule(Some(3), None), rule(None, Some(1)), rule(None, None));
+        for i in 0..3_000u64 {
+            let topic = format!("x:{}", i % 97);
+            match i % 5 {
+                0 => put(&j, &topic, &aged, i),
+                1 => j.append_at(
+                    "big",
+                    &big,
+                    Bytes::from(vec![b'7'; (i % 700) as usize + 1]),
+                    i,
+                    |s| s,
+                ),
+                _ => put(&j, &topic, &kept, i),
+            };
+            if i % 250 == 0 {
+                j.prune_at(i);
+            }
+            assert!(recount(&j) <= 1 << 16);
+        }
+        j.prune_at(u64::MAX);
+        recount(&j);
+        let k = journal(1 << 16);
+        for seq in 1..100 {
+            k.insert(&format!("x:{seq}"), &kept, seq, Bytes::from_static(b"1"));
+        }
+        k.insert("y", &kept, 1_000, Bytes::from_static(b"1"));
+        assert_eq!(recount(&k), k.size().1);
+        assert_eq!(k.size().0, 1, "a hole starts the copy over");
+    }
+
+    #[test]
+    fn the_prune_looks_only_at_what_ages() {
+        let j = journal(1 << 24);
+        for i in 0..10_000 {
+            put(&j, &format!("kept:{i}"), &rule(Some(5), None), 0);
+        }
+        let aged = rule(None, Some(1));
+        for i in 0..10 {
+            put(&j, &format!("aged:{i}"), &aged, i * 100);
+        }
+        {
+            let s = j.lock();
+            assert_eq!(s.rings.key(EXPIRY, s.expiry.first().unwrap()), 1_000);
+        }
+        j.prune_at(1_450);
+        assert_eq!(j.size().0, 10_000 + 5, "only the five expired went");
+        j.prune_at(10_000);
+        let s = j.lock();
+        assert!(s.expiry.first().is_none());
+        assert_eq!(s.index.len(), 10_000);
+    }
+
+    #[test]
+    fn a_replay_reads_only_the_rings_it_matches() {
+        let metrics = Arc::new(Metrics::default());
+        let j = Journal::new(1 << 24, metrics.clone());
+        let r = rule(Some(5), None);
+        for i in 0..10_000 {
+            put(&j, &format!("t:{i}"), &r, 0);
+        }
+        for i in 0..7 {
+            put(&j, &format!("room:{i}:x"), &r, 0);
+        }
+        let read = || metrics.history_rings_read.load(Relaxed);
+        assert_eq!(j.replay("t:77", From::Since(0), 10).unwrap().messages.len(), 1);
+        assert_eq!(read(), 1);
+        assert_eq!(
+            j.replay("room:*:x", From::Since(0), 10).unwrap().messages.len(),
+            7
+        );
+        assert_eq!(read(), 8);
+        assert_eq!(j.replay("room:>", From::Last, 10).unwrap().messages.len(), 7);
+        assert_eq!(read(), 15);
+        assert_eq!(j.read("t:5", 0, 10).0.len(), 1);
+        assert_eq!(read(), 16);
     }
 
     #[test]
     fn a_copy_of_a_tail_covers_from_its_first_insert() {
-        let j = Journal::new(1 << 20);
+        let j = journal(1 << 20);
         let r = rule(Some(10), None);
         assert!(!j.covers(0));
         j.insert("a", &r, 41, Bytes::from_static(b"1"));
@@ -484,7 +702,7 @@ mod tests {
 
     #[test]
     fn a_fan_out_runs_outside_the_lock_in_the_turn() {
-        let j = Arc::new(Journal::new(1 << 20));
+        let j = Arc::new(journal(1 << 20));
         let r = rule(Some(10), None);
         let events = Arc::new(Mutex::new(Vec::new()));
         let log = |e: String| events.locked().push(e);

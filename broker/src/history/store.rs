@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::config::values::Retention;
 use crate::history::jetstream::StreamHistory;
 use crate::history::memory::Journal;
+use crate::metrics::Metrics;
 use crate::tasks::Tasks;
 
 /// The `--history` settings.
@@ -45,11 +46,11 @@ pub enum Store {
 impl History {
     /// An embedded node's history, in memory, pruned by age every second;
     /// `None` without rules.
-    pub fn embedded(settings: &HistorySettings, tasks: &Tasks) -> Option<History> {
+    pub fn embedded(settings: &HistorySettings, metrics: &Arc<Metrics>, tasks: &Tasks) -> Option<History> {
         if settings.rules.is_empty() {
             return None;
         }
-        let journal = Arc::new(Journal::new(settings.bytes));
+        let journal = Arc::new(Journal::new(settings.bytes, metrics.clone()));
         let weak = Arc::downgrade(&journal);
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));

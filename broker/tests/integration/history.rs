@@ -630,7 +630,7 @@ async fn cluster_last_gives_the_current_value_of_a_thousand_topics() {
 }
 
 /// Resident memory of process `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
+pub fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let kb: u64 = status
         .lines()

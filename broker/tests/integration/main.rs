@@ -9,6 +9,7 @@ mod external;
 mod faults;
 mod history;
 mod hostile;
+mod journal;
 mod layering;
 mod lifecycle;
 mod limits;
