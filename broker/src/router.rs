@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use herald_protocol::message::{self, ErrorCode, ErrorReply};
+use herald_protocol::position;
 
 use crate::cluster::bus::{Bus, BusError};
 use crate::cluster::subjects::Barrier;
@@ -270,10 +271,15 @@ impl Router {
         }))))
     }
 
-    /// The subscription is in effect: ack, then announce a new one.
+    /// The subscription is in effect: ack (with the history's position,
+    /// on a pattern that keeps history), then announce a new one.
     fn subscribed(&self, sub: &Arc<Subscriber>, pattern: &str, who: Who<'_>, ack: Option<&str>, new: bool) {
         if let Some(id) = ack {
-            sub.push(message::encode_ack(id));
+            let history = self.inner.bus.history().filter(|h| h.covers(pattern));
+            sub.push(match history.and_then(|h| h.position()) {
+                Some((epoch, seq)) => position::encode_ack_at(id, &epoch, seq),
+                None => message::encode_ack(id),
+            });
         }
         if new {
             self.join(sub, pattern, who);

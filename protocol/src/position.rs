@@ -115,6 +115,23 @@ impl Unrecovered {
     }
 }
 
+/// The ack of a plain `sub` on a history topic: `{"op":"ack","id":ID,
+/// "epoch":E,"seq":N}`, the history's position as the subscription took
+/// effect (every message above `seq` follows), so a client that has
+/// received nothing yet still knows where to recover from. `id` is the
+/// request's JSON text, echoed as sent.
+pub fn encode_ack_at(id: &str, epoch: &str, seq: u64) -> Bytes {
+    let mut v = String::with_capacity(48 + id.len() + epoch.len());
+    v.push_str("{\"op\":\"ack\",\"id\":");
+    v.push_str(id);
+    v.push_str(",\"epoch\":\"");
+    v.push_str(epoch);
+    v.push_str("\",\"seq\":");
+    v.push_str(&seq.to_string());
+    v.push('}');
+    ws::encode_frame(OpCode::Text, v.as_bytes())
+}
+
 /// The answer to a `sub` that asked for recovery (`since`):
 /// `{"op":"ack","id":ID,"recovered":true}` or with `false` and a
 /// `"reason"`; `"topic"` always names the pattern, so a URL subscription
@@ -154,6 +171,16 @@ pub fn encode_recovery_ack(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_ack_on_history_carries_the_position() {
+        let f = encode_ack_at("7", "k3f9", 1742);
+        let v: serde_json::Value = serde_json::from_str(text(&f)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"ack","id":7,"epoch":"k3f9","seq":1742})
+        );
+    }
 
     fn text(frame: &Bytes) -> &str {
         let hl = if frame[1] < 126 { 2 } else { 4 };

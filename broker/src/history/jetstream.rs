@@ -75,6 +75,10 @@ pub struct StreamHistory {
     /// The stream's last `seq` when this node first reached it: the feed
     /// delivers everything after it.
     start: AtomicU64,
+    /// The last `seq` the feed handed to the hub (`u64::MAX`: none yet):
+    /// a subscription listed before it is read receives every message
+    /// above it.
+    delivered: AtomicU64,
     /// Bounds the replays read from the stream at once.
     reads: tokio::sync::Semaphore,
     /// The stream's own per-subject limit (-1: none).
@@ -107,6 +111,7 @@ impl StreamHistory {
             epoch: RwLock::new(None),
             available: AtomicBool::new(false),
             start: AtomicU64::new(u64::MAX),
+            delivered: AtomicU64::new(u64::MAX),
             tail,
             reads: tokio::sync::Semaphore::new(MAX_READS),
             per_subject: -1,
@@ -127,6 +132,19 @@ impl StreamHistory {
     /// The stream's epoch, if it has been reached.
     pub fn epoch(&self) -> Option<Arc<str>> {
         self.epoch.reading().clone()
+    }
+
+    /// The last `seq` this node's feed delivered (or, before its first
+    /// message, the stream's last when the node reached it), while the
+    /// stream is reachable.
+    pub fn position(&self) -> Option<u64> {
+        if !self.available() {
+            return None;
+        }
+        match self.delivered.load(Relaxed) {
+            u64::MAX => Some(self.start.load(Relaxed)).filter(|&s| s != u64::MAX),
+            at => Some(at),
+        }
     }
 
     /// The subject a history topic's publishes go to.
@@ -274,6 +292,7 @@ impl StreamHistory {
                     }
                     deliver(&topic, seq, &m.payload);
                 }
+                self.delivered.store(seq, Relaxed);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

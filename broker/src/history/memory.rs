@@ -156,6 +156,14 @@ impl Journal {
         self.epoch.clone()
     }
 
+    /// The last `seq` stored and fanned out: taken in the delivery turn,
+    /// so a subscription listed before this read receives every message
+    /// above it.
+    pub fn position(&self) -> u64 {
+        let _turn = self.turn.locked();
+        self.lock().seq
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.locked()
     }

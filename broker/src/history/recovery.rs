@@ -95,9 +95,11 @@ pub async fn recover(
         id,
     } = asked;
     let (result, epoch) = read(history, pattern, ask, max).await;
+    // A refusal says where the history is now (the client that reloads
+    // starts from there), unless it cannot be read at all.
     let through = match &result {
         Ok(r) => r.through,
-        Err(_) => 0,
+        Err(_) => history.and_then(|h| h.position()).map_or(0, |p| p.1),
     };
     let outcome = match result {
         Err(ReplayError::Future(at)) => {
@@ -160,11 +162,7 @@ async fn read(
     let Some(history) = history else {
         return (unavailable, None);
     };
-    if !history
-        .rules
-        .iter()
-        .any(|r| herald_protocol::topic::overlaps(&r.pattern, pattern))
-    {
+    if !history.covers(pattern) {
         return (unavailable, None);
     }
     let epoch = match &history.store {

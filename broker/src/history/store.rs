@@ -44,6 +44,22 @@ pub enum Store {
 }
 
 impl History {
+    /// Whether topics under `pattern` can keep history.
+    pub fn covers(&self, pattern: &str) -> bool {
+        self.rules
+            .iter()
+            .any(|r| herald_protocol::topic::overlaps(&r.pattern, pattern))
+    }
+
+    /// The history's epoch and position now, when it can be read: every
+    /// message above it reaches a subscription listed before the call.
+    pub fn position(&self) -> Option<(Arc<str>, u64)> {
+        match &self.store {
+            Store::Memory(j) => Some((j.epoch(), j.position())),
+            Store::Stream(s) => Some((s.epoch()?, s.position()?)),
+        }
+    }
+
     /// An embedded node's history, in memory, pruned by age every second;
     /// `None` without rules.
     pub fn embedded(settings: &HistorySettings, metrics: &Arc<Metrics>, tasks: &Tasks) -> Option<History> {

@@ -681,7 +681,9 @@ async fn the_drain_spreads_exec_sockets_with_the_sessions() {
     )
     .expect("script");
     let program = format!("/t=python3 {}", script.display());
-    let h = Herald::start(&["--drain-period", "2s", "--exec", &program]);
+    // A long grace: on a loaded machine a program's handler may take more
+    // than the default 2 s to run, and a SIGKILL notes nothing.
+    let h = Herald::start(&["--drain-period", "2s", "--exec-grace", "20s", "--exec", &program]);
     let mut execs = Vec::new();
     for _ in 0..6 {
         let mut ws = open(&h, "/t").await;

@@ -902,3 +902,64 @@ async fn a_replay_ends_with_its_subscription() {
     }
     assert!(h.metric("herald_replayed_messages_total").await < 9000.0);
 }
+
+/// Reads `n` frames and drops them.
+async fn skip(c: &mut Client, n: usize) {
+    for _ in 0..n {
+        c.recv().await;
+    }
+}
+
+/// Issue 26, items 1 and 2 (the node's side): the ack of a plain `sub` on
+/// a history topic carries the history's position, so a client that has
+/// received nothing yet recovers what it missed from there; and a refusal
+/// carries the real position, not 0, embedded and in a cluster.
+#[tokio::test]
+async fn every_history_ack_carries_the_position() {
+    let embedded = Herald::start(&["--history", "pos:*=3"]);
+    let (_nats, cluster) = js_cluster(&["--history", "pos:*=3"]).await;
+    for h in [&embedded, &cluster[0]] {
+        // Live deliveries show the node's feed has passed what was
+        // published (a cluster node's position is what its feed delivered).
+        let mut watch = h.connect("").await;
+        watch.sub("pos:*").await;
+        publish_numbered(h, "pos:warm", 5).await;
+        skip(&mut watch, 5).await;
+        let mut c = h.connect("").await;
+        let ack = c.request(json!({"op":"sub","topic":"pos:a","id":"p"})).await;
+        let (epoch, seq) = (
+            ack["epoch"].as_str().expect("epoch").to_owned(),
+            ack["seq"].as_u64().unwrap(),
+        );
+        assert!(seq >= 5, "{ack}");
+        drop(c);
+        // Published while it was away: 1, 2, 3 (with nothing received).
+        publish_numbered(h, "pos:a", 3).await;
+        skip(&mut watch, 3).await;
+        let mut c = h.connect("").await;
+        let ack = c
+            .request(json!({"op":"sub","topic":"pos:a","id":1,"since":{"seq":seq,"epoch":epoch}}))
+            .await;
+        assert_eq!(ack["recovered"], true, "{ack}");
+        for n in 0..3 {
+            assert_eq!(c.recv().await["data"]["n"], n);
+        }
+        // A plain sub to a topic outside the history: a plain ack.
+        let plain = c.request(json!({"op":"sub","topic":"other","id":2})).await;
+        assert!(plain.get("seq").is_none(), "{plain}");
+        // Refusals say where the history is: the client reloads from there.
+        let now = ack["seq"].as_u64().unwrap();
+        let gone = c
+            .request(json!({"op":"sub","topic":"pos:b","id":3,"since":{"seq":seq,"epoch":"0other"}}))
+            .await;
+        assert_eq!(gone["reason"], "epoch_changed", "{gone}");
+        assert_eq!(gone["seq"].as_u64(), Some(now), "{gone}");
+        publish_numbered(h, "pos:c", 5).await;
+        skip(&mut watch, 5).await;
+        let old = c
+            .request(json!({"op":"sub","topic":"pos:c","id":4,"since":{"seq":seq,"epoch":epoch}}))
+            .await;
+        assert_eq!(old["reason"], "too_old", "{old}");
+        assert_eq!(old["seq"].as_u64(), Some(now + 5), "{old}");
+    }
+}
