@@ -455,12 +455,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small shapes for a smoke check")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
-    ap.add_argument("--section", choices=["hostile", "auth", "history"],
+    ap.add_argument("--section", choices=["hostile", "hostile3", "auth", "history"],
                     help="run only this section and replace it in --out")
-    ap.add_argument("--before", help="with --section hostile: also the round-3 figures of this older build "
-                    "against --after, side by side")
+    ap.add_argument("--before", help="with --section hostile (or hostile3, those alone): also the round-3 "
+                    "figures of this older build against --after, side by side")
     ap.add_argument("--after", default=HERALD, help="the build --before is compared with")
     a = ap.parse_args()
+    if a.section == "hostile3":
+        # Only the round-3 rows, of the two builds given: nothing to build.
+        import hostile_input
+        rows = hostile_input.section(a.before, a.after, a.quick)
+        splice(a.out, [HOSTILE3_BEGIN] + rows + [HOSTILE3_END], HOSTILE3_BEGIN, HOSTILE3_END)
+        return
     install()
     if a.section == "auth":
         splice(a.out, auth_section(a.quick), AUTH_BEGIN, AUTH_END)

@@ -334,7 +334,7 @@ async fn route(
         Route::MetricsElsewhere => http::metrics_elsewhere(),
         Route::Demo => http::demo(),
         Route::Client => http::client(),
-        Route::WrongMethod => http::wrong_method(req.method()),
+        Route::WrongMethod(allowed) => http::wrong_method(req.method(), allowed),
         Route::NotFound => http::not_found(&node, listener, req.uri().path()),
     })
 }

@@ -25,7 +25,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use std::sync::Arc;
 
 use crate::auth::Identity;
-use crate::net::routes::Listener;
+use crate::net::routes::{Listener, Methods};
 use crate::node::Node;
 pub use crate::session::params::query_param;
 use crate::sync::ReadWrite;
@@ -135,13 +135,17 @@ pub fn ready(node: &Node) -> Response<Body> {
     }
 }
 
-/// A built-in path asked with a method it does not answer.
-pub fn wrong_method(method: &Method) -> Response<Body> {
-    error(
+/// A built-in path asked with a method it does not answer: 405, with the
+/// `Allow` header RFC 9110 asks of it.
+pub fn wrong_method(method: &Method, allowed: Methods) -> Response<Body> {
+    let mut r = error(
         StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::BadRequest,
-        &format!("method {method} not allowed here"),
-    )
+        &format!("method {method} not allowed here; allowed: {}", allowed.allowed()),
+    );
+    r.headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allowed.allowed()));
+    r
 }
 
 /// No route for `path` on `listener`: the message lists the routes there.

@@ -54,8 +54,9 @@ pub enum Route {
     Client,
     /// The `--exec` route of this index in [`Routes::exec`].
     Exec(usize),
-    /// A built-in path asked with a method it does not answer: 405.
-    WrongMethod,
+    /// A built-in path asked with a method it does not answer: 405, with
+    /// the methods it does answer.
+    WrongMethod(Methods),
     /// No route: 404.
     NotFound,
 }
@@ -73,6 +74,15 @@ pub enum Methods {
 }
 
 impl Methods {
+    /// The `Allow` header's value.
+    pub fn allowed(self) -> &'static str {
+        match self {
+            Methods::Any => "GET, HEAD, POST, PUT, DELETE, OPTIONS",
+            Methods::Get => "GET, HEAD",
+            Methods::Post => "POST",
+        }
+    }
+
     fn allow(self, method: &Method) -> bool {
         match self {
             Methods::Any => true,
@@ -95,7 +105,8 @@ pub struct Builtin {
     pub route: Route,
     /// The methods it answers.
     pub methods: Methods,
-    /// What another method gets: [`Route::WrongMethod`], or the
+    /// What another method gets: [`Route::WrongMethod`] (with the row's
+    /// methods), or the
     /// [`Route::NotFound`] of an unknown path.
     pub otherwise: Route,
     /// A WebSocket handshake here, whatever its method, is this route.
@@ -119,7 +130,7 @@ const fn row(path: &'static str, name: &'static str, shown: &'static str, route:
         shown,
         route,
         methods: Methods::Get,
-        otherwise: Route::WrongMethod,
+        otherwise: Route::WrongMethod(Methods::Get),
         handshake: None,
         demo: false,
         moves: false,
@@ -308,7 +319,10 @@ impl Routes {
             }
         }
         if !b.methods.allow(method) {
-            b.otherwise
+            match b.otherwise {
+                Route::WrongMethod(_) => Route::WrongMethod(b.methods),
+                other => other,
+            }
         } else if b.moves && self.metrics_elsewhere && listener == Listener::Public {
             Route::MetricsElsewhere
         } else {
@@ -399,15 +413,30 @@ mod tests {
         assert_eq!(decide(Method::GET, "/", true), Route::Socket { root: true });
         assert_eq!(decide(Method::GET, "/ws", true), Route::Socket { root: false });
         assert_eq!(decide(Method::POST, "/ws", false), Route::Socket { root: false });
-        assert_eq!(decide(Method::POST, "/status", false), Route::WrongMethod);
-        assert_eq!(decide(Method::DELETE, "/status.json", false), Route::WrongMethod);
+        assert_eq!(
+            decide(Method::POST, "/status", false),
+            Route::WrongMethod(Methods::Get)
+        );
+        assert_eq!(
+            decide(Method::DELETE, "/status.json", false),
+            Route::WrongMethod(Methods::Get)
+        );
         assert_eq!(
             decide(Method::HEAD, "/status", false),
             Route::Status { json: false }
         );
-        assert_eq!(decide(Method::GET, "/v1/publish", false), Route::WrongMethod);
-        assert_eq!(decide(Method::DELETE, "/healthz", false), Route::WrongMethod);
-        assert_eq!(decide(Method::PUT, "/metrics", false), Route::WrongMethod);
+        assert_eq!(
+            decide(Method::GET, "/v1/publish", false),
+            Route::WrongMethod(Methods::Post)
+        );
+        assert_eq!(
+            decide(Method::DELETE, "/healthz", false),
+            Route::WrongMethod(Methods::Get)
+        );
+        assert_eq!(
+            decide(Method::PUT, "/metrics", false),
+            Route::WrongMethod(Methods::Get)
+        );
         // As before the table: these answer other methods with a 404.
         assert_eq!(decide(Method::POST, "/v1/history", false), Route::NotFound);
         assert_eq!(decide(Method::POST, "/v1/presence", false), Route::NotFound);
@@ -419,7 +448,10 @@ mod tests {
         assert_eq!(decide(Method::GET, "/herald.js", false), Route::NotFound);
         assert_eq!(decide(Method::GET, "/", true), Route::Socket { root: true });
         assert_eq!(decide(Method::GET, "/metrics", false), Route::MetricsElsewhere);
-        assert_eq!(decide(Method::POST, "/metrics", false), Route::WrongMethod);
+        assert_eq!(
+            decide(Method::POST, "/metrics", false),
+            Route::WrongMethod(Methods::Get)
+        );
         let listed = off.listed(Listener::Public).join(", ");
         assert!(
             !listed.contains("/metrics") && !listed.contains("herald.js"),
@@ -455,7 +487,7 @@ mod tests {
         );
         assert_eq!(
             r.decide(Listener::Admin, &Method::POST, "/metrics", false),
-            Route::WrongMethod
+            Route::WrongMethod(Methods::Get)
         );
         assert_eq!(r.listed(Listener::Admin), ["/healthz", "/readyz", "/metrics"]);
     }

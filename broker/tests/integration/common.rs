@@ -304,15 +304,21 @@ impl Drop for Herald {
     }
 }
 
-/// Sends one HTTP request on a fresh connection; returns status and body.
-pub async fn http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+/// Sends one HTTP request on a fresh connection; returns the whole answer,
+/// head and body.
+pub async fn http_raw(addr: SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(request).await.expect("write");
     let mut out = Vec::new();
     let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out))
         .await
         .expect("http response");
-    let text = String::from_utf8_lossy(&out).into_owned();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Sends one HTTP request on a fresh connection; returns status and body.
+pub async fn http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let text = http_raw(addr, request).await;
     let status = text
         .split(' ')
         .nth(1)

@@ -36,6 +36,27 @@ async fn loopback_or_the_admin_key_only() {
             assert_eq!(status, 405, "{method} {path}: {body}");
         }
     }
+    // A 405 says what is allowed (RFC 9110 asks for the header).
+    for (request, allow) in [
+        ("POST /status HTTP/1.1\r\nContent-Length: 0\r\n", "GET, HEAD"),
+        ("GET /v1/publish HTTP/1.1\r\n", "POST"),
+    ] {
+        let text = http_raw(
+            h.addr,
+            format!("{request}Host: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        let head = text
+            .split("\r\n\r\n")
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 405"), "{text}");
+        assert!(
+            head.contains(&format!("\r\nallow: {}", allow.to_ascii_lowercase())),
+            "{text}"
+        );
+    }
     // Through a trusted proxy, a remote client is not loopback.
     let (status, v) = status_json(&h, "X-Forwarded-For: 203.0.113.5\r\n").await;
     assert_eq!(status, 403, "{v}");
