@@ -336,7 +336,7 @@ def section(before, after, quick):
          "Each figure on a fresh node of each build, one build after the other in one run: `before` is "
          "the commit before the fixes of the hostile-input round 3, `after` this one "
          "(`python3 benches/compare.py --section hostile3 --before BEFORE/herald --after target/ci/herald`, "
-         "both built with `cargo build --profile ci`).",
+         "both built with `cargo build --profile ci`; the two cores were shared with other work).",
          "",
          f"**Bad tokens before the limits** (item 2). {hs} handshakes in a row from one address, each with "
          "an ES384 token whose signature is wrong, against a P-384 `--auth-public-key-file` and "
@@ -348,7 +348,9 @@ def section(before, after, quick):
         L.append(f"| {name} | {', '.join(f'{v}× {k}' for k, v in sorted(st.items()))} | {cpu * 1e6:.0f} µs |")
     L += ["", f"**History memory against the cap** (item 7). `--history-bytes {CAP}`: RSS grown by {topics:,} "
           f"distinct history topics of one 1-byte message each, and, on a fresh node, by {messages:,} 1-byte "
-          "messages on one topic.", "",
+          "messages on one topic. Where the cap counts what holding costs, it holds what fits (about "
+          "5,000 one-message topics in 2 MB) and evicts the oldest, so RSS grows by the cap, not per topic.",
+          "",
           "| build | RSS per topic | RSS grown (topics) | RSS per message | RSS grown (messages) |",
           "|---|---|---|---|---|"]
     for name, b in builds:
