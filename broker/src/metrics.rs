@@ -67,6 +67,9 @@ pub struct Metrics {
     /// Recoveries (a `sub` with `since` or `last`) running or queued
     /// behind another of their socket's, until each has ended.
     pub recoveries_running: AtomicI64,
+    /// WebSocket publishes waiting for the history stream to store them
+    /// before their ack.
+    pub publishes_storing: AtomicI64,
     /// Bytes the in-memory history holds against `--history-bytes` (an
     /// embedded node's, or a cluster node's copy of the stream's tail):
     /// data and what holding it costs.
@@ -247,6 +250,12 @@ impl Metrics {
                 "gauge",
                 "Recoveries (sub with since or last) running or queued behind another of their socket's.",
                 gauge(&self.recoveries_running),
+            ),
+            (
+                "herald_publishes_storing",
+                "gauge",
+                "WebSocket publishes on history topics waiting for the stream to store them before their ack.",
+                gauge(&self.publishes_storing),
             ),
             (
                 "herald_replayed_messages_total",

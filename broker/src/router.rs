@@ -18,7 +18,9 @@ use herald_protocol::position;
 use crate::cluster::bus::{Bus, BusError};
 use crate::cluster::subjects::Barrier;
 use crate::fanout::hub::Hub;
+use crate::history::jetstream::STORE_TIMEOUT;
 use crate::history::recovery::{self, Ask};
+use crate::history::store::Store;
 use crate::metrics::Metrics;
 use crate::presence::roster::{Event, Member, On};
 use crate::socket::subscriber::{Subscriber, Subscription};
@@ -54,6 +56,10 @@ impl SubscribeError {
         }
     }
 }
+
+/// A history publish on its way into the stream (see
+/// [`Router::publish_answered`]).
+pub type Storing = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send>>;
 
 /// What a `subscribe` leaves for its caller to run.
 pub enum Pending {
@@ -474,6 +480,43 @@ impl Router {
     /// subscriber in the cluster; returns the local deliveries.
     pub fn publish(&self, topic: &str, data: Bytes) -> Result<usize, BusError> {
         self.inner.bus.publish(topic, data)
+    }
+
+    /// Publishes `data` on `topic` for a request that is answered: `None`
+    /// when the answer may go at once; for a history topic kept in the
+    /// cluster's stream, a future that resolves once the stream stored the
+    /// message and this node delivered it (so the publisher's own copy
+    /// comes before its ack), with its `seq`, or with why not (then the
+    /// message reached nobody, and may be sent again).
+    pub fn publish_answered(&self, topic: &str, data: Bytes) -> Result<Option<Storing>, BusError> {
+        let mut confirms = Vec::new();
+        self.inner
+            .bus
+            .publish_confirmed(topic, std::slice::from_ref(&data), &mut confirms)?;
+        let (Some(rx), Some(Store::Stream(stream))) =
+            (confirms.pop(), self.inner.bus.history().map(|h| &h.store))
+        else {
+            return Ok(None);
+        };
+        let stream = stream.clone();
+        Ok(Some(Box::pin(async move {
+            let seq = match tokio::time::timeout(STORE_TIMEOUT, rx).await {
+                Ok(Ok(Ok(seq))) => seq,
+                Ok(Ok(Err(e))) => {
+                    return Err(format!("not stored in the history stream ({e}); publish again"))
+                }
+                Ok(Err(_)) => return Err("not stored: the cluster link closed; publish again".to_owned()),
+                Err(_) => {
+                    return Err(format!(
+                        "the history stream did not confirm within {STORE_TIMEOUT:?}; publish again"
+                    ))
+                }
+            };
+            // Bounded: a stalled feed delays the ack, never withholds it.
+            let own = stream.delivered_through(seq);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), own).await;
+            Ok(seq)
+        })))
     }
 
     /// Publishes several messages in a row on one topic, with a receiver

@@ -70,6 +70,10 @@ pub enum BusError {
         /// Local deliveries made.
         local: usize,
     },
+    /// A history topic's message with the history stream out of reach:
+    /// neither stored nor delivered, so the publisher may send it again.
+    #[error("history_unavailable: the history stream cannot be reached; not stored and not delivered, publish again")]
+    HistoryUnavailable,
 }
 
 impl BusError {
@@ -77,6 +81,7 @@ impl BusError {
     pub fn local(&self) -> usize {
         match self {
             BusError::LinkDown { local } | BusError::Backlog { local } => *local,
+            BusError::HistoryUnavailable => 0,
         }
     }
 
@@ -84,6 +89,7 @@ impl BusError {
         match self {
             BusError::LinkDown { .. } => BusError::LinkDown { local },
             BusError::Backlog { .. } => BusError::Backlog { local },
+            BusError::HistoryUnavailable => BusError::HistoryUnavailable,
         }
     }
 }
@@ -179,8 +185,7 @@ impl Bus {
             out_rx,
             link.queued.clone(),
             metrics.clone(),
-            prefix.to_owned(),
-            stream.clone().map(|s| (s, hub.clone())),
+            stream.clone(),
         ));
         if let Some(s) = &stream {
             let (hub, metrics, history) = (hub.clone(), metrics.clone(), s.clone());
@@ -392,8 +397,15 @@ impl Bus {
                         }
                         return result;
                     }
-                    // Unreachable: live, without positions.
-                    Store::Stream(_) => {}
+                    // Out of reach: refused, so that an acknowledged
+                    // publish always means a stored one (delivered live
+                    // without a position it would be missing from every
+                    // recovery, and sent again by a publisher that
+                    // retries, repeated).
+                    Store::Stream(_) => {
+                        m.history_failures.fetch_add(datas.len() as u64, Relaxed);
+                        return Err(BusError::HistoryUnavailable);
+                    }
                 }
             }
         }

@@ -2,8 +2,8 @@
 //! what arrives from the others. Embedded nodes use only [`bus`]'s
 //! in-process path.
 //!
-//! Uses: `sync`, `tasks`, `config`, `metrics`, `presence`, `fanout`,
-//! `history`.
+//! Uses: `sync`, `tasks`, `config`, `metrics`, `rate`, `presence`,
+//! `fanout`, `history`.
 //!
 //! - [`link`]: the link's NATS client (JetStream, status samples):
 //!   addresses, credentials, TLS, reconnects.

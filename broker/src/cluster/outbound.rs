@@ -9,11 +9,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use herald_protocol::topic;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cluster::natsio::{Headers, NatsIo};
-use crate::fanout::hub::{Delivery, Hub};
 use crate::history::jetstream::StreamHistory;
 use crate::metrics::Metrics;
 
@@ -45,26 +43,25 @@ pub enum Outbound {
 /// stored.
 pub type Confirm = oneshot::Sender<Result<u64, String>>;
 
-type Acked = (String, Bytes, Option<Confirm>, Result<u64, String>);
+type Acked = (String, Option<Confirm>, Result<u64, String>);
 type Acks = futures_util::stream::FuturesUnordered<Pin<Box<dyn std::future::Future<Output = Acked> + Send>>>;
 
 /// Hands publishes to the NATS client in order. History publishes go to
-/// the stream; their acks are awaited alongside, and one that fails is
-/// delivered live after all (without a position) so nothing is lost.
+/// the stream; their acks are awaited alongside, and each outcome is told
+/// to its publisher (see [`settle`]).
 pub async fn send_loop(
     io: Arc<NatsIo>,
     mut rx: mpsc::Receiver<Outbound>,
     queued: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
-    prefix: String,
-    stream: Option<(Arc<StreamHistory>, Hub)>,
+    stream: Option<Arc<StreamHistory>>,
 ) {
     let mut acks: Acks = Default::default();
     loop {
         let o = tokio::select! {
             o = rx.recv() => match o { Some(o) => o, None => break },
             Some(acked) = acks.next(), if !acks.is_empty() => {
-                settle(&io, &prefix, &metrics, stream.as_ref(), acked).await;
+                settle(&metrics, acked).await;
                 continue;
             }
         };
@@ -76,21 +73,16 @@ pub async fn send_loop(
             } => (subject, headers, payload),
             Outbound::Stored { topic, payload, done } => {
                 queued.fetch_sub(payload.len(), Relaxed);
-                let Some((s, _)) = &stream else { continue };
-                // A second handle on the bus's one copy, not a copy: the
-                // ack keeps it, to deliver it live if it is not stored.
-                match s.publish(&topic, payload.clone()).await {
+                let Some(s) = &stream else { continue };
+                match s.publish(&topic, payload).await {
                     Ok(ack) => {
                         metrics.nats_messages_out.fetch_add(1, Relaxed);
                         acks.push(Box::pin(async move {
                             let r = ack.await.map(|a| a.sequence).map_err(|e| e.to_string());
-                            (topic, payload, done, r)
+                            (topic, done, r)
                         }));
                     }
-                    Err(e) => {
-                        let acked = (topic, payload, done, Err(e));
-                        settle(&io, &prefix, &metrics, stream.as_ref(), acked).await;
-                    }
+                    Err(e) => settle(&metrics, (topic, done, Err(e))).await,
                 }
                 continue;
             }
@@ -100,7 +92,7 @@ pub async fn send_loop(
                 // and every history publish stored (or delivered live).
                 io.barrier().await;
                 while let Some(acked) = acks.next().await {
-                    settle(&io, &prefix, &metrics, stream.as_ref(), acked).await;
+                    settle(&metrics, acked).await;
                 }
                 let _ = done.send(());
                 continue;
@@ -121,15 +113,11 @@ pub async fn send_loop(
 }
 
 /// A history publish's outcome, told to whoever waits for it. One the
-/// stream did not store marks the stream unreachable and goes out live, to
-/// this node's subscribers and the others'.
-async fn settle(
-    io: &NatsIo,
-    prefix: &str,
-    metrics: &Metrics,
-    stream: Option<&(Arc<StreamHistory>, Hub)>,
-    (topic, payload, done, result): Acked,
-) {
+/// stream did not store goes nowhere: its publisher is told (a WebSocket
+/// ack or HTTP 200 means stored), and nobody receives what no recovery
+/// could give again. Which can still be stored after a timeout: then the
+/// feed delivers it, once, with its position.
+async fn settle(metrics: &Metrics, (topic, done, result): Acked) {
     let error = match result {
         Ok(seq) => {
             if let Some(done) = done {
@@ -139,17 +127,15 @@ async fn settle(
         }
         Err(e) => e,
     };
-    if let Some(done) = done {
-        let _ = done.send(Err(error.clone()));
-    }
-    let topic = topic.as_str();
     metrics.history_failures.fetch_add(1, Relaxed);
-    tracing::warn!(%error, topic, "history publish not stored; delivered live without a position");
-    let Some((s, hub)) = stream else { return };
-    s.lost();
-    hub.deliver(topic, Delivery::Data(&payload));
-    if let Err(e) = io.publish(&topic::to_subject(prefix, topic), None, payload).await {
-        metrics.nats_publish_failures.fetch_add(1, Relaxed);
-        tracing::warn!(error = %e, "publish onto NATS failed");
+    if QUIET.allow("history publish not stored").is_some() {
+        tracing::warn!(%error, topic, "history publish not stored; its publisher is told");
+    }
+    if let Some(done) = done {
+        let _ = done.send(Err(error));
     }
 }
+
+/// Failed history publishes come in bursts (a stalled stream): one line
+/// per window.
+static QUIET: std::sync::LazyLock<crate::rate::Quiet> = std::sync::LazyLock::new(Default::default);

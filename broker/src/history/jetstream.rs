@@ -53,6 +53,9 @@ const READ_DEADLINE: Duration = Duration::from_secs(60);
 /// `too_many`, as past `--max-replay` messages.
 pub const MAX_REPLAY_BYTES: usize = 64 * 1024 * 1024;
 
+/// How long a publish waits for the stream to say it stored the message.
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A read of the stream that failed: logged, and answered
 /// `history_unavailable`.
 fn unavailable(e: impl std::fmt::Display) -> ReplayError {
@@ -77,8 +80,8 @@ pub struct StreamHistory {
     start: AtomicU64,
     /// The last `seq` the feed handed to the hub (`u64::MAX`: none yet):
     /// a subscription listed before it is read receives every message
-    /// above it.
-    delivered: AtomicU64,
+    /// above it; a publisher waits on it for its own message.
+    delivered: tokio::sync::watch::Sender<u64>,
     /// Bounds the replays read from the stream at once.
     reads: tokio::sync::Semaphore,
     /// The stream's own per-subject limit (-1: none).
@@ -111,7 +114,7 @@ impl StreamHistory {
             epoch: RwLock::new(None),
             available: AtomicBool::new(false),
             start: AtomicU64::new(u64::MAX),
-            delivered: AtomicU64::new(u64::MAX),
+            delivered: tokio::sync::watch::Sender::new(u64::MAX),
             tail,
             reads: tokio::sync::Semaphore::new(MAX_READS),
             per_subject: -1,
@@ -141,10 +144,17 @@ impl StreamHistory {
         if !self.available() {
             return None;
         }
-        match self.delivered.load(Relaxed) {
+        match *self.delivered.borrow() {
             u64::MAX => Some(self.start.load(Relaxed)).filter(|&s| s != u64::MAX),
             at => Some(at),
         }
+    }
+
+    /// Resolves once this node's feed has delivered `seq` (a publisher's
+    /// ack then follows its own copy of the message).
+    pub async fn delivered_through(&self, seq: u64) {
+        let mut rx = self.delivered.subscribe();
+        let _ = rx.wait_for(|&d| d != u64::MAX && d >= seq).await;
     }
 
     /// The subject a history topic's publishes go to.
@@ -292,7 +302,7 @@ impl StreamHistory {
                     }
                     deliver(&topic, seq, &m.payload);
                 }
-                self.delivered.store(seq, Relaxed);
+                self.delivered.send_replace(seq);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -31,7 +31,7 @@ pub use crate::session::params::query_param;
 use crate::sync::ReadWrite;
 
 /// Longest an HTTP publish on history topics waits for the stream.
-const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+use crate::history::jetstream::STORE_TIMEOUT;
 
 /// Response body type for every route.
 pub type Body = Full<Bytes>;

@@ -23,7 +23,7 @@ use crate::auth::Identity;
 use crate::cluster::subjects::Barrier;
 use crate::history::recovery::Ask;
 use crate::rate::RateLimit;
-use crate::router::{Pending, Who};
+use crate::router::{Pending, Storing, Who};
 use crate::session::deadlines::Due;
 use crate::session::rawstatus;
 pub use crate::session::state::Shared;
@@ -82,7 +82,14 @@ pub struct Session {
     /// The socket's recoveries, run one after another beside the read
     /// loop (boxed: most sockets never recover).
     recoveries: Option<Box<Recoveries>>,
+    /// One clone per publish of this socket waiting for the history
+    /// stream (see [`Session::answer_stored`]).
+    stored: Option<Arc<()>>,
 }
+
+/// Most publishes one socket may have waiting for the history stream at
+/// once (each waits at most the stream's store timeout).
+const MAX_STORING: usize = 1024;
 
 /// A socket's recoveries (see [`Session::recover`]).
 struct Recoveries {
@@ -125,6 +132,7 @@ impl Session {
             pending: None,
             last: None,
             recoveries: None,
+            stored: None,
         }
     }
 
@@ -151,6 +159,32 @@ impl Session {
             work.await;
         });
         self.recoveries = Some(Box::new(Recoveries { last, queued }));
+    }
+
+    /// Acks publish `id` once `storing` says the history stream stored it
+    /// (or answers why not, and the publisher may send it again), beside
+    /// the read loop.
+    fn answer_stored(&mut self, storing: Storing, id: &str) {
+        let queued = self.stored.get_or_insert_with(Default::default).clone();
+        let (conn, metrics, id) = (self.conn.clone(), self.shared.metrics.clone(), id.to_owned());
+        metrics.publishes_storing.fetch_add(1, Relaxed);
+        self.shared.tracker.spawn(async move {
+            let answer = match storing.await {
+                Ok(_) => message::encode_ack(&id),
+                Err(why) => {
+                    metrics.error(ErrorCode::PublishFailed);
+                    message::encode_error(ErrorCode::PublishFailed, &why, Some(&id))
+                }
+            };
+            conn.push(answer);
+            metrics.publishes_storing.fetch_sub(1, Relaxed);
+            drop(queued);
+        });
+    }
+
+    /// Publishes of this socket waiting for the history stream.
+    fn storing(&self) -> usize {
+        self.stored.as_ref().map_or(0, |q| Arc::strong_count(q) - 1)
     }
 
     /// Recoveries of this socket that have yet to end.
@@ -546,12 +580,20 @@ impl Session {
             self.error(ErrorCode::RateLimited, &msg, id);
             return false;
         }
-        if id.is_some() {
+        if let Some(id) = id {
             // Answered one by one: the ack follows the delivery.
             self.flush();
-            match self.shared.router.publish(topic, data) {
-                Ok(_) => self.ack(id),
-                Err(e) => self.error(ErrorCode::PublishFailed, &e.to_string(), id),
+            if self.storing() >= MAX_STORING {
+                let msg = format!(
+                    "publish_rate: at most {MAX_STORING} publishes per socket waiting for the history stream"
+                );
+                self.error(ErrorCode::RateLimited, &msg, Some(id));
+                return false;
+            }
+            match self.shared.router.publish_answered(topic, data) {
+                Ok(None) => self.ack(Some(id)),
+                Ok(Some(storing)) => self.answer_stored(storing, id),
+                Err(e) => self.error(ErrorCode::PublishFailed, &e.to_string(), Some(id)),
             }
             return true;
         }

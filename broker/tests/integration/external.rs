@@ -117,6 +117,16 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Sends the server `signal` (`STOP`, `CONT`), by PID.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// Kills the server (SIGKILL, by PID).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

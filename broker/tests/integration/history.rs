@@ -528,7 +528,7 @@ async fn jetstream_restart_keeps_positions_and_epoch() {
 }
 
 #[tokio::test]
-async fn without_jetstream_live_goes_on_and_recovery_says_unavailable() {
+async fn without_jetstream_history_publishes_are_refused_and_recovery_says_unavailable() {
     let nats = NatsServer::start().await;
     let nodes = nodes(2, &nats.url(), &["--history", "room:*=100"]);
     wait_linked(&nodes).await;
@@ -541,13 +541,29 @@ async fn without_jetstream_live_goes_on_and_recovery_says_unavailable() {
         .request(json!({"op":"sub","topic":"room:a","id":1,"since":{"seq":5,"epoch":"abc"}}))
         .await;
     assert_eq!(ack["reason"], "history_unavailable", "{ack}");
-    // Live, without positions, from another node.
+    c.sub("plain").await;
+    // A history topic's publish cannot be stored: refused, over HTTP and
+    // WebSocket alike, so the publisher can send it again; nobody gets it.
+    let (status, body) = nodes[0]
+        .post("/v1/publish", "", r#"{"topic":"room:a","data":{"n":1}}"#)
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("history_unavailable"), "{body}");
+    let mut p = nodes[0].connect("").await;
+    let v = p
+        .request(json!({"op":"pub","topic":"room:a","data":{"n":2},"id":"w"}))
+        .await;
+    assert_eq!(v["code"], "publish_failed", "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("history_unavailable"),
+        "{v}"
+    );
+    // Plain topics still go everywhere.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        nodes[0].publish("room:a", r#"{"n":1}"#).await;
+        nodes[0].publish("plain", r#"{"n":3}"#).await;
         if let Ok(v) = tokio::time::timeout(Duration::from_millis(200), c.recv()).await {
-            assert_eq!(v["data"]["n"], 1);
-            assert!(v.get("seq").is_none(), "no position without the stream: {v}");
+            assert_eq!(v["topic"], "plain", "nothing of room:a: {v}");
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "never routed");
@@ -818,7 +834,9 @@ async fn a_long_replay_keeps_reading_the_socket() {
 /// that narrows the grants, an `unsub`, for a `sub` frame and a URL
 /// subscription alike) ends the replay at once: nothing of it follows the
 /// `forbidden` frame or the `unsub` ack, and the end is handled while the
-/// replay runs, not after it.
+/// replay runs, not after it. 8 MB through a 16 KiB receive buffer: more
+/// than the kernel holds for the client, so the replay waits for its
+/// reads.
 #[tokio::test]
 async fn a_replay_ends_with_its_subscription() {
     let key = KeyFile::new("replay-end");
@@ -833,7 +851,7 @@ async fn a_replay_ends_with_its_subscription() {
         "65536",
     ]);
     let auth = "Authorization: Bearer k\r\n";
-    let (epoch, seq) = fill_padded(&h, "room:secret", 3000, 1000, auth).await;
+    let (epoch, seq) = fill_padded(&h, "room:secret", 8000, 1000, auth).await;
     let wide = key.token("ann", &["room:*"]);
     let narrow = key.token("ann", &["room:public"]);
     let since = json!({"seq":seq,"epoch":epoch});
@@ -857,14 +875,14 @@ async fn a_replay_ends_with_its_subscription() {
         let mut c = if how == "url-refresh" {
             // `since` asks of both: room:public keeps no history.
             let q = format!("token={wide}&sub=room:public&sub=room:secret&since={epoch}:{seq}");
-            let mut c = h.connect(&q).await;
+            let mut c = Client::connect_small(h.addr, &h.url(&q), 16 * 1024).await;
             let ack = c.recv().await;
             assert_eq!(ack["reason"], "history_unavailable", "{how}: {ack}");
             let ack = c.recv().await;
             assert_eq!(ack["recovered"], true, "{how}: {ack}");
             c
         } else {
-            let mut c = h.connect(&format!("token={wide}")).await;
+            let mut c = Client::connect_small(h.addr, &h.url(&format!("token={wide}")), 16 * 1024).await;
             c.sub("room:public").await;
             let ack = c
                 .request(json!({"op":"sub","topic":"room:secret","id":"s","since":since}))
@@ -888,7 +906,7 @@ async fn a_replay_ends_with_its_subscription() {
             count_until(&mut c, |v| v["code"] == "forbidden").await
         };
         assert!(
-            10 + before_end < 3000,
+            10 + before_end < 8000,
             "{how}: the end was handled after the whole replay ({before_end} more came first)"
         );
         let body = r#"{"topic":"room:public","data":"marker"}"#;
@@ -900,7 +918,7 @@ async fn a_replay_ends_with_its_subscription() {
         })
         .await;
     }
-    assert!(h.metric("herald_replayed_messages_total").await < 9000.0);
+    assert!(h.metric("herald_replayed_messages_total").await < 24000.0);
 }
 
 /// Reads `n` frames and drops them.
@@ -962,4 +980,91 @@ async fn every_history_ack_carries_the_position() {
         assert_eq!(old["reason"], "too_old", "{old}");
         assert_eq!(old["seq"].as_u64(), Some(now + 5), "{old}");
     }
+}
+
+/// Issue 32: an acknowledged publish on a history topic is a stored one,
+/// even when the stream stalls (its server stopped with SIGSTOP for 12 s,
+/// past the stream's ack timeouts). A WebSocket publisher sends 20 a
+/// second throughout; each publish is acked only once stored, or refused
+/// (`publish_failed`, to send again). Afterwards every acked message is in
+/// the stream, and a subscriber on another node got each acked one once,
+/// in order. (Before, one timed-out stream ack put the node in a live-only
+/// mode whose acks and 200s were never stored.)
+#[tokio::test]
+async fn a_stalled_stream_acknowledges_only_what_it_stored() {
+    let (nats, nodes) = js_cluster(&[]).await;
+    let mut sub = nodes[1].connect("").await;
+    let ack = sub
+        .request(json!({"op":"sub","topic":"room:stall","id":"s"}))
+        .await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let mut p = nodes[0].connect("").await;
+    let started = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    let (mut acked, mut refused) = (Vec::new(), 0u64);
+    let mut stopped = false;
+    let mut resumed = false;
+    // Publish for 20 s (the stall from 2 s to 14 s), then collect answers.
+    loop {
+        let t = started.elapsed();
+        if !stopped && t > Duration::from_secs(2) {
+            nats.signal("STOP");
+            stopped = true;
+        }
+        if stopped && !resumed && t > Duration::from_secs(14) {
+            nats.signal("CONT");
+            resumed = true;
+        }
+        if t < Duration::from_secs(20) {
+            let req = json!({"op":"pub","topic":"room:stall","data":{"n":sent},"id":sent});
+            p.send(req.to_string()).await;
+            sent += 1;
+        } else if acked.len() as u64 + refused == sent {
+            break;
+        }
+        // Answers as they come, for 50 ms.
+        let until = tokio::time::Instant::now() + Duration::from_millis(50);
+        while let Ok(text) = tokio::time::timeout_at(until, p.recv_text()).await {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            match v["op"].as_str() {
+                Some("ack") => acked.push(v["id"].as_u64().unwrap()),
+                Some("error") => {
+                    assert_eq!(v["code"], "publish_failed", "{v}");
+                    refused += 1;
+                }
+                _ => {}
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "answers missing");
+    }
+    // Every acked message is in the stream.
+    let (status, page) = nodes[2]
+        .get("/v1/history?topic=room:stall&since=0&limit=1000")
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let page: Value = serde_json::from_str(&page).unwrap();
+    let stored: std::collections::HashSet<u64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["data"]["n"].as_u64().unwrap())
+        .collect();
+    let unstored: Vec<u64> = acked.iter().copied().filter(|n| !stored.contains(n)).collect();
+    assert!(unstored.is_empty(), "acked but not stored: {unstored:?}");
+    assert!(
+        refused > 0,
+        "the stall outlasted the stream's timeouts: some were refused"
+    );
+    // And the subscriber got each acked one once, in seq order.
+    let mut got = Vec::new();
+    let mut last = 0;
+    while let Ok(v) = tokio::time::timeout(Duration::from_secs(2), sub.recv()).await {
+        let seq = v["seq"].as_u64().unwrap();
+        assert!(seq > last, "in order, once: {seq} after {last}");
+        last = seq;
+        got.push(v["data"]["n"].as_u64().unwrap());
+    }
+    let got: std::collections::HashSet<u64> = got.into_iter().collect();
+    let missed: Vec<u64> = acked.iter().copied().filter(|n| !got.contains(n)).collect();
+    assert!(missed.is_empty(), "acked but never delivered: {missed:?}");
 }
