@@ -82,6 +82,12 @@ pub struct StreamHistory {
     /// a subscription listed before it is read receives every message
     /// above it; a publisher waits on it for its own message.
     delivered: tokio::sync::watch::Sender<u64>,
+    /// Bumped when the stream is found replaced (a new epoch: deleted and
+    /// made again, or its server's store emptied): the feed then reads the
+    /// new one from its start, and the tail forgets the old one.
+    generation: AtomicU64,
+    /// Wakes the feed when `generation` moves.
+    renewed: tokio::sync::Notify,
     /// Bounds the replays read from the stream at once.
     reads: tokio::sync::Semaphore,
     /// The stream's own per-subject limit (-1: none).
@@ -115,6 +121,8 @@ impl StreamHistory {
             available: AtomicBool::new(false),
             start: AtomicU64::new(u64::MAX),
             delivered: tokio::sync::watch::Sender::new(u64::MAX),
+            generation: AtomicU64::new(0),
+            renewed: tokio::sync::Notify::new(),
             tail,
             reads: tokio::sync::Semaphore::new(MAX_READS),
             per_subject: -1,
@@ -212,6 +220,12 @@ impl StreamHistory {
                     let mut e = self.epoch.writing();
                     if e.as_deref() != Some(&*epoch) {
                         tracing::info!(stream = %self.name, %epoch, "history stream ready");
+                        if e.is_some() {
+                            // Replaced: its positions start again.
+                            tracing::warn!(stream = %self.name, %epoch, "history stream replaced: a new epoch, read from its start");
+                            self.generation.fetch_add(1, Relaxed);
+                            self.renewed.notify_waiters();
+                        }
                     }
                     *e = Some(epoch);
                     drop(e);
@@ -248,10 +262,14 @@ impl StreamHistory {
         }
         let mut last = self.start.load(Relaxed);
         let mut pruned = std::time::Instant::now();
+        let mut generation = self.generation.load(Relaxed);
         loop {
             if !self.available() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
+            }
+            if self.replaced(&mut generation) {
+                last = 0;
             }
             let start = consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: last + 1,
@@ -278,13 +296,24 @@ impl StreamHistory {
                 }
             };
             tracing::info!(from = last + 1, "history feed reading the stream");
-            while let Some(m) = messages.next().await {
+            loop {
+                // A replaced stream may bring nothing this consumer waits
+                // for (its `seq`s start again below ours): woken for it.
+                let renewed = self.renewed.notified();
+                if self.generation.load(Relaxed) != generation {
+                    break;
+                }
+                let m = tokio::select! {
+                    m = messages.next() => m,
+                    _ = renewed => break,
+                };
                 let m = match m {
-                    Ok(m) => m,
-                    Err(error) => {
+                    Some(Ok(m)) => m,
+                    Some(Err(error)) => {
                         tracing::warn!(%error, "history feed interrupted; resuming");
                         break;
                     }
+                    None => break,
                 };
                 let Ok(info) = m.info() else { continue };
                 let seq = info.stream_sequence;
@@ -308,10 +337,19 @@ impl StreamHistory {
         }
     }
 
-    /// Marks the stream unreachable after a failed publish, until the next
-    /// check finds it.
-    pub fn lost(&self) {
-        self.available.store(false, Relaxed);
+    /// Whether the stream was replaced since `generation` (then updated):
+    /// the tail forgets the old one.
+    fn replaced(&self, generation: &mut u64) -> bool {
+        let now = self.generation.load(Relaxed);
+        if now == *generation {
+            return false;
+        }
+        *generation = now;
+        if let Some(tail) = &self.tail {
+            tail.clear();
+        }
+        self.delivered.send_replace(0);
+        true
     }
 
     /// Publishes `data` on history `topic` through the stream; resolves to

@@ -208,6 +208,16 @@ impl Journal {
         drop(gone);
     }
 
+    /// Forgets everything (a cluster node's copy of a stream that was
+    /// replaced: its positions mean nothing in the new one).
+    pub fn clear(&self) {
+        let mut s = self.lock();
+        let gone = std::mem::replace(&mut *s, State::new());
+        s.report(&self.metrics);
+        drop(s);
+        drop(gone);
+    }
+
     /// Whether a replay after `since` lies within what was inserted: from
     /// the first `seq` on, up to the last.
     pub fn covers(&self, since: u64) -> bool {

@@ -141,6 +141,16 @@ impl NatsServer {
         self.spawn().await;
     }
 
+    /// Starts it again on the same ports with its JetStream store emptied
+    /// (a server whose volume was lost).
+    pub async fn restart_empty(&mut self) {
+        self.kill();
+        if let Some(dir) = &self.store {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        self.spawn().await;
+    }
+
     /// A monitoring endpoint's JSON (`/subsz`, `/connz?subs=1`, `/routez`).
     pub async fn monitor(&self, path: &str) -> serde_json::Value {
         let addr: SocketAddr = ([127, 0, 0, 1], self.monitor).into();

@@ -1068,3 +1068,60 @@ async fn a_stalled_stream_acknowledges_only_what_it_stored() {
     let missed: Vec<u64> = acked.iter().copied().filter(|n| !got.contains(n)).collect();
     assert!(missed.is_empty(), "acked but never delivered: {missed:?}");
 }
+
+/// Issue 32 (causes 4 and 5): a stream replaced under the nodes (its
+/// server restarted with an empty store) is read from its start, under its
+/// new epoch: what is published into it reaches every subscriber, and a
+/// recovery from the old epoch is refused `epoch_changed`, not answered
+/// from the old stream's tail. (Before, the feed skipped every `seq` up to
+/// the old stream's last, and the tail kept the old messages.)
+#[tokio::test]
+async fn a_replaced_stream_is_read_from_its_start() {
+    let (mut nats, nodes) = js_cluster(&[]).await;
+    let mut sub = nodes[1].connect("").await;
+    sub.sub("room:new").await;
+    publish_numbered(&nodes[0], "room:new", 20).await;
+    let mut old = None;
+    for n in 0..20 {
+        let v = sub.recv().await;
+        assert_eq!(v["data"]["n"], n);
+        old = Some((
+            v["epoch"].as_str().unwrap().to_owned(),
+            v["seq"].as_u64().unwrap(),
+        ));
+    }
+    let (old_epoch, _) = old.unwrap();
+    nats.restart_empty().await;
+    wait_linked(&nodes).await;
+    // Each node finds the new stream (made again by a node's check).
+    for n in &nodes {
+        eventually("a new epoch", || async {
+            let (status, body) = n.get("/v1/history?topic=room:new&since=0").await;
+            status == 200 && !body.contains(&old_epoch)
+        })
+        .await;
+    }
+    // Publishes into the new stream (seq 1, 2, 3: below the old last) go out.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let first = loop {
+        let (status, body) = nodes[0]
+            .post("/v1/publish", "", r#"{"topic":"room:new","data":{"n":100}}"#)
+            .await;
+        if status == 200 {
+            break sub.recv().await;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(first["data"]["n"], 100, "{first}");
+    assert_ne!(first["epoch"], old_epoch.as_str(), "{first}");
+    assert!(first["seq"].as_u64().unwrap() < 20, "{first}");
+    // A recovery from the old epoch is told so, by every node.
+    for n in &nodes {
+        let mut c = n.connect("").await;
+        let ack = c
+            .request(json!({"op":"sub","topic":"room:new","id":1,"since":{"seq":5,"epoch":old_epoch}}))
+            .await;
+        assert_eq!(ack["reason"], "epoch_changed", "{ack}");
+    }
+}
