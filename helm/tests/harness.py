@@ -6,10 +6,12 @@ processes run from what the chart renders, on loopback."""
 import base64
 import contextlib
 import glob
+import json
 import os
 import re
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -163,7 +165,8 @@ def rendered_node(docs, tmp_path, files=None, extra_env=None):
     if confs:
         conf = confs[0]["data"]["nats.conf"]
         conf, n = re.subn(r"(?ms)^cluster \{.*?^\}\n", "", conf)  # no peers here
-        assert n == 1, "the cluster block was found and removed"
+        servers = one(docs, "StatefulSet")["spec"]["replicas"]
+        assert n == int(servers > 1), "the cluster block was found and removed"
         conf = conf.replace("/var/run/nats/", f"{tmp_path}/").replace("/etc/nats-tls/", f"{tmp_path}/")
         (tmp_path / "nats.conf").write_text(conf)
         sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
@@ -194,3 +197,137 @@ def rendered_node(docs, tmp_path, files=None, extra_env=None):
         node.wait()
         nats.kill()
         nats.wait()
+
+
+def kubelet_env(docs, container, pod_name):
+    """The env the kubelet gives a rendered container: plain values with
+    `$(VAR)` expanded from the variables defined before them, Secret keys
+    from the rendered Secrets, and the pod's name from the downward API."""
+    secrets = secret_env(docs, container)
+    env = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                                    lambda m: env.get(m.group(1), m.group(0)), e["value"])
+        elif e["name"] in secrets:
+            env[e["name"]] = secrets[e["name"]]
+        elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            env[e["name"]] = pod_name
+    return env
+
+
+def nats_conf(docs):
+    return one(docs, "ConfigMap", suffix="-nats-config")["data"]["nats.conf"]
+
+
+# A route URL to a server of the StatefulSet, by its headless Service name.
+ROUTE_HOST = re.compile(r"([a-z0-9-]+)-(\d+)\.\1-headless:\d+")
+
+
+class NatsServer:
+    """A real nats-server running a rendered nats.conf as the StatefulSet's
+    pod `index` would (its env as the kubelet builds it), on loopback with
+    ports it picks itself and reads back from its log. Paths of the pod's
+    volumes (/data, /var/run/nats, /etc/nats-tls) point into `workdir`.
+    Route URLs to pod n go to `peers[n]` ("127.0.0.1:port"), or to a port
+    with nothing behind it for a pod not started. `run_as` (uid, gid,
+    [groups]) drops privileges, as the pod's security context does."""
+
+    def __init__(self, docs, index, workdir, peers=None, run_as=None, conf=None):
+        sts = one(docs, "StatefulSet")
+        self.name = f"{sts['metadata']['name']}-{index}"
+        container = sts["spec"]["template"]["spec"]["containers"][0]
+        env = kubelet_env(docs, container, self.name)
+        peers = peers or {}
+
+        def route(m):
+            return peers.get(int(m.group(2)), "127.0.0.1:1")
+        env = {k: ROUTE_HOST.sub(route, v) for k, v in env.items()}
+        text = ROUTE_HOST.sub(route, conf if conf is not None else nats_conf(docs))
+        text = re.sub(r"(?m)^(\s*)port: \d+$", r"\1port: -1", text)
+        text = re.sub(r"(?m)^http_port: \d+$", "http_port: -1", text)
+        text = text.replace("cluster {\n", "cluster {\n  host: 127.0.0.1\n")
+        text = (text.replace("store_dir: /data", f"store_dir: {workdir}/data")
+                .replace("/var/run/nats/", f"{workdir}/").replace("/etc/nats-tls/", f"{workdir}/"))
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, "nats.conf")
+        with open(path, "w") as f:
+            f.write(text)
+        self.conf = text
+        self.clustered = bool(re.search(r"(?m)^cluster \{", text))
+        cmd = ["nats-server", "-c", path, "-a", "127.0.0.1"]
+        if run_as:
+            uid, gid, groups = run_as
+            cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid}",
+                   "--groups=" + ",".join(str(g) for g in groups) if groups else "--clear-groups", "--", *cmd]
+        self._start(cmd, env)
+
+    @classmethod
+    def plain(cls, *args):
+        """A nats-server of no release (no config), e.g. one that tries to
+        join a cluster it has no password for."""
+        self = cls.__new__(cls)
+        self.name, self.clustered = "plain", "--cluster" in args
+        self._start(["nats-server", "-a", "127.0.0.1", "-p", "-1", "-m", "-1", *args], {})
+        return self
+
+    def _start(self, cmd, env):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env={"PATH": os.environ["PATH"], **env})
+        self.log = []
+        self.addr = {}
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.log.append(line)
+            for kind, pattern in (("client", "Listening for client connections on "),
+                                  ("http", "Starting http monitor on "),
+                                  ("route", "Listening for route connections on ")):
+                if pattern in line:
+                    self.addr[kind] = line.split(pattern, 1)[1].strip().replace("0.0.0.0", "127.0.0.1")
+
+    def wait_ready(self, timeout=15):
+        deadline = time.time() + timeout
+        wanted = {"client", "http"} | ({"route"} if self.clustered else set())
+        while not (any("Server is ready" in line for line in self.log) and wanted <= set(self.addr)):
+            assert self.proc.poll() is None, f"{self.name} exited:\n{''.join(self.log)}"
+            assert time.time() < deadline, f"{self.name} never got ready:\n{''.join(self.log)}"
+            time.sleep(0.05)
+        return self
+
+    def logged(self, text):
+        return any(text in line for line in self.log)
+
+    def get(self, path):
+        """Status and body of a monitoring endpoint."""
+        try:
+            with urllib.request.urlopen(f"http://{self.addr['http']}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def server_id(self):
+        return json.loads(self.get("/varz")[1])["server_id"]
+
+    def routes(self):
+        """Server ids of the servers routed to this one."""
+        return sorted(r["remote_id"] for r in json.loads(self.get("/routez")[1])["routes"])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join(timeout=5)
+
+
+@contextlib.contextmanager
+def nats_servers():
+    """Stops every NatsServer added to the yielded list, by its own process."""
+    started = []
+    try:
+        yield started
+    finally:
+        for s in started:
+            s.stop()

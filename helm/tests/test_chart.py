@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from harness import (CHART, CRDS, HERALD, KUBE_VERSIONS, VALUES_FILES, StrictLoader, by_kind, herald_flags,
-                     one, render, rendered_node, secret_env, seconds, values_of, write_certs)
+                     kubelet_env, nats_conf, one, render, rendered_node, secret_env, seconds, values_of, write_certs)
 
 
 @pytest.fixture(scope="module", params=VALUES_FILES, ids=lambda p: os.path.basename(p))
@@ -105,9 +105,14 @@ def test_nats_url_is_wired_in_both_modes(case):
         assert cm["data"]["HERALD_NATS_URL"] == f"nats://{svc['metadata']['name']}:4222"
         replicas = nats.get("replicas", 3)
         assert sts["spec"]["replicas"] == replicas
-        conf = one(docs, "ConfigMap", suffix="-nats-config")["data"]["nats.conf"]
-        routes = re.findall(r"nats://live-herald-nats-(\d+)\.live-herald-nats-headless:6222", conf)
-        assert routes == [str(i) for i in range(replicas)]
+        conf = nats_conf(docs)
+        env = kubelet_env(docs, sts["spec"]["template"]["spec"]["containers"][0], "live-herald-nats-0")
+        listed = re.findall(r"^\s+\$(NATS_ROUTE_\d+)$", conf, re.M)
+        routes = [re.fullmatch(r"nats://route:(\w+)@live-herald-nats-(\d+)\.live-herald-nats-headless:6222",
+                               env[name]) for name in listed]
+        assert [m.group(2) for m in routes] == ([str(i) for i in range(replicas)] if replicas > 1 else [])
+        # Each route URL carries the route password, which the routes port requires.
+        assert all(m.group(1) == env["NATS_ROUTE_PASSWORD"] for m in routes)
         assert sts["spec"]["serviceName"] == "live-herald-nats-headless"
     else:
         assert cm["data"]["HERALD_NATS_URL"] == nats["url"]
@@ -133,15 +138,20 @@ def test_optional_objects_appear_when_enabled(case):
     assert len(by_kind(docs, "Ingress")) == int(values.get("ingress", {}).get("enabled", False))
     assert len(by_kind(docs, "ServiceMonitor")) == int(values.get("serviceMonitor", {}).get("enabled", False))
     policy_on = values.get("networkPolicy", {}).get("enabled", False)
-    assert len(by_kind(docs, "NetworkPolicy")) == int(policy_on) * (1 + int(nats_on))
+    nats_policy_on = nats_on and values.get("nats", {}).get("networkPolicy", {}).get("enabled", True)
+    assert len(by_kind(docs, "NetworkPolicy")) == int(policy_on) + int(nats_policy_on)
     nats_pdb = [d for d in by_kind(docs, "PodDisruptionBudget") if d["metadata"]["name"].endswith("-nats")]
     assert len(nats_pdb) == int(nats_on)
     for pdb in nats_pdb:
         assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "nats"
-    if policy_on and nats_on:
+    if nats_policy_on:
         pol = one(docs, "NetworkPolicy", suffix="-nats")
-        client_rule = pol["spec"]["ingress"][0]
-        assert client_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "broker"
+        rules = {r["ports"][0]["port"]: r for r in pol["spec"]["ingress"]}
+        assert rules["client"]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "broker"
+        assert [p["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                for p in [rules["cluster"]]] == ["nats"], "only NATS servers reach the routes port"
+        exporter = values.get("nats", {}).get("exporter", {}).get("enabled", False)
+        assert ("metrics" in [p["port"] for p in rules["monitor"]["ports"]]) == exporter
     for sm in by_kind(docs, "ServiceMonitor"):
         assert sm["spec"]["endpoints"][0]["port"] == "metrics"
         assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
@@ -162,8 +172,9 @@ def test_optional_objects_appear_when_enabled(case):
     nats_secret = nats_on and nats_auth.get("enabled", True) and not nats_auth.get("existingSecret")
     assert len(by_kind(docs, "Secret")) == int(secret_created) + int(nats_secret)
     if nats_secret:
-        generated = one(docs, "Secret", suffix="-nats-auth")["data"]["nats-password"]
-        assert len(base64.b64decode(generated)) == 32
+        generated = base64.b64decode(one(docs, "Secret", suffix="-nats-auth")["data"]["nats-password"]).decode()
+        # A letter first: nats-server reads $NATS_PASSWORD as config, where "1k4..." is no string.
+        assert len(generated) == 32 and generated[0].isalpha(), generated
     if nats_on:
         sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]
         spread = sts["topologySpreadConstraints"][0]
@@ -243,16 +254,17 @@ def test_every_rendered_nats_config_passes_nats_server(case, tmp_path):
     path, values, docs = case
     if not values.get("nats", {}).get("enabled", True):
         return
-    conf = one(docs, "ConfigMap", suffix="-nats-config")["data"]["nats.conf"]
+    conf = nats_conf(docs)
     if "/etc/nats-tls/" in conf:
         write_certs(tmp_path)
         conf = conf.replace("/etc/nats-tls/", f"{tmp_path}/")
     f = tmp_path / "nats.conf"
     f.write_text(conf)
-    r = subprocess.run(["nats-server", "-t", "-c", str(f)], capture_output=True, text=True,
-                       env={**os.environ, "POD_NAME": "live-herald-nats-0", "NATS_PASSWORD": "pw"})
-    assert r.returncode == 0, f"{os.path.basename(path)}: {r.stdout}{r.stderr}"
     sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    container = sts["containers"][0]
+    r = subprocess.run(["nats-server", "-t", "-c", str(f)], capture_output=True, text=True,
+                       env={**os.environ, **kubelet_env(docs, container, "live-herald-nats-0")})
+    assert r.returncode == 0, f"{os.path.basename(path)}: {r.stdout}{r.stderr}"
     pre_stop = sts["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop == ["nats-server", "--signal", "ldm=/var/run/nats/nats.pid"]
     payload = int(re.search(r"max_payload: (\d+)", conf).group(1))

@@ -120,7 +120,16 @@ and the API keys file (a key of the API key Secret). Checks the settings.
 {{- end -}}
 {{- end -}}
 
-{{/* The Secret holding the NATS password. */}}
+{{/* The chart makes the bundled NATS's Secret: Herald's password (nats.auth)
+     and the route password (more than one server), unless existingSecret
+     names one. */}}
+{{- define "herald.nats.secretNeeded" -}}
+{{- if and .Values.nats.enabled (not .Values.nats.auth.existingSecret) (or .Values.nats.auth.enabled (gt (int .Values.nats.replicas) 1)) -}}
+true
+{{- end -}}
+{{- end }}
+
+{{/* The Secret holding the NATS passwords. */}}
 {{- define "herald.natsSecretName" -}}
 {{- default (printf "%s-nats-auth" (include "herald.fullname" .)) .Values.nats.auth.existingSecret }}
 {{- end }}
