@@ -233,7 +233,7 @@ class NatsServer:
     with nothing behind it for a pod not started. `run_as` (uid, gid,
     [groups]) drops privileges, as the pod's security context does."""
 
-    def __init__(self, docs, index, workdir, peers=None, run_as=None, conf=None):
+    def __init__(self, docs, index, workdir, peers=None, run_as=None, conf=None, data_dir=None):
         sts = one(docs, "StatefulSet")
         self.name = f"{sts['metadata']['name']}-{index}"
         container = sts["spec"]["template"]["spec"]["containers"][0]
@@ -247,7 +247,7 @@ class NatsServer:
         text = re.sub(r"(?m)^(\s*)port: \d+$", r"\1port: -1", text)
         text = re.sub(r"(?m)^http_port: \d+$", "http_port: -1", text)
         text = text.replace("cluster {\n", "cluster {\n  host: 127.0.0.1\n")
-        text = (text.replace("store_dir: /data", f"store_dir: {workdir}/data")
+        text = (text.replace("store_dir: /data", f"store_dir: {data_dir or workdir + '/data'}")
                 .replace("/var/run/nats/", f"{workdir}/").replace("/etc/nats-tls/", f"{workdir}/"))
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, "nats.conf")

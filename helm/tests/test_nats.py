@@ -3,7 +3,9 @@ StatefulSet's env, in real nats-server processes on loopback, one per pod."""
 
 import json
 import os
+import shutil
 import socket
+import tempfile
 import time
 
 import pytest
@@ -112,3 +114,71 @@ def test_one_server_has_no_cluster_and_gets_healthy(tmp_path):
     conf = one(docs, "ConfigMap", suffix="-nats-config")["data"]["nats.conf"]
     assert "cluster {" not in conf and "NATS_ROUTE" not in conf
     assert not [e for e in container["env"] if e["name"].startswith("NATS_ROUTE")]
+
+
+def apply_fs_group(volume, security_context):
+    """What the kubelet does to a volume for a pod with an fsGroup: the
+    group of every file becomes fsGroup, readable and writable by it, and
+    directories setgid, so what the pod creates stays in the group. With
+    fsGroupChangePolicy OnRootMismatch it skips a volume whose root already
+    has the group and those permissions."""
+    group = security_context.get("fsGroup")
+    if group is None:
+        return False
+    st = os.stat(volume)
+    if (security_context.get("fsGroupChangePolicy") == "OnRootMismatch" and st.st_gid == group
+            and st.st_mode & 0o2070 == 0o2070):
+        return False
+    for root, dirs, files in os.walk(volume):
+        for path, is_dir in [(root, True)] + [(os.path.join(root, f), False) for f in files]:
+            os.chown(path, -1, group)
+            mode = os.stat(path).st_mode
+            os.chmod(path, mode | 0o660 | (0o2110 if is_dir else 0))
+    return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root-owned volume and dropping to uid 1000 need root")
+def test_jetstream_starts_on_a_root_owned_volume(tmp_path):
+    """A volume as many storage classes provision it (root-owned, 0755),
+    given the pod's security context the way the kubelet applies it (the
+    fsGroup rule, then nats-server as runAsUser with fsGroup among its
+    groups): JetStream creates its store and the server gets healthy."""
+    docs = render({"nats": {"replicas": 1}})
+    pod = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    ctx = pod["securityContext"]
+    assert ctx["runAsNonRoot"] and ctx["runAsUser"] != 0
+    volume = tempfile.mkdtemp(prefix="herald-nats-data-")
+    scratch = tempfile.mkdtemp(prefix="herald-nats-pod-")  # config and pid file: readable, as an emptyDir
+    try:
+        os.chmod(volume, 0o755)
+        os.chmod(scratch, 0o777)
+        assert os.stat(volume).st_uid == 0
+        changed = apply_fs_group(volume, ctx)
+        groups = [ctx["fsGroup"]] if "fsGroup" in ctx else []
+        with nats_servers() as started:
+            server = NatsServer(docs, 0, scratch, data_dir=volume,
+                                run_as=(ctx["runAsUser"], ctx.get("runAsGroup", ctx["runAsUser"]), groups))
+            started.append(server)
+            server.wait_ready()
+            wait_for("JetStream never came up", lambda: server.get("/healthz?js-enabled-only=true")[0] == 200)
+            assert not server.logged("[FTL]"), "".join(server.log)
+            assert os.path.isdir(os.path.join(volume, "jetstream"))
+        # The next start finds the volume's root right and changes nothing.
+        assert changed and not apply_fs_group(volume, ctx)
+    finally:
+        shutil.rmtree(volume)
+        shutil.rmtree(scratch)
+
+
+def test_security_contexts_are_overridable():
+    docs = render({"podSecurityContext": {"runAsUser": 4000, "fsGroup": 4000},
+                   "securityContext": {"readOnlyRootFilesystem": False},
+                   "nats": {"podSecurityContext": {"fsGroup": 2000, "fsGroupChangePolicy": "Always"},
+                            "securityContext": {"runAsUser": 3000}, "exporter": {"enabled": True}}})
+    dep = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert dep["securityContext"]["runAsUser"] == 4000 and dep["securityContext"]["fsGroup"] == 4000
+    assert dep["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is False
+    sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    assert sts["securityContext"]["fsGroup"] == 2000 and sts["securityContext"]["fsGroupChangePolicy"] == "Always"
+    assert sts["securityContext"]["runAsUser"] == 1000, "the rest of the default stays"
+    assert [c["securityContext"]["runAsUser"] for c in sts["containers"]] == [3000, 3000]
