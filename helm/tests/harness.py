@@ -5,6 +5,7 @@ processes run from what the chart renders, on loopback."""
 
 import base64
 import contextlib
+import copy
 import glob
 import json
 import os
@@ -48,10 +49,31 @@ def _no_duplicates(loader, node, deep=False):
 StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
 
 
-def render(values):
+# What a GitOps user sets: here the chart renders with no cluster, where it
+# refuses to generate passwords it could not read back.
+OFFLINE_PASSWORDS = {"password": "Herald-test-password-1", "routePassword": "Route-test-password-01"}
+
+
+def offline(values):
+    """`values` with the bundled NATS's passwords set, unless they name a
+    Secret (or an external NATS)."""
+    values = copy.deepcopy(values or {})
+    nats = values.setdefault("nats", {})
+    auth = nats.setdefault("auth", {})
+    if nats.get("enabled", True) and not auth.get("existingSecret"):
+        for k, v in OFFLINE_PASSWORDS.items():
+            auth.setdefault(k, v)
+    return values
+
+
+def render(values, name="live", passwords=True):
+    """The chart's objects, rendered offline as `helm template` does;
+    `passwords`: with OFFLINE_PASSWORDS added (see offline())."""
+    if passwords:
+        values = offline(values)
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(values)
-        out = chart.render(values, name="live", namespace="herald")
+        out = chart.render(values, name=name, namespace="herald")
     docs = []
     for path, text in out.items():
         if path.endswith("NOTES.txt"):

@@ -112,20 +112,25 @@ and the API keys file (a key of the API key Secret). Checks the settings.
 {{- if and (or $t.hmacKey $t.publicKey $t.jwksKey) (not $t.secretName) -}}
 {{- fail "auth.tokens.secretName is required when auth.tokens.hmacKey, publicKey or jwksKey is set" -}}
 {{- end -}}
-{{- if and (not .Values.nats.enabled) .Values.nats.auth.enabled (not .Values.nats.auth.existingSecret) -}}
-{{- fail "nats.auth.enabled with an external NATS (nats.enabled false) needs nats.auth.existingSecret holding its password; or set nats.auth.enabled false" -}}
+{{- if and (not .Values.nats.enabled) .Values.nats.auth.enabled (not .Values.nats.auth.existingSecret) (not .Values.nats.auth.password) -}}
+{{- fail "nats.auth.enabled with an external NATS (nats.enabled false) needs nats.auth.existingSecret holding its password (or nats.auth.password); or set nats.auth.enabled false" -}}
 {{- end -}}
 {{- if and .Values.auth.apiKeysFileKey (not .Values.auth.existingSecret) -}}
 {{- fail "auth.apiKeysFileKey names a key of auth.existingSecret: set both" -}}
 {{- end -}}
 {{- end -}}
 
-{{/* The chart makes the bundled NATS's Secret: Herald's password (nats.auth)
-     and the route password (more than one server), unless existingSecret
-     names one. */}}
+{{/* The chart makes the NATS Secret, unless existingSecret names one: for the
+     bundled NATS, Herald's password (nats.auth) and the route password (more
+     than one server); for an external one, nats.auth.password. */}}
 {{- define "herald.nats.secretNeeded" -}}
-{{- if and .Values.nats.enabled (not .Values.nats.auth.existingSecret) (or .Values.nats.auth.enabled (gt (int .Values.nats.replicas) 1)) -}}
+{{- $a := .Values.nats.auth -}}
+{{- if not $a.existingSecret -}}
+{{- if and .Values.nats.enabled (or $a.enabled (gt (int .Values.nats.replicas) 1)) -}}
 true
+{{- else if and (not .Values.nats.enabled) $a.enabled $a.password -}}
+true
+{{- end -}}
 {{- end -}}
 {{- end }}
 
