@@ -5,6 +5,7 @@ real flags. Also: a real node's /metrics passes `promtool check metrics`."""
 
 import base64
 import glob
+import hashlib
 import json
 import os
 import re
@@ -513,3 +514,17 @@ def test_offline_renders_give_the_same_secret_or_say_what_to_set():
     assert env["NATS_ROUTE_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "nats-creds", "key": "nats-route-password"}
     with pytest.raises(Exception, match="pattern|does not match"):
         render({"nats": {"auth": {"password": "1k4-starts-with-a-digit"}}})
+
+
+def test_nats_rolls_when_its_rendered_config_changes():
+    """The StatefulSet's checksum/config is the rendered nats.conf's, so a
+    setting outside .Values.nats that lands in it (max_payload follows
+    config.maxMessageBytes) restarts the servers."""
+    def checksum(docs):
+        return one(docs, "StatefulSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    base = render({})
+    assert checksum(base) == hashlib.sha256(nats_conf(base).rstrip("\n").encode()).hexdigest()
+    bigger = render({"config": {"maxMessageBytes": 4 * 2**20}})
+    assert "max_payload: 4198400" in nats_conf(bigger)
+    assert checksum(bigger) != checksum(base)
+    assert checksum(render({"replicaCount": 5})) == checksum(base), "a Herald-only change leaves NATS alone"

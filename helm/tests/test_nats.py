@@ -3,8 +3,10 @@ StatefulSet's env, in real nats-server processes on loopback, one per pod."""
 
 import json
 import os
+import re
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 
@@ -182,3 +184,40 @@ def test_security_contexts_are_overridable():
     assert sts["securityContext"]["fsGroup"] == 2000 and sts["securityContext"]["fsGroupChangePolicy"] == "Always"
     assert sts["securityContext"]["runAsUser"] == 1000, "the rest of the default stays"
     assert [c["securityContext"]["runAsUser"] for c in sts["containers"]] == [3000, 3000]
+
+
+def served_certificate(addr):
+    """The certificate a TLS NATS port presents (INFO first, then TLS)."""
+    import ssl
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.recv(4096)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with ctx.wrap_socket(s) as t:
+            return ssl.DER_cert_to_PEM_cert(t.getpeercert(binary_form=True))
+
+
+def test_renewed_certificates_are_served_after_the_documented_reload(tmp_path):
+    """cert-manager renews the Secret and the kubelet updates the mounted
+    files; nats-server reads them at start and on reload. The reload
+    docs/operations.md gives (nats-server --signal reload=<the rendered
+    pid_file>, in each pod) makes a real server present the new one."""
+    import ssl
+    docs = render({**values_of(os.path.join(CHART, "ci", "nats-tls-values.yaml")), "nats": {
+        **values_of(os.path.join(CHART, "ci", "nats-tls-values.yaml"))["nats"], "replicas": 1}})
+    write_certs(tmp_path)
+    with nats_servers() as started:
+        server = NatsServer(docs, 0, str(tmp_path))
+        started.append(server)
+        server.wait_ready()
+        old = (tmp_path / "tls.crt").read_text()
+        assert ssl.PEM_cert_to_DER_cert(served_certificate(server.addr["client"])) == ssl.PEM_cert_to_DER_cert(old)
+        write_certs(tmp_path)  # renewed: a new key and certificate
+        new = (tmp_path / "tls.crt").read_text()
+        pid_file = re.search(r"pid_file: (\S+)", server.conf).group(1)
+        with open(os.path.join(CHART, "..", "..", "docs", "operations.md")) as f:
+            assert "--signal reload=/var/run/nats/nats.pid" in f.read()
+        subprocess.run(["nats-server", "--signal", f"reload={pid_file}"], check=True)
+        wait_for("the renewed certificate is never served", lambda: ssl.PEM_cert_to_DER_cert(
+            served_certificate(server.addr["client"])) == ssl.PEM_cert_to_DER_cert(new))

@@ -153,3 +153,67 @@ bundled NATS of 3 or more servers, else 1.
 1
 {{- end -}}
 {{- end }}
+
+{{/* The bundled NATS's nats.conf (its ConfigMap, and the StatefulSet's
+     checksum of it). */}}
+{{- define "herald.nats.conf" -}}
+{{- $fullname := include "herald.nats.fullname" . -}}
+port: {{ .Values.nats.clientPort }}
+http_port: {{ .Values.nats.monitorPort }}
+server_name: $POD_NAME
+pid_file: /var/run/nats/nats.pid
+# Room for Herald's largest message (config.maxMessageBytes) plus its
+# headers; never below NATS's default of 1 MiB.
+max_payload: {{ max 1048576 (add (int64 .Values.config.maxMessageBytes) 4096) | int64 }}
+# nats-server refuses less than 30s.
+lame_duck_duration: {{ .Values.nats.lameDuckDuration }}
+lame_duck_grace_period: 10s
+{{- if .Values.nats.auth.enabled }}
+# Only clients with the password (Herald) may connect.
+authorization {
+  user: {{ .Values.nats.auth.user | quote }}
+  password: $NATS_PASSWORD
+}
+{{- end }}
+{{- if .Values.nats.jetstream.enabled }}
+# The history store (config.history), on this server's volume.
+jetstream {
+  store_dir: /data
+  max_file_store: {{ .Values.nats.jetstream.maxFileStore }}
+  max_memory_store: {{ .Values.nats.jetstream.maxMemoryStore }}
+}
+{{- end }}
+{{- if .Values.nats.tls.enabled }}
+tls {
+  cert_file: /etc/nats-tls/tls.crt
+  key_file: /etc/nats-tls/tls.key
+}
+{{- end }}
+{{- if gt (int .Values.nats.replicas) 1 }}
+# Routes between the servers. A server joins only with the route
+# password: each URL below carries it ($NATS_ROUTE_<n>, built in the
+# pod's env from the Secret), and this block asks it of every server
+# that connects, so a stray nats-server cannot join and publish.
+cluster {
+  name: {{ include "herald.fullname" . }}
+  port: {{ .Values.nats.clusterPort }}
+  authorization {
+    user: route
+    password: $NATS_ROUTE_PASSWORD
+  }
+  {{- if .Values.nats.tls.enabled }}
+  # Routes are TLS too, verified both ways against ca.crt.
+  tls {
+    cert_file: /etc/nats-tls/tls.crt
+    key_file: /etc/nats-tls/tls.key
+    ca_file: /etc/nats-tls/ca.crt
+  }
+  {{- end }}
+  routes: [
+    {{- range $i := until (int .Values.nats.replicas) }}
+    $NATS_ROUTE_{{ $i }}
+    {{- end }}
+  ]
+}
+{{- end }}
+{{- end }}
