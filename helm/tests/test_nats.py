@@ -221,3 +221,60 @@ def test_renewed_certificates_are_served_after_the_documented_reload(tmp_path):
         subprocess.run(["nats-server", "--signal", f"reload={pid_file}"], check=True)
         wait_for("the renewed certificate is never served", lambda: ssl.PEM_cert_to_DER_cert(
             served_certificate(server.addr["client"])) == ssl.PEM_cert_to_DER_cert(new))
+
+
+def js_request(conn, subject, body):
+    """A JetStream API request on a raw connection; its JSON answer."""
+    inbox = f"_INBOX.{time.time_ns()}"
+    payload = json.dumps(body).encode()
+    conn.sendall(f"SUB {inbox} 9\r\nPUB {subject} {inbox} {len(payload)}\r\n".encode() + payload + b"\r\n")
+    got = b""
+    conn.settimeout(10)
+    while True:
+        got += conn.recv(65536)
+        head, sep, rest = got.partition(b"MSG " + inbox.encode())
+        if sep and b"\r\n" in rest:
+            size = int(rest.split(b"\r\n", 1)[0].split()[-1])
+            data = rest.split(b"\r\n", 1)[1]
+            if len(data) >= size:
+                return json.loads(data[:size])
+
+
+def test_a_survivor_stays_ready_while_its_streams_are_not_current(tmp_path):
+    """Three real servers from the rendered config, a stream with three
+    copies (as Herald's history keeps on three servers), then two servers
+    killed: the survivor's whole /healthz says the stream is not current,
+    yet core NATS works on it, and the readiness probe the StatefulSet has
+    passes, so the Service keeps it."""
+    docs = render({})
+    container = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    readiness = container["readinessProbe"]["httpGet"]["path"]
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz", "a starting server catches up first"
+    with nats_servers() as started:
+        peers = {}
+        for i in range(3):
+            server = NatsServer(docs, i, str(tmp_path / f"s{i}"), peers=dict(peers))
+            started.append(server)
+            server.wait_ready()
+            peers[i] = server.addr["route"]
+        survivor = started[0]
+        wait_for("the cluster never got healthy", lambda: all(s.get("/healthz")[0] == 200 for s in started), 30)
+        user, password = herald_credentials(docs)
+        conn = nats_connect(survivor.addr["client"], user, password)
+        answer = {}
+        deadline = time.time() + 20
+        while "error" in answer or not answer:  # until the meta leader takes requests
+            answer = js_request(conn, "$JS.API.STREAM.CREATE.HERALD",
+                                {"name": "HERALD", "subjects": ["herald.>"], "num_replicas": 3, "storage": "file"})
+            assert time.time() < deadline, answer
+            time.sleep(0.2) if "error" in answer else None
+        for s in started[1:]:
+            s.stop()
+        wait_for("the whole /healthz kept answering 200", lambda: survivor.get("/healthz")[0] == 503, 30)
+        status, body = survivor.get(readiness)
+        assert status == 200, (readiness, body, survivor.get("/healthz"))
+        conn.sendall(b"SUB herald.chat.x 1\r\nPUB herald.chat.x 2\r\nhi\r\nPING\r\n")
+        got = b""
+        while b"PONG" not in got:
+            got += conn.recv(4096)
+        assert b"MSG herald.chat.x 1 2\r\nhi" in got, got
