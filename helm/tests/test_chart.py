@@ -387,11 +387,6 @@ def test_every_herald_serve_setting_is_settable():
     assert cm["data"]["HERALD_EXEC"] == "/count=/usr/local/bin/count\n/tail=tail -f /var/log/x"
 
 
-def test_a_mistyped_config_key_is_refused():
-    with pytest.raises(Exception, match="maxConection|additional"):
-        render({"config": {"maxConections": 5}})
-
-
 def test_escape_hatches_land_where_they_should():
     values = values_of(os.path.join(CHART, "ci", "escape-hatches-values.yaml"))
     docs = render(values)
@@ -528,3 +523,56 @@ def test_nats_rolls_when_its_rendered_config_changes():
     assert "max_payload: 4198400" in nats_conf(bigger)
     assert checksum(bigger) != checksum(base)
     assert checksum(render({"replicaCount": 5})) == checksum(base), "a Herald-only change leaves NATS alone"
+
+
+TYPOS = [{"replicaCont": 3}, {"service": {"tpye": "LoadBalancer"}}, {"ingress": {"enable": True}},
+         {"autoscaling": {"maxReplica": 20}}, {"nats": {"replica": 5}}, {"probes": {"liveness": {"timeoutSecond": 5}}},
+         {"networkPolicy": {"ingresFrom": []}}, {"nats": {"jetstream": {"storgeSize": "1Gi"}}},
+         {"serviceMonitor": {"enabeld": True}}, {"image": {"tga": "1.0"}}, {"config": {"maxConections": 5}}]
+
+
+@pytest.mark.parametrize("values", TYPOS, ids=lambda v: json.dumps(v, separators=(",", ":")))
+def test_a_mistyped_key_is_refused_anywhere(values):
+    """The whole values schema is closed: a mistyped key fails the install
+    (and lint) instead of being ignored."""
+    with pytest.raises(Exception, match="additional|not allowed"):
+        render(values)
+    report = helm.lint(CHART, offline(values), strict=True)
+    assert report["errors"] or any(m["severity"] >= 2 for m in report["messages"]), report
+
+
+def test_probes_take_every_timing_field():
+    """probes.liveness.timeoutSeconds (and the other timing fields) land in
+    the probe; liveness allows longer than readiness by default."""
+    docs = render({"probes": {"liveness": {"timeoutSeconds": 7, "initialDelaySeconds": 4},
+                              "readiness": {"successThreshold": 2}}})
+    c = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert c["livenessProbe"]["timeoutSeconds"] == 7 and c["livenessProbe"]["initialDelaySeconds"] == 4
+    assert c["readinessProbe"]["successThreshold"] == 2
+    c = one(render({}), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    live, ready = c["livenessProbe"], c["readinessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > ready["periodSeconds"] * ready["failureThreshold"]
+
+
+def test_the_schema_describes_every_value_and_closes_every_section():
+    """Each key of values.yaml has a schema entry, and every object the chart
+    defines (not the free-form maps and Kubernetes types it passes on)
+    refuses keys it does not know."""
+    with open(os.path.join(CHART, "values.yaml")) as f:
+        values = yaml.safe_load(f)
+    with open(os.path.join(CHART, "values.schema.json")) as f:
+        schema = json.load(f)
+    problems = []
+
+    def walk(v, s, path):
+        if not isinstance(v, dict) or "properties" not in s:
+            return
+        if s.get("additionalProperties") is not False:
+            problems.append(f"{path or 'the top level'} is open")
+        for k, x in v.items():
+            if k not in s["properties"]:
+                problems.append(f"{path}.{k} has no schema")
+            else:
+                walk(x, s["properties"][k], f"{path}.{k}")
+    walk(values, schema, "")
+    assert not problems, problems
