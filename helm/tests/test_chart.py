@@ -576,3 +576,40 @@ def test_the_schema_describes_every_value_and_closes_every_section():
                 walk(x, s["properties"][k], f"{path}.{k}")
     walk(values, schema, "")
     assert not problems, problems
+
+
+@pytest.mark.parametrize("release", ["r" * 53, "herald-" + "x" * 46, "y" * 40 + "-herald"])
+def test_a_53_character_release_name_fits_every_limit(release):
+    """Helm allows release names of 53 characters. Every object's name
+    stays within what Kubernetes takes: Services and the pods' host names
+    63 (DNS labels), the StatefulSet 52 (its pods' controller-revision-hash
+    label is the name, a dash and ten characters), every label value 63;
+    names stay distinct, and what refers to them follows."""
+    helm.validate_release_name(release)
+    values = values_of(os.path.join(CHART, "ci", "ingress-monitoring-values.yaml"))
+    values["nats"] = {"exporter": {"enabled": True}}
+    docs = render(values, name=release)
+    label = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+    for d in docs:
+        name = d["metadata"]["name"]
+        assert len(name) <= (52 if d["kind"] == "StatefulSet" else 63), (d["kind"], name, len(name))
+        if d["kind"] in ("Service", "StatefulSet"):
+            assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
+        for k, v in d["metadata"].get("labels", {}).items():
+            assert len(v) <= 63 and label.match(v), (k, v)
+    names = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert len(names) == len(set(names)), names
+    sts = one(docs, "StatefulSet")
+    assert len(sts["metadata"]["name"]) + 1 + 10 <= 63, "controller-revision-hash"
+    assert len(f"{sts['metadata']['name']}-{sts['spec']['replicas'] - 1}") <= 63, "pod host names"
+    services = {d["metadata"]["name"] for d in by_kind(docs, "Service")}
+    assert sts["spec"]["serviceName"] in services
+    env = kubelet_env(docs, sts["spec"]["template"]["spec"]["containers"][0], sts["metadata"]["name"] + "-0")
+    for n in range(sts["spec"]["replicas"]):
+        assert f"@{sts['metadata']['name']}-{n}.{sts['spec']['serviceName']}:6222" in env[f"NATS_ROUTE_{n}"]
+    cm = one(docs, "ConfigMap", suffix=one(docs, "Deployment")["metadata"]["name"])
+    assert cm["data"]["HERALD_NATS_URL"].split("//")[1].split(":")[0] in services
+    for version in KUBE_VERSIONS:
+        for d in docs:
+            if d["kind"] not in CRDS:
+                kubernetes_validate.validate({k: v for k, v in d.items() if k != "__template"}, version, strict=True)

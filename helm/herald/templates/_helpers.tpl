@@ -65,9 +65,24 @@ app.kubernetes.io/component: broker
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* NATS resources. */}}
+{{/*
+A name of the release's made of the full name and a suffix, at most `max`
+characters: the full name is cut, never the suffix, so two names never
+collide. Called with (list . "suffix" max).
+*/}}
+{{- define "herald.suffixedName" -}}
+{{- $ctx := index . 0 -}}
+{{- $suffix := index . 1 -}}
+{{- $room := sub (index . 2) (add1 (len $suffix)) | int -}}
+{{- printf "%s-%s" (include "herald.fullname" $ctx | trunc $room | trimSuffix "-") $suffix -}}
+{{- end }}
+
+{{/* NATS resources. The StatefulSet's name is at most 52 characters: its pods'
+     controller-revision-hash label is the name plus a dash and ten characters,
+     and a label value holds 63; so the headless Service's
+     (<this>-headless) stays within 63 too. */}}
 {{- define "herald.nats.fullname" -}}
-{{- printf "%s-nats" (include "herald.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "herald.suffixedName" (list . "nats" 52) }}
 {{- end }}
 
 {{- define "herald.nats.selectorLabels" -}}
@@ -136,7 +151,7 @@ true
 
 {{/* The Secret holding the NATS passwords. */}}
 {{- define "herald.natsSecretName" -}}
-{{- default (printf "%s-nats-auth" (include "herald.fullname" .)) .Values.nats.auth.existingSecret }}
+{{- default (include "herald.suffixedName" (list . "nats-auth" 63)) .Values.nats.auth.existingSecret }}
 {{- end }}
 
 {{/*
