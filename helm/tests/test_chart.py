@@ -613,3 +613,28 @@ def test_a_53_character_release_name_fits_every_limit(release):
         for d in docs:
             if d["kind"] not in CRDS:
                 kubernetes_validate.validate({k: v for k, v in d.items() if k != "__template"}, version, strict=True)
+
+
+def test_merged_maps_have_each_key_once():
+    """Maps the chart fills and values add to are merged, never
+    concatenated: the strict loader (as kustomize) would refuse a key
+    twice. An ingress annotation given in values wins over the chart's
+    default; podLabels may add labels but not change the selector's."""
+    docs = render({"ingress": {"enabled": True, "annotations": {
+                       "nginx.ingress.kubernetes.io/proxy-read-timeout": "7200", "example.com/x": "y"}},
+                   "podLabels": {"team": "rt", "app.kubernetes.io/component": "broker"},
+                   "podAnnotations": {"checksum/config": "mine", "example.com/a": "b"},
+                   "serviceMonitor": {"enabled": True, "labels": {"release": "prom", "app.kubernetes.io/name": "x"}},
+                   "grafanaDashboard": {"enabled": True, "labels": {"grafana_dashboard": "1", "helm.sh/chart": "x"}},
+                   "nats": {"podAnnotations": {"checksum/secret": "mine"}}})
+    ann = one(docs, "Ingress")["metadata"]["annotations"]
+    assert ann["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "7200"
+    assert ann["nginx.ingress.kubernetes.io/proxy-send-timeout"] == "3600" and ann["example.com/x"] == "y"
+    pod = one(docs, "Deployment")["spec"]["template"]["metadata"]
+    assert pod["labels"]["team"] == "rt" and pod["labels"]["app.kubernetes.io/component"] == "broker"
+    assert pod["annotations"]["checksum/config"] != "mine", "the chart's checksums stay"
+    assert pod["annotations"]["example.com/a"] == "b"
+    assert one(docs, "StatefulSet")["spec"]["template"]["metadata"]["annotations"]["checksum/secret"] != "mine"
+    assert one(docs, "ServiceMonitor")["metadata"]["labels"]["release"] == "prom"
+    with pytest.raises(Exception, match="podLabels may not set app.kubernetes.io/component"):
+        render({"podLabels": {"app.kubernetes.io/component": "edge"}})

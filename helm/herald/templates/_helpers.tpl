@@ -232,3 +232,21 @@ cluster {
 }
 {{- end }}
 {{- end }}
+
+{{/* Two maps as one YAML map, never a key twice (kustomize and Flux refuse
+     duplicate keys): the first wins. Called with (list first second). */}}
+{{- define "herald.mergeMaps" -}}
+{{- $m := merge (deepCopy (index . 0)) (deepCopy (index . 1)) -}}
+{{- if $m }}{{ toYaml $m }}{{ end -}}
+{{- end }}
+
+{{/* Refuses extra labels that would change a selector's: the selector
+     would no longer match the pods. Called with (list selector extra "what"). */}}
+{{- define "herald.checkLabels" -}}
+{{- $sel := index . 0 -}}
+{{- range $k, $v := index . 1 -}}
+{{- if and (hasKey $sel $k) (ne (toString $v) (index $sel $k)) -}}
+{{- fail (printf "%s may not set %s (%s): the chart's selector uses it (%s)" (index $ 2) $k (toString $v) (index $sel $k)) -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
