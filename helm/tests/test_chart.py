@@ -405,6 +405,8 @@ def test_escape_hatches_land_where_they_should():
     assert spec["tolerations"] == values["nats"]["tolerations"]
     assert spec["affinity"] == values["nats"]["affinity"]
     assert spec["imagePullSecrets"] == [{"name": "registry"}]
+    test_pod = [d for d in by_kind(docs, "Pod") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"][0]
+    assert test_pod["spec"]["imagePullSecrets"] == [{"name": "registry"}], "helm test pulls the same image"
 
 
 def test_bundled_nats_with_tls_and_a_password_links_for_real(tmp_path):
