@@ -85,7 +85,10 @@ def test_probes_ports_and_env_match_the_broker(case):
     # A config change rolls the pods.
     assert re.fullmatch(r"[0-9a-f]{64}", dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"])
     svc = one(docs, "Service", suffix="live-herald")
-    assert {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]} == {"http": "http", "metrics": "metrics"}
+    assert {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]} == {"http": "http"}
+    metrics = one(docs, "Service", suffix="live-herald-metrics")
+    assert {p["name"]: p["targetPort"] for p in metrics["spec"]["ports"]} == {"metrics": "metrics"}
+    assert metrics["spec"]["type"] == "ClusterIP"
 
 
 def test_drain_fits_in_the_grace_period(case):
@@ -140,7 +143,9 @@ def test_optional_objects_appear_when_enabled(case):
     pdbs = [d for d in by_kind(docs, "PodDisruptionBudget") if not d["metadata"]["name"].endswith("-nats")]
     assert len(pdbs) == int(values.get("podDisruptionBudget", {}).get("enabled", True))
     assert len(by_kind(docs, "Ingress")) == int(values.get("ingress", {}).get("enabled", False))
-    assert len(by_kind(docs, "ServiceMonitor")) == int(values.get("serviceMonitor", {}).get("enabled", False))
+    exporter_on = nats_on and values.get("nats", {}).get("exporter", {}).get("enabled", False)
+    assert len(by_kind(docs, "ServiceMonitor")) == int(values.get("serviceMonitor", {}).get("enabled", False)) * (
+        1 + int(exporter_on))
     policy_on = values.get("networkPolicy", {}).get("enabled", False)
     nats_policy_on = nats_on and values.get("nats", {}).get("networkPolicy", {}).get("enabled", True)
     assert len(by_kind(docs, "NetworkPolicy")) == int(policy_on) + int(nats_policy_on)
@@ -640,3 +645,40 @@ def test_merged_maps_have_each_key_once():
     assert one(docs, "ServiceMonitor")["metadata"]["labels"]["release"] == "prom"
     with pytest.raises(Exception, match="podLabels may not set app.kubernetes.io/component"):
         render({"podLabels": {"app.kubernetes.io/component": "edge"}})
+
+
+def scraped_services(docs, monitor):
+    """The Services a ServiceMonitor finds targets on: its labels match, and
+    they have the endpoint's port."""
+    want = monitor["spec"]["selector"]["matchLabels"]
+    port = monitor["spec"]["endpoints"][0]["port"]
+    return [d["metadata"]["name"] for d in by_kind(docs, "Service")
+            if all(d["metadata"]["labels"].get(k) == v for k, v in want.items())
+            and port in [p["name"] for p in d["spec"]["ports"]]]
+
+
+def test_metrics_stay_inside_the_cluster_and_both_components_are_scraped():
+    """With service.type LoadBalancer the public Service carries the
+    WebSocket port alone; metrics are on a ClusterIP Service of their own,
+    and the policy admits them from pods of the cluster only. With the NATS
+    exporter on, a second ServiceMonitor scrapes it, and the NATS policy
+    admits its port."""
+    values = values_of(os.path.join(CHART, "ci", "ingress-monitoring-values.yaml"))
+    values["nats"] = {"exporter": {"enabled": True}}
+    docs = render(values)
+    public = one(docs, "Service", suffix="live-herald")
+    assert public["spec"]["type"] == "LoadBalancer" and [p["name"] for p in public["spec"]["ports"]] == ["http"]
+    policy = one(docs, "NetworkPolicy", suffix="live-herald")
+    rule = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "metrics"][0]
+    assert rule["from"] == [{"namespaceSelector": {}}], "any pod of the cluster, nothing outside it"
+    monitors = {m["metadata"]["name"]: scraped_services(docs, m) for m in by_kind(docs, "ServiceMonitor")}
+    assert monitors == {"live-herald": ["live-herald-metrics"], "live-herald-nats": ["live-herald-nats-headless"]}
+    nats_policy = one(docs, "NetworkPolicy", suffix="-nats")
+    monitor_rule = [r for r in nats_policy["spec"]["ingress"] if r["ports"][0]["port"] == "monitor"][0]
+    assert "metrics" in [p["port"] for p in monitor_rule["ports"]]
+    only = render({"networkPolicy": {"enabled": True, "metricsFrom": [{"podSelector": {"matchLabels": {"app": "prom"}}}]}})
+    rule = [r for r in one(only, "NetworkPolicy", suffix="live-herald")["spec"]["ingress"]
+            if r["ports"][0]["port"] == "metrics"][0]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app": "prom"}}}]
+    with open(os.path.join(CHART, "values.yaml")) as f:
+        assert "monitoring.serviceMonitor" not in f.read(), "values.yaml names a value that exists"
