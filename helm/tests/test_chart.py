@@ -682,3 +682,15 @@ def test_metrics_stay_inside_the_cluster_and_both_components_are_scraped():
     assert rule["from"] == [{"podSelector": {"matchLabels": {"app": "prom"}}}]
     with open(os.path.join(CHART, "values.yaml")) as f:
         assert "monitoring.serviceMonitor" not in f.read(), "values.yaml names a value that exists"
+
+
+def test_external_nats_egress_follows_the_url_ports():
+    docs = render({"networkPolicy": {"enabled": True},
+                   "nats": {"enabled": False, "auth": {"existingSecret": "n"},
+                            "url": "tls://nats.example.com:4443, nats://user:pw@nats-1.example.com:4222,nats://nats-2"}})
+    egress = one(docs, "NetworkPolicy")["spec"]["egress"]
+    nats = [r for r in egress if 53 not in [p["port"] for p in r["ports"]]][0]
+    assert [p["port"] for p in nats["ports"]] == [4443, 4222]
+    bundled = one(render({"networkPolicy": {"enabled": True}, "nats": {"clientPort": 4333}}), "NetworkPolicy",
+                  suffix="live-herald")["spec"]["egress"]
+    assert [p["port"] for p in bundled[1]["ports"]] == [4333]

@@ -121,6 +121,25 @@ and the API keys file (a key of the API key Secret). Checks the settings.
 {{- end }}
 {{- end }}
 
+{{/* The ports Herald reaches NATS on, comma-separated: the bundled servers'
+     client port, or each distinct port of nats.url's URLs (4222 where a URL
+     names none, as NATS clients default). */}}
+{{- define "herald.natsPorts" -}}
+{{- if .Values.nats.enabled -}}
+{{- .Values.nats.clientPort -}}
+{{- else -}}
+{{- $ports := list -}}
+{{- range splitList "," (include "herald.natsUrl" .) -}}
+{{- $hostport := regexReplaceAll "^[A-Za-z]+://" (trim .) "" -}}
+{{- $hostport = regexReplaceAll "^[^@/]*@" $hostport "" -}}
+{{- $hostport = regexReplaceAll "/.*$" $hostport "" -}}
+{{- $port := regexFind ":[0-9]+$" $hostport | trimPrefix ":" | default "4222" -}}
+{{- $ports = append $ports $port -}}
+{{- end -}}
+{{- $ports | uniq | join "," -}}
+{{- end -}}
+{{- end }}
+
 {{/* Refuses access-control settings that name no Secret. */}}
 {{- define "herald.checkAuth" -}}
 {{- $t := .Values.auth.tokens -}}
