@@ -99,7 +99,9 @@ def test_drain_fits_in_the_grace_period(case):
     pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[:2] == ["/usr/local/bin/herald", "sleep"]
     wait = seconds(pre_stop[2])
-    assert drain + wait < pod["terminationGracePeriodSeconds"]
+    # After the drain the binary waits up to 5 s each for sessions, HTTP
+    # requests, the NATS flush and the NATS close (broker/src/server.rs).
+    assert wait + drain + 4 * 5 < pod["terminationGracePeriodSeconds"]
 
 
 def test_nats_url_is_wired_in_both_modes(case):
@@ -198,6 +200,11 @@ def test_optional_objects_appear_when_enabled(case):
 def test_a_grace_period_too_short_for_the_drain_is_refused():
     with pytest.raises(Exception, match="terminationGracePeriodSeconds"):
         render({"config": {"drainSeconds": 30}, "terminationGracePeriodSeconds": 20})
+    # The old rule's bound (preStop + drain + 5) left no room for the binary's own waits.
+    with pytest.raises(Exception, match=r"at least preStopSeconds \+ config.drainSeconds \+ 25 = 35"):
+        render({"terminationGracePeriodSeconds": 30})
+    derived = one(render({"config": {"drainSeconds": 20}, "preStopSeconds": 8}), "Deployment")
+    assert derived["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 8 + 20 + 30
 
 
 def test_external_nats_requires_a_url():

@@ -269,3 +269,26 @@ cluster {
 {{- end -}}
 {{- end -}}
 {{- end }}
+
+{{/*
+The Deployment's grace period: everything between the preStop hook and the
+process's exit fits in it. After preStopSeconds and the drain
+(config.drainSeconds) herald waits up to 5 s for the sessions to end, 5 s
+for HTTP requests in flight, 5 s for the NATS flush and 5 s for the NATS
+connection to close (broker/src/server.rs, node/mod.rs, cluster/bus.rs):
+20 s, and 5 s more for the rest of its stop. terminationGracePeriodSeconds 0
+derives it with 5 s to spare; a set value below what the waits need is
+refused, since the kubelet's SIGKILL would cut the flush of what clients
+published last.
+*/}}
+{{- define "herald.terminationGracePeriodSeconds" -}}
+{{- $need := add (int .Values.preStopSeconds) (int .Values.config.drainSeconds) 25 -}}
+{{- $set := int .Values.terminationGracePeriodSeconds -}}
+{{- if not $set -}}
+{{- add $need 5 -}}
+{{- else if lt $set $need -}}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSeconds + config.drainSeconds + 25 = %d: after the drain herald waits up to 5 s each for sessions, HTTP requests, the NATS flush and the NATS close, then stops; or set 0 to derive it" $set $need) -}}
+{{- else -}}
+{{- $set -}}
+{{- end -}}
+{{- end }}
