@@ -701,3 +701,32 @@ def test_external_nats_egress_follows_the_url_ports():
     bundled = one(render({"networkPolicy": {"enabled": True}, "nats": {"clientPort": 4333}}), "NetworkPolicy",
                   suffix="live-herald")["spec"]["egress"]
     assert [p["port"] for p in bundled[1]["ports"]] == [4333]
+
+
+@pytest.mark.parametrize("values,refusal", [
+    ({"config": {"history": "chat:*=100", "historyBytes": 16 * 2**30}, "nats": {"jetstream": {"maxFileStore": "8GB"}}},
+     r"config.historyBytes \(17179869184\) exceeds nats.jetstream.maxFileStore"),
+    ({"config": {"history": "chat:*=100"}, "nats": {"jetstream": {"enabled": False}}},
+     r"config.history needs JetStream"),
+    ({"nats": {"jetstream": {"storageSize": "1Gi", "maxFileStore": "8GB"}}},
+     r"maxFileStore \(8GB\) exceeds nats.jetstream.storageSize \(1Gi\)"),
+    ({"config": {"history": "chat:*=100", "historyReplicas": 3}, "nats": {"replicas": 2}},
+     r"config.historyReplicas \(3\) exceeds nats.replicas \(2\)"),
+], ids=["history-bigger-than-the-store", "history-without-jetstream", "store-bigger-than-the-volume",
+        "more-copies-than-servers"])
+def test_history_the_bundled_nats_cannot_keep_is_refused(values, refusal):
+    """Each rendered before, and the node then said `/readyz 200 ...
+    history: jetstream stream unavailable` with no error logged."""
+    with pytest.raises(Exception, match=refusal):
+        render(values)
+
+
+def test_the_store_defaults_to_the_volume_and_history_that_fits_renders(tmp_path):
+    docs = render({"config": {"history": "chat:*=100", "historyBytes": 2**30},
+                   "nats": {"jetstream": {"storageSize": "2Gi", "maxFileStore": ""}}})
+    assert f"max_file_store: {2 * 2**30}" in nats_conf(docs)
+    (tmp_path / "nats.conf").write_text(nats_conf(docs))
+    container = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    r = subprocess.run(["nats-server", "-t", "-c", str(tmp_path / "nats.conf")], capture_output=True, text=True,
+                       env={**os.environ, **kubelet_env(docs, container, "live-herald-nats-0")})
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -213,7 +213,7 @@ authorization {
 # The history store (config.history), on this server's volume.
 jetstream {
   store_dir: /data
-  max_file_store: {{ .Values.nats.jetstream.maxFileStore }}
+  max_file_store: {{ include "herald.nats.maxFileStore" . }}
   max_memory_store: {{ .Values.nats.jetstream.maxMemoryStore }}
 }
 {{- end }}
@@ -290,5 +290,46 @@ published last.
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSeconds + config.drainSeconds + 25 = %d: after the drain herald waits up to 5 s each for sessions, HTTP requests, the NATS flush and the NATS close, then stops; or set 0 to derive it" $set $need) -}}
 {{- else -}}
 {{- $set -}}
+{{- end -}}
+{{- end }}
+
+{{/* Bytes in a Kubernetes quantity (10Gi) or a NATS size (8GB, binary as
+     nats-server reads it), or a plain number. */}}
+{{- define "herald.bytes" -}}
+{{- $n := regexFind "^[0-9]+" . | int64 -}}
+{{- $unit := regexFind "[A-Za-z]+$" . -}}
+{{- $scale := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "KB" 1024 "MB" 1048576 "GB" 1073741824 "TB" 1099511627776 -}}
+{{- mul $n (index $scale $unit) -}}
+{{- end }}
+
+{{/* JetStream's max_file_store: nats.jetstream.maxFileStore, or (empty) the
+     volume's size. */}}
+{{- define "herald.nats.maxFileStore" -}}
+{{- .Values.nats.jetstream.maxFileStore | default (include "herald.bytes" .Values.nats.jetstream.storageSize) -}}
+{{- end }}
+
+{{/* Refuses history settings the bundled NATS cannot keep: the node would
+     answer /readyz 200 with "history: jetstream stream unavailable". */}}
+{{- define "herald.checkHistory" -}}
+{{- $js := .Values.nats.jetstream -}}
+{{- if and .Values.nats.enabled .Values.config.history -}}
+{{- if not $js.enabled -}}
+{{- fail "config.history needs JetStream: the bundled NATS has nats.jetstream.enabled false (turn it on, or leave config.history empty)" -}}
+{{- end -}}
+{{- $store := include "herald.bytes" (include "herald.nats.maxFileStore" .) | int64 -}}
+{{- if gt (int64 .Values.config.historyBytes) $store -}}
+{{- fail (printf "config.historyBytes (%d) exceeds nats.jetstream.maxFileStore (%s = %d bytes): each server holding a copy of the history stream must fit all of it" (int64 .Values.config.historyBytes) (include "herald.nats.maxFileStore" .) $store) -}}
+{{- end -}}
+{{- $copies := include "herald.historyReplicas" . | int -}}
+{{- if gt $copies (int .Values.nats.replicas) -}}
+{{- fail (printf "config.historyReplicas (%d) exceeds nats.replicas (%d): a stream keeps each copy on another server" $copies (int .Values.nats.replicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.nats.enabled $js.enabled -}}
+{{- $volume := include "herald.bytes" $js.storageSize | int64 -}}
+{{- $store := include "herald.bytes" (include "herald.nats.maxFileStore" .) | int64 -}}
+{{- if gt $store $volume -}}
+{{- fail (printf "nats.jetstream.maxFileStore (%s) exceeds nats.jetstream.storageSize (%s): JetStream would fill the volume and stop; lower it or leave it empty to use the volume's size" (include "herald.nats.maxFileStore" .) $js.storageSize) -}}
+{{- end -}}
 {{- end -}}
 {{- end }}
