@@ -353,3 +353,20 @@ def nats_servers():
     finally:
         for s in started:
             s.stop()
+
+
+def immutable_fields(docs):
+    """What Kubernetes refuses to change on an existing object (an upgrade
+    that changes it fails: "updates to statefulset spec ... Forbidden"):
+    the workloads' selectors, the StatefulSet's service name, pod management
+    policy and volume claim templates."""
+    fields = {}
+    for d in docs:
+        if d["kind"] == "Deployment":
+            fields[f"Deployment/{d['metadata']['name']}"] = {"selector": d["spec"]["selector"]}
+        elif d["kind"] == "StatefulSet":
+            fields[f"StatefulSet/{d['metadata']['name']}"] = {
+                "selector": d["spec"]["selector"], "serviceName": d["spec"]["serviceName"],
+                "podManagementPolicy": d["spec"].get("podManagementPolicy"),
+                "volumeClaimTemplates": d["spec"].get("volumeClaimTemplates")}
+    return fields

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from harness import (CHART, CRDS, HERALD, KUBE_VERSIONS, OFFLINE_PASSWORDS, VALUES_FILES, StrictLoader, by_kind, herald_flags,
-                     kubelet_env, nats_conf, offline, one, render, rendered_node, secret_env, seconds, values_of, write_certs)
+                     immutable_fields, kubelet_env, nats_conf, offline, one, render, rendered_node, secret_env, seconds, values_of, write_certs)
 
 
 @pytest.fixture(scope="module", params=VALUES_FILES, ids=lambda p: os.path.basename(p))
@@ -730,3 +730,14 @@ def test_the_store_defaults_to_the_volume_and_history_that_fits_renders(tmp_path
     r = subprocess.run(["nats-server", "-t", "-c", str(tmp_path / "nats.conf")], capture_output=True, text=True,
                        env={**os.environ, **kubelet_env(docs, container, "live-herald-nats-0")})
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_an_upgrade_from_0_1_0_changes_no_immutable_field():
+    """immutable-0.1.0.json holds what chart 0.1.0 rendered, with each
+    ci/*-values.yaml, of the fields Kubernetes will not change on an
+    existing Deployment or StatefulSet; this chart renders the same, so
+    `helm upgrade` from 0.1.0 goes through."""
+    with open(os.path.join(os.path.dirname(__file__), "immutable-0.1.0.json")) as f:
+        before = json.load(f)
+    for name, fields in before.items():
+        assert immutable_fields(render(values_of(os.path.join(CHART, "ci", name)))) == fields, name
