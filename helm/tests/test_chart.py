@@ -741,3 +741,48 @@ def test_an_upgrade_from_0_1_0_changes_no_immutable_field():
         before = json.load(f)
     for name, fields in before.items():
         assert immutable_fields(render(values_of(os.path.join(CHART, "ci", name)))) == fields, name
+
+
+def test_workload_and_service_settings_land_where_they_should():
+    docs = render({
+        "image": {"digest": "sha256:" + "a" * 64},
+        "initContainers": [{"name": "wait", "image": "busybox"}],
+        "extraContainers": [{"name": "logs", "image": "fluent-bit"}],
+        "revisionHistoryLimit": 3,
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": "25%"}},
+        "topologySpreadConstraints": [{"maxSkew": 2, "topologyKey": "example.com/rack",
+                                       "whenUnsatisfiable": "DoNotSchedule"}],
+        "autoscaling": {"enabled": True, "behavior": {"scaleDown": {"stabilizationWindowSeconds": 900}}},
+        "podDisruptionBudget": {"minAvailable": "50%"},
+        "service": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "loadBalancerClass": "example.com/lb",
+                    "loadBalancerSourceRanges": ["203.0.113.0/24"], "appProtocol": "kubernetes.io/ws"},
+        "nats": {"noAdvertise": True, "resources": {"limits": {"memory": "1Gi"}}}})
+    dep = one(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "herald:0.1.0@sha256:" + "a" * 64
+    assert [c["name"] for c in pod["initContainers"]] == ["wait"]
+    assert [c["name"] for c in pod["containers"]] == ["herald", "logs"]
+    assert dep["spec"]["revisionHistoryLimit"] == 3 and dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == "25%"
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert set(spread) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone", "example.com/rack"}
+    for c in spread.values():
+        assert c["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "broker"
+        assert c["matchLabelKeys"] == ["pod-template-hash"]
+    assert spread["example.com/rack"]["maxSkew"] == 2
+    assert one(docs, "HorizontalPodAutoscaler")["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 900
+    pdb = one(docs, "PodDisruptionBudget", suffix="live-herald")["spec"]
+    assert pdb["minAvailable"] == "50%" and "maxUnavailable" not in pdb
+    svc = one(docs, "Service", suffix="live-herald")["spec"]
+    assert svc["externalTrafficPolicy"] == "Local" and svc["loadBalancerClass"] == "example.com/lb"
+    assert svc["loadBalancerSourceRanges"] == ["203.0.113.0/24"] and svc["ports"][0]["appProtocol"] == "kubernetes.io/ws"
+    assert "no_advertise: true" in nats_conf(docs)
+    env = {e["name"]: e.get("value") for e in one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["GOMEMLIMIT"] == str(2**30 * 8 // 10)
+    for version in KUBE_VERSIONS:
+        for d in docs:
+            kubernetes_validate.validate({k: v for k, v in d.items() if k != "__template"}, version, strict=True)
+    defaults = render({})
+    assert one(defaults, "Deployment")["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert "no_advertise" not in nats_conf(defaults)
+    assert one(render({"autoscaling": {"enabled": True}}), "HorizontalPodAutoscaler")["spec"]["behavior"][
+        "scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 60}]

@@ -61,8 +61,10 @@ app.kubernetes.io/component: broker
 {{- default (include "herald.fullname" .) .Values.auth.existingSecret }}
 {{- end }}
 
+{{/* The image: repository:tag, pinned by image.digest when given. */}}
 {{- define "herald.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- with .Values.image.digest }}@{{ . }}{{ end }}
 {{- end }}
 
 {{/*
@@ -243,6 +245,10 @@ cluster {
     ca_file: /etc/nats-tls/ca.crt
   }
   {{- end }}
+  {{- if .Values.nats.noAdvertise }}
+  # Clients are not told the servers' own addresses: they stay on the Service.
+  no_advertise: true
+  {{- end }}
   routes: [
     {{- range $i := until (int .Values.nats.replicas) }}
     $NATS_ROUTE_{{ $i }}
@@ -298,7 +304,7 @@ published last.
 {{- define "herald.bytes" -}}
 {{- $n := regexFind "^[0-9]+" . | int64 -}}
 {{- $unit := regexFind "[A-Za-z]+$" . -}}
-{{- $scale := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "KB" 1024 "MB" 1048576 "GB" 1073741824 "TB" 1099511627776 -}}
+{{- $scale := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "KB" 1024 "MB" 1048576 "GB" 1073741824 "TB" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 -}}
 {{- mul $n (index $scale $unit) -}}
 {{- end }}
 
