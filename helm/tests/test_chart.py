@@ -769,6 +769,10 @@ def test_workload_and_service_settings_land_where_they_should():
         assert c["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "broker"
         assert c["matchLabelKeys"] == ["pod-template-hash"]
     assert spread["example.com/rack"]["maxSkew"] == 2
+    strict = one(render({"topologySpread": {"whenUnsatisfiable": "DoNotSchedule"}}), "Deployment")
+    assert {c["topologyKey"]: c["whenUnsatisfiable"] for c in strict["spec"]["template"]["spec"][
+        "topologySpreadConstraints"]} == {"kubernetes.io/hostname": "DoNotSchedule",
+                                          "topology.kubernetes.io/zone": "ScheduleAnyway"}
     assert one(docs, "HorizontalPodAutoscaler")["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 900
     pdb = one(docs, "PodDisruptionBudget", suffix="live-herald")["spec"]
     assert pdb["minAvailable"] == "50%" and "maxUnavailable" not in pdb
