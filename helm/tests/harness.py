@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CHART = os.path.join(ROOT, "helm", "herald")
 HERALD = os.environ.get("HERALD_BIN", os.path.join(ROOT, "target", "ci", "herald"))
 KUBE_VERSIONS = ["1.29.0", "1.33.0"]
-CRDS = {"ServiceMonitor"}  # not in the Kubernetes schemas; checked by assertions below
+CRDS = {"ServiceMonitor", "HTTPRoute"}  # not in the Kubernetes schemas; checked by assertions below
 VALUES_FILES = sorted(glob.glob(os.path.join(CHART, "ci", "*-values.yaml")))
 
 

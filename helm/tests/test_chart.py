@@ -790,3 +790,17 @@ def test_workload_and_service_settings_land_where_they_should():
     assert "no_advertise" not in nats_conf(defaults)
     assert one(render({"autoscaling": {"enabled": True}}), "HorizontalPodAutoscaler")["spec"]["behavior"][
         "scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 60}]
+
+
+def test_a_gateway_api_route_keeps_sockets_open():
+    with pytest.raises(Exception, match="httpRoute.parentRefs"):
+        render({"httpRoute": {"enabled": True}})
+    docs = render({"httpRoute": {"enabled": True, "parentRefs": [{"name": "public", "namespace": "gw"}],
+                                 "hostnames": ["live.example.com"], "paths": ["/ws", "/v1/publish"]}})
+    route = one(docs, "HTTPRoute")["spec"]
+    assert route["parentRefs"] == [{"name": "public", "namespace": "gw"}]
+    rule = route["rules"][0]
+    assert [m["path"]["value"] for m in rule["matches"]] == ["/ws", "/v1/publish"]
+    assert rule["backendRefs"] == [{"name": "live-herald", "port": 80}]
+    assert rule["timeouts"] == {"request": "0s", "backendRequest": "0s"}
+    assert not by_kind(render({}), "HTTPRoute")
