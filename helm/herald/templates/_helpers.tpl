@@ -61,13 +61,30 @@ app.kubernetes.io/component: broker
 {{- default (include "herald.fullname" .) .Values.auth.existingSecret }}
 {{- end }}
 
+{{/* The image: repository:tag, pinned by image.digest when given. */}}
 {{- define "herald.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- with .Values.image.digest }}@{{ . }}{{ end }}
 {{- end }}
 
-{{/* NATS resources. */}}
+{{/*
+A name of the release's made of the full name and a suffix, at most `max`
+characters: the full name is cut, never the suffix, so two names never
+collide. Called with (list . "suffix" max).
+*/}}
+{{- define "herald.suffixedName" -}}
+{{- $ctx := index . 0 -}}
+{{- $suffix := index . 1 -}}
+{{- $room := sub (index . 2) (add1 (len $suffix)) | int -}}
+{{- printf "%s-%s" (include "herald.fullname" $ctx | trunc $room | trimSuffix "-") $suffix -}}
+{{- end }}
+
+{{/* NATS resources. The StatefulSet's name is at most 52 characters: its pods'
+     controller-revision-hash label is the name plus a dash and ten characters,
+     and a label value holds 63; so the headless Service's
+     (<this>-headless) stays within 63 too. */}}
 {{- define "herald.nats.fullname" -}}
-{{- printf "%s-nats" (include "herald.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "herald.suffixedName" (list . "nats" 52) }}
 {{- end }}
 
 {{- define "herald.nats.selectorLabels" -}}
@@ -106,23 +123,56 @@ and the API keys file (a key of the API key Secret). Checks the settings.
 {{- end }}
 {{- end }}
 
+{{/* The ports Herald reaches NATS on, comma-separated: the bundled servers'
+     client port, or each distinct port of nats.url's URLs (4222 where a URL
+     names none, as NATS clients default). */}}
+{{- define "herald.natsPorts" -}}
+{{- if .Values.nats.enabled -}}
+{{- .Values.nats.clientPort -}}
+{{- else -}}
+{{- $ports := list -}}
+{{- range splitList "," (include "herald.natsUrl" .) -}}
+{{- $hostport := regexReplaceAll "^[A-Za-z]+://" (trim .) "" -}}
+{{- $hostport = regexReplaceAll "^[^@/]*@" $hostport "" -}}
+{{- $hostport = regexReplaceAll "/.*$" $hostport "" -}}
+{{- $port := regexFind ":[0-9]+$" $hostport | trimPrefix ":" | default "4222" -}}
+{{- $ports = append $ports $port -}}
+{{- end -}}
+{{- $ports | uniq | join "," -}}
+{{- end -}}
+{{- end }}
+
 {{/* Refuses access-control settings that name no Secret. */}}
 {{- define "herald.checkAuth" -}}
 {{- $t := .Values.auth.tokens -}}
 {{- if and (or $t.hmacKey $t.publicKey $t.jwksKey) (not $t.secretName) -}}
 {{- fail "auth.tokens.secretName is required when auth.tokens.hmacKey, publicKey or jwksKey is set" -}}
 {{- end -}}
-{{- if and (not .Values.nats.enabled) .Values.nats.auth.enabled (not .Values.nats.auth.existingSecret) -}}
-{{- fail "nats.auth.enabled with an external NATS (nats.enabled false) needs nats.auth.existingSecret holding its password; or set nats.auth.enabled false" -}}
+{{- if and (not .Values.nats.enabled) .Values.nats.auth.enabled (not .Values.nats.auth.existingSecret) (not .Values.nats.auth.password) -}}
+{{- fail "nats.auth.enabled with an external NATS (nats.enabled false) needs nats.auth.existingSecret holding its password (or nats.auth.password); or set nats.auth.enabled false" -}}
 {{- end -}}
 {{- if and .Values.auth.apiKeysFileKey (not .Values.auth.existingSecret) -}}
 {{- fail "auth.apiKeysFileKey names a key of auth.existingSecret: set both" -}}
 {{- end -}}
 {{- end -}}
 
-{{/* The Secret holding the NATS password. */}}
+{{/* The chart makes the NATS Secret, unless existingSecret names one: for the
+     bundled NATS, Herald's password (nats.auth) and the route password (more
+     than one server); for an external one, nats.auth.password. */}}
+{{- define "herald.nats.secretNeeded" -}}
+{{- $a := .Values.nats.auth -}}
+{{- if not $a.existingSecret -}}
+{{- if and .Values.nats.enabled (or $a.enabled (gt (int .Values.nats.replicas) 1)) -}}
+true
+{{- else if and (not .Values.nats.enabled) $a.enabled $a.password -}}
+true
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/* The Secret holding the NATS passwords. */}}
 {{- define "herald.natsSecretName" -}}
-{{- default (printf "%s-nats-auth" (include "herald.fullname" .)) .Values.nats.auth.existingSecret }}
+{{- default (include "herald.suffixedName" (list . "nats-auth" 63)) .Values.nats.auth.existingSecret }}
 {{- end }}
 
 {{/*
@@ -137,5 +187,155 @@ bundled NATS of 3 or more servers, else 1.
 3
 {{- else -}}
 1
+{{- end -}}
+{{- end }}
+
+{{/* The bundled NATS's nats.conf (its ConfigMap, and the StatefulSet's
+     checksum of it). */}}
+{{- define "herald.nats.conf" -}}
+{{- $fullname := include "herald.nats.fullname" . -}}
+port: {{ .Values.nats.clientPort }}
+http_port: {{ .Values.nats.monitorPort }}
+server_name: $POD_NAME
+pid_file: /var/run/nats/nats.pid
+# Room for Herald's largest message (config.maxMessageBytes) plus its
+# headers; never below NATS's default of 1 MiB.
+max_payload: {{ max 1048576 (add (int64 .Values.config.maxMessageBytes) 4096) | int64 }}
+# nats-server refuses less than 30s.
+lame_duck_duration: {{ .Values.nats.lameDuckDuration }}
+lame_duck_grace_period: 10s
+{{- if .Values.nats.auth.enabled }}
+# Only clients with the password (Herald) may connect.
+authorization {
+  user: {{ .Values.nats.auth.user | quote }}
+  password: $NATS_PASSWORD
+}
+{{- end }}
+{{- if .Values.nats.jetstream.enabled }}
+# The history store (config.history), on this server's volume.
+jetstream {
+  store_dir: /data
+  max_file_store: {{ include "herald.nats.maxFileStore" . }}
+  max_memory_store: {{ .Values.nats.jetstream.maxMemoryStore }}
+}
+{{- end }}
+{{- if .Values.nats.tls.enabled }}
+tls {
+  cert_file: /etc/nats-tls/tls.crt
+  key_file: /etc/nats-tls/tls.key
+}
+{{- end }}
+{{- if gt (int .Values.nats.replicas) 1 }}
+# Routes between the servers. A server joins only with the route
+# password: each URL below carries it ($NATS_ROUTE_<n>, built in the
+# pod's env from the Secret), and this block asks it of every server
+# that connects, so a stray nats-server cannot join and publish.
+cluster {
+  name: {{ include "herald.fullname" . }}
+  port: {{ .Values.nats.clusterPort }}
+  authorization {
+    user: route
+    password: $NATS_ROUTE_PASSWORD
+  }
+  {{- if .Values.nats.tls.enabled }}
+  # Routes are TLS too, verified both ways against ca.crt.
+  tls {
+    cert_file: /etc/nats-tls/tls.crt
+    key_file: /etc/nats-tls/tls.key
+    ca_file: /etc/nats-tls/ca.crt
+  }
+  {{- end }}
+  {{- if .Values.nats.noAdvertise }}
+  # Clients are not told the servers' own addresses: they stay on the Service.
+  no_advertise: true
+  {{- end }}
+  routes: [
+    {{- range $i := until (int .Values.nats.replicas) }}
+    $NATS_ROUTE_{{ $i }}
+    {{- end }}
+  ]
+}
+{{- end }}
+{{- end }}
+
+{{/* Two maps as one YAML map, never a key twice (kustomize and Flux refuse
+     duplicate keys): the first wins. Called with (list first second). */}}
+{{- define "herald.mergeMaps" -}}
+{{- $m := merge (deepCopy (index . 0)) (deepCopy (index . 1)) -}}
+{{- if $m }}{{ toYaml $m }}{{ end -}}
+{{- end }}
+
+{{/* Refuses extra labels that would change a selector's: the selector
+     would no longer match the pods. Called with (list selector extra "what"). */}}
+{{- define "herald.checkLabels" -}}
+{{- $sel := index . 0 -}}
+{{- range $k, $v := index . 1 -}}
+{{- if and (hasKey $sel $k) (ne (toString $v) (index $sel $k)) -}}
+{{- fail (printf "%s may not set %s (%s): the chart's selector uses it (%s)" (index $ 2) $k (toString $v) (index $sel $k)) -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+The Deployment's grace period: everything between the preStop hook and the
+process's exit fits in it. After preStopSeconds and the drain
+(config.drainSeconds) herald waits up to 5 s for the sessions to end, 5 s
+for HTTP requests in flight, 5 s for the NATS flush and 5 s for the NATS
+connection to close (broker/src/server.rs, node/mod.rs, cluster/bus.rs):
+20 s, and 5 s more for the rest of its stop. terminationGracePeriodSeconds 0
+derives it with 5 s to spare; a set value below what the waits need is
+refused, since the kubelet's SIGKILL would cut the flush of what clients
+published last.
+*/}}
+{{- define "herald.terminationGracePeriodSeconds" -}}
+{{- $need := add (int .Values.preStopSeconds) (int .Values.config.drainSeconds) 25 -}}
+{{- $set := int .Values.terminationGracePeriodSeconds -}}
+{{- if not $set -}}
+{{- add $need 5 -}}
+{{- else if lt $set $need -}}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSeconds + config.drainSeconds + 25 = %d: after the drain herald waits up to 5 s each for sessions, HTTP requests, the NATS flush and the NATS close, then stops; or set 0 to derive it" $set $need) -}}
+{{- else -}}
+{{- $set -}}
+{{- end -}}
+{{- end }}
+
+{{/* Bytes in a Kubernetes quantity (10Gi) or a NATS size (8GB, binary as
+     nats-server reads it), or a plain number. */}}
+{{- define "herald.bytes" -}}
+{{- $n := regexFind "^[0-9]+" . | int64 -}}
+{{- $unit := regexFind "[A-Za-z]+$" . -}}
+{{- $scale := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "KB" 1024 "MB" 1048576 "GB" 1073741824 "TB" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 -}}
+{{- mul $n (index $scale $unit) -}}
+{{- end }}
+
+{{/* JetStream's max_file_store: nats.jetstream.maxFileStore, or (empty) the
+     volume's size. */}}
+{{- define "herald.nats.maxFileStore" -}}
+{{- .Values.nats.jetstream.maxFileStore | default (include "herald.bytes" .Values.nats.jetstream.storageSize) -}}
+{{- end }}
+
+{{/* Refuses history settings the bundled NATS cannot keep: the node would
+     answer /readyz 200 with "history: jetstream stream unavailable". */}}
+{{- define "herald.checkHistory" -}}
+{{- $js := .Values.nats.jetstream -}}
+{{- if and .Values.nats.enabled .Values.config.history -}}
+{{- if not $js.enabled -}}
+{{- fail "config.history needs JetStream: the bundled NATS has nats.jetstream.enabled false (turn it on, or leave config.history empty)" -}}
+{{- end -}}
+{{- $store := include "herald.bytes" (include "herald.nats.maxFileStore" .) | int64 -}}
+{{- if gt (int64 .Values.config.historyBytes) $store -}}
+{{- fail (printf "config.historyBytes (%d) exceeds nats.jetstream.maxFileStore (%s = %d bytes): each server holding a copy of the history stream must fit all of it" (int64 .Values.config.historyBytes) (include "herald.nats.maxFileStore" .) $store) -}}
+{{- end -}}
+{{- $copies := include "herald.historyReplicas" . | int -}}
+{{- if gt $copies (int .Values.nats.replicas) -}}
+{{- fail (printf "config.historyReplicas (%d) exceeds nats.replicas (%d): a stream keeps each copy on another server" $copies (int .Values.nats.replicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.nats.enabled $js.enabled -}}
+{{- $volume := include "herald.bytes" $js.storageSize | int64 -}}
+{{- $store := include "herald.bytes" (include "herald.nats.maxFileStore" .) | int64 -}}
+{{- if gt $store $volume -}}
+{{- fail (printf "nats.jetstream.maxFileStore (%s) exceeds nats.jetstream.storageSize (%s): JetStream would fill the volume and stop; lower it or leave it empty to use the volume's size" (include "herald.nats.maxFileStore" .) $js.storageSize) -}}
+{{- end -}}
 {{- end -}}
 {{- end }}
