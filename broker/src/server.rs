@@ -106,7 +106,7 @@ pub async fn serve(
         tasks.spawn(reaper);
     }
     let stop = CancellationToken::new();
-    let http = TaskTracker::new();
+    let http = Http::default();
     let accept = tasks.spawn_owned(accept_loop(node.clone(), listener, stop.clone(), http.clone()));
     let admin = metrics.map(|l| tasks.spawn_owned(admin_loop(node.clone(), l, stop.clone(), http.clone())));
     shutdown.await;
@@ -119,13 +119,19 @@ pub async fn serve(
     if let Some(a) = admin {
         let _ = a.await;
     }
-    http.close();
-    if tokio::time::timeout(Duration::from_secs(5), http.wait())
+    http.tracker.close();
+    if tokio::time::timeout(Duration::from_secs(5), http.tracker.wait())
         .await
         .is_err()
     {
-        tracing::warn!("HTTP requests still running after the grace period; waiting for them");
-        http.wait().await;
+        // Bounded: a request that never ends (a body trickled in) must not
+        // hold the process past the grace the orchestrator gives it.
+        tracing::warn!(
+            running = http.tracker.len(),
+            "HTTP requests still running after the 5 s grace; ending them"
+        );
+        http.abort.cancel();
+        http.tracker.wait().await;
     }
     node.router.bus().flush(Duration::from_secs(5)).await;
     // Then every task of the node ends, the sessions' and writers' last,
@@ -133,6 +139,26 @@ pub async fn serve(
     node.tasks.stop().await;
     node.sessions.finish().await;
     node.router.bus().close().await;
+}
+
+/// The HTTP connections' tasks: tracked, so shutdown lets their requests
+/// finish, and ended, after its grace, all at once.
+#[derive(Clone, Default)]
+struct Http {
+    tracker: TaskTracker,
+    abort: CancellationToken,
+}
+
+impl Http {
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let abort = self.abort.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = abort.cancelled() => {}
+            }
+        });
+    }
 }
 
 /// Re-reads the key files on each SIGHUP (key rotation).
@@ -145,7 +171,7 @@ async fn reload_on_hangup(node: Arc<Node>) {
     }
 }
 
-async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken, http: TaskTracker) {
+async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken, http: Http) {
     let mut backoff = Duration::from_millis(5);
     loop {
         tokio::select! {
@@ -181,7 +207,7 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationT
 /// so a public port full of pending connections never turns a probe away;
 /// the route table's admin rows (`/metrics`, `/healthz`, `/readyz`),
 /// answered as the public listener answers them.
-async fn admin_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken, http: TaskTracker) {
+async fn admin_loop(node: Arc<Node>, listener: TcpListener, stop: CancellationToken, http: Http) {
     let bound = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let accepted = tokio::select! {

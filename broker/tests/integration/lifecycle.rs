@@ -205,3 +205,24 @@ fn run_returns_with_every_task_ended_and_nats_closed() {
         drop(ws);
     });
 }
+
+/// Shutdown gives HTTP requests in flight a grace of 5 s, then ends them:
+/// a publish whose body trickles in (or never comes) does not hold the
+/// process past it. (It waited for them with no bound, so no termination
+/// grace period covered it.)
+#[tokio::test]
+async fn shutdown_ends_a_request_that_never_finishes() {
+    use tokio::io::AsyncWriteExt;
+    // The body's own deadline far off: only the shutdown's grace ends it.
+    let mut h = Herald::start(&["--drain-period", "0s", "--body-timeout", "120s"]);
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(b"POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"topic\":")
+        .await
+        .unwrap();
+    // The request is in: its body is being read.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.sigterm();
+    let status = h.wait_exit().await;
+    assert!(status.success(), "{status:?}");
+    drop(s);
+}
