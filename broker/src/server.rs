@@ -57,12 +57,20 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// admission, and a flood of the metrics port is bounded too.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
+/// Bytes of a socket's stream the kernel may hold unsent (see [`bind`]).
+const NOTSENT_LOWAT: u32 = 128 * 1024;
+
 /// Binds `addr` with a deep listen backlog (tokio's `bind` uses 128, which
 /// drops handshakes during connection storms).
 pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    // Accepted sockets inherit it: the kernel holds at most this much
+    // unsent for a client, so a write waits (and a reader shows itself
+    // alive, see `Outbox::last_seen`) once a slow client is that far
+    // behind, and a ping is never queued behind megabytes in the kernel.
+    socket.set_tcp_notsent_lowat(NOTSENT_LOWAT)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
