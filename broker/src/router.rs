@@ -198,7 +198,14 @@ impl Router {
             )
         };
         let mut gate = None;
-        if !held {
+        if held {
+            // Acked now: a recovery still running for it must not drop it.
+            let subs = sub.subs();
+            let running = subs.iter().find(|s| !s.retired && &*s.pattern == pattern);
+            if let Some(g) = running.and_then(|s| s.gate()) {
+                g.keep();
+            }
+        } else {
             let max = self.inner.max_subscriptions;
             if count >= max {
                 return Err(SubscribeError::Limit { max });
@@ -259,11 +266,27 @@ impl Router {
                 id: ack.as_deref(),
             };
             let through = recovery::recover(inner.bus.history(), &inner.metrics, &sub, &gate, asked).await;
+            // Nothing is announced for a socket already closing: its
+            // leave would follow at once.
+            let live = || !sub.outbox.is_closing();
             match through {
-                Ok(through) => {
+                Ok(Some(through)) => {
                     gate.step(|| {
                         sub.release(&pattern, through);
-                        router.subscribed(&sub, &pattern, Who::of(&who), None, true);
+                        if live() {
+                            router.subscribed(&sub, &pattern, Who::of(&who), None, true);
+                        }
+                    });
+                }
+                Ok(None) => {}
+                // Acked again by a later plain `sub` meanwhile: it stays,
+                // live from here.
+                Err(_) if gate.kept() => {
+                    gate.step(|| {
+                        sub.release(&pattern, 0);
+                        if live() {
+                            router.subscribed(&sub, &pattern, Who::of(&who), None, true);
+                        }
                     });
                 }
                 Err(_) => {

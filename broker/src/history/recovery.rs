@@ -73,27 +73,39 @@ pub struct Asked<'a> {
 pub struct Ahead;
 
 /// Answers the new subscription `sub` holds to `asked.pattern` with what
-/// it asked for: the ack, then the replay. Returns the replay's end (`through`), for the caller to
-/// release the subscription's hold with. A position ahead of the history
-/// is answered `bad_request`; the caller then drops the subscription.
+/// it asked for: the ack, then the replay. Returns the replay's end
+/// (`through`), for the caller to release the subscription's hold with,
+/// or `None` when there is nothing to release: the subscription ended, or
+/// the socket closed, before the replay was out. A position ahead of the
+/// history is answered `bad_request`; the caller then drops the
+/// subscription.
 ///
 /// It runs beside the socket's read loop, so the subscription can end at
-/// any point of it: the read and the ack still go (the request is
-/// answered as it stood), but from its end on, through `gate`, not one
-/// frame of the replay follows.
+/// any point of it (see [`Gate`]). Ended before its ack (an `unsub` sent
+/// right behind the `sub`), it is acked plainly, claiming no recovery;
+/// from its end on, not one frame of the replay follows.
 pub async fn recover(
     history: Option<&History>,
     metrics: &Metrics,
     sub: &Arc<Subscriber>,
     gate: &Gate,
     asked: Asked<'_>,
-) -> Result<u64, Ahead> {
+) -> Result<Option<u64>, Ahead> {
     let Asked {
         pattern,
         ask,
         max,
         id,
     } = asked;
+    let plain = || {
+        if let Some(id) = id {
+            sub.push(message::encode_ack(id));
+        }
+        Ok(None)
+    };
+    if gate.is_ended() {
+        return plain();
+    }
     let (result, epoch) = read(history, pattern, ask, max).await;
     // A refusal says where the history is now (the client that reloads
     // starts from there), unless it cannot be read at all.
@@ -104,6 +116,7 @@ pub async fn recover(
     let outcome = match result {
         Err(ReplayError::Future(at)) => {
             let msg = format!("since is ahead of the history: it is at {at}");
+            metrics.error(ErrorCode::BadRequest);
             sub.push(message::encode_error(ErrorCode::BadRequest, &msg, id));
             return Err(Ahead);
         }
@@ -111,7 +124,9 @@ pub async fn recover(
         Ok(replay) => Ok(replay),
     };
     let epoch = epoch.as_deref().unwrap_or("");
-    match ask {
+    // The ack in the gate's turn: a subscription that ended meanwhile gets
+    // the plain one.
+    let acked = gate.step(|| match ask {
         Ask::Since { .. } => {
             let ack = outcome.as_ref().map(|_| ()).map_err(|w| *w);
             let counter = if ack.is_ok() {
@@ -143,12 +158,19 @@ pub async fn recover(
                 ));
             }
         },
+    });
+    if acked.is_none() {
+        return plain();
     }
     if let Ok(replay) = outcome {
         let sent = send(sub, gate, &replay, epoch).await;
         metrics.replayed.fetch_add(sent as u64, Relaxed);
+        if sent < replay.messages.len() {
+            // Cut short: the socket is closing, or the subscription ended.
+            return Ok(None);
+        }
     }
-    Ok(through)
+    Ok(Some(through))
 }
 
 /// Reads the store: the replay, or why not; and the history's epoch.

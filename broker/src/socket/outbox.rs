@@ -328,6 +328,11 @@ impl Outbox {
         self.lock().close.as_ref().is_some_and(|c| !c.flushes())
     }
 
+    /// Whether a close was requested (by anyone).
+    pub fn is_closing(&self) -> bool {
+        self.lock().close.is_some()
+    }
+
     /// Resolves once a close was requested (by anyone).
     pub async fn closed(&self) {
         self.closed.notified().await

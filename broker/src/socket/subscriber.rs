@@ -97,6 +97,7 @@ pub struct Gate {
     /// step happens wholly before the end, or not at all.
     turn: Mutex<()>,
     ended: CancellationToken,
+    kept: AtomicBool,
 }
 
 impl Gate {
@@ -116,6 +117,23 @@ impl Gate {
     /// Resolves once the recovery has ended.
     pub async fn ended(&self) {
         self.ended.cancelled().await
+    }
+
+    /// Whether the recovery has ended.
+    pub fn is_ended(&self) -> bool {
+        self.ended.is_cancelled()
+    }
+
+    /// A later `sub` of the same pattern was acked while this one
+    /// recovered: the subscription must stay, whatever its recovery's
+    /// outcome.
+    pub fn keep(&self) {
+        self.kept.store(true, Relaxed);
+    }
+
+    /// Whether [`Gate::keep`] was called.
+    pub fn kept(&self) -> bool {
+        self.kept.load(Relaxed)
     }
 }
 

@@ -364,6 +364,15 @@ impl Client {
         }
     }
 
+    /// Sends several text frames in one write (the node reads them in one
+    /// go, before anything it spawned for the first can run).
+    pub async fn send_together(&mut self, texts: &[String]) {
+        for t in texts {
+            self.ws.feed(Message::Text(t.clone())).await.expect("feed");
+        }
+        self.ws.flush().await.expect("flush");
+    }
+
     pub async fn send(&mut self, text: impl Into<String>) {
         self.ws.send(Message::Text(text.into())).await.expect("send");
     }

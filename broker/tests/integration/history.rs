@@ -1127,3 +1127,65 @@ async fn a_replaced_stream_is_read_from_its_start() {
         assert_eq!(ack["reason"], "epoch_changed", "{ack}");
     }
 }
+
+/// From the outside attack on recoveries beside the read loop: requests
+/// sent right behind a recovering `sub`, in the same write.
+/// - A later plain `sub` of the pattern is acked; a `since` ahead of the
+///   history then must not drop the subscription it acked.
+/// - An `unsub` right behind it: no `recovered:true` ack after the unsub's.
+/// - An ahead `since` counts as a `bad_request` error.
+#[tokio::test]
+async fn requests_behind_a_recovery_keep_their_answers() {
+    let h = Herald::start(&["--history", "chat:*=100"]);
+    let mut c = h.connect("").await;
+    let ack = c.request(json!({"op":"sub","topic":"chat:warm","id":0})).await;
+    let epoch = ack["epoch"].as_str().expect("epoch").to_owned();
+    let before = h.metric("herald_errors_total{code=\"bad_request\"}").await;
+    // Ahead, then a plain sub of the same pattern, in one write.
+    let ahead = json!({"op":"sub","topic":"chat:x","id":2,"since":{"seq":999999,"epoch":epoch}});
+    let plain = json!({"op":"sub","topic":"chat:x","id":3});
+    c.send_together(&[ahead.to_string(), plain.to_string()]).await;
+    let (mut refused, mut acked) = (false, false);
+    while !(refused && acked) {
+        let v = c.recv().await;
+        match v["id"].as_u64() {
+            Some(2) => refused = v["code"] == "bad_request",
+            Some(3) => acked = v["op"] == "ack",
+            _ => {}
+        }
+    }
+    // Once the refused recovery has run its course.
+    eventually("the recovery ended", || async {
+        h.metric("herald_recoveries_running").await == 0.0
+    })
+    .await;
+    h.publish("chat:x", r#"{"after":1}"#).await;
+    let v = c.recv().await;
+    assert_eq!(v["data"]["after"], 1, "the acked subscription holds: {v}");
+    assert_eq!(
+        h.metric("herald_errors_total{code=\"bad_request\"}").await,
+        before + 1.0
+    );
+    // sub since + unsub, 20 times: a recovered:true never follows the
+    // unsub's ack.
+    for round in 0..20 {
+        let topic = format!("chat:r{round}");
+        let sub = json!({"op":"sub","topic":topic,"id":"s","since":{"seq":0,"epoch":epoch}});
+        let unsub = json!({"op":"unsub","topic":topic,"id":"u"});
+        c.send_together(&[sub.to_string(), unsub.to_string()]).await;
+        let (mut s_answer, mut u_seen) = (None, false);
+        while s_answer.is_none() || !u_seen {
+            let v = c.recv().await;
+            if v["id"] == "u" {
+                u_seen = true;
+            } else if v["id"] == "s" {
+                s_answer = Some((v.clone(), u_seen));
+            }
+        }
+        let (v, after_unsub) = s_answer.unwrap();
+        assert!(
+            !(after_unsub && v["recovered"] == true),
+            "round {round}: recovered:true after the unsub's ack: {v}"
+        );
+    }
+}
