@@ -388,6 +388,56 @@ async fn hostile_tokens_are_refused_and_nobody_else_notices() {
     assert_eq!(first_frame.recv().await["data"], "still here");
 }
 
+/// README says `aud` / `iss` are required once `--auth-audience` /
+/// `--auth-issuer` are set: a token that leaves either out is refused,
+/// naming the claim, at the handshake and as a first frame.
+#[tokio::test]
+async fn a_configured_audience_and_issuer_must_be_in_the_token() {
+    let h = node_a();
+    for (what, drop) in [
+        ("no aud", &["aud"][..]),
+        ("no iss", &["iss"]),
+        ("neither", &["aud", "iss"]),
+    ] {
+        let mut c = claims("eve", &["chat:*"], &[], 600);
+        for k in drop {
+            c.as_object_mut().unwrap().remove(*k);
+        }
+        let token = sign(Algorithm::HS256, None, &c);
+        let (status, body) = handshake(&h, &format!("token={token}")).await;
+        assert_eq!(status, 401, "{what}: {body}");
+        assert!(body.contains("missing claim"), "{what}: {body}");
+        let mut s = Client::connect(&h.url("")).await;
+        s.send(json!({"op": "auth", "token": token}).to_string()).await;
+        let (code, why) = s.recv_close().await;
+        assert_eq!(code, 4501, "{what}: {why}");
+        assert!(why.contains("missing claim"), "{what}: {why}");
+    }
+    // With both, the same token is admitted.
+    let token = sign(Algorithm::HS256, None, &claims("eve", &["chat:*"], &[], 600));
+    assert_eq!(handshake(&h, &format!("token={token}")).await.0, 101);
+}
+
+/// `alg: none` (in any case) is refused for what it is, an unsigned token,
+/// and an `alg` that names no algorithm is named; not as claims of the
+/// wrong type.
+#[tokio::test]
+async fn alg_none_is_refused_as_an_unsigned_token() {
+    let h = node_a();
+    let c = claims("eve", &["chat:*"], &[], 600).to_string();
+    for (header, reason) in [
+        (r#"{"alg":"none","typ":"JWT"}"#, "unsigned token"),
+        (r#"{"alg":"NONE"}"#, "unsigned token"),
+        (r#"{"alg":"HS999"}"#, "not a JWS algorithm"),
+    ] {
+        let token = forge(header, &c, "");
+        let (status, body) = handshake(&h, &format!("token={token}")).await;
+        assert_eq!(status, 401, "{header}: {body}");
+        assert!(body.contains(reason), "{header}: expected {reason:?} in {body}");
+        assert!(!body.contains("claims are not"), "{header}: {body}");
+    }
+}
+
 /// Every key kind: ES256 and RS256 by `kid` from a JWKS (an unknown kid is
 /// refused), EdDSA and ES256 from PEM public keys; a JWKS re-read on SIGHUP
 /// rotates keys without a restart.
