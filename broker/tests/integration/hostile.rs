@@ -423,3 +423,28 @@ async fn refused_handshakes_are_logged_once_per_reason_per_window() {
         origin_lines(&h)
     );
 }
+
+/// A request target hyper refuses (`>` sent bare, as curl or a hand-built
+/// URL may; browsers send `%3E`) gets the JSON error of every other
+/// handshake refusal, naming the character, not an empty 400; the encoded
+/// form still subscribes.
+#[tokio::test]
+async fn a_bare_wildcard_in_the_url_gets_a_json_refusal() {
+    let h = Herald::start(&[]);
+    for path in ["/ws?sub=chat:>", "/ws?sub=<b>", "/ws?sub=\"x\""] {
+        let (status, body) = h.http(&upgrade_request(path, "x", "")).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body:?}"));
+        assert_eq!(v["error"]["code"], "bad_request", "{path}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("percent-encode"),
+            "{path}: {v}"
+        );
+    }
+    let (_, body) = h.http(&upgrade_request("/ws?sub=chat:>", "x", "")).await;
+    assert!(body.contains("%3E"), "{body}");
+    let mut c = h.connect("sub=chat:%3E").await;
+    h.publish("chat:lobby", "1").await;
+    assert_eq!(c.recv().await["data"], 1);
+}
