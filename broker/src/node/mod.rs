@@ -180,6 +180,25 @@ impl Node {
     }
 }
 
+/// Checks what [`Node::new`] would refuse, without building a node or
+/// connecting anything: the route table, the token keys, the API key file
+/// and the `--nats` URLs. The binary calls it before it binds its port, so
+/// a node that cannot start never says it listens.
+pub fn check(config: &Config) -> Result<(), Error> {
+    Routes::new(config)?;
+    Auth::from_config(config)?;
+    api_keys(config)?;
+    let auth = LinkAuth {
+        user: config.nats_user.clone(),
+        password: config.nats_password.clone(),
+        tls_ca: config.nats_tls_ca.clone(),
+    };
+    for url in &config.nats {
+        crate::cluster::link::server(url, &auth)?;
+    }
+    Ok(())
+}
+
 /// The HTTP publish keys: `--api-key` and the lines of `--api-key-file`
 /// (blank lines and `#` comments skipped; an empty key means none).
 fn api_keys(config: &Config) -> Result<Vec<String>, KeyError> {

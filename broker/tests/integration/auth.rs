@@ -476,6 +476,21 @@ async fn an_api_key_file_is_re_read_when_it_changes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An HMAC key under 32 bytes is refused before the node binds its port:
+/// it never prints `herald listening on …` and then exits.
+#[tokio::test]
+async fn a_short_hmac_key_is_refused_before_the_node_listens() {
+    let dir = std::env::temp_dir().join(format!("herald-shortkey-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let short = dir.join("hmac");
+    std::fs::write(&short, "only-twenty-bytes-xx").unwrap();
+    let stderr = Herald::refusal(&["--auth-hmac-key-file", short.to_str().unwrap()]);
+    assert!(stderr.contains("32 bytes"), "{stderr}");
+    let stderr = Herald::refusal(&["--api-key-file", dir.join("absent").to_str().unwrap()]);
+    assert!(stderr.contains("absent"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Every key kind: ES256 and RS256 by `kid` from a JWKS (an unknown kid is
 /// refused), EdDSA and ES256 from PEM public keys; a JWKS re-read on SIGHUP
 /// rotates keys without a restart.
