@@ -245,6 +245,7 @@ impl Node {
         let stamp = modified(self.config.api_key_file.as_deref());
         match api_keys(&self.config) {
             Ok(keys) => {
+                tracing::info!(keys = keys.len(), "API keys reloaded");
                 *self.api_keys.writing() = keys;
                 *self.api_keys_read.locked() = stamp;
             }

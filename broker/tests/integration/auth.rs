@@ -444,7 +444,7 @@ async fn alg_none_is_refused_as_an_unsigned_token() {
 /// and without one.
 #[tokio::test]
 async fn an_api_key_file_is_re_read_when_it_changes() {
-    let dir = std::env::temp_dir().join(format!("herald-apikeys-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("herald-apikeys-changed-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (i, token_key) in [false, true].into_iter().enumerate() {
         let file = dir.join(format!("keys-{i}"));
@@ -454,7 +454,7 @@ async fn an_api_key_file_is_re_read_when_it_changes() {
         if token_key {
             args.extend(["--auth-hmac-key-file", &hmac]);
         }
-        let h = Herald::start(&args);
+        let h = Herald::start_logged_at("info", &args);
         let body = r#"{"topic":"chat:lobby","data":1}"#;
         let with = |k: &'static str| format!("Authorization: Bearer {k}\r\n");
         assert_eq!(h.post("/v1/publish", &with("old-key"), body).await.0, 200);
@@ -467,7 +467,8 @@ async fn an_api_key_file_is_re_read_when_it_changes() {
         while h.post("/v1/publish", &with("new-key"), body).await.0 != 200 {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "token key {token_key}: the changed key file was not re-read"
+                "token key {token_key}: the changed key file was not re-read: {:#?}",
+                h.log()
             );
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
