@@ -76,7 +76,7 @@ pub use config::{parse_duration, Config};
 pub use fanout::{Delivery, Hub};
 pub use metrics::Metrics;
 pub use net::routes::{Collision, Routes};
-pub use node::Error;
+pub use node::{check, Error};
 pub use presence::{Member, On, Roster};
 pub use server::{bind, run};
 pub use socket::Subscriber;

@@ -125,9 +125,10 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(config) => {
                 init_logs(&config);
-                // Refused before the port is bound: the node builds the
-                // same table, and routes every request by it.
-                herald_broker::Routes::new(&config)?;
+                // Refused before the port is bound, so a node that cannot
+                // start never prints that it listens: the route table, the
+                // key files, the NATS URLs, as the node will read them.
+                herald_broker::check(&config)?;
                 let listener = herald_broker::bind(config.listen, config.backlog)?;
                 let addr = listener.local_addr()?;
                 tracing::info!(%addr, "listening");

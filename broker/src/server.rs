@@ -298,7 +298,23 @@ async fn serve_http(
         _ = stop.cancelled() => return,
     };
     let prefix = match head {
-        Head::Arrived(prefix) => prefix,
+        Head::Arrived(prefix) => match preread::bad_target(&prefix) {
+            None => prefix,
+            Some(msg) => {
+                if let Some(held) = node.refusals.allow("bad_target") {
+                    tracing::warn!(%remote, suppressed = held, "request refused: 400 {msg}");
+                }
+                preread::refuse(
+                    &mut stream,
+                    "400 Bad Request",
+                    ErrorCode::BadRequest,
+                    &msg,
+                    &node.metrics,
+                )
+                .await;
+                return;
+            }
+        },
         Head::Gone => return,
         Head::TimedOut => {
             tracing::debug!(%remote, "handshake_timeout: request head not received in time");

@@ -4,9 +4,10 @@
 //! The algorithms a token may use are exactly those its key implies: an HMAC
 //! secret accepts HS256/384/512, an RSA key RS* and PS*, an EC key ES256/384,
 //! an Ed25519 key EdDSA. `alg: none` names no algorithm at all and is
-//! refused by the parser. Parsing and signatures are `jsonwebtoken`'s; this
-//! module picks the key, checks the claims Herald adds (`herald` grants,
-//! `iat`), and turns every failure into a short reason for the client.
+//! refused by the parser, with that reason. A configured audience or
+//! issuer must be present in the token, and match. Parsing and signatures
+//! are `jsonwebtoken`'s; this module picks the key, checks the claims
+//! Herald adds (`herald` grants, `iat`), and turns every failure into a short reason for the client.
 //!
 //! Uses: `sync`, `clock`, `config`.
 
@@ -206,7 +207,13 @@ impl Auth {
         v.leeway = self.leeway;
         v.validate_exp = true;
         v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp"]);
+        // A configured audience or issuer is required, not only checked
+        // when present: a token that leaves the claim out was not minted
+        // for this node.
+        let mut required = vec!["exp"];
+        required.extend(self.audience.as_ref().map(|_| "aud"));
+        required.extend(self.issuer.as_ref().map(|_| "iss"));
+        v.set_required_spec_claims(&required);
         if let Some(a) = &self.audience {
             v.set_audience(&[a]);
         } else {
@@ -303,8 +310,13 @@ impl Auth {
         if token.len() > MAX_TOKEN_LEN {
             return Err(format!("token longer than {MAX_TOKEN_LEN} bytes"));
         }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| format!("malformed token: {}", reason(e.kind())))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match header_alg(token) {
+            Some(alg) if alg.eq_ignore_ascii_case("none") => {
+                "malformed token: alg \"none\" (an unsigned token) is never accepted".to_owned()
+            }
+            Some(alg) => format!("malformed token: alg {:?} is not a JWS algorithm", shorten(&alg)),
+            None => format!("malformed token: {}", reason(e.kind())),
+        })?;
         let verifiers = self.verifiers.reading();
         let verifier = match &header.kid {
             Some(kid) if verifiers.iter().any(|v| v.kid.is_some()) => verifiers
@@ -399,6 +411,19 @@ fn patterns(v: Option<&Value>, field: &str) -> Result<Vec<Box<str>>, String> {
             }
         })
         .collect()
+}
+
+/// The `alg` a token's header names, read without `jsonwebtoken` (which
+/// refuses a header whose `alg` it does not know, `none` among them, as
+/// JSON of the wrong type): so the refusal can name the real reason.
+fn header_alg(token: &str) -> Option<String> {
+    use base64::Engine;
+    let head = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head)
+        .ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("alg")?.as_str().map(str::to_owned)
 }
 
 fn shorten(s: &str) -> String {

@@ -305,8 +305,9 @@ pub struct Config {
     #[arg(long, env = "HERALD_API_KEY_FILE")]
     pub api_key_file: Option<String>,
 
-    /// Key for the status page (`/status`, `?key=` or a bearer); without
-    /// it the page answers loopback clients only.
+    /// Key for the status page (`/status`, `?key=` or a bearer), then
+    /// asked of every client, loopback included; without it the page
+    /// answers loopback clients only.
     #[arg(long, env = "HERALD_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
 

@@ -107,7 +107,16 @@ pub fn ready(node: &Node) -> Response<Body> {
         Some(false) if never_linked => "nats: never connected\n",
         Some(false) => "nats: disconnected\n",
     };
-    let history = match node.router.bus().history().map(|h| &h.store) {
+    // Likewise a node with history in a stream it has never reached: it
+    // would answer every recovery `history_unavailable` (a client told
+    // to reload with nothing lost). Once reached it stays ready if the
+    // stream is lost: live delivery goes on, and recoveries say why not.
+    let store = node.router.bus().history().map(|h| &h.store);
+    let never_stored = matches!(store, Some(crate::history::store::Store::Stream(s)) if s.epoch().is_none());
+    let history = match store {
+        Some(crate::history::store::Store::Stream(_)) if never_stored => {
+            "history: jetstream stream not reached yet (is JetStream enabled?)\n"
+        }
         Some(crate::history::store::Store::Stream(s)) if s.available() => {
             "history: jetstream stream available\n"
         }
@@ -124,7 +133,7 @@ pub fn ready(node: &Node) -> Response<Body> {
             "text/plain",
             format!("draining\n{link}"),
         )
-    } else if never_linked {
+    } else if never_linked || never_stored {
         respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",

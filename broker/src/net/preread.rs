@@ -3,7 +3,9 @@
 //! named refusal (408 `handshake_timeout`) instead of a silent close.
 //!
 //! The bytes read are handed to hyper through [`Prefixed`], an I/O wrapper
-//! that serves them first and then reads the socket.
+//! that serves them first and then reads the socket. A head whose request
+//! target hyper would refuse with a bare 400 gets the JSON error every
+//! other refusal carries instead ([`bad_target`]).
 
 use std::io;
 use std::pin::Pin;
@@ -13,6 +15,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+
+use herald_protocol::ErrorCode;
 
 use crate::metrics::Metrics;
 use std::sync::atomic::Ordering::Relaxed;
@@ -61,24 +65,59 @@ pub async fn first_head(stream: &mut TcpStream, timeout: Duration, limit: usize,
         Ok(false) => Head::Gone,
         Err(_) => {
             metrics.handshake_timeouts.fetch_add(1, Relaxed);
-            metrics.error(herald_protocol::ErrorCode::HandshakeTimeout);
-            let body = herald_protocol::message::error_body(
-                herald_protocol::ErrorCode::HandshakeTimeout,
-                &format!("handshake_timeout: request head not received within {timeout:?}"),
-            );
-            let response = format!(
-                "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                stream.write_all(response.as_bytes()).await?;
-                stream.write_all(&body).await?;
-                stream.shutdown().await
-            })
+            let msg = format!("handshake_timeout: request head not received within {timeout:?}");
+            refuse(
+                stream,
+                "408 Request Timeout",
+                ErrorCode::HandshakeTimeout,
+                &msg,
+                metrics,
+            )
             .await;
             Head::TimedOut
         }
     }
+}
+
+/// Answers a connection before hyper sees it: `status` with the JSON error
+/// body every refusal carries, then closes (waiting at most a second for a
+/// client that does not read).
+pub async fn refuse(stream: &mut TcpStream, status: &str, code: ErrorCode, msg: &str, metrics: &Metrics) {
+    metrics.error(code);
+    let body = herald_protocol::message::error_body(code, msg);
+    let response = format!(
+        "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// Why the head's request target is not a URI hyper accepts, if it is not:
+/// a client that sends `/ws?sub=chat:>` with `>` unencoded (browsers send
+/// `%3E`) would otherwise get hyper's bare 400 with an empty body. `None`
+/// when the target parses, or when the request line is not one (hyper
+/// answers that itself).
+pub fn bad_target(head: &[u8]) -> Option<String> {
+    let line = head.split(|&b| b == b'\r' || b == b'\n').next()?;
+    let mut parts = line.split(|&b| b == b' ');
+    let (_method, target) = (parts.next()?, parts.next()?);
+    if target.is_empty() || hyper::Uri::try_from(target).is_ok() {
+        return None;
+    }
+    let shown: String = String::from_utf8_lossy(target).chars().take(64).collect();
+    let msg = match target.iter().find(|b| !b.is_ascii_graphic() || b"\"<>\\^`{|}".contains(b)) {
+        Some(&b) if b.is_ascii_graphic() => format!(
+            "the request target {shown:?} holds {:?}, which a URL must percent-encode (as %{b:02X}); browsers do so",
+            b as char
+        ),
+        _ => format!("the request target {shown:?} is not a valid URI; percent-encode what it holds"),
+    };
+    Some(format!("bad_request: {msg}"))
 }
 
 /// A TCP stream with bytes already read from it put back in front.
@@ -128,5 +167,20 @@ impl AsyncWrite for Prefixed {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bad_target;
+
+    #[test]
+    fn a_target_hyper_refuses_is_named() {
+        let why = bad_target(b"GET /ws?sub=chat:> HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert!(why.contains("'>'") && why.contains("%3E"), "{why}");
+        assert!(bad_target(b"GET /ws?sub=chat:%3E HTTP/1.1\r\n\r\n").is_none());
+        assert!(bad_target(b"GET /ws?sub=todo:*&sub=a HTTP/1.1\r\n\r\n").is_none());
+        assert!(bad_target(b"GET /a\"b?x=<y> HTTP/1.1\r\n\r\n").is_some());
+        assert!(bad_target(b"nonsense\r\n\r\n").is_none());
     }
 }

@@ -33,7 +33,7 @@ use crate::presence::roster::{Change, Event};
 use crate::presence::snapshots::Assembler;
 use crate::router::Router;
 use crate::session::live::Sessions;
-use crate::sync::ReadWrite;
+use crate::sync::{Lock, ReadWrite};
 use crate::tasks::Tasks;
 
 /// Why a node could not start.
@@ -74,6 +74,9 @@ pub struct Node {
     pub refusals: crate::rate::Quiet,
     /// Keys accepted by HTTP publish (`--api-key`, `--api-key-file`).
     pub api_keys: std::sync::RwLock<Vec<String>>,
+    /// `--api-key-file`'s modification time when last read, so a file
+    /// changed in place (a mounted Secret) is re-read without a SIGHUP.
+    api_keys_read: std::sync::Mutex<Option<std::time::SystemTime>>,
     /// The last minutes of figures, for the status page.
     pub history: crate::node::samples::History,
     /// Cancelled once the drain has closed every socket: an `--exec`
@@ -149,6 +152,7 @@ impl Node {
                 "no --auth-* key: anyone who can reach this address may subscribe and publish to every topic"
             );
         }
+        let api_keys_read = modified(config.api_key_file.as_deref());
         let api_keys = api_keys(&config)?;
         let sessions = Arc::new(Sessions::new(
             config.clone(),
@@ -165,6 +169,7 @@ impl Node {
             routes,
             history: Default::default(),
             api_keys: std::sync::RwLock::new(api_keys),
+            api_keys_read: std::sync::Mutex::new(api_keys_read),
             pending: Arc::new(Semaphore::new(config.max_pending_connections)),
             config,
             router,
@@ -173,6 +178,25 @@ impl Node {
             ready: AtomicBool::new(true),
         }))
     }
+}
+
+/// Checks what [`Node::new`] would refuse, without building a node or
+/// connecting anything: the route table, the token keys, the API key file
+/// and the `--nats` URLs. The binary calls it before it binds its port, so
+/// a node that cannot start never says it listens.
+pub fn check(config: &Config) -> Result<(), Error> {
+    Routes::new(config)?;
+    Auth::from_config(config)?;
+    api_keys(config)?;
+    let auth = LinkAuth {
+        user: config.nats_user.clone(),
+        password: config.nats_password.clone(),
+        tls_ca: config.nats_tls_ca.clone(),
+    };
+    for url in &config.nats {
+        crate::cluster::link::server(url, &auth)?;
+    }
+    Ok(())
 }
 
 /// The HTTP publish keys: `--api-key` and the lines of `--api-key-file`
@@ -195,9 +219,20 @@ fn api_keys(config: &Config) -> Result<Vec<String>, KeyError> {
     Ok(keys)
 }
 
+/// A file's modification time, if it can be read.
+fn modified(path: Option<&str>) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path?).and_then(|m| m.modified()).ok()
+}
+
 impl Node {
-    /// Re-reads the key files (SIGHUP): the JWKS and `--api-key-file`. On
-    /// an error the keys in use stay.
+    /// Whether `--api-key-file` changed since it was read.
+    fn api_keys_changed(&self) -> bool {
+        let now = modified(self.config.api_key_file.as_deref());
+        *self.api_keys_read.locked() != now
+    }
+
+    /// Re-reads the key files (SIGHUP, or one changed): the token keys and
+    /// `--api-key-file`. On an error the keys in use stay.
     pub fn reload_keys(&self) {
         if let Some(auth) = self.sessions.auth() {
             match auth.reload() {
@@ -205,8 +240,15 @@ impl Node {
                 Err(e) => tracing::error!(error = %e, "token keys not reloaded; the old ones stay"),
             }
         }
+        // Stamped before reading: a change made while it is read is seen
+        // at the next check.
+        let stamp = modified(self.config.api_key_file.as_deref());
         match api_keys(&self.config) {
-            Ok(keys) => *self.api_keys.writing() = keys,
+            Ok(keys) => {
+                tracing::info!(keys = keys.len(), "API keys reloaded");
+                *self.api_keys.writing() = keys;
+                *self.api_keys_read.locked() = stamp;
+            }
             Err(e) => tracing::error!(error = %e, "API keys not reloaded; the old ones stay"),
         }
     }
@@ -226,7 +268,9 @@ impl Node {
                 self.admission.sweep(Duration::from_secs(60));
             }
             // A mounted Secret is updated in place: reload on change.
-            if rounds.is_multiple_of(20) && self.sessions.auth().is_some_and(|a| a.changed()) {
+            if rounds.is_multiple_of(20)
+                && (self.sessions.auth().is_some_and(|a| a.changed()) || self.api_keys_changed())
+            {
                 self.reload_keys();
             }
         }

@@ -216,7 +216,14 @@ impl Session {
     pub fn start(self, stream: TcpStream, early: &[u8]) {
         let remote = stream.peer_addr().ok();
         let user = self.access.as_ref().and_then(|a| a.user.clone());
-        let span = tracing::info_span!("conn", conn_id = self.conn.id, remote_addr = ?remote, user = user.as_deref());
+        // The address itself (`127.0.0.1:5000`, not `Some(..)`); the field
+        // is left out when the socket has none.
+        let span = tracing::info_span!(
+            "conn",
+            conn_id = self.conn.id,
+            remote_addr = remote.map(tracing::field::display),
+            user = user.as_deref()
+        );
         let _entered = span.enter();
         tracing::debug!("open");
         let (rd, wr) = stream.into_split();

@@ -153,7 +153,10 @@ pub fn node_name(listen: SocketAddr) -> String {
     format!("{host}:{}", listen.port())
 }
 
-/// Whether the request may see the status page.
+/// Whether the request may see the status page: with `--admin-key`, only
+/// a request presenting it, loopback included (behind a sidecar proxy or
+/// an untrusted local one every client is loopback, so a key set means
+/// the key is asked of all); without one, loopback clients only.
 fn allowed(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> bool {
     if let Some(key) = node.config.admin_key.as_deref().filter(|k| !k.is_empty()) {
         let bearer = req
@@ -178,8 +181,11 @@ fn allowed(node: &Node, req: &Request<Incoming>, remote: SocketAddr) -> bool {
 pub fn handle(node: &Node, req: &Request<Incoming>, remote: SocketAddr, json: bool) -> Response<Body> {
     if !allowed(node, req, remote) {
         node.metrics.error(ErrorCode::Forbidden);
-        let msg =
-            "forbidden: the status page answers loopback clients, or ?key= / a bearer matching --admin-key";
+        let msg = if node.config.admin_key.as_deref().is_some_and(|k| !k.is_empty()) {
+            "forbidden: the status page asks ?key= or a bearer matching --admin-key (of loopback clients too)"
+        } else {
+            "forbidden: the status page answers loopback clients only; set --admin-key to let others in with ?key= or a bearer"
+        };
         if let Some(held) = node.refusals.allow("status_page") {
             tracing::warn!(%remote, suppressed = held, "status page refused: 403 {msg}");
         }

@@ -388,6 +388,110 @@ async fn hostile_tokens_are_refused_and_nobody_else_notices() {
     assert_eq!(first_frame.recv().await["data"], "still here");
 }
 
+/// README says `aud` / `iss` are required once `--auth-audience` /
+/// `--auth-issuer` are set: a token that leaves either out is refused,
+/// naming the claim, at the handshake and as a first frame.
+#[tokio::test]
+async fn a_configured_audience_and_issuer_must_be_in_the_token() {
+    let h = node_a();
+    for (what, drop) in [
+        ("no aud", &["aud"][..]),
+        ("no iss", &["iss"]),
+        ("neither", &["aud", "iss"]),
+    ] {
+        let mut c = claims("eve", &["chat:*"], &[], 600);
+        for k in drop {
+            c.as_object_mut().unwrap().remove(*k);
+        }
+        let token = sign(Algorithm::HS256, None, &c);
+        let (status, body) = handshake(&h, &format!("token={token}")).await;
+        assert_eq!(status, 401, "{what}: {body}");
+        assert!(body.contains("missing claim"), "{what}: {body}");
+        let mut s = Client::connect(&h.url("")).await;
+        s.send(json!({"op": "auth", "token": token}).to_string()).await;
+        let (code, why) = s.recv_close().await;
+        assert_eq!(code, 4501, "{what}: {why}");
+        assert!(why.contains("missing claim"), "{what}: {why}");
+    }
+    // With both, the same token is admitted.
+    let token = sign(Algorithm::HS256, None, &claims("eve", &["chat:*"], &[], 600));
+    assert_eq!(handshake(&h, &format!("token={token}")).await.0, 101);
+}
+
+/// `alg: none` (in any case) is refused for what it is, an unsigned token,
+/// and an `alg` that names no algorithm is named; not as claims of the
+/// wrong type.
+#[tokio::test]
+async fn alg_none_is_refused_as_an_unsigned_token() {
+    let h = node_a();
+    let c = claims("eve", &["chat:*"], &[], 600).to_string();
+    for (header, reason) in [
+        (r#"{"alg":"none","typ":"JWT"}"#, "unsigned token"),
+        (r#"{"alg":"NONE"}"#, "unsigned token"),
+        (r#"{"alg":"HS999"}"#, "not a JWS algorithm"),
+    ] {
+        let token = forge(header, &c, "");
+        let (status, body) = handshake(&h, &format!("token={token}")).await;
+        assert_eq!(status, 401, "{header}: {body}");
+        assert!(body.contains(reason), "{header}: expected {reason:?} in {body}");
+        assert!(!body.contains("claims are not"), "{header}: {body}");
+    }
+}
+
+/// README: `--api-key-file` is re-read on SIGHUP and when it changes. A
+/// key file rewritten in place (as a mounted Secret is) takes effect
+/// within the watcher's 5 s without a signal, with a token key configured
+/// and without one.
+#[tokio::test]
+async fn an_api_key_file_is_re_read_when_it_changes() {
+    let dir = std::env::temp_dir().join(format!("herald-apikeys-changed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, token_key) in [false, true].into_iter().enumerate() {
+        let file = dir.join(format!("keys-{i}"));
+        std::fs::write(&file, "# publishers\nold-key\n").unwrap();
+        let mut args = vec!["--api-key-file", file.to_str().unwrap()];
+        let hmac = key("hmac.key");
+        if token_key {
+            args.extend(["--auth-hmac-key-file", &hmac]);
+        }
+        let h = Herald::start_logged_at("info", &args);
+        let body = r#"{"topic":"chat:lobby","data":1}"#;
+        let with = |k: &'static str| format!("Authorization: Bearer {k}\r\n");
+        assert_eq!(h.post("/v1/publish", &with("old-key"), body).await.0, 200);
+        assert_eq!(h.post("/v1/publish", &with("new-key"), body).await.0, 401);
+        // A later modification time than the first read, however coarse
+        // the file system's clock.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        std::fs::write(&file, "new-key\n").unwrap();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while h.post("/v1/publish", &with("new-key"), body).await.0 != 200 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "token key {token_key}: the changed key file was not re-read: {:#?}",
+                h.log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(h.post("/v1/publish", &with("old-key"), body).await.0, 401);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An HMAC key under 32 bytes is refused before the node binds its port:
+/// it never prints `herald listening on …` and then exits.
+#[tokio::test]
+async fn a_short_hmac_key_is_refused_before_the_node_listens() {
+    let dir = std::env::temp_dir().join(format!("herald-shortkey-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let short = dir.join("hmac");
+    std::fs::write(&short, "only-twenty-bytes-xx").unwrap();
+    let stderr = Herald::refusal(&["--auth-hmac-key-file", short.to_str().unwrap()]);
+    assert!(stderr.contains("32 bytes"), "{stderr}");
+    let stderr = Herald::refusal(&["--api-key-file", dir.join("absent").to_str().unwrap()]);
+    assert!(stderr.contains("absent"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Every key kind: ES256 and RS256 by `kid` from a JWKS (an unknown kid is
 /// refused), EdDSA and ES256 from PEM public keys; a JWKS re-read on SIGHUP
 /// rotates keys without a restart.

@@ -82,7 +82,12 @@ impl Herald {
     /// A node whose stderr (its log, at `--log-level warn`) is kept for
     /// [`Herald::log`] instead of passed through.
     pub fn start_logged(args: &[&str]) -> Herald {
-        Self::spawn_logged(Command::new(herald_bin()), "127.0.0.1:0", args, true)
+        Self::spawn_at(Command::new(herald_bin()), "127.0.0.1:0", args, Some("warn"))
+    }
+
+    /// [`Herald::start_logged`] at another `--log-level`.
+    pub fn start_logged_at(level: &str, args: &[&str]) -> Herald {
+        Self::spawn_at(Command::new(herald_bin()), "127.0.0.1:0", args, Some(level))
     }
 
     /// The lines the node logged so far (only for [`Herald::start_logged`]).
@@ -122,14 +127,19 @@ impl Herald {
     }
 
     fn spawn(cmd: Command, listen: &str, args: &[&str]) -> Herald {
-        Self::spawn_logged(cmd, listen, args, false)
+        Self::spawn_at(cmd, listen, args, None)
     }
 
-    fn spawn_logged(mut cmd: Command, listen: &str, args: &[&str], logged: bool) -> Herald {
-        cmd.stderr(if logged { Stdio::piped() } else { Stdio::inherit() });
+    /// Spawns `herald serve`; with `logged`, at that level, its stderr kept.
+    fn spawn_at(mut cmd: Command, listen: &str, args: &[&str], logged: Option<&str>) -> Herald {
+        cmd.stderr(if logged.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        });
         let mut child = cmd
             .arg("serve")
-            .args(["--listen", listen, "--log-level", "warn"])
+            .args(["--listen", listen, "--log-level", logged.unwrap_or("warn")])
             .args(args)
             .stdout(Stdio::piped())
             .spawn()

@@ -527,13 +527,50 @@ async fn jetstream_restart_keeps_positions_and_epoch() {
     assert_eq!(t.seqs[3], t.seqs[2] + 1);
 }
 
+/// A node that has not reached the history stream yet is not ready: the
+/// first 200 of a freshly started node already serves recoveries (a client
+/// sent there by a load balancer is never told `history_unavailable`, and
+/// to reload, while nothing was lost). Five fresh nodes, each asked the
+/// moment it first says ready.
+#[tokio::test]
+async fn readiness_waits_for_the_history_stream() {
+    let (nats, nodes) = js_cluster(&[]).await;
+    let mut c = nodes[0].connect("").await;
+    c.sub("room:a").await;
+    let mut t = Tracker::new();
+    publish_numbered(&nodes[1], "room:a", 3).await;
+    read_until(&mut c, &mut t, |t| t.got.len() == 3).await;
+    let url = nats.url();
+    for round in 0..5 {
+        let fresh = Herald::start(&["--nats", &url, "--history", "room:>=1000/10m"]);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let body = loop {
+            let (status, body) = fresh.get("/readyz").await;
+            if status == 200 {
+                break body;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never ready: {body}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        assert!(
+            body.contains("stream available"),
+            "round {round}: ready before the stream: {body}"
+        );
+        let mut r = fresh.connect("").await;
+        let ack = r.request(t.resub("room:a")).await;
+        assert_eq!(ack["recovered"], true, "round {round}: {ack}");
+    }
+}
+
 #[tokio::test]
 async fn without_jetstream_history_publishes_are_refused_and_recovery_says_unavailable() {
     let nats = NatsServer::start().await;
     let nodes = nodes(2, &nats.url(), &["--history", "room:*=100"]);
     wait_linked(&nodes).await;
+    // Never reached: not ready, so a load balancer sends it no client.
     eventually("readyz says so", || async {
-        nodes[0].get("/readyz").await.1.contains("stream unavailable")
+        let (status, body) = nodes[0].get("/readyz").await;
+        status == 503 && body.contains("stream not reached yet")
     })
     .await;
     let mut c = nodes[1].connect("").await;

@@ -423,3 +423,118 @@ async fn refused_handshakes_are_logged_once_per_reason_per_window() {
         origin_lines(&h)
     );
 }
+
+/// A request target hyper refuses (`>` sent bare, as curl or a hand-built
+/// URL may; browsers send `%3E`) gets the JSON error of every other
+/// handshake refusal, naming the character, not an empty 400; the encoded
+/// form still subscribes.
+#[tokio::test]
+async fn a_bare_wildcard_in_the_url_gets_a_json_refusal() {
+    let h = Herald::start(&[]);
+    for path in ["/ws?sub=chat:>", "/ws?sub=<b>", "/ws?sub=\"x\""] {
+        let (status, body) = h.http(&upgrade_request(path, "x", "")).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body:?}"));
+        assert_eq!(v["error"]["code"], "bad_request", "{path}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("percent-encode"),
+            "{path}: {v}"
+        );
+    }
+    let (_, body) = h.http(&upgrade_request("/ws?sub=chat:>", "x", "")).await;
+    assert!(body.contains("%3E"), "{body}");
+    let mut c = h.connect("sub=chat:%3E").await;
+    h.publish("chat:lobby", "1").await;
+    assert_eq!(c.recv().await["data"], 1);
+}
+
+/// The rows of docs/protocol.md's close-code table, as `(code, text)`.
+fn close_rows() -> Vec<(u16, String)> {
+    let doc = include_str!("../../../docs/protocol.md");
+    let section = doc.split("## Close codes").nth(1).unwrap();
+    let section = section.split("\n## ").next().unwrap();
+    section
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            Some((cells.get(1)?.parse().ok()?, l.to_owned()))
+        })
+        .collect()
+}
+
+/// A close whose reason is not UTF-8 gets 1007 (RFC 6455 §7.4.1), and the
+/// docs' 1007 row says so; a client's close code, 4321 say, is echoed as
+/// RFC 6455 §5.5.1 asks, and the docs say that too.
+#[tokio::test]
+async fn close_answers_are_the_documented_ones() {
+    let h = Herald::start(&[]);
+    let mut raw = RawWs::connect(h.addr, "/ws").await;
+    raw.send_bytes(&encode_client_frame(
+        true,
+        OpCode::Close,
+        MASK,
+        &[0x03, 0xE8, 0xFF, 0xFE],
+    ))
+    .await;
+    let (code, reason) = raw.expect_close().await;
+    assert_eq!(code, 1007, "{reason}");
+    let rows = close_rows();
+    let (_, row) = rows.iter().find(|(c, _)| *c == code).expect("1007 documented");
+    assert!(row.contains("close frame's reason"), "docs' 1007 row: {row}");
+    assert!(
+        !rows.iter().any(|(c, l)| *c == 1002 && l.contains("reason")),
+        "docs list a bad close reason under 1002"
+    );
+
+    let mut raw = RawWs::connect(h.addr, "/ws").await;
+    raw.send_bytes(&encode_client_frame(
+        true,
+        OpCode::Close,
+        MASK,
+        &[0x10, 0xE1, b'b', b'y', b'e'],
+    ))
+    .await;
+    let (code, _) = raw.expect_close().await;
+    assert_eq!(code, 4321, "the client's code, echoed");
+    let doc = include_str!("../../../docs/protocol.md");
+    let section = doc
+        .split("## Close codes")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
+    assert!(
+        section.contains("client's own code") && section.contains("4321 gets 4321 back"),
+        "docs/protocol.md's close codes say a client's code is echoed"
+    );
+}
+
+/// The `unknown_op` row of docs/protocol.md names every op the node's own
+/// answer lists.
+#[tokio::test]
+async fn the_unknown_op_row_names_every_op() {
+    let h = Herald::start(&[]);
+    let mut c = h.connect("").await;
+    let v = c.request(json!({"op":"nope","id":1})).await;
+    assert_eq!(v["code"], "unknown_op", "{v}");
+    let msg = v["message"].as_str().unwrap();
+    let list = msg.split("expected ").nth(1).expect("the ops listed");
+    let ops: Vec<&str> = list
+        .split([',', ' '])
+        .filter(|w| !w.is_empty() && *w != "or")
+        .collect();
+    assert!(ops.contains(&"presence_stats"), "{msg}");
+    let doc = include_str!("../../../docs/protocol.md");
+    let row = doc
+        .lines()
+        .find(|l| l.starts_with("| `unknown_op` |"))
+        .expect("row");
+    for op in ops {
+        assert!(
+            row.contains(&format!("`{op}`")),
+            "unknown_op row omits {op}: {row}"
+        );
+    }
+}

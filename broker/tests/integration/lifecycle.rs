@@ -226,3 +226,20 @@ async fn shutdown_ends_a_request_that_never_finishes() {
     assert!(status.success(), "{status:?}");
     drop(s);
 }
+
+/// A connection's span names its peer as an address (`remote_addr=
+/// 127.0.0.1:PORT`), not as a Rust `Option` (`Some(127.0.0.1:PORT)`).
+#[tokio::test]
+async fn the_log_names_the_remote_address_itself() {
+    let h = Herald::start_logged_at("debug", &[]);
+    let c = h.connect("").await;
+    drop(c);
+    eventually("a line in a connection's span", || async {
+        h.log().iter().any(|l| l.contains("remote_addr"))
+    })
+    .await;
+    let lines = h.log();
+    let line = lines.iter().find(|l| l.contains("remote_addr")).unwrap();
+    assert!(line.contains("remote_addr=127.0.0.1:"), "{line}");
+    assert!(!line.contains("Some("), "{line}");
+}

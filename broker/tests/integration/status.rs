@@ -92,6 +92,33 @@ async fn loopback_or_the_admin_key_only() {
     assert_eq!(status_json(&k, "Authorization: Bearer wrong\r\n").await.0, 403);
 }
 
+/// With `--admin-key` set the key is asked of loopback clients too (behind
+/// a sidecar every client is loopback): the 403 says so, and the docs and
+/// the refusal without a key say what that node answers instead.
+#[tokio::test]
+async fn the_refusal_names_what_the_node_asks() {
+    let k = Herald::start(&["--admin-key", "s3cret"]);
+    let (status, body) = k.get("/status.json").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("--admin-key"), "{body}");
+    assert!(
+        !body.contains("answers loopback"),
+        "a loopback client was refused: the message may not offer loopback: {body}"
+    );
+    let open = Herald::start(&["--trusted-proxies", "127.0.0.1"]);
+    let (status, body) = open.http(
+        "GET /status.json HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.5\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("loopback clients only"), "{body}");
+    let ops = include_str!("../../../docs/operations.md");
+    assert!(
+        ops.contains("loopback clients included"),
+        "docs/operations.md says a key set is asked of loopback clients too"
+    );
+}
+
 #[tokio::test]
 async fn figures_follow_the_node_and_every_node_shows_the_cluster() {
     let nats = NatsServer::start().await;
