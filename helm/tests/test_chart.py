@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from harness import (CHART, CRDS, HERALD, KUBE_VERSIONS, OFFLINE_PASSWORDS, VALUES_FILES, StrictLoader, by_kind, herald_flags,
-                     immutable_fields, kubelet_env, nats_conf, offline, one, render, rendered_node, secret_env, seconds, values_of, write_certs)
+                     immutable_fields, kubelet_env, nats_conf, nats_config_test, offline, one, render, rendered_node, secret_env, seconds, values_of, write_certs)
 
 
 @pytest.fixture(scope="module", params=VALUES_FILES, ids=lambda p: os.path.basename(p))
@@ -275,18 +275,14 @@ def test_every_rendered_nats_config_passes_nats_server(case, tmp_path):
     if "/etc/nats-tls/" in conf:
         write_certs(tmp_path)
         conf = conf.replace("/etc/nats-tls/", f"{tmp_path}/")
-    f = tmp_path / "nats.conf"
-    f.write_text(conf)
     sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]
-    container = sts["containers"][0]
-    r = subprocess.run(["nats-server", "-t", "-c", str(f)], capture_output=True, text=True,
-                       env={**os.environ, **kubelet_env(docs, container, "live-herald-nats-0")})
+    r = nats_config_test(docs, conf, tmp_path)
     assert r.returncode == 0, f"{os.path.basename(path)}: {r.stdout}{r.stderr}"
     pre_stop = sts["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop == ["nats-server", "--signal", "ldm=/var/run/nats/nats.pid"]
     payload = int(re.search(r"max_payload: (\d+)", conf).group(1))
     assert payload >= values.get("config", {}).get("maxMessageBytes", 65536) + 4096
-    lame = seconds(re.search(r"lame_duck_duration: (\S+)", conf).group(1))
+    lame = seconds(re.search(r"lame_duck_duration: \"?([^\"\s]+)", conf).group(1))
     assert lame + 10 < sts["terminationGracePeriodSeconds"]
 
 
@@ -725,10 +721,7 @@ def test_the_store_defaults_to_the_volume_and_history_that_fits_renders(tmp_path
     docs = render({"config": {"history": "chat:*=100", "historyBytes": 2**30},
                    "nats": {"jetstream": {"storageSize": "2Gi", "maxFileStore": ""}}})
     assert f"max_file_store: {2 * 2**30}" in nats_conf(docs)
-    (tmp_path / "nats.conf").write_text(nats_conf(docs))
-    container = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
-    r = subprocess.run(["nats-server", "-t", "-c", str(tmp_path / "nats.conf")], capture_output=True, text=True,
-                       env={**os.environ, **kubelet_env(docs, container, "live-herald-nats-0")})
+    r = nats_config_test(docs, nats_conf(docs), tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

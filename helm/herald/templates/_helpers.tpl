@@ -25,8 +25,8 @@
      each object adds exactly one app.kubernetes.io/component. */}}
 {{- define "herald.commonLabels" -}}
 helm.sh/chart: {{ include "herald.chart" . }}
-app.kubernetes.io/name: {{ include "herald.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "herald.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
@@ -44,8 +44,8 @@ app.kubernetes.io/component: nats
 {{- end }}
 
 {{- define "herald.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "herald.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "herald.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/component: broker
 {{- end }}
 
@@ -88,8 +88,8 @@ collide. Called with (list . "suffix" max).
 {{- end }}
 
 {{- define "herald.nats.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "herald.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "herald.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/component: nats
 {{- end }}
 
@@ -196,13 +196,14 @@ bundled NATS of 3 or more servers, else 1.
 {{- $fullname := include "herald.nats.fullname" . -}}
 port: {{ .Values.nats.clientPort }}
 http_port: {{ .Values.nats.monitorPort }}
-server_name: $POD_NAME
+# The pod's name, quoted in the env (see NATS_SERVER_NAME in the StatefulSet).
+server_name: $NATS_SERVER_NAME
 pid_file: /var/run/nats/nats.pid
 # Room for Herald's largest message (config.maxMessageBytes) plus its
 # headers; never below NATS's default of 1 MiB.
 max_payload: {{ max 1048576 (add (int64 .Values.config.maxMessageBytes) 4096) | int64 }}
 # nats-server refuses less than 30s.
-lame_duck_duration: {{ .Values.nats.lameDuckDuration }}
+lame_duck_duration: {{ .Values.nats.lameDuckDuration | quote }}
 lame_duck_grace_period: 10s
 {{- if .Values.nats.auth.enabled }}
 # Only clients with the password (Herald) may connect.
@@ -231,7 +232,7 @@ tls {
 # pod's env from the Secret), and this block asks it of every server
 # that connects, so a stray nats-server cannot join and publish.
 cluster {
-  name: {{ include "herald.fullname" . }}
+  name: {{ include "herald.fullname" . | quote }}
   port: {{ .Values.nats.clusterPort }}
   authorization {
     user: route
