@@ -338,3 +338,20 @@ def test_names_that_read_as_numbers_or_bools_stay_strings(release, values, tmp_p
         wait_for("the reload never finished", lambda: server.logged("Reloaded server configuration")
                  or server.logged("Failed to reload"))
         assert not server.logged("Failed to reload"), "".join(server.log)
+
+
+def test_the_largest_message_allowed_fits_what_nats_server_starts_with(tmp_path):
+    """max_payload is config.maxMessageBytes plus 4 KiB of headers, and
+    nats-server exits at start (though `-t` passes) with a max_payload above
+    its max_pending, 64 MiB: the largest value the schema takes starts a
+    real server, and one byte more is refused at render."""
+    largest = 64 * 2**20 - 4096
+    with pytest.raises(Exception, match="maxMessageBytes"):
+        render({"config": {"maxMessageBytes": largest + 1}})
+    docs = render({"config": {"maxMessageBytes": largest}, "nats": {"replicas": 1}})
+    assert f"max_payload: {largest + 4096}" in nats_conf(docs)
+    with nats_servers() as started:
+        server = NatsServer(docs, 0, str(tmp_path))
+        started.append(server)
+        server.wait_ready()
+        assert json.loads(server.get("/varz")[1])["max_payload"] == largest + 4096
