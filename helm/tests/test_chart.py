@@ -797,3 +797,27 @@ def test_a_gateway_api_route_keeps_sockets_open():
     assert rule["backendRefs"] == [{"name": "live-herald", "port": 80}]
     assert rule["timeouts"] == {"request": "0s", "backendRequest": "0s"}
     assert not by_kind(render({}), "HTTPRoute")
+
+
+@pytest.mark.parametrize("memory,limit", [
+    ("0.5Gi", 2**29), ("1.5Gi", 3 * 2**29), ("1e9", 10**9), ("1E9", 10**9), ("1G", 10**9), ("512M", 512 * 10**6),
+    ("500Mi", 500 * 2**20), (".5Gi", 2**29), ("1.2345678901G", 1234567891), ("+2Gi", 2**31), (536870912, 2**29),
+    ("100000000000m", 10**8), ("1Ei", 2**60),
+])
+def test_gomemlimit_is_80_percent_of_any_kubernetes_quantity(memory, limit):
+    """The NATS container's GOMEMLIMIT is 80% of its memory limit in bytes,
+    for every form Kubernetes takes: decimal fractions, exponents, binary
+    and decimal suffixes, milli-units (rounded up to a byte), a plain
+    number. 0.5Gi, 1e9 and 100000000000m gave "0", 1.5Gi 80% of 1 GiB."""
+    docs = render({"nats": {"resources": {"limits": {"memory": memory}}}})
+    env = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e["value"] for e in env if e["name"] == "GOMEMLIMIT"] == [str(limit * 8 // 10)]
+
+
+@pytest.mark.parametrize("memory,refusal", [
+    ("100m", r"nats.resources.limits.memory \(100m\) is only 1 bytes"),
+    ("1Gx", "does not match pattern"), ("1.5 Gi", "does not match pattern"), ("-1Gi", "does not match pattern"),
+])
+def test_a_nats_memory_limit_that_is_no_usable_quantity_is_refused(memory, refusal):
+    with pytest.raises(Exception, match=refusal):
+        render({"nats": {"resources": {"limits": {"memory": memory}}}})

@@ -309,6 +309,68 @@ published last.
 {{- mul $n (index $scale $unit) -}}
 {{- end }}
 
+{{/*
+Bytes in a Kubernetes quantity (512Mi, 1.5Gi, 0.5Gi, 1e9, 1G, 100m, or a
+plain number), rounded up to a whole byte as Kubernetes does: decimal
+fractions, exponents, binary (Ki..Ei) and decimal (k..E, m) suffixes, in
+integer arithmetic. Fails on what is no quantity; `what` names the value.
+Called with (list quantity "what").
+*/}}
+{{- define "herald.quantityBytes" -}}
+{{- $v := index . 0 -}}
+{{- $what := index . 1 -}}
+{{- if or (kindIs "float64" $v) (kindIs "int64" $v) (kindIs "int" $v) -}}
+{{- if or (lt (float64 $v) 0.0) (ne (float64 $v) (float64 (int64 $v))) -}}
+{{- fail (printf "%s (%v) must be a whole, positive number of bytes or a quantity such as 512Mi" $what $v) -}}
+{{- end -}}
+{{- int64 $v -}}
+{{- else -}}
+{{- $q := toString $v -}}
+{{- if not (regexMatch `^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[mkMGTPE]|[eE][+-]?[0-9]+)?$` $q) -}}
+{{- fail (printf "%s (%s) is no Kubernetes quantity (e.g. 512Mi, 1.5Gi, 1G, 1e9)" $what $q) -}}
+{{- end -}}
+{{- $num := regexReplaceAll `^\+?([0-9]*\.?[0-9]*).*$` $q "${1}" -}}
+{{- $suffix := trimPrefix $num (trimPrefix "+" $q) -}}
+{{- $int := regexReplaceAll `\..*$` $num "" -}}
+{{- $frac := regexReplaceAll `^[0-9]*\.?` $num "" -}}
+{{- if not (contains "." $num) }}{{ $frac = "" }}{{ end -}}
+{{- /* The value is digits × 10^exp10 × mult. */ -}}
+{{- $digits := printf "%s%s" $int $frac | trimPrefix "0" | default "0" -}}
+{{- $digits = regexReplaceAll `^0+` $digits "" | default "0" -}}
+{{- $exp10 := sub 0 (len $frac) | int -}}
+{{- $mult := 1 | int64 -}}
+{{- $binary := dict "Ki" 1 "Mi" 2 "Gi" 3 "Ti" 4 "Pi" 5 "Ei" 6 -}}
+{{- $decimal := dict "m" -3 "k" 3 "M" 6 "G" 9 "T" 12 "P" 15 "E" 18 -}}
+{{- if hasKey $binary $suffix -}}
+{{- range until (index $binary $suffix | int) }}{{ $mult = mul $mult 1024 }}{{ end -}}
+{{- else if hasKey $decimal $suffix -}}
+{{- $exp10 = add $exp10 (index $decimal $suffix) | int -}}
+{{- else if $suffix -}}
+{{- $exp10 = add $exp10 (trimPrefix "+" (substr 1 -1 $suffix) | atoi) | int -}}
+{{- end -}}
+{{- $n := mul (atoi $digits | int64) $mult -}}
+{{- if ge $exp10 0 -}}
+{{- range until $exp10 }}{{ $n = mul $n 10 }}{{ end -}}
+{{- $n -}}
+{{- else -}}
+{{- $d := 1 | int64 -}}
+{{- range until (sub 0 $exp10 | int) }}{{ $d = mul $d 10 }}{{ end -}}
+{{- div (add $n (sub $d 1)) $d -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/* GOMEMLIMIT of a NATS server: 80% of its memory limit. A limit too small
+     to run a server is refused (100m is a tenth of a byte: 100Mi meant?). */}}
+{{- define "herald.nats.gomemlimit" -}}
+{{- $bytes := include "herald.quantityBytes" (list . "nats.resources.limits.memory") | int64 -}}
+{{- if lt $bytes 16777216 -}}
+{{- fail (printf "nats.resources.limits.memory (%v) is only %d bytes: nats-server needs at least 16Mi" . $bytes) -}}
+{{- end -}}
+{{- /* 80%, without overflowing int64 for the largest limits. */ -}}
+{{- add (mul (div $bytes 10) 8) (div (mul (mod $bytes 10) 8) 10) -}}
+{{- end }}
+
 {{/* JetStream's max_file_store: nats.jetstream.maxFileStore, or (empty) the
      volume's size. */}}
 {{- define "herald.nats.maxFileStore" -}}
