@@ -821,3 +821,23 @@ def test_gomemlimit_is_80_percent_of_any_kubernetes_quantity(memory, limit):
 def test_a_nats_memory_limit_that_is_no_usable_quantity_is_refused(memory, refusal):
     with pytest.raises(Exception, match=refusal):
         render({"nats": {"resources": {"limits": {"memory": memory}}}})
+
+
+@pytest.mark.parametrize("nats,refusal", [
+    ({"lameDuckDuration": "2m"}, r"nats.terminationGracePeriodSeconds \(60\) must exceed nats.lameDuckDuration \(2m = 120 s\)"),
+    ({"lameDuckDuration": "50s"}, r"nats.terminationGracePeriodSeconds \(60\) must exceed nats.lameDuckDuration \(50s = 50 s\)"),
+    ({"lameDuckDuration": "45s", "terminationGracePeriodSeconds": 55}, r"\(55\) must exceed .*set it to 56 or more"),
+])
+def test_a_nats_grace_period_shorter_than_lame_duck_mode_is_refused(nats, refusal):
+    """values.yaml says the NATS pods' grace period must exceed
+    lameDuckDuration plus its 10 s grace; a long lame duck mode rendered
+    with the default 60 s, and the kubelet killed the server mid-way."""
+    with pytest.raises(Exception, match=refusal):
+        render({"nats": nats})
+
+
+def test_a_nats_grace_period_that_covers_lame_duck_mode_renders():
+    for nats, grace in (({"lameDuckDuration": "2m", "terminationGracePeriodSeconds": 131}, 131),
+                        ({"lameDuckDuration": "49s"}, 60), ({}, 60)):
+        sts = one(render({"nats": nats}), "StatefulSet")
+        assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == grace

@@ -300,6 +300,21 @@ published last.
 {{- end -}}
 {{- end }}
 
+{{/* The NATS pods' grace period: nats.terminationGracePeriodSeconds, which
+     must exceed lame duck mode (nats.lameDuckDuration, 30s or more, in s or
+     m as the schema takes it) plus its 10 s grace period, or the kubelet's
+     SIGKILL cuts the clients still to move and the JetStream flush. */}}
+{{- define "herald.nats.terminationGracePeriodSeconds" -}}
+{{- $ldm := .Values.nats.lameDuckDuration -}}
+{{- $seconds := trimSuffix "s" (trimSuffix "m" $ldm) | int -}}
+{{- if hasSuffix "m" $ldm }}{{ $seconds = mul $seconds 60 }}{{ end -}}
+{{- $set := int .Values.nats.terminationGracePeriodSeconds -}}
+{{- if le $set (add $seconds 10 | int) -}}
+{{- fail (printf "nats.terminationGracePeriodSeconds (%d) must exceed nats.lameDuckDuration (%s = %d s) plus its 10 s grace period: set it to %d or more" $set $ldm $seconds (add $seconds 11)) -}}
+{{- end -}}
+{{- $set -}}
+{{- end }}
+
 {{/* Bytes in a Kubernetes quantity (10Gi) or a NATS size (8GB, binary as
      nats-server reads it), or a plain number. */}}
 {{- define "herald.bytes" -}}
