@@ -705,7 +705,7 @@ def test_external_nats_egress_follows_the_url_ports():
     ({"config": {"history": "chat:*=100"}, "nats": {"jetstream": {"enabled": False}}},
      r"config.history needs JetStream"),
     ({"nats": {"jetstream": {"storageSize": "1Gi", "maxFileStore": "8GB"}}},
-     r"maxFileStore \(8GB\) exceeds nats.jetstream.storageSize \(1Gi\)"),
+     r"maxFileStore \(8GB = 8589934592 bytes\) exceeds 90% of nats.jetstream.storageSize \(1Gi"),
     ({"config": {"history": "chat:*=100", "historyReplicas": 3}, "nats": {"replicas": 2}},
      r"config.historyReplicas \(3\) exceeds nats.replicas \(2\)"),
 ], ids=["history-bigger-than-the-store", "history-without-jetstream", "store-bigger-than-the-volume",
@@ -717,10 +717,22 @@ def test_history_the_bundled_nats_cannot_keep_is_refused(values, refusal):
         render(values)
 
 
-def test_the_store_defaults_to_the_volume_and_history_that_fits_renders(tmp_path):
+def test_the_store_defaults_to_90_percent_of_the_volume_and_history_that_fits_renders(tmp_path):
+    """An empty maxFileStore is 90% of the volume: a file system holds less
+    than its nominal size (metadata, ext4's reserved 5%), and a store of
+    the volume's whole size filled the disk before JetStream's limit
+    stopped it. historyBytes, and a maxFileStore given, must fit in it."""
     docs = render({"config": {"history": "chat:*=100", "historyBytes": 2**30},
                    "nats": {"jetstream": {"storageSize": "2Gi", "maxFileStore": ""}}})
-    assert f"max_file_store: {2 * 2**30}" in nats_conf(docs)
+    assert f"max_file_store: {2 * 2**30 * 9 // 10}\n" in nats_conf(docs)
+    room = 10 * 2**30 * 9 // 10
+    assert f"max_file_store: {room}\n" in nats_conf(render({"nats": {"jetstream": {"maxFileStore": ""}}}))
+    render({"config": {"history": "chat:*=100", "historyBytes": room}, "nats": {"jetstream": {"maxFileStore": ""}}})
+    render({"config": {"history": "chat:*=100"}, "nats": {"jetstream": {"maxFileStore": "9216MB"}}})
+    with pytest.raises(Exception, match=r"config.historyBytes \(10737418240\) exceeds nats.jetstream.maxFileStore"):
+        render({"config": {"history": "chat:*=100", "historyBytes": 10 * 2**30}, "nats": {"jetstream": {"maxFileStore": ""}}})
+    with pytest.raises(Exception, match=r"maxFileStore \(10240MB = 10737418240 bytes\) exceeds 90% of"):
+        render({"config": {"history": "chat:*=100"}, "nats": {"jetstream": {"maxFileStore": "10240MB"}}})
     r = nats_config_test(docs, nats_conf(docs), tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
 

@@ -386,10 +386,17 @@ Called with (list quantity "what").
 {{- add (mul (div $bytes 10) 8) (div (mul (mod $bytes 10) 8) 10) -}}
 {{- end }}
 
-{{/* JetStream's max_file_store: nats.jetstream.maxFileStore, or (empty) the
-     volume's size. */}}
+{{/* JetStream's max_file_store: nats.jetstream.maxFileStore, or (empty) 90%
+     of the volume, in bytes: a file system holds less than its nominal size
+     (metadata, ext4's reserved blocks), and a store as big as the volume
+     fills the disk before JetStream's own limit stops it. */}}
 {{- define "herald.nats.maxFileStore" -}}
-{{- .Values.nats.jetstream.maxFileStore | default (include "herald.bytes" .Values.nats.jetstream.storageSize) -}}
+{{- .Values.nats.jetstream.maxFileStore | default (include "herald.nats.storeRoom" .) -}}
+{{- end }}
+
+{{/* 90% of the volume (nats.jetstream.storageSize), in bytes. */}}
+{{- define "herald.nats.storeRoom" -}}
+{{- div (mul (include "herald.bytes" .Values.nats.jetstream.storageSize | int64) 9) 10 -}}
 {{- end }}
 
 {{/* Refuses history settings the bundled NATS cannot keep: the node would
@@ -410,10 +417,10 @@ Called with (list quantity "what").
 {{- end -}}
 {{- end -}}
 {{- if and .Values.nats.enabled $js.enabled -}}
-{{- $volume := include "herald.bytes" $js.storageSize | int64 -}}
+{{- $room := include "herald.nats.storeRoom" . | int64 -}}
 {{- $store := include "herald.bytes" (include "herald.nats.maxFileStore" .) | int64 -}}
-{{- if gt $store $volume -}}
-{{- fail (printf "nats.jetstream.maxFileStore (%s) exceeds nats.jetstream.storageSize (%s): JetStream would fill the volume and stop; lower it or leave it empty to use the volume's size" (include "herald.nats.maxFileStore" .) $js.storageSize) -}}
+{{- if gt $store $room -}}
+{{- fail (printf "nats.jetstream.maxFileStore (%s = %d bytes) exceeds 90%% of nats.jetstream.storageSize (%s: %d bytes): the file system holds less than the volume's size, and the disk would fill before JetStream's limit; lower it or leave it empty for 90%% of the volume" (include "herald.nats.maxFileStore" .) $store $js.storageSize $room) -}}
 {{- end -}}
 {{- end -}}
 {{- end }}
