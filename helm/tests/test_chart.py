@@ -853,3 +853,42 @@ def test_a_nats_grace_period_that_covers_lame_duck_mode_renders():
                         ({"lameDuckDuration": "49s"}, 60), ({}, 60)):
         sts = one(render({"nats": nats}), "StatefulSet")
         assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == grace
+
+
+def test_the_client_password_may_not_be_the_route_password():
+    """One key for both passwords: Herald's password (which every Herald
+    pod holds) would open the routes, so anything with it could join."""
+    with pytest.raises(Exception, match="passwordKey and nats.auth.routePasswordKey are both k"):
+        render({"nats": {"auth": {"passwordKey": "k", "routePasswordKey": "k"}}})
+    render({"nats": {"replicas": 1, "auth": {"passwordKey": "k", "routePasswordKey": "k"}}})  # no routes
+
+
+@pytest.mark.parametrize("data,refusal", [
+    ({"nats-password": "Herald-test-password-1", "nats-route-password": "Route-test-password-01"}, None),
+    ({"nats-password": "1e5aaaaaaaaaaaaaaaaa", "nats-route-password": "Route-test-password-01"},
+     "key nats-password of nats.auth.existingSecret creds breaks the rules"),
+    ({"nats-password": "Herald-test-password-1", "nats-route-password": "Route/password@with:url-chars"},
+     "key nats-route-password of nats.auth.existingSecret creds breaks the rules"),
+    ({"nats-password": "Short1"}, "key nats-password of nats.auth.existingSecret creds breaks the rules"),
+    ({"nats-password": "Herald-test-password-1"}, "creds has no key nats-route-password"),
+], ids=["good", "digit-first", "url-characters", "short", "missing-route-key"])
+def test_passwords_in_an_existing_secret_follow_the_rules(data, refusal, tmp_path):
+    """The chart reads nats.auth.existingSecret with lookup where a cluster
+    answers, and refuses passwords nats-server would misread (it parses
+    $NATS_PASSWORD's value as config) or that break a route URL. The SDK
+    renders without a cluster (lookup finds nothing), so the check is fed
+    the Secret as lookup would return it, from a copy of the chart."""
+    import shutil
+    chart = tmp_path / "herald"
+    shutil.copytree(CHART, chart)
+    secret = json.dumps({"kind": "Secret", "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}})
+    (chart / "templates" / "zz-lookup.yaml").write_text(
+        '{{- include "herald.nats.checkSecretPasswords" (list . (fromJson %s)) }}\n' % json.dumps(secret))
+    values = {"nats": {"auth": {"existingSecret": "creds"}}}
+    with helm.Chart.load(str(chart)) as c:
+        if refusal is None:
+            c.render(values, name="live", namespace="herald")
+        else:
+            with pytest.raises(Exception, match=refusal) as refused:
+                c.render(values, name="live", namespace="herald")
+            assert not [v for v in data.values() if v in str(refused.value)], "the refusal shows no password"

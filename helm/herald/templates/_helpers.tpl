@@ -151,6 +151,10 @@ and the API keys file (a key of the API key Secret). Checks the settings.
 {{- if and (not .Values.nats.enabled) .Values.nats.auth.enabled (not .Values.nats.auth.existingSecret) (not .Values.nats.auth.password) -}}
 {{- fail "nats.auth.enabled with an external NATS (nats.enabled false) needs nats.auth.existingSecret holding its password (or nats.auth.password); or set nats.auth.enabled false" -}}
 {{- end -}}
+{{- $na := .Values.nats.auth -}}
+{{- if and .Values.nats.enabled $na.enabled (gt (int .Values.nats.replicas) 1) (eq $na.passwordKey $na.routePasswordKey) -}}
+{{- fail (printf "nats.auth.passwordKey and nats.auth.routePasswordKey are both %s: Herald's password would open the routes, and anything holding it could join the cluster as a server" $na.passwordKey) -}}
+{{- end -}}
 {{- if and .Values.auth.apiKeysFileKey (not .Values.auth.existingSecret) -}}
 {{- fail "auth.apiKeysFileKey names a key of auth.existingSecret: set both" -}}
 {{- end -}}
@@ -166,6 +170,34 @@ and the API keys file (a key of the API key Secret). Checks the settings.
 true
 {{- else if and (not .Values.nats.enabled) $a.enabled $a.password -}}
 true
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+Refuses passwords in a Secret the bundled NATS reads (nats.auth.existingSecret,
+read with lookup where a cluster answers; an offline render sees nothing):
+16+ of letters, digits and ._~-, a letter first, as for nats.auth.password,
+since nats-server parses $NATS_PASSWORD's value as config and the route
+password goes into URLs. Names the key, never the value. Called with
+(list . secret), secret as lookup returns it (empty: nothing to check).
+*/}}
+{{- define "herald.nats.checkSecretPasswords" -}}
+{{- $ctx := index . 0 -}}
+{{- $secret := index . 1 -}}
+{{- $a := $ctx.Values.nats.auth -}}
+{{- if and $secret $ctx.Values.nats.enabled -}}
+{{- $keys := list -}}
+{{- if $a.enabled }}{{ $keys = append $keys $a.passwordKey }}{{ end -}}
+{{- if gt (int $ctx.Values.nats.replicas) 1 }}{{ $keys = append $keys $a.routePasswordKey }}{{ end -}}
+{{- $data := $secret.data | default dict -}}
+{{- range $key := $keys | uniq -}}
+{{- if not (hasKey $data $key) -}}
+{{- fail (printf "nats.auth.existingSecret %s has no key %s: the NATS pods would not start" $a.existingSecret $key) -}}
+{{- end -}}
+{{- if not (regexMatch `^[A-Za-z][A-Za-z0-9._~-]{15,}$` (index $data $key | b64dec)) -}}
+{{- fail (printf "the password in key %s of nats.auth.existingSecret %s breaks the rules: 16 or more letters, digits or ._~-, a letter first (nats-server parses it as config, and the route password goes into URLs)" $key $a.existingSecret) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end }}
