@@ -47,6 +47,11 @@ def _no_duplicates(loader, node, deep=False):
 
 
 StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+# Go's YAML (Helm, kubectl, kustomize) reads 1e5 as a float, which PyYAML
+# (YAML 1.1, a dot required) keeps a string: read it as Go does, so a name
+# rendered unquoted is caught here as the API server would see it.
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789"))
 
 
 # What a GitOps user sets: here the chart renders with no cluster, where it
@@ -192,8 +197,9 @@ def rendered_node(docs, tmp_path, files=None, extra_env=None):
         conf = conf.replace("/var/run/nats/", f"{tmp_path}/").replace("/etc/nats-tls/", f"{tmp_path}/")
         (tmp_path / "nats.conf").write_text(conf)
         sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
-        nats_env = {**os.environ, "POD_NAME": "live-herald-nats-0", **secret_env(docs, sts)}
-        cmd = ["nats-server", "-c", str(tmp_path / "nats.conf"), "-a", "127.0.0.1", "-p", str(nats_port), "-m", "0"]
+        nats_env = {**os.environ, **kubelet_env(docs, sts, "live-herald-nats-0")}
+        cmd = ["nats-server", *nats_args(sts, nats_env, str(tmp_path / "nats.conf")),
+               "-a", "127.0.0.1", "-p", str(nats_port), "-m", "0"]
     else:
         nats_env, cmd = None, ["nats-server", "-a", "127.0.0.1", "-p", str(nats_port)]
     nats = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=nats_env)
@@ -238,6 +244,27 @@ def kubelet_env(docs, container, pod_name):
     return env
 
 
+def nats_args(container, env, conf_path):
+    """The nats container's arguments as the kubelet passes them ($(VAR)
+    from its env), with the config file at `conf_path`."""
+    args = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), a)
+            for a in container.get("args", [])]
+    return [conf_path if a == "/etc/nats/nats.conf" else a for a in args]
+
+
+def nats_config_test(docs, conf, workdir, pod_name="live-herald-nats-0"):
+    """`nats-server -t` on `conf` (a rendered nats.conf, or one with paths
+    moved) with the StatefulSet's arguments and env as the kubelet gives
+    them to pod `pod_name`: the CompletedProcess."""
+    container = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    env = kubelet_env(docs, container, pod_name)
+    path = os.path.join(str(workdir), "nats.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    return subprocess.run(["nats-server", "-t", *nats_args(container, env, path)], capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
 def nats_conf(docs):
     return one(docs, "ConfigMap", suffix="-nats-config")["data"]["nats.conf"]
 
@@ -277,7 +304,7 @@ class NatsServer:
             f.write(text)
         self.conf = text
         self.clustered = bool(re.search(r"(?m)^cluster \{", text))
-        cmd = ["nats-server", "-c", path, "-a", "127.0.0.1"]
+        cmd = ["nats-server", *nats_args(container, env, path), "-a", "127.0.0.1"]
         if run_as:
             uid, gid, groups = run_as
             cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid}",

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from harness import (CHART, CRDS, HERALD, KUBE_VERSIONS, OFFLINE_PASSWORDS, VALUES_FILES, StrictLoader, by_kind, herald_flags,
-                     immutable_fields, kubelet_env, nats_conf, offline, one, render, rendered_node, secret_env, seconds, values_of, write_certs)
+                     immutable_fields, kubelet_env, nats_conf, nats_config_test, offline, one, render, rendered_node, secret_env, seconds, values_of, write_certs)
 
 
 @pytest.fixture(scope="module", params=VALUES_FILES, ids=lambda p: os.path.basename(p))
@@ -275,18 +275,14 @@ def test_every_rendered_nats_config_passes_nats_server(case, tmp_path):
     if "/etc/nats-tls/" in conf:
         write_certs(tmp_path)
         conf = conf.replace("/etc/nats-tls/", f"{tmp_path}/")
-    f = tmp_path / "nats.conf"
-    f.write_text(conf)
     sts = one(docs, "StatefulSet")["spec"]["template"]["spec"]
-    container = sts["containers"][0]
-    r = subprocess.run(["nats-server", "-t", "-c", str(f)], capture_output=True, text=True,
-                       env={**os.environ, **kubelet_env(docs, container, "live-herald-nats-0")})
+    r = nats_config_test(docs, conf, tmp_path)
     assert r.returncode == 0, f"{os.path.basename(path)}: {r.stdout}{r.stderr}"
     pre_stop = sts["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop == ["nats-server", "--signal", "ldm=/var/run/nats/nats.pid"]
     payload = int(re.search(r"max_payload: (\d+)", conf).group(1))
     assert payload >= values.get("config", {}).get("maxMessageBytes", 65536) + 4096
-    lame = seconds(re.search(r"lame_duck_duration: (\S+)", conf).group(1))
+    lame = seconds(re.search(r"lame_duck_duration: \"?([^\"\s]+)", conf).group(1))
     assert lame + 10 < sts["terminationGracePeriodSeconds"]
 
 
@@ -709,7 +705,7 @@ def test_external_nats_egress_follows_the_url_ports():
     ({"config": {"history": "chat:*=100"}, "nats": {"jetstream": {"enabled": False}}},
      r"config.history needs JetStream"),
     ({"nats": {"jetstream": {"storageSize": "1Gi", "maxFileStore": "8GB"}}},
-     r"maxFileStore \(8GB\) exceeds nats.jetstream.storageSize \(1Gi\)"),
+     r"maxFileStore \(8GB = 8589934592 bytes\) exceeds 90% of nats.jetstream.storageSize \(1Gi"),
     ({"config": {"history": "chat:*=100", "historyReplicas": 3}, "nats": {"replicas": 2}},
      r"config.historyReplicas \(3\) exceeds nats.replicas \(2\)"),
 ], ids=["history-bigger-than-the-store", "history-without-jetstream", "store-bigger-than-the-volume",
@@ -721,14 +717,23 @@ def test_history_the_bundled_nats_cannot_keep_is_refused(values, refusal):
         render(values)
 
 
-def test_the_store_defaults_to_the_volume_and_history_that_fits_renders(tmp_path):
+def test_the_store_defaults_to_90_percent_of_the_volume_and_history_that_fits_renders(tmp_path):
+    """An empty maxFileStore is 90% of the volume: a file system holds less
+    than its nominal size (metadata, ext4's reserved 5%), and a store of
+    the volume's whole size filled the disk before JetStream's limit
+    stopped it. historyBytes, and a maxFileStore given, must fit in it."""
     docs = render({"config": {"history": "chat:*=100", "historyBytes": 2**30},
                    "nats": {"jetstream": {"storageSize": "2Gi", "maxFileStore": ""}}})
-    assert f"max_file_store: {2 * 2**30}" in nats_conf(docs)
-    (tmp_path / "nats.conf").write_text(nats_conf(docs))
-    container = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
-    r = subprocess.run(["nats-server", "-t", "-c", str(tmp_path / "nats.conf")], capture_output=True, text=True,
-                       env={**os.environ, **kubelet_env(docs, container, "live-herald-nats-0")})
+    assert f"max_file_store: {2 * 2**30 * 9 // 10}\n" in nats_conf(docs)
+    room = 10 * 2**30 * 9 // 10
+    assert f"max_file_store: {room}\n" in nats_conf(render({"nats": {"jetstream": {"maxFileStore": ""}}}))
+    render({"config": {"history": "chat:*=100", "historyBytes": room}, "nats": {"jetstream": {"maxFileStore": ""}}})
+    render({"config": {"history": "chat:*=100"}, "nats": {"jetstream": {"maxFileStore": "9216MB"}}})
+    with pytest.raises(Exception, match=r"config.historyBytes \(10737418240\) exceeds nats.jetstream.maxFileStore"):
+        render({"config": {"history": "chat:*=100", "historyBytes": 10 * 2**30}, "nats": {"jetstream": {"maxFileStore": ""}}})
+    with pytest.raises(Exception, match=r"maxFileStore \(10240MB = 10737418240 bytes\) exceeds 90% of"):
+        render({"config": {"history": "chat:*=100"}, "nats": {"jetstream": {"maxFileStore": "10240MB"}}})
+    r = nats_config_test(docs, nats_conf(docs), tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -804,3 +809,86 @@ def test_a_gateway_api_route_keeps_sockets_open():
     assert rule["backendRefs"] == [{"name": "live-herald", "port": 80}]
     assert rule["timeouts"] == {"request": "0s", "backendRequest": "0s"}
     assert not by_kind(render({}), "HTTPRoute")
+
+
+@pytest.mark.parametrize("memory,limit", [
+    ("0.5Gi", 2**29), ("1.5Gi", 3 * 2**29), ("1e9", 10**9), ("1E9", 10**9), ("1G", 10**9), ("512M", 512 * 10**6),
+    ("500Mi", 500 * 2**20), (".5Gi", 2**29), ("1.2345678901G", 1234567891), ("+2Gi", 2**31), (536870912, 2**29),
+    ("100000000000m", 10**8), ("1Ei", 2**60),
+])
+def test_gomemlimit_is_80_percent_of_any_kubernetes_quantity(memory, limit):
+    """The NATS container's GOMEMLIMIT is 80% of its memory limit in bytes,
+    for every form Kubernetes takes: decimal fractions, exponents, binary
+    and decimal suffixes, milli-units (rounded up to a byte), a plain
+    number. 0.5Gi, 1e9 and 100000000000m gave "0", 1.5Gi 80% of 1 GiB."""
+    docs = render({"nats": {"resources": {"limits": {"memory": memory}}}})
+    env = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e["value"] for e in env if e["name"] == "GOMEMLIMIT"] == [str(limit * 8 // 10)]
+
+
+@pytest.mark.parametrize("memory,refusal", [
+    ("100m", r"nats.resources.limits.memory \(100m\) is only 1 bytes"),
+    ("1Gx", "does not match pattern"), ("1.5 Gi", "does not match pattern"), ("-1Gi", "does not match pattern"),
+])
+def test_a_nats_memory_limit_that_is_no_usable_quantity_is_refused(memory, refusal):
+    with pytest.raises(Exception, match=refusal):
+        render({"nats": {"resources": {"limits": {"memory": memory}}}})
+
+
+@pytest.mark.parametrize("nats,refusal", [
+    ({"lameDuckDuration": "2m"}, r"nats.terminationGracePeriodSeconds \(60\) must exceed nats.lameDuckDuration \(2m = 120 s\)"),
+    ({"lameDuckDuration": "50s"}, r"nats.terminationGracePeriodSeconds \(60\) must exceed nats.lameDuckDuration \(50s = 50 s\)"),
+    ({"lameDuckDuration": "45s", "terminationGracePeriodSeconds": 55}, r"\(55\) must exceed .*set it to 56 or more"),
+])
+def test_a_nats_grace_period_shorter_than_lame_duck_mode_is_refused(nats, refusal):
+    """values.yaml says the NATS pods' grace period must exceed
+    lameDuckDuration plus its 10 s grace; a long lame duck mode rendered
+    with the default 60 s, and the kubelet killed the server mid-way."""
+    with pytest.raises(Exception, match=refusal):
+        render({"nats": nats})
+
+
+def test_a_nats_grace_period_that_covers_lame_duck_mode_renders():
+    for nats, grace in (({"lameDuckDuration": "2m", "terminationGracePeriodSeconds": 131}, 131),
+                        ({"lameDuckDuration": "49s"}, 60), ({}, 60)):
+        sts = one(render({"nats": nats}), "StatefulSet")
+        assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == grace
+
+
+def test_the_client_password_may_not_be_the_route_password():
+    """One key for both passwords: Herald's password (which every Herald
+    pod holds) would open the routes, so anything with it could join."""
+    with pytest.raises(Exception, match="passwordKey and nats.auth.routePasswordKey are both k"):
+        render({"nats": {"auth": {"passwordKey": "k", "routePasswordKey": "k"}}})
+    render({"nats": {"replicas": 1, "auth": {"passwordKey": "k", "routePasswordKey": "k"}}})  # no routes
+
+
+@pytest.mark.parametrize("data,refusal", [
+    ({"nats-password": "Herald-test-password-1", "nats-route-password": "Route-test-password-01"}, None),
+    ({"nats-password": "1e5aaaaaaaaaaaaaaaaa", "nats-route-password": "Route-test-password-01"},
+     "key nats-password of nats.auth.existingSecret creds breaks the rules"),
+    ({"nats-password": "Herald-test-password-1", "nats-route-password": "Route/password@with:url-chars"},
+     "key nats-route-password of nats.auth.existingSecret creds breaks the rules"),
+    ({"nats-password": "Short1"}, "key nats-password of nats.auth.existingSecret creds breaks the rules"),
+    ({"nats-password": "Herald-test-password-1"}, "creds has no key nats-route-password"),
+], ids=["good", "digit-first", "url-characters", "short", "missing-route-key"])
+def test_passwords_in_an_existing_secret_follow_the_rules(data, refusal, tmp_path):
+    """The chart reads nats.auth.existingSecret with lookup where a cluster
+    answers, and refuses passwords nats-server would misread (it parses
+    $NATS_PASSWORD's value as config) or that break a route URL. The SDK
+    renders without a cluster (lookup finds nothing), so the check is fed
+    the Secret as lookup would return it, from a copy of the chart."""
+    import shutil
+    chart = tmp_path / "herald"
+    shutil.copytree(CHART, chart)
+    secret = json.dumps({"kind": "Secret", "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}})
+    (chart / "templates" / "zz-lookup.yaml").write_text(
+        '{{- include "herald.nats.checkSecretPasswords" (list . (fromJson %s)) }}\n' % json.dumps(secret))
+    values = {"nats": {"auth": {"existingSecret": "creds"}}}
+    with helm.Chart.load(str(chart)) as c:
+        if refusal is None:
+            c.render(values, name="live", namespace="herald")
+        else:
+            with pytest.raises(Exception, match=refusal) as refused:
+                c.render(values, name="live", namespace="herald")
+            assert not [v for v in data.values() if v in str(refused.value)], "the refusal shows no password"

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness import CHART, NatsServer, by_kind, nats_servers, one, render, values_of, write_certs
+from harness import CHART, NatsServer, by_kind, nats_conf, nats_config_test, nats_servers, one, render, values_of, write_certs
 
 
 def nats_connect(addr, user=None, password=None):
@@ -283,3 +283,75 @@ def test_a_survivor_stays_ready_while_its_streams_are_not_current(tmp_path):
             got += conn.recv(4096)
         assert b"MSG herald.chat.x 1 2\r\nhi" in got, got
     assert container["startupProbe"]["httpGet"]["path"] == "/healthz", "a starting server catches up first"
+
+
+NAME_KEYS = {"name", "serviceAccountName", "serviceName", "secretName", "claimName"}
+
+
+def non_string_names(node, path=""):
+    """Names, label values and selectors in a rendered object that YAML
+    reads as something other than a string (2024 an int, on a bool, 1e5 a
+    float): the API server refuses them, or they name another object."""
+    found = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            here = f"{path}.{k}"
+            if k in NAME_KEYS and not isinstance(v, (str, dict, list)):
+                found.append((here, v))
+            elif k in ("labels", "matchLabels") or (k == "selector" and isinstance(v, dict)
+                                                       and all(not isinstance(x, (dict, list)) for x in v.values())):
+                found += [(f"{here}.{lk}", lv) for lk, lv in (v or {}).items() if not isinstance(lv, str)]
+            else:
+                found += non_string_names(v, here)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += non_string_names(v, f"{path}[{i}]")
+    return found
+
+
+@pytest.mark.parametrize("release,values", [
+    ("2024", {}), ("123", {}), ("1e5", {}), ("on", {}), ("true", {}),
+    ("live", {"fullnameOverride": "true"}), ("live", {"nameOverride": "on"}),
+], ids=["2024", "123", "1e5", "on", "true", "fullnameOverride-true", "nameOverride-on"])
+def test_names_that_read_as_numbers_or_bools_stay_strings(release, values, tmp_path):
+    """A release named 2024 (or 123, 1e5, on, true) renders every name and
+    label as a string, and its nats.conf runs: the server's name (the
+    pod's) and the cluster's name are no number, date or bool to
+    nats-server. Checked with `nats-server -t` and a real server started
+    from the rendered config and arguments."""
+    docs = render(values, name=release)
+    for d in docs:
+        assert not non_string_names({k: v for k, v in d.items() if k != "__template"}), (d["kind"], non_string_names(d))
+    sts = one(docs, "StatefulSet")
+    pod = f"{sts['metadata']['name']}-0"
+    r = nats_config_test(docs, nats_conf(docs).replace("/var/run/nats/", f"{tmp_path}/"), tmp_path, pod)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with nats_servers() as started:
+        server = NatsServer(docs, 0, str(tmp_path / "s0"))
+        started.append(server)
+        server.wait_ready()
+        varz = json.loads(server.get("/varz")[1])
+        assert varz["server_name"] == pod
+        assert varz["cluster"]["name"] == one(docs, "Deployment")["metadata"]["name"], varz["cluster"]
+        # The documented reload (renewed certificates) reads the same name.
+        subprocess.run(["nats-server", "--signal", f"reload={tmp_path}/s0/nats.pid"], check=True)
+        wait_for("the reload never finished", lambda: server.logged("Reloaded server configuration")
+                 or server.logged("Failed to reload"))
+        assert not server.logged("Failed to reload"), "".join(server.log)
+
+
+def test_the_largest_message_allowed_fits_what_nats_server_starts_with(tmp_path):
+    """max_payload is config.maxMessageBytes plus 4 KiB of headers, and
+    nats-server exits at start (though `-t` passes) with a max_payload above
+    its max_pending, 64 MiB: the largest value the schema takes starts a
+    real server, and one byte more is refused at render."""
+    largest = 64 * 2**20 - 4096
+    with pytest.raises(Exception, match="maxMessageBytes"):
+        render({"config": {"maxMessageBytes": largest + 1}})
+    docs = render({"config": {"maxMessageBytes": largest}, "nats": {"replicas": 1}})
+    assert f"max_payload: {largest + 4096}" in nats_conf(docs)
+    with nats_servers() as started:
+        server = NatsServer(docs, 0, str(tmp_path))
+        started.append(server)
+        server.wait_ready()
+        assert json.loads(server.get("/varz")[1])["max_payload"] == largest + 4096

@@ -25,8 +25,8 @@
      each object adds exactly one app.kubernetes.io/component. */}}
 {{- define "herald.commonLabels" -}}
 helm.sh/chart: {{ include "herald.chart" . }}
-app.kubernetes.io/name: {{ include "herald.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "herald.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
@@ -44,8 +44,8 @@ app.kubernetes.io/component: nats
 {{- end }}
 
 {{- define "herald.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "herald.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "herald.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/component: broker
 {{- end }}
 
@@ -88,8 +88,8 @@ collide. Called with (list . "suffix" max).
 {{- end }}
 
 {{- define "herald.nats.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "herald.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "herald.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/component: nats
 {{- end }}
 
@@ -151,6 +151,10 @@ and the API keys file (a key of the API key Secret). Checks the settings.
 {{- if and (not .Values.nats.enabled) .Values.nats.auth.enabled (not .Values.nats.auth.existingSecret) (not .Values.nats.auth.password) -}}
 {{- fail "nats.auth.enabled with an external NATS (nats.enabled false) needs nats.auth.existingSecret holding its password (or nats.auth.password); or set nats.auth.enabled false" -}}
 {{- end -}}
+{{- $na := .Values.nats.auth -}}
+{{- if and .Values.nats.enabled $na.enabled (gt (int .Values.nats.replicas) 1) (eq $na.passwordKey $na.routePasswordKey) -}}
+{{- fail (printf "nats.auth.passwordKey and nats.auth.routePasswordKey are both %s: Herald's password would open the routes, and anything holding it could join the cluster as a server" $na.passwordKey) -}}
+{{- end -}}
 {{- if and .Values.auth.apiKeysFileKey (not .Values.auth.existingSecret) -}}
 {{- fail "auth.apiKeysFileKey names a key of auth.existingSecret: set both" -}}
 {{- end -}}
@@ -166,6 +170,34 @@ and the API keys file (a key of the API key Secret). Checks the settings.
 true
 {{- else if and (not .Values.nats.enabled) $a.enabled $a.password -}}
 true
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+Refuses passwords in a Secret the bundled NATS reads (nats.auth.existingSecret,
+read with lookup where a cluster answers; an offline render sees nothing):
+16+ of letters, digits and ._~-, a letter first, as for nats.auth.password,
+since nats-server parses $NATS_PASSWORD's value as config and the route
+password goes into URLs. Names the key, never the value. Called with
+(list . secret), secret as lookup returns it (empty: nothing to check).
+*/}}
+{{- define "herald.nats.checkSecretPasswords" -}}
+{{- $ctx := index . 0 -}}
+{{- $secret := index . 1 -}}
+{{- $a := $ctx.Values.nats.auth -}}
+{{- if and $secret $ctx.Values.nats.enabled -}}
+{{- $keys := list -}}
+{{- if $a.enabled }}{{ $keys = append $keys $a.passwordKey }}{{ end -}}
+{{- if gt (int $ctx.Values.nats.replicas) 1 }}{{ $keys = append $keys $a.routePasswordKey }}{{ end -}}
+{{- $data := $secret.data | default dict -}}
+{{- range $key := $keys | uniq -}}
+{{- if not (hasKey $data $key) -}}
+{{- fail (printf "nats.auth.existingSecret %s has no key %s: the NATS pods would not start" $a.existingSecret $key) -}}
+{{- end -}}
+{{- if not (regexMatch `^[A-Za-z][A-Za-z0-9._~-]{15,}$` (index $data $key | b64dec)) -}}
+{{- fail (printf "the password in key %s of nats.auth.existingSecret %s breaks the rules: 16 or more letters, digits or ._~-, a letter first (nats-server parses it as config, and the route password goes into URLs)" $key $a.existingSecret) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end }}
@@ -196,13 +228,14 @@ bundled NATS of 3 or more servers, else 1.
 {{- $fullname := include "herald.nats.fullname" . -}}
 port: {{ .Values.nats.clientPort }}
 http_port: {{ .Values.nats.monitorPort }}
-server_name: $POD_NAME
+# The pod's name, quoted in the env (see NATS_SERVER_NAME in the StatefulSet).
+server_name: $NATS_SERVER_NAME
 pid_file: /var/run/nats/nats.pid
 # Room for Herald's largest message (config.maxMessageBytes) plus its
 # headers; never below NATS's default of 1 MiB.
 max_payload: {{ max 1048576 (add (int64 .Values.config.maxMessageBytes) 4096) | int64 }}
 # nats-server refuses less than 30s.
-lame_duck_duration: {{ .Values.nats.lameDuckDuration }}
+lame_duck_duration: {{ .Values.nats.lameDuckDuration | quote }}
 lame_duck_grace_period: 10s
 {{- if .Values.nats.auth.enabled }}
 # Only clients with the password (Herald) may connect.
@@ -231,7 +264,7 @@ tls {
 # pod's env from the Secret), and this block asks it of every server
 # that connects, so a stray nats-server cannot join and publish.
 cluster {
-  name: {{ include "herald.fullname" . }}
+  name: {{ include "herald.fullname" . | quote }}
   port: {{ .Values.nats.clusterPort }}
   authorization {
     user: route
@@ -299,6 +332,21 @@ published last.
 {{- end -}}
 {{- end }}
 
+{{/* The NATS pods' grace period: nats.terminationGracePeriodSeconds, which
+     must exceed lame duck mode (nats.lameDuckDuration, 30s or more, in s or
+     m as the schema takes it) plus its 10 s grace period, or the kubelet's
+     SIGKILL cuts the clients still to move and the JetStream flush. */}}
+{{- define "herald.nats.terminationGracePeriodSeconds" -}}
+{{- $ldm := .Values.nats.lameDuckDuration -}}
+{{- $seconds := trimSuffix "s" (trimSuffix "m" $ldm) | int -}}
+{{- if hasSuffix "m" $ldm }}{{ $seconds = mul $seconds 60 }}{{ end -}}
+{{- $set := int .Values.nats.terminationGracePeriodSeconds -}}
+{{- if le $set (add $seconds 10 | int) -}}
+{{- fail (printf "nats.terminationGracePeriodSeconds (%d) must exceed nats.lameDuckDuration (%s = %d s) plus its 10 s grace period: set it to %d or more" $set $ldm $seconds (add $seconds 11)) -}}
+{{- end -}}
+{{- $set -}}
+{{- end }}
+
 {{/* Bytes in a Kubernetes quantity (10Gi) or a NATS size (8GB, binary as
      nats-server reads it), or a plain number. */}}
 {{- define "herald.bytes" -}}
@@ -308,10 +356,79 @@ published last.
 {{- mul $n (index $scale $unit) -}}
 {{- end }}
 
-{{/* JetStream's max_file_store: nats.jetstream.maxFileStore, or (empty) the
-     volume's size. */}}
+{{/*
+Bytes in a Kubernetes quantity (512Mi, 1.5Gi, 0.5Gi, 1e9, 1G, 100m, or a
+plain number), rounded up to a whole byte as Kubernetes does: decimal
+fractions, exponents, binary (Ki..Ei) and decimal (k..E, m) suffixes, in
+integer arithmetic. Fails on what is no quantity; `what` names the value.
+Called with (list quantity "what").
+*/}}
+{{- define "herald.quantityBytes" -}}
+{{- $v := index . 0 -}}
+{{- $what := index . 1 -}}
+{{- if or (kindIs "float64" $v) (kindIs "int64" $v) (kindIs "int" $v) -}}
+{{- if or (lt (float64 $v) 0.0) (ne (float64 $v) (float64 (int64 $v))) -}}
+{{- fail (printf "%s (%v) must be a whole, positive number of bytes or a quantity such as 512Mi" $what $v) -}}
+{{- end -}}
+{{- int64 $v -}}
+{{- else -}}
+{{- $q := toString $v -}}
+{{- if not (regexMatch `^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[mkMGTPE]|[eE][+-]?[0-9]+)?$` $q) -}}
+{{- fail (printf "%s (%s) is no Kubernetes quantity (e.g. 512Mi, 1.5Gi, 1G, 1e9)" $what $q) -}}
+{{- end -}}
+{{- $num := regexReplaceAll `^\+?([0-9]*\.?[0-9]*).*$` $q "${1}" -}}
+{{- $suffix := trimPrefix $num (trimPrefix "+" $q) -}}
+{{- $int := regexReplaceAll `\..*$` $num "" -}}
+{{- $frac := regexReplaceAll `^[0-9]*\.?` $num "" -}}
+{{- if not (contains "." $num) }}{{ $frac = "" }}{{ end -}}
+{{- /* The value is digits × 10^exp10 × mult. */ -}}
+{{- $digits := printf "%s%s" $int $frac | trimPrefix "0" | default "0" -}}
+{{- $digits = regexReplaceAll `^0+` $digits "" | default "0" -}}
+{{- $exp10 := sub 0 (len $frac) | int -}}
+{{- $mult := 1 | int64 -}}
+{{- $binary := dict "Ki" 1 "Mi" 2 "Gi" 3 "Ti" 4 "Pi" 5 "Ei" 6 -}}
+{{- $decimal := dict "m" -3 "k" 3 "M" 6 "G" 9 "T" 12 "P" 15 "E" 18 -}}
+{{- if hasKey $binary $suffix -}}
+{{- range until (index $binary $suffix | int) }}{{ $mult = mul $mult 1024 }}{{ end -}}
+{{- else if hasKey $decimal $suffix -}}
+{{- $exp10 = add $exp10 (index $decimal $suffix) | int -}}
+{{- else if $suffix -}}
+{{- $exp10 = add $exp10 (trimPrefix "+" (substr 1 -1 $suffix) | atoi) | int -}}
+{{- end -}}
+{{- $n := mul (atoi $digits | int64) $mult -}}
+{{- if ge $exp10 0 -}}
+{{- range until $exp10 }}{{ $n = mul $n 10 }}{{ end -}}
+{{- $n -}}
+{{- else -}}
+{{- $d := 1 | int64 -}}
+{{- range until (sub 0 $exp10 | int) }}{{ $d = mul $d 10 }}{{ end -}}
+{{- div (add $n (sub $d 1)) $d -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/* GOMEMLIMIT of a NATS server: 80% of its memory limit. A limit too small
+     to run a server is refused (100m is a tenth of a byte: 100Mi meant?). */}}
+{{- define "herald.nats.gomemlimit" -}}
+{{- $bytes := include "herald.quantityBytes" (list . "nats.resources.limits.memory") | int64 -}}
+{{- if lt $bytes 16777216 -}}
+{{- fail (printf "nats.resources.limits.memory (%v) is only %d bytes: nats-server needs at least 16Mi" . $bytes) -}}
+{{- end -}}
+{{- /* 80%, without overflowing int64 for the largest limits. */ -}}
+{{- add (mul (div $bytes 10) 8) (div (mul (mod $bytes 10) 8) 10) -}}
+{{- end }}
+
+{{/* JetStream's max_file_store: nats.jetstream.maxFileStore, or (empty) 90%
+     of the volume, in bytes: a file system holds less than its nominal size
+     (metadata, ext4's reserved blocks), and a store as big as the volume
+     fills the disk before JetStream's own limit stops it. */}}
 {{- define "herald.nats.maxFileStore" -}}
-{{- .Values.nats.jetstream.maxFileStore | default (include "herald.bytes" .Values.nats.jetstream.storageSize) -}}
+{{- .Values.nats.jetstream.maxFileStore | default (include "herald.nats.storeRoom" .) -}}
+{{- end }}
+
+{{/* 90% of the volume (nats.jetstream.storageSize), in bytes. */}}
+{{- define "herald.nats.storeRoom" -}}
+{{- div (mul (include "herald.bytes" .Values.nats.jetstream.storageSize | int64) 9) 10 -}}
 {{- end }}
 
 {{/* Refuses history settings the bundled NATS cannot keep: the node would
@@ -332,10 +449,10 @@ published last.
 {{- end -}}
 {{- end -}}
 {{- if and .Values.nats.enabled $js.enabled -}}
-{{- $volume := include "herald.bytes" $js.storageSize | int64 -}}
+{{- $room := include "herald.nats.storeRoom" . | int64 -}}
 {{- $store := include "herald.bytes" (include "herald.nats.maxFileStore" .) | int64 -}}
-{{- if gt $store $volume -}}
-{{- fail (printf "nats.jetstream.maxFileStore (%s) exceeds nats.jetstream.storageSize (%s): JetStream would fill the volume and stop; lower it or leave it empty to use the volume's size" (include "herald.nats.maxFileStore" .) $js.storageSize) -}}
+{{- if gt $store $room -}}
+{{- fail (printf "nats.jetstream.maxFileStore (%s = %d bytes) exceeds 90%% of nats.jetstream.storageSize (%s: %d bytes): the file system holds less than the volume's size, and the disk would fill before JetStream's limit; lower it or leave it empty for 90%% of the volume" (include "herald.nats.maxFileStore" .) $store $js.storageSize $room) -}}
 {{- end -}}
 {{- end -}}
 {{- end }}
