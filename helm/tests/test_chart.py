@@ -479,7 +479,14 @@ def test_history_runs_on_the_bundled_jetstream(tmp_path):
             d["data"]["nats.conf"] = conf
     with rendered_node(docs, tmp_path) as (addr, _):
         deadline = time.time() + 10
-        while b"stream available" not in urllib.request.urlopen(f"http://{addr}/readyz").read():
+
+        def readyz():
+            # 503 until the node has reached its history stream once.
+            try:
+                return urllib.request.urlopen(f"http://{addr}/readyz").read()
+            except urllib.error.HTTPError as e:
+                return e.read()
+        while b"stream available" not in readyz():
             assert time.time() < deadline, "the history stream never came up"
             time.sleep(0.05)
         for n in range(3):
