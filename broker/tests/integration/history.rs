@@ -1226,3 +1226,26 @@ async fn requests_behind_a_recovery_keep_their_answers() {
         );
     }
 }
+
+/// Issue 32 (cause 9): in a cluster, a publisher subscribed to its own
+/// history topic gets its message before the ack, as for plain topics
+/// (the ack waited only for the stream, and often came first).
+#[tokio::test]
+async fn a_history_ack_follows_the_publishers_own_copy() {
+    let (_nats, nodes) = js_cluster(&[]).await;
+    let mut c = nodes[0].connect("").await;
+    c.sub("room:own").await;
+    for n in 0..50 {
+        c.send(json!({"op":"pub","topic":"room:own","data":{"n":n},"id":n}).to_string())
+            .await;
+        let first = c.recv().await;
+        assert_eq!(first["data"]["n"], n, "the copy before the ack: {first}");
+        assert!(first["seq"].as_u64().is_some(), "{first}");
+        let ack = c.recv().await;
+        assert_eq!(
+            (ack["op"].clone(), ack["id"].clone()),
+            (json!("ack"), json!(n)),
+            "{ack}"
+        );
+    }
+}
