@@ -187,7 +187,7 @@ def history_memory(binary, topics, messages):
     on a fresh node, by `messages` one-byte messages on one topic, under
     `--history-bytes 2000000`."""
     out = []
-    for rule, count, make in ((f"t:>=1", topics, lambda i: f"t:{i}"),
+    for rule, count, make in (("t:>=1", topics, lambda i: f"t:{i}"),
                               (f"t:>={messages}", messages, lambda i: "t:one")):
         n = Node(binary, ["--history", rule, "--history-bytes", str(CAP), "--publish-rate", "0"])
         try:

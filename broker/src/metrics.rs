@@ -113,6 +113,27 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// One unit of a gauge, held until this guard drops (however the work it
+/// counts ends: done, failed or dropped).
+pub struct Held {
+    metrics: Arc<Metrics>,
+    gauge: fn(&Metrics) -> &AtomicI64,
+}
+
+impl Held {
+    /// Counts one in `gauge` of `metrics`.
+    pub fn new(metrics: Arc<Metrics>, gauge: fn(&Metrics) -> &AtomicI64) -> Self {
+        gauge(&metrics).fetch_add(1, Relaxed);
+        Held { metrics, gauge }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        (self.gauge)(&self.metrics).fetch_sub(1, Relaxed);
+    }
+}
+
 impl Metrics {
     /// Takes a connection slot, or `None` when `max` are held.
     pub fn reserve_connection(self: &Arc<Self>, max: usize) -> Option<ConnectionSlot> {

@@ -191,21 +191,15 @@ impl Router {
         let revived = sub.has_retired() && self.unretire(sub, pattern, ask.is_some());
         let (held, count) = {
             let subs = sub.subs();
-            let live = subs.iter().filter(|s| !s.retired);
-            (
-                subs.iter().any(|s| !s.retired && &*s.pattern == pattern),
-                live.count(),
-            )
-        };
-        let mut gate = None;
-        if held {
+            let held = subs.iter().find(|s| !s.retired && &*s.pattern == pattern);
             // Acked now: a recovery still running for it must not drop it.
-            let subs = sub.subs();
-            let running = subs.iter().find(|s| !s.retired && &*s.pattern == pattern);
-            if let Some(g) = running.and_then(|s| s.gate()) {
+            if let Some(g) = held.and_then(|s| s.gate()) {
                 g.keep();
             }
-        } else {
+            (held.is_some(), subs.iter().filter(|s| !s.retired).count())
+        };
+        let mut gate = None;
+        if !held {
             let max = self.inner.max_subscriptions;
             if count >= max {
                 return Err(SubscribeError::Limit { max });

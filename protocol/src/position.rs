@@ -124,6 +124,11 @@ pub fn encode_ack_at(id: &str, epoch: &str, seq: u64) -> Bytes {
     let mut v = String::with_capacity(48 + id.len() + epoch.len());
     v.push_str("{\"op\":\"ack\",\"id\":");
     v.push_str(id);
+    end_at(v, epoch, seq)
+}
+
+/// Ends an ack with the history's position and frames it.
+fn end_at(mut v: String, epoch: &str, seq: u64) -> Bytes {
     v.push_str(",\"epoch\":\"");
     v.push_str(epoch);
     v.push_str("\",\"seq\":");
@@ -160,12 +165,7 @@ pub fn encode_recovery_ack(
             v.push('"');
         }
     }
-    v.push_str(",\"epoch\":\"");
-    v.push_str(epoch);
-    v.push_str("\",\"seq\":");
-    v.push_str(&seq.to_string());
-    v.push('}');
-    ws::encode_frame(OpCode::Text, v.as_bytes())
+    end_at(v, epoch, seq)
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@
 //! that window or the stream's lost something the client needed.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -81,7 +81,12 @@ pub struct StreamHistory {
     /// The last `seq` the feed handed to the hub (`u64::MAX`: none yet):
     /// a subscription listed before it is read receives every message
     /// above it; a publisher waits on it for its own message.
-    delivered: tokio::sync::watch::Sender<u64>,
+    delivered: AtomicU64,
+    /// Publishers waiting on `delivered` (see
+    /// [`StreamHistory::delivered_through`]): the feed wakes them only
+    /// while there are some, so a message costs it no lock otherwise.
+    waiting: std::sync::atomic::AtomicUsize,
+    moved: tokio::sync::Notify,
     /// Bumped when the stream is found replaced (a new epoch: deleted and
     /// made again, or its server's store emptied): the feed then reads the
     /// new one from its start, and the tail forgets the old one.
@@ -120,7 +125,9 @@ impl StreamHistory {
             epoch: RwLock::new(None),
             available: AtomicBool::new(false),
             start: AtomicU64::new(u64::MAX),
-            delivered: tokio::sync::watch::Sender::new(u64::MAX),
+            delivered: AtomicU64::new(u64::MAX),
+            waiting: Default::default(),
+            moved: tokio::sync::Notify::new(),
             generation: AtomicU64::new(0),
             renewed: tokio::sync::Notify::new(),
             tail,
@@ -152,7 +159,7 @@ impl StreamHistory {
         if !self.available() {
             return None;
         }
-        match *self.delivered.borrow() {
+        match self.delivered.load(Relaxed) {
             u64::MAX => Some(self.start.load(Relaxed)).filter(|&s| s != u64::MAX),
             at => Some(at),
         }
@@ -161,8 +168,23 @@ impl StreamHistory {
     /// Resolves once this node's feed has delivered `seq` (a publisher's
     /// ack then follows its own copy of the message).
     pub async fn delivered_through(&self, seq: u64) {
-        let mut rx = self.delivered.subscribe();
-        let _ = rx.wait_for(|&d| d != u64::MAX && d >= seq).await;
+        // Counted until this future ends or is dropped (a caller's timeout).
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, SeqCst);
+            }
+        }
+        self.waiting.fetch_add(1, SeqCst);
+        let _waiting = Waiting(&self.waiting);
+        loop {
+            let moved = self.moved.notified();
+            let at = self.delivered.load(SeqCst);
+            if at != u64::MAX && at >= seq {
+                return;
+            }
+            moved.await;
+        }
     }
 
     /// The subject a history topic's publishes go to.
@@ -331,9 +353,17 @@ impl StreamHistory {
                     }
                     deliver(&topic, seq, &m.payload);
                 }
-                self.delivered.send_replace(seq);
+                self.set_delivered(seq);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Records the feed's position, waking the publishers that wait on it.
+    fn set_delivered(&self, seq: u64) {
+        self.delivered.store(seq, SeqCst);
+        if self.waiting.load(SeqCst) > 0 {
+            self.moved.notify_waiters();
         }
     }
 
@@ -348,7 +378,7 @@ impl StreamHistory {
         if let Some(tail) = &self.tail {
             tail.clear();
         }
-        self.delivered.send_replace(0);
+        self.set_delivered(0);
         true
     }
 

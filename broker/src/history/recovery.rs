@@ -308,6 +308,19 @@ mod tests {
         Replay { messages, through: n }
     }
 
+    /// A socket whose queue holds four of the replay's frames.
+    fn room_for_four() -> Arc<Subscriber> {
+        let frame_len = position::encode_delivery_at("room:a", b"{\"n\":1}", 1, "e").len();
+        Arc::new(Subscriber::new(
+            1,
+            false,
+            4 * frame_len,
+            0,
+            Default::default(),
+            None,
+        ))
+    }
+
     /// Lets the replay task run until it waits.
     async fn settle() {
         for _ in 0..10 {
@@ -317,16 +330,8 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_replay_waits_for_room_resumes_when_it_frees_and_ends_with_the_socket() {
-        let frame_len = position::encode_delivery_at("room:a", b"{\"n\":1}", 1, "e").len();
         // Room for four frames: the replay queues while half is free.
-        let sub = Arc::new(Subscriber::new(
-            1,
-            false,
-            4 * frame_len,
-            0,
-            Default::default(),
-            None,
-        ));
+        let sub = room_for_four();
         let task = tokio::spawn({
             let sub = sub.clone();
             async move { send(&sub, &Gate::default(), &replay(100), "e").await }
@@ -356,15 +361,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_replay_ends_at_once_with_its_subscription_even_while_it_waits() {
-        let frame_len = position::encode_delivery_at("room:a", b"{\"n\":1}", 1, "e").len();
-        let sub = Arc::new(Subscriber::new(
-            1,
-            false,
-            4 * frame_len,
-            0,
-            Default::default(),
-            None,
-        ));
+        let sub = room_for_four();
         let gate = Arc::new(Gate::default());
         let task = tokio::spawn({
             let (sub, gate) = (sub.clone(), gate.clone());

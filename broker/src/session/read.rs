@@ -22,6 +22,7 @@ use tracing::Instrument;
 use crate::auth::Identity;
 use crate::cluster::subjects::Barrier;
 use crate::history::recovery::Ask;
+use crate::metrics::Held;
 use crate::rate::RateLimit;
 use crate::router::{Pending, Storing, Who};
 use crate::session::deadlines::Due;
@@ -99,19 +100,6 @@ struct Recoveries {
     queued: Arc<()>,
 }
 
-/// Counts one recovery in `herald_recoveries_running` and against its
-/// socket's bound until it has ended, run or dropped.
-struct Running {
-    metrics: Arc<crate::metrics::Metrics>,
-    _queued: Arc<()>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.metrics.recoveries_running.fetch_sub(1, Relaxed);
-    }
-}
-
 impl Session {
     /// A session for socket `conn`, with URL parameter `name` and `access`.
     pub fn new(
@@ -145,14 +133,11 @@ impl Session {
             Some(r) => (Some(r.last), r.queued),
             None => (None, Arc::new(())),
         };
-        let metrics = self.shared.metrics.clone();
-        metrics.recoveries_running.fetch_add(1, Relaxed);
-        let running = Running {
-            metrics,
-            _queued: queued.clone(),
-        };
+        // Counted, and against the socket's bound, until it has ended.
+        let running = Held::new(self.shared.metrics.clone(), |m| &m.recoveries_running);
+        let token = queued.clone();
         let last = self.shared.tracker.spawn(async move {
-            let _running = running;
+            let _counted = (running, token);
             if let Some(before) = before {
                 let _ = before.await;
             }
@@ -167,8 +152,9 @@ impl Session {
     fn answer_stored(&mut self, storing: Storing, id: &str) {
         let queued = self.stored.get_or_insert_with(Default::default).clone();
         let (conn, metrics, id) = (self.conn.clone(), self.shared.metrics.clone(), id.to_owned());
-        metrics.publishes_storing.fetch_add(1, Relaxed);
+        let storing_gauge = Held::new(metrics.clone(), |m| &m.publishes_storing);
         self.shared.tracker.spawn(async move {
+            let _counted = (storing_gauge, queued);
             let answer = match storing.await {
                 Ok(_) => message::encode_ack(&id),
                 Err(why) => {
@@ -177,8 +163,6 @@ impl Session {
                 }
             };
             conn.push(answer);
-            metrics.publishes_storing.fetch_sub(1, Relaxed);
-            drop(queued);
         });
     }
 
