@@ -1249,3 +1249,48 @@ async fn a_history_ack_follows_the_publishers_own_copy() {
         );
     }
 }
+
+/// A socket's recoveries wait their turn, at most `--max-subscriptions` at
+/// once: one that ended (unsubscribed) while waiting still counts until
+/// its turn, so a client cannot queue more by churning.
+#[tokio::test]
+async fn recoveries_waiting_on_a_socket_are_bounded() {
+    let h = Herald::start(&[
+        "--history",
+        "big:*=10000",
+        "--max-queue-bytes",
+        "65536",
+        "--max-subscriptions",
+        "2",
+    ]);
+    let (epoch, seq) = fill_padded(&h, "big:a", 1500, 1000, "").await;
+    let since = json!({"seq":seq,"epoch":epoch});
+    // A small receive buffer, not read yet: the first replay waits.
+    let mut c = Client::connect_small(h.addr, &h.url(""), 16 * 1024).await;
+    c.send_together(&[
+        json!({"op":"sub","topic":"big:a","id":"a","since":since}).to_string(),
+        json!({"op":"sub","topic":"big:b","id":"b","since":since}).to_string(),
+        json!({"op":"unsub","topic":"big:b","id":"ub"}).to_string(),
+        json!({"op":"sub","topic":"big:c","id":"c","since":since}).to_string(),
+    ])
+    .await;
+    let (mut replayed, mut refused) = (0, None);
+    while replayed < 1500 || refused.is_none() {
+        let v = c.recv().await;
+        if v["id"] == "c" {
+            refused = Some(v);
+        } else if v["topic"] == "big:a" && v.get("seq").is_some() {
+            replayed += 1;
+        }
+    }
+    let refused = refused.unwrap();
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert!(
+        refused["message"].as_str().unwrap().contains("recovery_limit"),
+        "{refused}"
+    );
+    eventually("every recovery ended", || async {
+        h.metric("herald_recoveries_running").await == 0.0
+    })
+    .await;
+}
